@@ -1,0 +1,91 @@
+"""The CIFAR model zoo: one name -> one architecture, built fresh (weights come from ``loading.py``).
+
+Canonical names (``ARCHS``):
+- ``resnet18``  CIFAR ResNet-18 (RSLAD student; kuangliu layout)
+- ``mnv2``      CIFAR MobileNetV2 (RSLAD student; kuangliu layout)
+- ``wrn34-10``  TRADES WRN-34-10 (RSLAD teacher; loads TRADES' ``model_cifar_wrn.pt`` strictly)
+- ``wrn70-16``  DeepMind WRN-70-16 (RobustBench layout, normalizes internally)
+- ``tiny``      a ~5k-parameter CNN for tests and CPU demos; not from any paper
+
+Names are matched case-insensitively, ignoring ``-``, ``_``, ``.`` and spaces, so ``ResNet-18``,
+``resnet_18``, ``rn18``, ``MobileNet_V2``, ``WRN_34_10`` and ``wideresnet70-16`` all work.
+"""
+
+import operator
+
+import torch.nn as nn
+
+from rslad_fast.errors import UserError
+
+ARCHS = ("resnet18", "mnv2", "wrn34-10", "wrn70-16", "tiny")
+
+# normalized alias -> canonical name (see _norm for the normalization)
+_ALIASES = {
+    "resnet18": "resnet18", "rn18": "resnet18", "res18": "resnet18",
+    "mnv2": "mnv2", "mobilenetv2": "mnv2", "mobilenet2": "mnv2", "mbv2": "mnv2",
+    "wrn3410": "wrn34-10", "wideresnet3410": "wrn34-10", "wideresnet34": "wrn34-10",
+    "wrn7016": "wrn70-16", "wideresnet7016": "wrn70-16", "dmwrn7016": "wrn70-16",
+    "tiny": "tiny", "tinycnn": "tiny",
+}
+
+
+class TinyCNN(nn.Module):
+    """Two conv+BN+ReLU layers, global average pool, linear (~5.5k parameters for 10 classes).
+
+    Exists so tests and CPU demos exercise the full training/attack code path in milliseconds. Global
+    pooling (not a fixed 4x4 pool) lets it take any input size."""
+
+    def __init__(self, num_classes: int = 10, width: int = 16):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, 2 * width, kernel_size=3, stride=2, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(2 * width)
+        self.linear = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x):
+        out = self.bn1(self.conv1(x)).relu()
+        out = self.bn2(self.conv2(out)).relu()
+        return self.linear(out.mean(dim=(2, 3)))
+
+
+def _norm(name: str) -> str:
+    return "".join(c for c in name.lower() if c not in "-_. ")
+
+
+def canonical_name(name: str) -> str:
+    """Map any accepted spelling to its canonical name; UserError for an unknown architecture."""
+    canon = _ALIASES.get(_norm(name)) if isinstance(name, str) else None
+    if canon is None:
+        raise UserError(f"unknown architecture {name!r}; choose one of: {', '.join(ARCHS)}")
+    return canon
+
+
+def build(name: str, num_classes: int = 10) -> nn.Module:
+    """Build a freshly initialised model of architecture ``name`` with ``num_classes`` outputs.
+
+    Imports are local so that building the tiny model does not pay for importing every architecture."""
+    canon = canonical_name(name)
+    try:  # operator.index accepts ints and numpy integers but not floats or strings
+        n = None if isinstance(num_classes, bool) else operator.index(num_classes)
+    except TypeError:
+        n = None
+    if n is None or n < 1:
+        raise UserError(f"num_classes must be a positive integer, got {num_classes!r}")
+    num_classes = n
+    if canon == "resnet18":
+        from .resnet import resnet18
+        return resnet18(num_classes)
+    if canon == "mnv2":
+        from .mobilenetv2 import mobilenet_v2
+        return mobilenet_v2(num_classes)
+    if canon == "wrn34-10":
+        from .wideresnet import wrn34_10
+        return wrn34_10(num_classes)
+    if canon == "wrn70-16":
+        from .wrn_dm import wrn70_16
+        return wrn70_16(num_classes)
+    return TinyCNN(num_classes)
+
+
+__all__ = ["ARCHS", "TinyCNN", "build", "canonical_name"]

@@ -1,0 +1,156 @@
+"""Load user checkpoints (teacher weights, resumed students) safely and strictly.
+
+Why so strict:
+- Files are read with ``torch.load(..., weights_only=True)`` and nothing else: a checkpoint downloaded from
+  the internet must never be able to run code. A pickle that needs code is refused with a UserError.
+- Weights load with ``strict=True``: a teacher that silently keeps half its random init (wrong
+  architecture, renamed keys) would still "train", and produce a worthless student. Every mismatch is a
+  UserError naming the missing / unexpected keys and the architecture that was expected.
+
+Accepted containers: a plain state dict, ``{'state_dict': sd}``, ``{'model': sd}`` (our own training
+checkpoints store ``{'model': sd, 'optimizer': ..., ...}``), nested any of those ways. Key prefixes
+``module.`` (DataParallel / DDP) and ``model.`` (wrapper modules) are stripped, repeatedly.
+"""
+
+import os
+import pickle
+import re
+import zipfile
+
+import torch
+import torch.nn as nn
+
+from rslad_fast.errors import UserError
+
+_CONTAINER_KEYS = ("state_dict", "model")
+_PREFIXES = ("module.", "model.")
+_MAX_LISTED = 10
+
+
+def _is_state_dict(obj) -> bool:
+    return isinstance(obj, dict) and len(obj) > 0 and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def _unwrap(obj, path: str) -> dict:
+    """Descend through ``state_dict`` / ``model`` containers until a flat name -> tensor dict is found."""
+    for _ in range(8):  # bounded: a legit checkpoint nests two or three levels at most
+        if _is_state_dict(obj):
+            return obj
+        if not isinstance(obj, dict):
+            break
+        inner = next((obj[k] for k in _CONTAINER_KEYS if isinstance(obj.get(k), dict)), None)
+        if inner is None:
+            break
+        obj = inner
+    if isinstance(obj, dict):
+        keys = ", ".join(repr(k) for k in list(obj)[:_MAX_LISTED])
+        what = f"a dict with keys {keys}" if obj else "an empty dict"
+    else:
+        what = f"a {type(obj).__name__}"
+    raise UserError(f"checkpoint {path}: no state dict found (got {what}); expected a state dict, "
+                    f"{{'state_dict': ...}} or {{'model': ...}}")
+
+
+def _strip_prefixes(sd: dict, path: str) -> dict:
+    out = {}
+    for key, value in sd.items():
+        new = key
+        while new.startswith(_PREFIXES):
+            new = new.split(".", 1)[1]
+        if new in out:
+            raise UserError(f"checkpoint {path}: key {key!r} collides with another key after stripping "
+                            f"the 'module.'/'model.' prefixes")
+        out[new] = value
+    return out
+
+
+def load_state_dict_file(path) -> dict:
+    """Read ``path`` safely and return a flat ``{name: tensor}`` state dict on the CPU.
+
+    Every failure (missing file, directory, unreadable, empty, corrupt, not a torch file, a pickle that
+    would run code, no state dict inside) becomes a one-line UserError naming the path."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise UserError(f"checkpoint {path}: no such file")
+    if os.path.isdir(path):
+        raise UserError(f"checkpoint {path}: is a directory, expected a checkpoint file")
+    if os.path.getsize(path) == 0:
+        raise UserError(f"checkpoint {path}: file is empty")
+    corrupt = f"checkpoint {path}: not a readable PyTorch checkpoint (corrupt, truncated or another format)"
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # weights_only names the global it refused ("... unsupported GLOBAL posix.system ..."); other
+        # unpickling errors come from random bytes or pickle opcodes it does not accept.
+        found = re.search(r"GLOBAL\s+(\S+)", str(e), flags=re.IGNORECASE)
+        if found:
+            raise UserError(f"checkpoint {path}: refused, loading it would run code ({found.group(1)}); "
+                            f"only plain tensors and containers are accepted") from e
+        raise UserError(corrupt) from e
+    except PermissionError as e:
+        raise UserError(f"checkpoint {path}: permission denied") from e
+    except (OSError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile, KeyError, AttributeError,
+            TypeError, ImportError, IndexError, UnicodeDecodeError) as e:
+        # torch raises all of these for truncated zips, foreign pickles and random bytes
+        raise UserError(corrupt) from e
+    return _strip_prefixes(_unwrap(obj, path), path)
+
+
+def _listing(keys) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:_MAX_LISTED])
+    more = f" ... and {len(keys) - _MAX_LISTED} more" if len(keys) > _MAX_LISTED else ""
+    return f"{len(keys)} ({shown}{more})"
+
+
+def _drop_matching_constants(model: nn.Module, sd: dict, path: str) -> dict:
+    """Drop entries that name a *non-persistent* buffer of the model (e.g. the DM WRN's ``mean``/``std``,
+    which RobustBench files store) when they hold the same values; different values mean a different input
+    normalization, which would silently change the model, so that is an error."""
+    persistent = set(model.state_dict())
+    constants = {n: b for n, b in model.named_buffers() if n not in persistent}
+    out = dict(sd)
+    for name, buf in constants.items():
+        if name not in out:
+            continue
+        value = out.pop(name)
+        if value.numel() != buf.numel() or not torch.allclose(
+                value.detach().float().reshape(-1).cpu(), buf.detach().float().reshape(-1).cpu(), atol=1e-4):
+            raise UserError(f"checkpoint {path}: {name!r} = {value.flatten().tolist()} differs from this "
+                            f"architecture's fixed {buf.flatten().tolist()}")
+    return out
+
+
+def load_checkpoint_into(model: nn.Module, path, arch_name: str = None) -> nn.Module:
+    """Load the weights in ``path`` into ``model`` strictly (in place) and return ``model``.
+
+    ``arch_name`` only improves the error message ("expected architecture 'wrn34-10'")."""
+    path = os.fspath(path)
+    sd = _drop_matching_constants(model, load_state_dict_file(path), path)
+    expected = model.state_dict()
+    arch = repr(arch_name) if arch_name else type(model).__name__
+    missing = set(expected) - set(sd)
+    unexpected = set(sd) - set(expected)
+    if missing or unexpected:
+        parts = [f"checkpoint {path} does not match architecture {arch}"]
+        if missing:
+            parts.append(f"missing keys: {_listing(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_listing(unexpected)}")
+        if not set(sd) & set(expected):
+            parts.append("no key matches at all: is it a checkpoint of another architecture?")
+        raise UserError("; ".join(parts))
+    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+             if tuple(sd[k].shape) != tuple(v.shape)]
+    if wrong:
+        more = f" ... and {len(wrong) - _MAX_LISTED} more" if len(wrong) > _MAX_LISTED else ""
+        raise UserError(f"checkpoint {path} does not match architecture {arch}: {len(wrong)} shape "
+                        f"mismatch(es) (checkpoint vs model): {', '.join(wrong[:_MAX_LISTED])}{more} "
+                        f"(wrong number of classes or width?)")
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:  # anything the checks above missed, e.g. an uncastable dtype
+        raise UserError(f"checkpoint {path} does not load into architecture {arch}: "
+                        f"{str(e).splitlines()[0]}") from e
+    return model

@@ -1,0 +1,106 @@
+"""DeepMind WideResNet (WRN-70-16), a stronger optional teacher.
+
+Semantics follow RobustBench's ``DMWideResNet`` (RobustBench/robustbench,
+``robustbench/model_zoo/architectures/dm_wide_resnet.py``, itself a port of deepmind-research
+``adversarial_robustness/pytorch/model_zoo.py``), so the public DeepMind / RobustBench checkpoints (e.g.
+Gowal et al. 2020, WRN-70-16) load strictly:
+- keys ``init_conv``, ``layer.{0,1,2}.block.K.{batchnorm_0, conv_0, batchnorm_1, conv_1, shortcut}``,
+  ``batchnorm``, ``logits``;
+- Swish (x * sigmoid(x)) activations;
+- TensorFlow "SAME" padding emulated by hand: ``conv_0`` has padding 0 and its input is padded
+  ``(1,1,1,1)`` at stride 1 and asymmetrically ``(0,1,0,1)`` at stride 2 (TF pads right/bottom only);
+- input normalization inside ``forward`` with the CIFAR-10 mean/std. Here they are NON-persistent buffers:
+  they are constants of the architecture, not learned weights, so they stay out of our state dicts
+  (``loading.py`` drops matching ``mean``/``std`` entries found in RobustBench files).
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2471, 0.2435, 0.2616)
+
+
+class Swish(nn.SiLU):
+    """Swish = x * sigmoid(x). DeepMind/RobustBench use a custom autograd Function with the same forward and
+    analytic gradient; ``nn.SiLU`` computes the same thing with a fused kernel."""
+
+
+class _Block(nn.Module):
+    """Pre-activation block. Like TRADES, when the channel count changes the *activated* input feeds both
+    ``conv_0`` and the 1x1 ``shortcut``; otherwise the identity carries the raw input."""
+
+    def __init__(self, in_planes: int, out_planes: int, stride: int):
+        super().__init__()
+        if stride not in (1, 2):
+            raise ValueError(f"unsupported stride {stride}")
+        self.stride = stride
+        self.batchnorm_0 = nn.BatchNorm2d(in_planes)
+        self.relu_0 = Swish()
+        self.conv_0 = nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=0, bias=False)
+        self.batchnorm_1 = nn.BatchNorm2d(out_planes)
+        self.relu_1 = Swish()
+        self.conv_1 = nn.Conv2d(out_planes, out_planes, kernel_size=3, stride=1, padding=1, bias=False)
+        self.has_shortcut = in_planes != out_planes
+        self.shortcut = None
+        if self.has_shortcut:
+            self.shortcut = nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, padding=0, bias=False)
+
+    def forward(self, x):
+        act = self.relu_0(self.batchnorm_0(x))
+        pad = (1, 1, 1, 1) if self.stride == 1 else (0, 1, 0, 1)  # TF "SAME" for a 3x3 kernel
+        out = self.conv_0(F.pad(act, pad))
+        out = self.conv_1(self.relu_1(self.batchnorm_1(out)))
+        return (self.shortcut(act) if self.has_shortcut else x) + out
+
+
+class _BlockGroup(nn.Module):
+    """``num_blocks`` blocks under ``block`` (part of the keys); only the first changes stride/width."""
+
+    def __init__(self, num_blocks: int, in_planes: int, out_planes: int, stride: int):
+        super().__init__()
+        self.block = nn.Sequential(*[
+            _Block(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1)
+            for i in range(num_blocks)
+        ])
+
+    def forward(self, x):
+        return self.block(x)
+
+
+class DMWideResNet(nn.Module):
+    """WRN-depth-width in DeepMind's layout; ``depth=70, width=16`` is WRN-70-16 (~266.9M parameters).
+
+    Takes images in [0, 1] and normalizes internally, so it is a drop-in teacher next to the TRADES WRN."""
+
+    def __init__(self, num_classes: int = 10, depth: int = 70, width: int = 16,
+                 mean=CIFAR10_MEAN, std=CIFAR10_STD):
+        super().__init__()
+        if (depth - 4) % 6 != 0:
+            raise ValueError(f"DMWideResNet depth must be 6n+4, got {depth}")
+        n = (depth - 4) // 6
+        ch = [16, 16 * width, 32 * width, 64 * width]
+        self.register_buffer("mean", torch.tensor(mean).view(3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(3, 1, 1), persistent=False)
+        self.init_conv = nn.Conv2d(3, ch[0], kernel_size=3, stride=1, padding=1, bias=False)
+        self.layer = nn.Sequential(
+            _BlockGroup(n, ch[0], ch[1], 1),
+            _BlockGroup(n, ch[1], ch[2], 2),
+            _BlockGroup(n, ch[2], ch[3], 2),
+        )
+        self.batchnorm = nn.BatchNorm2d(ch[3])
+        self.relu = Swish()
+        self.logits = nn.Linear(ch[3], num_classes)
+        self.num_channels = ch[3]
+
+    def forward(self, x):
+        out = self.init_conv((x - self.mean) / self.std)
+        out = self.layer(out)
+        out = self.relu(self.batchnorm(out))
+        out = F.avg_pool2d(out, 8)  # final map is 8x8 for 32x32 inputs
+        return self.logits(out.reshape(-1, self.num_channels))
+
+
+def wrn70_16(num_classes: int = 10) -> DMWideResNet:
+    return DMWideResNet(num_classes=num_classes, depth=70, width=16)
