@@ -1,0 +1,82 @@
+// Argument checks shared by every backend, so a bad call fails with a message naming the argument
+// (TORCH_CHECK_VALUE / TORCH_CHECK_TYPE surface in Python as ValueError / TypeError), never a crash.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/string_view.h>
+
+#include <string>
+
+#include "math.h"
+
+namespace rslad_fast {
+
+inline void check_floating(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_TYPE(t.is_floating_point(), "rslad_fast: ", name,
+                   " must be a floating-point tensor (float32, float16, bfloat16 or float64), got ",
+                   t.scalar_type());
+}
+
+inline void check_like(const at::Tensor& t, const at::Tensor& ref, const char* name, const char* ref_name) {
+  TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), "rslad_fast: ", name, " must have the shape of ", ref_name,
+                    " ", ref.sizes(), ", got ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), "rslad_fast: ", name, " must have the dtype of ",
+                   ref_name, " (", ref.scalar_type(), "), got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == ref.device(), "rslad_fast: ", name, " must be on the device of ", ref_name,
+                    " (", ref.device(), "), got ", t.device());
+}
+
+inline void check_pgd_args(const at::Tensor& x_adv, const at::Tensor& grad, const at::Tensor& x_nat,
+                           double eps, double alpha, double lo, double hi) {
+  check_floating(x_adv, "x_adv");
+  check_like(grad, x_adv, "grad", "x_adv");
+  check_like(x_nat, x_adv, "x_nat", "x_adv");
+  TORCH_CHECK_VALUE(eps >= 0.0, "rslad_fast: eps must be >= 0, got ", eps);
+  TORCH_CHECK_VALUE(alpha >= 0.0, "rslad_fast: alpha must be >= 0, got ", alpha);
+  TORCH_CHECK_VALUE(lo <= hi, "rslad_fast: lo must be <= hi, got lo=", lo, " hi=", hi);
+}
+
+inline int parse_reduction(c10::string_view reduction) {
+  if (reduction == "none") return math::kNone;
+  if (reduction == "sum") return math::kSum;
+  if (reduction == "batchmean") return math::kBatchMean;
+  if (reduction == "mean") return math::kMean;
+  TORCH_CHECK_VALUE(false, "rslad_fast: reduction must be one of 'none', 'sum', 'batchmean', 'mean', got '",
+                    std::string(reduction), "'");
+  return -1;
+}
+
+// Returns the parsed reduction.
+inline int check_kl_args(const at::Tensor& student, const at::Tensor& teacher, double temperature,
+                         c10::string_view reduction) {
+  check_floating(student, "student_logits");
+  TORCH_CHECK_VALUE(student.dim() == 2, "rslad_fast: student_logits must be 2-D [batch, classes], got ",
+                    student.dim(), "-D with shape ", student.sizes());
+  check_like(teacher, student, "teacher_logits", "student_logits");
+  TORCH_CHECK_VALUE(student.size(1) >= 1, "rslad_fast: student_logits must have at least one class");
+  TORCH_CHECK_VALUE(temperature > 0.0, "rslad_fast: temperature must be > 0, got ", temperature);
+  return parse_reduction(reduction);
+}
+
+inline void check_kl_grad_output(const at::Tensor& grad_output, const at::Tensor& student, int reduction) {
+  TORCH_CHECK_TYPE(grad_output.scalar_type() == student.scalar_type(),
+                   "rslad_fast: grad_output must have the dtype of student_logits");
+  TORCH_CHECK_VALUE(grad_output.device() == student.device(),
+                    "rslad_fast: grad_output must be on the device of student_logits");
+  if (reduction == math::kNone) {
+    TORCH_CHECK_VALUE(grad_output.dim() == 1 && grad_output.size(0) == student.size(0),
+                      "rslad_fast: grad_output must have shape [batch] for reduction='none', got ",
+                      grad_output.sizes());
+  } else {
+    TORCH_CHECK_VALUE(grad_output.numel() == 1, "rslad_fast: grad_output must be a scalar, got shape ",
+                      grad_output.sizes());
+  }
+}
+
+// The kernels work on dense memory. Inputs that already share x_adv's dense layout (contiguous or
+// channels_last) are used as they are; anything else is copied once into a contiguous tensor.
+inline bool same_dense_layout(const at::Tensor& a, const at::Tensor& b) {
+  return a.is_non_overlapping_and_dense() && b.strides() == a.strides();
+}
+
+}  // namespace rslad_fast

@@ -1,0 +1,64 @@
+// CUDA kernel of pgd_step_: one read of each input and one write, in place, on the current stream.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include "../checks.h"
+#include "../math.h"
+#include "cuda_utils.cuh"
+
+namespace rslad_fast {
+namespace {
+
+template <typename scalar_t>
+__global__ void pgd_step_kernel(scalar_t* __restrict__ x_adv, const scalar_t* __restrict__ grad,
+                                const scalar_t* __restrict__ x_nat, int64_t n, at::opmath_type<scalar_t> eps,
+                                at::opmath_type<scalar_t> alpha, at::opmath_type<scalar_t> lo,
+                                at::opmath_type<scalar_t> hi) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)blockDim.x * gridDim.x) {
+    x_adv[i] = static_cast<scalar_t>(math::pgd_step<acc_t>(
+        static_cast<acc_t>(x_adv[i]), static_cast<acc_t>(grad[i]), static_cast<acc_t>(x_nat[i]), eps, alpha, lo, hi));
+  }
+}
+
+at::Tensor& pgd_step_cuda(at::Tensor& x_adv, const at::Tensor& grad, const at::Tensor& x_nat, double eps,
+                          double alpha, double lo, double hi) {
+  check_pgd_args(x_adv, grad, x_nat, eps, alpha, lo, hi);
+  TORCH_CHECK_VALUE(x_adv.is_cuda(), "rslad_fast: x_adv must be a CUDA tensor for the CUDA kernel");
+  if (x_adv.numel() == 0) return x_adv;
+  const c10::cuda::CUDAGuard guard(x_adv.device());
+
+  at::Tensor out = x_adv.is_non_overlapping_and_dense() ? x_adv : x_adv.contiguous();
+  at::Tensor g = same_dense_layout(out, grad) ? grad : grad.contiguous(out.suggest_memory_format());
+  at::Tensor nat = same_dense_layout(out, x_nat) ? x_nat : x_nat.contiguous(out.suggest_memory_format());
+  if (!same_dense_layout(out, g) || !same_dense_layout(out, nat)) {
+    out = x_adv.contiguous();
+    g = grad.contiguous();
+    nat = x_nat.contiguous();
+  }
+
+  const int64_t n = out.numel();
+  const int threads = 256;
+  // Enough blocks to fill the GPU; the grid-stride loop covers the rest.
+  const int64_t blocks = std::min<int64_t>(cuda::ceil_div(n, threads), 65535LL * 8);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "pgd_step_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    pgd_step_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
+        out.data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(), nat.const_data_ptr<scalar_t>(), n,
+        static_cast<acc_t>(eps), static_cast<acc_t>(alpha), static_cast<acc_t>(lo), static_cast<acc_t>(hi));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  if (!out.is_same(x_adv)) x_adv.copy_(out);
+  return x_adv;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rslad_fast, CUDA, m) {
+  m.impl("pgd_step_", &pgd_step_cuda);
+}
+
+}  // namespace rslad_fast

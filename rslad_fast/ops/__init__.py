@@ -1,0 +1,65 @@
+"""The fused ops: `pgd_step_` and `softmax_kl`.
+
+They run the compiled kernels of rslad_fast._C (csrc/) when the library is built, and the pure-PyTorch
+reference (rslad_fast.ops.reference) otherwise. `backend()` says which; the fallback warns once, at import.
+"""
+import warnings
+
+import torch
+
+from . import reference
+from ._checks import REDUCTIONS, check_kl_args, check_pgd_args
+
+BUILD_HINT = "build it with `pip install --no-build-isolation -e .` in the rslad_fast source tree"
+
+try:
+    from rslad_fast import _C  # noqa: F401  (loading the library registers the ops)
+except ImportError as _error:  # the library is absent or does not match this torch
+    _BACKEND = "reference"
+    _IMPORT_ERROR = _error
+    warnings.warn(f"rslad_fast: the compiled op library is not available ({_error}); using the slower "
+                  f"pure-PyTorch reference ops. To get the fused kernels, {BUILD_HINT}.",
+                  RuntimeWarning, stacklevel=2)
+else:
+    _BACKEND = "compiled"
+    _IMPORT_ERROR = None
+    from . import _registration  # noqa: F401
+
+
+def backend() -> str:
+    """'compiled' when the fused kernels of rslad_fast._C are in use, 'reference' for the fallback."""
+    return _BACKEND
+
+
+def cuda_kernels_available() -> bool:
+    """Whether the compiled library holds CUDA kernels (it was built with nvcc)."""
+    if _BACKEND != "compiled":
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key("rslad_fast::softmax_kl", "CUDA")
+
+
+def pgd_step_(x_adv, grad, x_nat, eps, alpha, lo=0.0, hi=1.0):
+    """One PGD step in place: x_adv <- clamp(clamp(x_adv + alpha*sign(grad), x_nat-eps, x_nat+eps), lo, hi).
+
+    sign(0) = 0 as in torch.sign. All three tensors share shape, dtype and device. Returns x_adv.
+    """
+    check_pgd_args(x_adv, grad, x_nat, eps, alpha, lo, hi)
+    if _BACKEND == "compiled":
+        return torch.ops.rslad_fast.pgd_step_(x_adv, grad, x_nat, float(eps), float(alpha), float(lo), float(hi))
+    return reference.pgd_step_(x_adv, grad, x_nat, eps, alpha, lo, hi)
+
+
+def softmax_kl(student_logits, teacher_logits, temperature=1.0, reduction="batchmean"):
+    """KL(softmax(teacher/T) || softmax(student/T)) over the classes of [B, C] logits.
+
+    The official RSLAD code's `KLDivLoss(log_softmax(S), softmax(T))`. reduction: "none" ([B]), "sum",
+    "batchmean" (sum/B) or "mean" (sum/(B*C), the official RSLAD convention). No T^2 factor: callers apply
+    it. Differentiable in both arguments (TRADES and IAD backpropagate through their target).
+    """
+    check_kl_args(student_logits, teacher_logits, temperature, reduction)
+    if _BACKEND == "compiled":
+        return torch.ops.rslad_fast.softmax_kl(student_logits, teacher_logits, float(temperature), reduction)
+    return reference.softmax_kl(student_logits, teacher_logits, temperature, reduction)
+
+
+__all__ = ["pgd_step_", "softmax_kl", "backend", "cuda_kernels_available", "reference", "REDUCTIONS"]

@@ -1,0 +1,51 @@
+"""Argument checks run before either backend, so the reference fallback rejects bad input with the same
+messages as the compiled ops (csrc/ops/checks.h)."""
+import torch
+
+REDUCTIONS = ("none", "sum", "batchmean", "mean")
+
+
+def _check_tensor(t, name):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"rslad_fast: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"rslad_fast: {name} must be a floating-point tensor (float32, float16, bfloat16 or "
+                        f"float64), got {t.dtype}")
+
+
+def _check_like(t, ref, name, ref_name):
+    _check_tensor(t, name)
+    if t.shape != ref.shape:
+        raise ValueError(f"rslad_fast: {name} must have the shape of {ref_name} {list(ref.shape)}, got "
+                         f"{list(t.shape)}")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"rslad_fast: {name} must have the dtype of {ref_name} ({ref.dtype}), got {t.dtype}")
+    if t.device != ref.device:
+        raise ValueError(f"rslad_fast: {name} must be on the device of {ref_name} ({ref.device}), got "
+                         f"{t.device}")
+
+
+def check_pgd_args(x_adv, grad, x_nat, eps, alpha, lo, hi):
+    _check_tensor(x_adv, "x_adv")
+    _check_like(grad, x_adv, "grad", "x_adv")
+    _check_like(x_nat, x_adv, "x_nat", "x_adv")
+    if not eps >= 0:
+        raise ValueError(f"rslad_fast: eps must be >= 0, got {eps}")
+    if not alpha >= 0:
+        raise ValueError(f"rslad_fast: alpha must be >= 0, got {alpha}")
+    if not lo <= hi:
+        raise ValueError(f"rslad_fast: lo must be <= hi, got lo={lo} hi={hi}")
+
+
+def check_kl_args(student_logits, teacher_logits, temperature, reduction):
+    _check_tensor(student_logits, "student_logits")
+    if student_logits.dim() != 2:
+        raise ValueError(f"rslad_fast: student_logits must be 2-D [batch, classes], got "
+                         f"{student_logits.dim()}-D with shape {list(student_logits.shape)}")
+    _check_like(teacher_logits, student_logits, "teacher_logits", "student_logits")
+    if student_logits.shape[1] < 1:
+        raise ValueError("rslad_fast: student_logits must have at least one class")
+    if not temperature > 0:
+        raise ValueError(f"rslad_fast: temperature must be > 0, got {temperature}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"rslad_fast: reduction must be one of {REDUCTIONS}, got {reduction!r}")

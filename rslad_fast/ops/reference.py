@@ -1,0 +1,55 @@
+"""Pure-PyTorch reference of every fused op.
+
+These are the eager composites the fused kernels replace, written the way the official codes write them.
+They are the test oracle, and the fallback when the compiled library is absent (rslad_fast.ops.backend()
+then says "reference").
+
+Half and bfloat16 inputs are computed in float32 and rounded once at the end, as the kernels do, so
+the oracle is at least as accurate as the op it checks.
+"""
+import torch
+import torch.nn.functional as F
+
+_REDUCTIONS = ("none", "sum", "batchmean", "mean")
+
+
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+@torch.no_grad()
+def pgd_step_(x_adv, grad, x_nat, eps, alpha, lo=0.0, hi=1.0):
+    """x_adv <- clamp(clamp(x_adv + alpha*sign(grad), x_nat-eps, x_nat+eps), lo, hi), in place.
+
+    The projection is min/max against x_nat -/+ eps, as in RSLAD's `rslad_inner_loss` and TRADES'
+    `trades_loss`.
+    """
+    x, g, nat = _upcast(x_adv), _upcast(grad), _upcast(x_nat)
+    stepped = x + alpha * torch.sign(g)
+    projected = torch.min(torch.max(stepped, nat - eps), nat + eps)
+    x_adv.copy_(torch.clamp(projected, lo, hi))
+    return x_adv
+
+
+def softmax_kl(student_logits, teacher_logits, temperature=1.0, reduction="batchmean"):
+    """KL(softmax(teacher/T) || softmax(student/T)) over dim 1.
+
+    Equal to `F.kl_div(log_softmax(S/T), softmax(T/T), reduction=...)` of the official RSLAD code, formed
+    in log space so that teacher probabilities of 0 contribute exactly 0. An empty batch gives zeros.
+    """
+    s, t = _upcast(student_logits), _upcast(teacher_logits)
+    log_q = F.log_softmax(s / temperature, dim=1)
+    log_p = F.log_softmax(t / temperature, dim=1)
+    per_row = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(dim=1)
+    rows, classes = s.shape
+    if reduction == "none":
+        out = per_row
+    elif reduction == "sum":
+        out = per_row.sum()
+    elif reduction == "batchmean":
+        out = per_row.sum() / max(rows, 1)
+    elif reduction == "mean":
+        out = per_row.sum() / max(rows * classes, 1)
+    else:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    return out.to(student_logits.dtype)
