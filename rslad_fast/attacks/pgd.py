@@ -1,0 +1,113 @@
+"""The one PGD engine: every training attack and every evaluation attack of the PGD family runs here.
+
+Each step takes the input gradient only (torch.autograd.grad on the input, so no parameter gradient is
+ever computed or accumulated) and moves with the fused `pgd_step_` op: sign step, projection onto the
+l_inf ball around x_nat, clamp to [lo, hi], in one pass.
+"""
+import contextlib
+from typing import Callable, Optional
+
+import torch
+
+from .. import ops
+
+STARTS = ("normal", "uniform", "none")
+MODES = ("eval", "train", "keep")
+
+
+@contextlib.contextmanager
+def model_mode(model: torch.nn.Module, mode: str):
+    """Put the model in `mode` ("eval", "train" or "keep") and restore the modes it had, module by module."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    saved = [(m, m.training) for m in model.modules()]
+    try:
+        if mode == "eval":
+            model.eval()
+        elif mode == "train":
+            model.train()
+        yield model
+    finally:
+        for m, training in saved:
+            m.training = training
+
+
+def random_start(x_nat: torch.Tensor, start: str, eps: float, init_std: float,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """The attack's starting point, unclamped, as in the official codes (the first step clamps it).
+
+    "normal": x + init_std*N(0,1) (RSLAD, TRADES, MART); "uniform": x + U(-eps, eps) (Madry/SAT, ARD, and the
+    PGD_TRADES / PGD_SAT / CW evaluations); "none": x itself (FGSM).
+    """
+    if start == "none":
+        return x_nat.clone()
+    if start == "normal":
+        noise = torch.randn(x_nat.shape, generator=generator, device=x_nat.device, dtype=x_nat.dtype)
+        return x_nat + init_std * noise
+    if start == "uniform":
+        noise = torch.rand(x_nat.shape, generator=generator, device=x_nat.device, dtype=x_nat.dtype)
+        return x_nat + (2 * noise - 1) * eps
+    raise ValueError(f"start must be one of {STARTS}, got {start!r}")
+
+
+def check_budget(eps: float, alpha: float, steps: int) -> None:
+    if not 0 <= eps <= 1:
+        raise ValueError(f"eps must be in [0, 1] for inputs in [0, 1], got {eps}")
+    if alpha < 0:
+        raise ValueError(f"alpha (step size) must be >= 0, got {alpha}")
+    if int(steps) != steps or steps < 0:
+        raise ValueError(f"steps must be a non-negative integer, got {steps}")
+
+
+def pgd(model: torch.nn.Module, x_nat: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor], *,
+        eps: float, alpha: float, steps: int, start: str = "uniform", init_std: float = 0.001,
+        mode: str = "eval", lo: float = 0.0, hi: float = 1.0,
+        generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Maximize loss_fn(model(x)) over the l_inf ball of radius eps around x_nat; returns a detached x_adv.
+
+    loss_fn maps logits to the scalar to maximize (the sign step makes its scale irrelevant). The model
+    runs in `mode` during the attack and gets its own modes back afterwards.
+    """
+    check_budget(eps, alpha, steps)
+    x_nat = x_nat.detach()
+    if steps == 0:
+        return x_nat.clone()
+    x_adv = random_start(x_nat, start, eps, init_std, generator)
+    with model_mode(model, mode), torch.enable_grad():
+        for _ in range(steps):
+            x_adv.requires_grad_(True)
+            loss = loss_fn(model(x_adv))
+            (grad,) = torch.autograd.grad(loss, x_adv)
+            x_adv = x_adv.detach()
+            ops.pgd_step_(x_adv, grad, x_nat, eps, alpha, lo, hi)
+    return x_adv
+
+
+def fused_kl_pgd(model: torch.nn.Module, x_nat: torch.Tensor, teacher_logits: torch.Tensor, *,
+                 eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10, init_std: float = 0.001,
+                 cuda_graph="auto", generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """RSLAD's inner maximization as one drop-in call: x' = argmax_{|x'-x|inf<=eps} KL(T(x) || S(x')).
+
+    Defaults are the official RSLAD code's `rslad_inner_loss`: eps 8/255, 10 steps of 2/255, start
+    x + 0.001*N(0,1), the student in eval mode, loss sum(KLDivLoss(log_softmax(S(x')), softmax(T(x)))).
+    The model's modes are restored and no parameter gradient is accumulated.
+
+    cuda_graph: "auto" captures the whole loop into a CUDA graph on CUDA inputs and runs eagerly on the
+    CPU; True requires the graph (CUDA only); False always runs eagerly.
+    """
+    if cuda_graph not in ("auto", True, False):
+        raise ValueError(f"cuda_graph must be 'auto', True or False, got {cuda_graph!r}")
+    if cuda_graph is True and not x_nat.is_cuda:
+        raise ValueError("cuda_graph=True needs CUDA tensors; use cuda_graph='auto' or False on the CPU")
+    if teacher_logits.dim() != 2 or teacher_logits.shape[0] != x_nat.shape[0]:
+        raise ValueError(f"teacher_logits must be [batch, classes] with batch {x_nat.shape[0]}, got "
+                         f"{list(teacher_logits.shape)}")
+    target = teacher_logits.detach()
+    use_graph = x_nat.is_cuda and cuda_graph in ("auto", True)
+    if use_graph:
+        from .graphed import graphed_kl_pgd
+        return graphed_kl_pgd(model, x_nat, target, eps=eps, alpha=alpha, steps=steps, init_std=init_std,
+                              generator=generator)
+    return pgd(model, x_nat, lambda logits: ops.softmax_kl(logits, target.to(logits.dtype), reduction="sum"),
+               eps=eps, alpha=alpha, steps=steps, start="normal", init_std=init_std, mode="eval",
+               generator=generator)
