@@ -1,0 +1,146 @@
+"""NVIDIA DALI loader: same order, sharding and augmentation distribution as :class:`TensorLoader`.
+
+Why DALI at all: on a GPU the crop/flip/convert kernels run in DALI's own prefetching pipeline, overlapped
+with the training step. The samples and their order come from :func:`~.loaders.epoch_indices` (seeded by
+``(seed, epoch)``, DistributedSampler-style shards), fed by ``fn.external_source`` from the in-memory
+uint8 set, so switching ``--loader torch`` <-> ``dali`` changes nothing but who draws the random crops.
+
+Augmentation, as the official RSLAD code (``RandomCrop(32, padding=4)``, ``RandomHorizontalFlip()``,
+``ToTensor()``, no normalization):
+
+1. ``fn.crop`` with a window of ``(H+2p, W+2p)`` at the default centre position and
+   ``out_of_bounds_policy="pad"``: anchor ``0.5 * (H - (H+2p)) = -p``, i.e. symmetric zero padding
+   (``fn.pad`` would pad at the end only).
+2. ``fn.crop_mirror_normalize`` with a ``(H, W)`` window, ``mirror=coin_flip(0.5)``, ``std=255``, CHW float.
+   DALI places the window at ``round(crop_pos * (in - crop))`` = ``round(crop_pos * 2p)``. A continuous
+   ``crop_pos ~ U(0, 1)`` would give the end offsets 0 and 2p half the probability of the others, unlike
+   torchvision's ``randint(0, 2p+1)``; so ``crop_pos`` is drawn from the discrete values ``k / 2p``,
+   k = 0..2p, which land exactly on offset k, each with probability 1 / (2p+1).
+
+The random draws are DALI's (pipeline seed from ``(seed, start epoch, rank)``): deterministic for a given
+run and resume point, but not the same numbers as the torch loader. DALI is imported only here, so
+``import rslad_fast`` never needs it.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import torch
+
+from .loaders import epoch_indices, mix_seed
+
+
+def _build_pipeline(source, *, batch_size: int, device: str, device_id, seed: int, augment: bool, padding: int,
+                    hw: tuple[int, int], num_threads: int, prefetch: int):
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
+                  prefetch_queue_depth=prefetch)
+    def pipe():
+        images, labels = fn.external_source(source=source, num_outputs=2, batch=True, layout=["HWC", ""],
+                                            dtype=[types.UINT8, types.INT64])
+        if device == "gpu":
+            images = images.gpu()
+        h, w = hw
+        kw = {}
+        if augment:
+            pos = [k / (2 * padding) for k in range(2 * padding + 1)] if padding > 0 else [0.0]
+            images = fn.crop(images, crop=(h + 2 * padding, w + 2 * padding), out_of_bounds_policy="pad",
+                             fill_values=0)
+            kw = dict(crop=(h, w), crop_pos_x=fn.random.uniform(values=pos), crop_pos_y=fn.random.uniform(values=pos),
+                      mirror=fn.random.coin_flip(probability=0.5))
+        images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", mean=0.0, std=255.0, **kw)
+        return images, labels
+
+    p = pipe()
+    p.build()
+    return p
+
+
+class DaliLoader:
+    """Same interface as :class:`~.loaders.TensorLoader`: ``set_epoch``, ``len()``, yields ``(x, y)`` on ``device``.
+
+    ``device="cpu"`` runs a CPU-only DALI pipeline (used by the tests); a CUDA device runs the crops on
+    that GPU. The source set is kept on the host as NHWC numpy (external_source feeds host batches; the
+    GPU pipeline copies each batch up, 1.5 MB for 512 images). The pipeline streams batches epoch after
+    epoch so its prefetching crosses epoch boundaries; ``set_epoch`` to anything but the next epoch, or
+    leaving an epoch early, rebuilds it.
+    """
+
+    def __init__(self, images_uint8: torch.Tensor, labels: torch.Tensor, batch_size: int, *, train: bool,
+                 device: torch.device | str = "cpu", seed: int = 0, drop_last: bool = False, rank: int = 0,
+                 world_size: int = 1, augment: bool = True, padding: int = 4, num_threads: int = 2,
+                 prefetch: int = 2):
+        if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4:
+            raise ValueError(f"images must be uint8 [N, C, H, W], got {images_uint8.dtype} {tuple(images_uint8.shape)}")
+        if labels.shape != (images_uint8.shape[0],):
+            raise ValueError(f"labels shape {tuple(labels.shape)} does not match {images_uint8.shape[0]} images")
+        self.device = torch.device(device)
+        self._nhwc = images_uint8.detach().cpu().permute(0, 2, 3, 1).contiguous().numpy()
+        self._labels = labels.detach().cpu().to(torch.int64).numpy()
+        self.batch_size, self.train, self.augment, self.padding = batch_size, train, augment, padding
+        self.seed, self.drop_last, self.rank, self.world_size = seed, drop_last, rank, world_size
+        self.num_threads, self.prefetch = num_threads, prefetch
+        self.epoch = 0
+        self.num_samples = math.ceil(len(self._labels) / world_size)
+        self._pipe = None
+        self._next_epoch = None  # epoch the running pipeline's stream is positioned at
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return self.num_samples // self.batch_size
+        return math.ceil(self.num_samples / self.batch_size)
+
+    def indices(self, epoch: int | None = None) -> torch.Tensor:
+        """This rank's sample order (CPU) for ``epoch`` (default: the current one); same as TensorLoader's."""
+        return epoch_indices(len(self._labels), epoch=self.epoch if epoch is None else epoch, seed=self.seed,
+                             shuffle=self.train, rank=self.rank, world_size=self.world_size)
+
+    def _stream(self, start_epoch: int):
+        """Host batches for epochs start_epoch, start_epoch+1, ... (what external_source pulls, ahead of use)."""
+        for e in itertools.count(start_epoch):
+            idx = self.indices(e).numpy()
+            for b in range(len(self)):
+                sel = idx[b * self.batch_size:(b + 1) * self.batch_size]
+                yield self._nhwc[sel], self._labels[sel]
+
+    def _start(self) -> None:
+        stream = self._stream(self.epoch)
+        gpu = self.device.type == "cuda"
+        device_id = None
+        if gpu:
+            device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        self._pipe = _build_pipeline(lambda: next(stream), batch_size=self.batch_size, device="gpu" if gpu else "cpu",
+                                     device_id=device_id, seed=mix_seed(self.seed, self.epoch, self.rank) % (2 ** 31),
+                                     augment=self.train and self.augment, padding=self.padding,
+                                     hw=self._nhwc.shape[1:3], num_threads=self.num_threads, prefetch=self.prefetch)
+        self._next_epoch = self.epoch
+
+    def _to_torch(self, tl, dtype: torch.dtype) -> torch.Tensor:
+        """Copy a dense DALI TensorList into a new torch tensor on ``self.device`` (DALI reuses its buffers)."""
+        from nvidia.dali.tensors import TensorListGPU
+
+        if isinstance(tl, TensorListGPU):
+            from nvidia.dali.plugin.pytorch import feed_ndarray
+
+            t = tl.as_tensor()
+            out = torch.empty(t.shape(), dtype=dtype, device=self.device)
+            feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(self.device))
+            return out
+        return torch.from_numpy(np.array(tl.as_tensor())).to(self.device, dtype)  # labels stay on CPU in DALI
+
+    def __iter__(self):
+        if self._pipe is None or self._next_epoch != self.epoch:
+            self._start()
+        pipe, epoch = self._pipe, self.epoch
+        self._next_epoch = None  # in progress: a second iterator started before this one ends must rebuild
+        for _ in range(len(self)):
+            images, labels = pipe.run()
+            yield self._to_torch(images, torch.float32), self._to_torch(labels, torch.int64)
+        if self._pipe is pipe:  # finished the epoch: the stream now stands at the next one
+            self._next_epoch = epoch + 1

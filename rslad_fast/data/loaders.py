@@ -1,0 +1,146 @@
+"""In-memory CIFAR loaders: the whole uint8 set lives on the training device, batches are sliced from it.
+
+Why not ``torch.utils.data.DataLoader``: CIFAR-10 is 150 MB as uint8, so it fits on any GPU; decoding /
+PIL transforms / worker processes / host-to-device copies per batch are pure overhead (and the bottleneck
+on 2 CPU cores). :class:`TensorLoader` keeps images and labels on ``device`` and does shuffling, sharding
+and augmentation with tensor ops there.
+
+Semantics follow ``DataLoader(shuffle=train) + DistributedSampler`` so results are comparable with the
+official RSLAD code (``transforms.RandomCrop(32, padding=4), RandomHorizontalFlip(), ToTensor()``, no
+normalization) while being deterministic and resumable:
+
+* shuffle order is a function of ``(seed, epoch)`` only, identical on every rank;
+* each rank takes a disjoint strided slice ``perm[rank::world_size]`` of the permutation, padded by
+  wrapping so all ranks get ``ceil(N / world_size)`` samples (the same number of steps: no DDP hang);
+* augmentation draws come from a generator seeded by ``(seed, epoch, rank)`` on ``device``, so
+  ``set_epoch(e)`` + iterate gives the same batches whether or not the run was resumed at epoch ``e``.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from rslad_fast.errors import UserError
+
+from .augment import random_crop_flip
+
+KINDS = ("torch", "dali")
+
+
+def mix_seed(*parts: int) -> int:
+    """A well-mixed 63-bit seed from integers (so (seed=0, epoch=1) and (seed=1, epoch=0) differ)."""
+    ss = np.random.SeedSequence([int(p) & 0xFFFFFFFFFFFFFFFF for p in parts])
+    return int(ss.generate_state(1, np.uint64)[0] >> 1)
+
+
+def epoch_indices(n: int, *, epoch: int, seed: int, shuffle: bool, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+    """This rank's sample indices (CPU int64) for one epoch, DistributedSampler-style.
+
+    Permutation from a CPU generator seeded by ``(seed, epoch)`` (identity when not shuffling), padded by
+    wrapping around to a multiple of ``world_size``, then the strided slice ``[rank::world_size]``.
+    Shared by :class:`TensorLoader` and the DALI loader so both see the same order.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} not in [0, {world_size})")
+    if shuffle:
+        g = torch.Generator().manual_seed(mix_seed(seed, epoch, 0x5EED))
+        perm = torch.randperm(n, generator=g)
+    else:
+        perm = torch.arange(n)
+    per_rank = math.ceil(n / world_size)
+    total = per_rank * world_size
+    if total > n:
+        perm = perm.repeat(math.ceil(total / n))[:total]  # wrap around (repeat when world_size > n)
+    return perm[rank:total:world_size]
+
+
+class TensorLoader:
+    """Yields ``(x float32 [B,3,H,W] in [0,1], y int64 [B])`` on ``device``; ``len()`` = batches per epoch.
+
+    ``train=True`` shuffles and (if ``augment``) applies random crop (padding 4) + horizontal flip;
+    ``train=False`` keeps the file order and never augments. Note that, as with DistributedSampler,
+    ``world_size > 1`` pads by wrapping, so a sharded eval counts a few samples twice.
+    ``drop_last`` drops this rank's final incomplete batch. Call :meth:`set_epoch` before each epoch.
+    """
+
+    def __init__(self, images_uint8: torch.Tensor, labels: torch.Tensor, batch_size: int, *, train: bool,
+                 device: torch.device | str = "cpu", seed: int = 0, drop_last: bool = False, rank: int = 0,
+                 world_size: int = 1, augment: bool = True, padding: int = 4):
+        if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4:
+            raise ValueError(f"images must be uint8 [N, C, H, W], got {images_uint8.dtype} {tuple(images_uint8.shape)}")
+        if labels.shape != (images_uint8.shape[0],):
+            raise ValueError(f"labels shape {tuple(labels.shape)} does not match {images_uint8.shape[0]} images")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = torch.device(device)
+        self.images = images_uint8.to(self.device).contiguous()
+        self.labels = labels.to(self.device, torch.int64)
+        self.batch_size = batch_size
+        self.train, self.augment, self.padding = train, augment, padding
+        self.seed, self.drop_last = seed, drop_last
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+        self.num_samples = math.ceil(len(self.images) / world_size)  # per rank, after padding
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose shuffle order and augmentation draws the next iteration uses."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return self.num_samples // self.batch_size
+        return math.ceil(self.num_samples / self.batch_size)
+
+    def indices(self) -> torch.Tensor:
+        """This rank's sample order for the current epoch (on ``device``)."""
+        return epoch_indices(len(self.images), epoch=self.epoch, seed=self.seed, shuffle=self.train,
+                             rank=self.rank, world_size=self.world_size).to(self.device)
+
+    def __iter__(self):
+        idx = self.indices()
+        gen = None
+        if self.train and self.augment:
+            gen = torch.Generator(device=self.device).manual_seed(mix_seed(self.seed, self.epoch, self.rank, 0xA06))
+        for b in range(len(self)):
+            sel = idx[b * self.batch_size:(b + 1) * self.batch_size]
+            x = self.images[sel]
+            if gen is not None:
+                x = random_crop_flip(x, gen, self.padding)
+            yield x.float().div_(255.0), self.labels[sel]
+
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def make_loader(kind: str, images_uint8: torch.Tensor, labels: torch.Tensor, batch_size: int, *, train: bool,
+                device: torch.device | str = "cpu", seed: int = 0, drop_last: bool = False, rank: int = 0,
+                world_size: int = 1, augment: bool = True):
+    """Build a loader by name: ``"torch"`` (:class:`TensorLoader`, any device) or ``"dali"`` (NVIDIA DALI).
+
+    ``"dali"`` trains on CUDA devices only (on CPU the torch loader is the faster choice and the one we
+    test for training); a DALI eval loader may run on CPU. Bad names or missing DALI raise UserError.
+    """
+    kw = dict(train=train, device=device, seed=seed, drop_last=drop_last, rank=rank, world_size=world_size,
+              augment=augment)
+    if kind == "torch":
+        return TensorLoader(images_uint8, labels, batch_size, **kw)
+    if kind != "dali":
+        raise UserError(f"unknown loader {kind!r}; choose one of {', '.join(KINDS)}")
+    try:
+        import nvidia.dali  # noqa: F401
+    except Exception as e:
+        raise UserError(f"the 'dali' loader needs NVIDIA DALI, which is not importable ({type(e).__name__}: {e}); "
+                        f"install it with `pip install nvidia-dali-cuda130`, or use the 'torch' loader") from None
+    if train and torch.device(device).type != "cuda":
+        raise UserError(f"the 'dali' loader trains on a CUDA device only (got device {device!s}); "
+                        f"use the 'torch' loader on CPU")
+    from .dali import DaliLoader
+
+    return DaliLoader(images_uint8, labels, batch_size, **kw)

@@ -1,0 +1,103 @@
+"""DALI loader on the CPU backend: shapes, order/sharding, and the crop/flip distribution vs. the torch loader."""
+import pytest
+import torch
+
+pytest.importorskip("nvidia.dali")
+
+from rslad_fast.data import TensorLoader, infer_crop_flip_params, make_loader  # noqa: E402
+from rslad_fast.data.dali import DaliLoader  # noqa: E402
+from rslad_fast.errors import UserError  # noqa: E402
+
+CHI2_DF8_P001 = 26.12
+
+
+def chi2_uniform(values, k):
+    counts = torch.bincount(values, minlength=k).double()
+    e = values.numel() / k
+    return float(((counts - e) ** 2 / e).sum())
+
+
+def _noise(n, seed=0):
+    return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def test_shapes_dtypes_range_and_order():
+    x, y = _noise(40), torch.arange(40) % 10
+    dl = DaliLoader(x, y, 16, train=True, device="cpu", seed=0)
+    dl.set_epoch(1)
+    batches = list(dl)
+    assert len(dl) == len(batches) == 3 and [b[1].shape[0] for b in batches] == [16, 16, 8]
+    for xb, yb in batches:
+        assert xb.dtype == torch.float32 and xb.shape[1:] == (3, 32, 32) and yb.dtype == torch.int64
+        assert 0.0 <= xb.min() and xb.max() <= 1.0
+    ref = TensorLoader(x, y, 16, train=True, device="cpu", seed=0)
+    ref.set_epoch(1)
+    assert torch.equal(dl.indices(), ref.indices())  # same shuffle as the torch loader
+    assert torch.equal(torch.cat([b[1] for b in batches]), y[dl.indices()])
+
+
+def test_eval_is_plain_to_tensor():
+    x = _noise(20)
+    dl = make_loader("dali", x, torch.zeros(20, dtype=torch.long), 8, train=False, device="cpu")
+    assert isinstance(dl, DaliLoader)
+    xb = torch.cat([b[0] for b in dl])
+    assert torch.allclose(xb, x.float() / 255, atol=1e-6)
+
+
+def test_training_on_cpu_is_refused():
+    with pytest.raises(UserError, match="CUDA"):
+        make_loader("dali", _noise(4), torch.zeros(4, dtype=torch.long), 2, train=True, device="cpu")
+
+
+def _draws(loader, x, epochs):
+    tops, lefts, flips = [], [], []
+    for e in epochs:
+        loader.set_epoch(e)
+        out = torch.cat([b[0] for b in loader])
+        src = x[loader.indices().to(x.device)]
+        p = infer_crop_flip_params((out * 255).round().to(torch.uint8), src)
+        assert (p.top >= 0).all(), "every output must be a window of its padded source"
+        tops.append(p.top), lefts.append(p.left), flips.append(p.flip)
+    return torch.cat(tops), torch.cat(lefts), torch.cat(flips)
+
+
+def test_crop_flip_distribution_matches_torch_loader():
+    x, y = _noise(64), torch.arange(64) % 10
+    epochs = range(40)  # 2560 draws per loader
+    dali = _draws(DaliLoader(x, y, 64, train=True, device="cpu", seed=0), x, epochs)
+    ref = _draws(TensorLoader(x, y, 64, train=True, device="cpu", seed=0), x, epochs)
+    for name, (t, l, f) in (("dali", dali), ("torch", ref)):
+        for v in (t, l):
+            assert v.min() == 0 and v.max() == 8, name
+            assert chi2_uniform(v, 9) < CHI2_DF8_P001, (name, torch.bincount(v, minlength=9))
+        assert abs(f.float().mean().item() - 0.5) < 0.04, name
+    # Two-sample check: offset histograms of DALI and torch agree (chi-square homogeneity, df=8).
+    for a, b in ((dali[0], ref[0]), (dali[1], ref[1])):
+        ca, cb = torch.bincount(a, minlength=9).double(), torch.bincount(b, minlength=9).double()
+        e = (ca + cb) / 2
+        assert float(((ca - e) ** 2 / e + (cb - e) ** 2 / e).sum()) < CHI2_DF8_P001
+
+
+def test_shard_coverage_and_epoch_jumps():
+    n = 50
+    x, y = _noise(n), torch.arange(n)
+    seen = []
+    for rank in range(2):
+        dl = DaliLoader(x, y, 8, train=True, device="cpu", seed=1, rank=rank, world_size=2)
+        dl.set_epoch(3)
+        seen.append(torch.cat([b[1] for b in dl]).tolist())
+    assert len(seen[0]) == len(seen[1]) == 25
+    assert not set(seen[0]) & set(seen[1]) and set(seen[0]) | set(seen[1]) == set(range(n))
+
+    dl = DaliLoader(x, y, 8, train=True, device="cpu", seed=1)
+    for e in (0, 1, 5, 5):  # sequential, then a jump, then a repeat: each must follow epoch_indices
+        dl.set_epoch(e)
+        assert torch.cat([b[1] for b in dl]).tolist() == dl.indices().tolist()
+    dl.set_epoch(6)
+    next(iter(dl))  # leave an epoch early
+    dl.set_epoch(7)
+    assert torch.cat([b[1] for b in dl]).tolist() == dl.indices().tolist()
+    it = iter(dl)  # an abandoned iterator kept alive must not leave the stream out of step either
+    next(it)
+    assert torch.cat([b[1] for b in dl]).tolist() == dl.indices().tolist()
+    del it
