@@ -2,9 +2,11 @@
 
 A method is a small class: its hyperparameters (with the official code's defaults, cited next to each
 value), its inner maximization (`attack`), the objective that attack maximizes (`attack_objective`, so tests
-can check the attack raises it), and its outer loss (`loss`). The training engine knows nothing else about
-a method: it calls `loss` once per batch and steps the optimizer.
+can check the attack raises it), and its outer loss (`loss`, or `loss_at` for a given x'). The training
+engine knows nothing else about a method: it builds SGD from `SCHEDULE`, decays the lr at `milestones()`,
+calls `loss` once per batch and steps the optimizer.
 """
+import math
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
@@ -22,7 +24,13 @@ class HParam:
 
 @dataclass(frozen=True)
 class Schedule:
-    """The optimizer and lr schedule of the method's official code (SGD with momentum, step decays)."""
+    """The optimizer and lr schedule of the method's official code (SGD with momentum, step decays).
+
+    milestones follow torch's MultiStepLR convention with epochs counted from 0: the lr is multiplied by
+    gamma before training epoch m, i.e. after m completed epochs. Codes that count epochs from 1 and test
+    `epoch >= 75` before training (TRADES, MART) therefore have milestone 74. Use `Method.milestones()`,
+    not this field, for the decays that actually happen (ARD's and IAD's lr bug).
+    """
     epochs: int
     lr: float
     milestones: Tuple[int, ...]
@@ -39,6 +47,8 @@ class Context:
 
     teacher_logits: T(x) on the natural batch, computed once by the engine with the teacher in eval mode
     under no_grad (None for methods without a teacher). epoch counts from 0.
+    stats: filled by `loss` with detached 0-dim tensors (not Python floats, so that logging them costs no
+    device sync per batch); `float(v)` turns one into a number.
     """
     student: torch.nn.Module
     x: torch.Tensor
@@ -84,8 +94,77 @@ class Method:
         raise NotImplementedError
 
     def loss(self, ctx: Context) -> torch.Tensor:
-        """The outer loss for this batch, attack included. The student is in train mode on entry."""
+        """The outer loss for this batch, attack included. The student is in train mode on entry.
+
+        By default: `loss_at(ctx, attack(ctx))`."""
+        return self.loss_at(ctx, self.attack(ctx))
+
+    def loss_at(self, ctx: Context, x_adv: Optional[torch.Tensor]) -> torch.Tensor:
+        """The outer loss for this batch at a given x' (None for methods without an attack)."""
         raise NotImplementedError
+
+    def milestones(self) -> Tuple[int, ...]:
+        """The epochs (from 0, MultiStepLR convention, see `Schedule`) at which the lr really decays.
+
+        SCHEDULE.milestones by default; ARD and IAD return only the first one when their `lr_bug` flag
+        reproduces the official codes' bug (the second decay never happens)."""
+        return tuple(self.SCHEDULE.milestones)
+
+    def lr_at(self, epoch: int, base_lr: Optional[float] = None) -> float:
+        """The lr of epoch `epoch` (from 0) under `milestones()`: base_lr * gamma**(milestones <= epoch)."""
+        lr = self.SCHEDULE.lr if base_lr is None else base_lr
+        return lr * self.SCHEDULE.gamma ** sum(1 for m in self.milestones() if epoch >= m)
+
+
+# Hyperparameter checks for `validate()`: each returns the value coerced to its type (numeric strings
+# from a command line are accepted) or raises UserError naming the method and the hyperparameter.
+
+def _number(method: str, name: str, value) -> float:
+    if isinstance(value, bool):
+        raise UserError(f"method '{method}': {name} must be a number, got {value!r}")
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"method '{method}': {name} must be a number, got {value!r}") from None
+    if not math.isfinite(out):
+        raise UserError(f"method '{method}': {name} must be finite, got {value!r}")
+    return out
+
+
+def check_range(method: str, name: str, value, lo: float = -math.inf, hi: float = math.inf,
+                lo_open: bool = False) -> float:
+    """A finite number in [lo, hi] ((lo, hi] with lo_open)."""
+    out = _number(method, name, value)
+    if out < lo or out > hi or (lo_open and out == lo):
+        left = "(" if lo_open else "["
+        raise UserError(f"method '{method}': {name} must be in {left}{lo}, {hi}], got {value!r}")
+    return out
+
+
+def check_count(method: str, name: str, value, minimum: int = 0) -> int:
+    """An integer >= minimum (10 and 10.0 pass, 2.5 does not)."""
+    out = _number(method, name, value)
+    if out != int(out) or out < minimum:
+        raise UserError(f"method '{method}': {name} must be an integer >= {minimum}, got {value!r}")
+    return int(out)
+
+
+def check_flag(method: str, name: str, value) -> bool:
+    """True/False (also 0/1 and the strings true/false/yes/no/1/0)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no", "1", "0"):
+        return value.strip().lower() in ("true", "yes", "1")
+    raise UserError(f"method '{method}': {name} must be true or false, got {value!r}")
+
+
+def check_attack(method: Method) -> None:
+    """The common attack hyperparameters `eps`, `step_size`, `steps` (inputs live in [0, 1])."""
+    method.eps = check_range(method.name, "eps", method.eps, 0.0, 1.0)
+    method.step_size = check_range(method.name, "step_size", method.step_size, 0.0)
+    method.steps = check_count(method.name, "steps", method.steps)
 
 
 REGISTRY: Dict[str, type] = {}
@@ -97,8 +176,53 @@ def register(cls):
 
 
 def get(name: str) -> type:
+    if not isinstance(name, str):
+        raise UserError(f"method name must be a string, got {name!r}; choose one of: "
+                        f"{', '.join(sorted(REGISTRY))}")
     key = name.strip().lower().replace("-", "_")
     key = {"madry": "sat", "pgd_at": "sat", "pgdat": "sat", "at": "sat", "nat": "natural", "standard": "natural"}.get(key, key)
     if key not in REGISTRY:
         raise UserError(f"unknown method '{name}'; choose one of: {', '.join(sorted(REGISTRY))}")
     return REGISTRY[key]
+
+
+# Small helpers shared by the method modules.
+
+def teacher_logits(ctx: Context) -> torch.Tensor:
+    """ctx.teacher_logits, or T(x) computed here (teacher in eval mode, no_grad) when the engine left it
+    None but gave the teacher."""
+    if ctx.teacher_logits is not None:
+        return ctx.teacher_logits.detach()
+    if ctx.teacher is None:
+        raise ValueError("this method needs the teacher: the Context has neither teacher_logits nor teacher")
+    from ..attacks.pgd import model_mode
+    with model_mode(ctx.teacher, "eval"), torch.no_grad():
+        return ctx.teacher(ctx.x)
+
+
+def upcast(t: torch.Tensor) -> torch.Tensor:
+    """float16/bfloat16 logits to float32 for the loss arithmetic (autocast); other dtypes unchanged."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Fraction of correct top-1 predictions, as a detached 0-dim float tensor (no device sync)."""
+    return (logits.detach().argmax(dim=1) == y).float().mean()
+
+
+class preserved_buffers:
+    """Context manager: the model's buffers (BatchNorm running statistics, counters) are restored on exit,
+    so that evaluating an objective in train mode leaves no trace."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def __enter__(self):
+        self.saved = [(b, b.detach().clone()) for b in self.model.buffers()]
+        return self.model
+
+    def __exit__(self, *exc):
+        with torch.no_grad():
+            for b, value in self.saved:
+                b.copy_(value)
+        return False

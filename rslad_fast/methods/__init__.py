@@ -1,0 +1,35 @@
+"""Training methods: one module per method, each registering one `Method` subclass.
+
+    natural  CE on clean data                                   (no attack, no teacher)
+    sat      Madry PGD adversarial training                     (CE attack, eval mode)
+    trades   TRADES                                             (KL attack, eval mode)
+    mart     MART                                               (CE attack, eval mode)
+    ard      ARD, distillation on x'                            (CE attack, TRAIN mode; teacher)
+    iad      IAD, ARD plus the teacher's reliability            (CE attack, TRAIN mode; teacher on x and x')
+    rslad    RSLAD, robust soft labels                          (KL attack on the teacher, eval mode; teacher)
+
+`get(name)` returns the class (aliases: madry/pgd_at/at -> sat, nat/standard -> natural; case and '-' are
+ignored), `names()` the registered names. A method is built with keyword overrides of its HPARAMS,
+`get("ard")(lr_bug=True)`; the engine takes its optimizer settings from `SCHEDULE` and the lr decays that
+actually happen from `milestones()` (or `lr_at(epoch)`).
+"""
+from typing import Tuple
+
+from .base import REGISTRY, Context, HParam, Method, Schedule, get, register
+from . import natural, sat, trades, mart, ard, iad, rslad  # noqa: E402,F401  (importing registers them)
+from .natural import Natural
+from .sat import SAT
+from .trades import TRADES
+from .mart import MART
+from .ard import ARD
+from .iad import IAD
+from .rslad import RSLAD
+
+
+def names() -> Tuple[str, ...]:
+    """The registered method names, sorted."""
+    return tuple(sorted(REGISTRY))
+
+
+__all__ = ["get", "names", "register", "REGISTRY", "Method", "Context", "HParam", "Schedule",
+           "Natural", "SAT", "TRADES", "MART", "ARD", "IAD", "RSLAD"]

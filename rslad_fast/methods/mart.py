@@ -1,0 +1,74 @@
+"""MART (Wang et al., ICLR 2020): boosted CE on x' plus a KL term weighted by the natural misclassification.
+
+Official code: YisenWang/MART, `mart.py` (`mart_loss`), `train_wideresnet.py`, `train_resnet.py`.
+- Attack: model in eval mode; start x + 0.001*N(0,1); 10 sign steps of 0.007 in the eps = 0.031 ball
+  (~ 8/255), projection and clamp to [0, 1] after each; objective CE(f(x'), y).
+- Loss, model in train mode, p = softmax:
+      CE(f(x'), y) + NLL(log(1.0001 - p_adv + 1e-12), y_wrong)
+      + beta * (1/B) * sum_i [sum_c KL(p_nat || p_adv)]_i * (1.0000001 - p_nat[i, y_i])
+  y_wrong = the most likely class under p_adv other than y. Nothing is detached (p_nat and p_nat[i, y_i]
+  carry gradients, as in the official code). The official KL uses log(p_adv + 1e-12); the exact
+  log_softmax here differs by less than 1e-11 per element.
+- beta = 6 and the WRN schedule (train_wideresnet.py) by default; the ResNet-18 setting of train_resnet.py
+  is beta = 5, lr 0.01, weight decay 3.5e-3, 120 epochs (same decays).
+"""
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+from ..attacks.pgd import model_mode, pgd
+from .base import Context, HParam, Method, Schedule, accuracy, check_attack, check_range, register, upcast
+
+
+@register
+class MART(Method):
+    """MART: BCE(f(x'), y) + beta * mean_i KL(p_nat || p_adv)_i * (1 - p_nat[i, y_i])."""
+
+    name = "mart"
+    needs_teacher = False
+    HPARAMS = {
+        "eps": HParam(0.031, "l_inf radius, inputs in [0, 1]; 0.031 ~ 8/255 (MART train_wideresnet.py "
+                             "--epsilon 0.031)"),
+        "step_size": HParam(0.007, "PGD step (MART train_wideresnet.py --step-size 0.007)"),
+        "steps": HParam(10, "PGD steps (MART train_wideresnet.py --num-steps 10)"),
+        "init_std": HParam(0.001, "std of the Gaussian start x + init_std*N(0,1) (MART mart.py "
+                                  "`0.001 * torch.randn`)"),
+        "beta": HParam(6.0, "weight of the misclassification-aware KL term (MART train_wideresnet.py --beta "
+                            "6.0 for WRN; train_resnet.py uses 5.0 for ResNet-18)"),
+    }
+    SCHEDULE = Schedule(
+        epochs=90, lr=0.1, milestones=(74, 89, 99), weight_decay=7e-4, batch_size=128,
+        source="MART train_wideresnet.py: --epochs 90, --lr 0.1, --wd 7e-4, momentum 0.9, --batch-size 128; "
+               "adjust_learning_rate x0.1 at epoch >= 75, 90, 100 counting epochs from 1 (0-based milestones "
+               "74, 89, 99). ResNet-18 (train_resnet.py): --epochs 120, --lr 0.01, --wd 3.5e-3, --beta 5")
+
+    def validate(self) -> None:
+        check_attack(self)
+        self.init_std = check_range(self.name, "init_std", self.init_std, 0.0)
+        self.beta = check_range(self.name, "beta", self.beta, 0.0)
+
+    def attack(self, ctx: Context) -> torch.Tensor:
+        y = ctx.y
+        return pgd(ctx.student, ctx.x, lambda logits: F.cross_entropy(logits, y),
+                   eps=self.eps, alpha=self.step_size, steps=self.steps, start="normal",
+                   init_std=self.init_std, mode="eval", generator=ctx.generator)
+
+    def attack_objective(self, ctx: Context, x_adv: torch.Tensor) -> torch.Tensor:
+        with model_mode(ctx.student, "eval"), torch.no_grad():
+            return F.cross_entropy(ctx.student(x_adv), ctx.y)
+
+    def loss_at(self, ctx: Context, x_adv: torch.Tensor) -> torch.Tensor:
+        y = ctx.y
+        logits_nat = upcast(ctx.student(ctx.x))
+        logits_adv = upcast(ctx.student(x_adv))
+        p_adv = F.softmax(logits_adv, dim=1)
+        top2 = torch.argsort(p_adv, dim=1)[:, -2:]
+        y_wrong = torch.where(top2[:, -1] == y, top2[:, -2], top2[:, -1])
+        loss_adv = F.cross_entropy(logits_adv, y) + F.nll_loss(torch.log(1.0001 - p_adv + 1e-12), y_wrong)
+        p_true = F.softmax(logits_nat, dim=1).gather(1, y.unsqueeze(1)).squeeze(1)
+        kl = ops.softmax_kl(logits_adv, logits_nat, reduction="none")  # KL(p_nat || p_adv) per sample
+        loss_kl = (kl * (1.0000001 - p_true)).sum() / ctx.x.shape[0]
+        loss = loss_adv + self.beta * loss_kl
+        ctx.stats.update(loss=loss.detach(), loss_adv=loss_adv.detach(), loss_kl=loss_kl.detach(),
+                         acc_nat=accuracy(logits_nat, y), acc_adv=accuracy(logits_adv, y))
+        return loss

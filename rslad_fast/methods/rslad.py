@@ -1,0 +1,84 @@
+"""RSLAD (Zi et al., ICCV 2021): robust soft label adversarial distillation.
+
+Official code: zibojia/RSLAD, `rslad_loss.py` (`rslad_inner_loss`) and `resnet18_rslad_cifar10.py` /
+`mobilenet_v2_rslad_cifar10.py`.
+- Teacher: eval mode, T(x) once per batch on the natural images under no_grad (ctx.teacher_logits, computed
+  by the engine). The same logits are the attack's target and both loss targets. No temperature.
+- Attack (`rslad_inner_loss`): student in eval mode; start x + 0.001*N(0,1), unclamped; 10 sign steps of
+  2/255 in the eps = 8/255 ball, projection then clamp to [0, 1]; objective
+  sum(KLDivLoss(reduction='none')(log_softmax(S(x')), softmax(T(x)))) = sum_i KL(T(x) || S(x'))_i.
+  Here: `fused_kl_pgd`, the same maximization (CUDA-graphed on the GPU).
+- Loss: 5/6 * mean(kl(S(x'))) + 1/6 * mean(kl(S(x))), kl elementwise p_T * (log p_T - log_softmax(S)),
+  the mean over the B*C elements (ops.softmax_kl reduction "mean"). The official kl adds 1e-5 inside
+  log p_T, which shifts the loss by a constant and leaves its gradient unchanged. x' and x go through the
+  student in two separate train-mode forwards, x' first.
+- Schedule: SGD lr 0.1, momentum 0.9, weight decay 2e-4, batch 128, 300 epochs, lr x0.1 after epochs 215,
+  260, 285 (`if epoch in [215, 260, 285]` at the end of 1-based epoch: 0-based milestones 215, 260, 285).
+"""
+import torch
+
+from .. import ops
+from ..attacks.pgd import fused_kl_pgd, model_mode
+from ..errors import UserError
+from .base import (Context, HParam, Method, Schedule, accuracy, check_attack, check_range, register,
+                   teacher_logits, upcast)
+
+
+@register
+class RSLAD(Method):
+    """RSLAD: (1-alpha) * KL_mean(T(x) || S(x)) + alpha * KL_mean(T(x) || S(x')), x' maximizing KL(T(x)||S(x'))."""
+
+    name = "rslad"
+    needs_teacher = True
+    HPARAMS = {
+        "eps": HParam(8 / 255, "l_inf radius, inputs in [0, 1] (RSLAD resnet18_rslad_cifar10.py epsilon = "
+                               "8/255)"),
+        "step_size": HParam(2 / 255, "PGD step (RSLAD resnet18_rslad_cifar10.py rslad_inner_loss(..., "
+                                     "step_size=2/255.0))"),
+        "steps": HParam(10, "PGD steps (RSLAD resnet18_rslad_cifar10.py rslad_inner_loss(..., "
+                            "perturb_steps=10))"),
+        "init_std": HParam(0.001, "std of the Gaussian start x + init_std*N(0,1) (RSLAD rslad_loss.py "
+                                  "`0.001 * torch.randn`)"),
+        "alpha": HParam(5 / 6, "weight of the adversarial KL term; 1-alpha weighs the natural one (RSLAD "
+                               "resnet18_rslad_cifar10.py `5/6.0*kl_Loss1 + 1/6.0*kl_Loss2`)"),
+        "cuda_graph": HParam("auto", "implementation switch, not from the paper: fused_kl_pgd's cuda_graph "
+                                     "('auto': CUDA graph on CUDA inputs, eager on the CPU; True; False)"),
+    }
+    SCHEDULE = Schedule(
+        epochs=300, lr=0.1, milestones=(215, 260, 285), weight_decay=2e-4, batch_size=128,
+        source="RSLAD resnet18_rslad_cifar10.py: epochs = 300, batch_size = 128, SGD(lr=0.1, momentum=0.9, "
+               "weight_decay=2e-4), lr *= 0.1 after epochs 215, 260, 285")
+
+    def validate(self) -> None:
+        check_attack(self)
+        self.init_std = check_range(self.name, "init_std", self.init_std, 0.0)
+        self.alpha = check_range(self.name, "alpha", self.alpha, 0.0, 1.0)
+        value = self.cuda_graph
+        if isinstance(value, str) and value.strip().lower() in ("auto", "true", "false"):
+            value = {"auto": "auto", "true": True, "false": False}[value.strip().lower()]
+        if not (value == "auto" or isinstance(value, bool)):
+            raise UserError(f"method 'rslad': cuda_graph must be 'auto', true or false, got {self.cuda_graph!r}")
+        self.cuda_graph = value
+
+    def attack(self, ctx: Context) -> torch.Tensor:
+        return fused_kl_pgd(ctx.student, ctx.x, teacher_logits(ctx), eps=self.eps, alpha=self.step_size,
+                            steps=self.steps, init_std=self.init_std, cuda_graph=self.cuda_graph,
+                            generator=ctx.generator)
+
+    def attack_objective(self, ctx: Context, x_adv: torch.Tensor) -> torch.Tensor:
+        t_logits = teacher_logits(ctx)
+        with model_mode(ctx.student, "eval"), torch.no_grad():
+            s = upcast(ctx.student(x_adv))
+            return ops.softmax_kl(s, t_logits.to(s.dtype), reduction="sum")
+
+    def loss_at(self, ctx: Context, x_adv: torch.Tensor) -> torch.Tensor:
+        t_logits = teacher_logits(ctx)
+        logits_adv = ctx.student(x_adv)
+        logits_nat = ctx.student(ctx.x)
+        s_adv, s_nat = upcast(logits_adv), upcast(logits_nat)
+        loss_adv = ops.softmax_kl(s_adv, t_logits.to(s_adv.dtype), reduction="mean")
+        loss_nat = ops.softmax_kl(s_nat, t_logits.to(s_nat.dtype), reduction="mean")
+        loss = self.alpha * loss_adv + (1.0 - self.alpha) * loss_nat
+        ctx.stats.update(loss=loss.detach(), loss_adv=loss_adv.detach(), loss_nat=loss_nat.detach(),
+                         acc_nat=accuracy(logits_nat, ctx.y), acc_adv=accuracy(logits_adv, ctx.y))
+        return loss

@@ -1,0 +1,59 @@
+"""SAT: standard adversarial training (Madry et al., ICLR 2018): CE(f(x'), y) with x' from PGD-10.
+
+Official code: MadryLab/cifar10_challenge (TensorFlow), `config.json` and `pgd_attack.py`: eps 8/255,
+10 steps of 2/255, uniform random start, CE ("xent") loss; SGD momentum 0.9, weight decay 2e-4, batch 128,
+lr 0.1 -> 0.01 at step 40k -> 0.001 at step 60k, 80k steps.
+
+The attack runs with the model in eval mode by default, the convention of the PyTorch codes of this lineage
+(TRADES, MART, RSLAD). Madry's TF code builds its attack on `Model(mode='train')`, i.e. BatchNorm in training
+mode; `attack_mode="train"` reproduces that.
+"""
+import torch
+import torch.nn.functional as F
+
+from ..attacks.pgd import model_mode, pgd
+from ..errors import UserError
+from .base import Context, HParam, Method, Schedule, accuracy, check_attack, preserved_buffers, register
+
+
+@register
+class SAT(Method):
+    """Madry PGD adversarial training: loss CE(f(x'), y), x' = PGD-10 on CE from a uniform start."""
+
+    name = "sat"
+    needs_teacher = False
+    HPARAMS = {
+        "eps": HParam(8 / 255, "l_inf radius, inputs in [0, 1] (Madry cifar10_challenge config.json "
+                               "\"epsilon\": 8.0 on the 0-255 scale)"),
+        "step_size": HParam(2 / 255, "PGD step (Madry config.json \"step_size\": 2.0 on the 0-255 scale)"),
+        "steps": HParam(10, "PGD steps (Madry config.json \"num_steps\": 10)"),
+        "attack_mode": HParam("eval", "model mode during the attack: 'eval' (default; the PyTorch convention "
+                                      "of TRADES/MART/RSLAD) or 'train' (Madry's TF train.py attacks "
+                                      "Model(mode='train'): BatchNorm in training mode)"),
+    }
+    SCHEDULE = Schedule(
+        epochs=205, lr=0.1, milestones=(102, 154), weight_decay=2e-4, batch_size=128,
+        source="Madry cifar10_challenge config.json: 80000 steps of batch 128 (390.6 steps/epoch = 204.8 "
+               "epochs), step_size_schedule [[0, 0.1], [40000, 0.01], [60000, 0.001]] (epochs 102.4 and "
+               "153.6), weight_decay 2e-4, momentum 0.9")
+
+    def validate(self) -> None:
+        check_attack(self)
+        if self.attack_mode not in ("eval", "train"):
+            raise UserError(f"method 'sat': attack_mode must be 'eval' or 'train', got {self.attack_mode!r}")
+
+    def attack(self, ctx: Context) -> torch.Tensor:
+        y = ctx.y
+        return pgd(ctx.student, ctx.x, lambda logits: F.cross_entropy(logits, y),
+                   eps=self.eps, alpha=self.step_size, steps=self.steps, start="uniform",
+                   mode=self.attack_mode, generator=ctx.generator)
+
+    def attack_objective(self, ctx: Context, x_adv: torch.Tensor) -> torch.Tensor:
+        with model_mode(ctx.student, self.attack_mode), preserved_buffers(ctx.student), torch.no_grad():
+            return F.cross_entropy(ctx.student(x_adv), ctx.y)
+
+    def loss_at(self, ctx: Context, x_adv: torch.Tensor) -> torch.Tensor:
+        logits_adv = ctx.student(x_adv)
+        loss = F.cross_entropy(logits_adv, ctx.y)
+        ctx.stats.update(loss=loss.detach(), loss_adv=loss.detach(), acc_adv=accuracy(logits_adv, ctx.y))
+        return loss
