@@ -142,6 +142,15 @@ RSLAD_HD T kl_value(const KLState<T>& s) {
   return v > T(0) ? v : T(0);
 }
 
+// One class's term p_c (log p_c - log q_c), given the row's log-normalizers. The backward sums these in a
+// second pass instead of using kl_value: the gradient of the teacher logits multiplies p_c by
+// (log p_c - log q_c - KL), which amplifies the cancellation error of the single-pass KL.
+template <typename T>
+RSLAD_HD T kl_term(T a, T b, T lse_a_, T lse_b_) {
+  T log_p = a - lse_a_;
+  return exp_(log_p) * (log_p - (b - lse_b_));
+}
+
 // Gradients of scale * KL(p || q) for one class, given the row's log-normalizers and its KL value:
 //   d/d student_c = scale/T * (q_c - p_c)
 //   d/d teacher_c = scale/T * p_c * ((log p_c - log q_c) - KL)

@@ -17,9 +17,11 @@ PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(rslad_fast, m) {
   // x_adv = clamp(clamp(x_adv + alpha*sign(grad), x_nat-eps, x_nat+eps), lo, hi), in place.
+  // It returns nothing: torch.compile's functionalization rejects custom ops whose outputs alias an input
+  // (Tensor(a!) returns), so the Python wrapper rslad_fast.ops.pgd_step_ returns x_adv instead.
   m.def(
       "pgd_step_(Tensor(a!) x_adv, Tensor grad, Tensor x_nat, float eps, float alpha, float lo=0.0, "
-      "float hi=1.0) -> Tensor(a!)");
+      "float hi=1.0) -> ()");
   // KL(softmax(teacher/T) || softmax(student/T)) over dim 1 of [B, C] logits.
   m.def(
       "softmax_kl(Tensor student_logits, Tensor teacher_logits, float temperature=1.0, "

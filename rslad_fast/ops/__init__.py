@@ -45,7 +45,8 @@ def pgd_step_(x_adv, grad, x_nat, eps, alpha, lo=0.0, hi=1.0):
     """
     check_pgd_args(x_adv, grad, x_nat, eps, alpha, lo, hi)
     if _BACKEND == "compiled":
-        return torch.ops.rslad_fast.pgd_step_(x_adv, grad, x_nat, float(eps), float(alpha), float(lo), float(hi))
+        torch.ops.rslad_fast.pgd_step_(x_adv, grad, x_nat, float(eps), float(alpha), float(lo), float(hi))
+        return x_adv
     return reference.pgd_step_(x_adv, grad, x_nat, eps, alpha, lo, hi)
 
 

@@ -24,11 +24,11 @@ void pgd_step_loop(scalar_t* x_adv, const scalar_t* grad, const scalar_t* x_nat,
   });
 }
 
-at::Tensor& pgd_step_cpu(at::Tensor& x_adv, const at::Tensor& grad, const at::Tensor& x_nat, double eps,
+void pgd_step_cpu(at::Tensor& x_adv, const at::Tensor& grad, const at::Tensor& x_nat, double eps,
                          double alpha, double lo, double hi) {
   check_pgd_args(x_adv, grad, x_nat, eps, alpha, lo, hi);
   TORCH_CHECK_VALUE(x_adv.device().is_cpu(), "rslad_fast: x_adv must be a CPU tensor for the CPU kernel");
-  if (x_adv.numel() == 0) return x_adv;
+  if (x_adv.numel() == 0) return;
 
   const bool dense = x_adv.is_non_overlapping_and_dense();
   at::Tensor out = dense ? x_adv : x_adv.contiguous();
@@ -46,7 +46,6 @@ at::Tensor& pgd_step_cpu(at::Tensor& x_adv, const at::Tensor& grad, const at::Te
                             nat.const_data_ptr<scalar_t>(), out.numel(), eps, alpha, lo, hi);
   });
   if (!out.is_same(x_adv)) x_adv.copy_(out);
-  return x_adv;
 }
 
 }  // namespace

@@ -17,13 +17,34 @@ int64_t row_grain(int64_t classes) {
   return std::max<int64_t>(1, 16384 / std::max<int64_t>(classes, 1));
 }
 
+// The row is folded into kLanes interleaved states merged as a tree at the end, like the CUDA kernel's
+// 32 lanes: shorter sequential sums (more accurate for wide rows) and independent chains for the CPU.
+constexpr int kLanes = 8;
+
 template <typename scalar_t, typename acc_t>
 math::KLState<acc_t> row_state(const scalar_t* s, const scalar_t* t, int64_t classes, acc_t inv_temp) {
-  math::KLState<acc_t> st = math::kl_init<acc_t>();
+  math::KLState<acc_t> st[kLanes];
+  for (int k = 0; k < kLanes; ++k) st[k] = math::kl_init<acc_t>();
   for (int64_t c = 0; c < classes; ++c) {
-    math::kl_update<acc_t>(st, static_cast<acc_t>(t[c]) * inv_temp, static_cast<acc_t>(s[c]) * inv_temp);
+    math::kl_update<acc_t>(st[c % kLanes], static_cast<acc_t>(t[c]) * inv_temp, static_cast<acc_t>(s[c]) * inv_temp);
   }
-  return st;
+  for (int width = kLanes / 2; width > 0; width /= 2) {
+    for (int k = 0; k < width; ++k) st[k] = math::kl_merge(st[k], st[k + width]);
+  }
+  return st[0];
+}
+
+// Sum of the per-class KL terms, with the same lane split.
+template <typename scalar_t, typename acc_t>
+acc_t row_kl_sum(const scalar_t* s, const scalar_t* t, int64_t classes, acc_t inv_temp, acc_t la, acc_t lb) {
+  acc_t part[kLanes] = {};
+  for (int64_t c = 0; c < classes; ++c) {
+    part[c % kLanes] += math::kl_term<acc_t>(static_cast<acc_t>(t[c]) * inv_temp, static_cast<acc_t>(s[c]) * inv_temp, la, lb);
+  }
+  for (int width = kLanes / 2; width > 0; width /= 2) {
+    for (int k = 0; k < width; ++k) part[k] += part[k + width];
+  }
+  return part[0];
 }
 
 at::Tensor softmax_kl_cpu(const at::Tensor& student, const at::Tensor& teacher, double temperature,
@@ -97,7 +118,8 @@ std::tuple<at::Tensor, at::Tensor> softmax_kl_backward_cpu(const at::Tensor& gra
         const scalar_t* srow = sp + r * classes;
         const scalar_t* trow = tp + r * classes;
         const math::KLState<acc_t> st = row_state<scalar_t, acc_t>(srow, trow, classes, inv_temp);
-        const acc_t la = math::lse_a(st), lb = math::lse_b(st), kl = math::kl_value(st);
+        const acc_t la = math::lse_a(st), lb = math::lse_b(st);
+        const acc_t kl = row_kl_sum<scalar_t, acc_t>(srow, trow, classes, inv_temp, la, lb);
         const acc_t g = static_cast<acc_t>(gop[reduction == math::kNone ? r : 0]) *
                         (reduction == math::kNone ? acc_t(1) : reduced_scale) * inv_temp;
         for (int64_t c = 0; c < classes; ++c) {

@@ -23,11 +23,11 @@ __global__ void pgd_step_kernel(scalar_t* __restrict__ x_adv, const scalar_t* __
   }
 }
 
-at::Tensor& pgd_step_cuda(at::Tensor& x_adv, const at::Tensor& grad, const at::Tensor& x_nat, double eps,
+void pgd_step_cuda(at::Tensor& x_adv, const at::Tensor& grad, const at::Tensor& x_nat, double eps,
                           double alpha, double lo, double hi) {
   check_pgd_args(x_adv, grad, x_nat, eps, alpha, lo, hi);
   TORCH_CHECK_VALUE(x_adv.is_cuda(), "rslad_fast: x_adv must be a CUDA tensor for the CUDA kernel");
-  if (x_adv.numel() == 0) return x_adv;
+  if (x_adv.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(x_adv.device());
 
   at::Tensor out = x_adv.is_non_overlapping_and_dense() ? x_adv : x_adv.contiguous();
@@ -52,7 +52,6 @@ at::Tensor& pgd_step_cuda(at::Tensor& x_adv, const at::Tensor& grad, const at::T
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   if (!out.is_same(x_adv)) x_adv.copy_(out);
-  return x_adv;
 }
 
 }  // namespace

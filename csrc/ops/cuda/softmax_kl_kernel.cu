@@ -103,7 +103,12 @@ __global__ void kl_backward_kernel(const scalar_t* __restrict__ grad_output, con
     const scalar_t* srow = s + r * classes;
     const scalar_t* trow = t + r * classes;
     const math::KLState<acc_t> st = row_state<scalar_t, acc_t>(srow, trow, classes, inv_temp, lane);
-    const acc_t la = math::lse_a(st), lb = math::lse_b(st), kl = math::kl_value(st);
+    const acc_t la = math::lse_a(st), lb = math::lse_b(st);
+    acc_t kl = 0;
+    for (int64_t c = lane; c < classes; c += cuda::kWarp) {
+      kl += math::kl_term<acc_t>(static_cast<acc_t>(trow[c]) * inv_temp, static_cast<acc_t>(srow[c]) * inv_temp, la, lb);
+    }
+    for (int offset = cuda::kWarp / 2; offset > 0; offset /= 2) kl += __shfl_xor_sync(0xffffffffu, kl, offset);
     // grad_output is read on the device: no host sync, graph-capturable.
     const acc_t g = per_row ? static_cast<acc_t>(grad_output[r]) * inv_temp
                             : static_cast<acc_t>(grad_output[0]) * reduced_scale * inv_temp;

@@ -1,0 +1,383 @@
+"""The fused ops against their pure-PyTorch reference, their gradients, their registration and bad input.
+
+These run against the compiled kernels: a missing build fails `test_compiled_ops_are_in_use` instead of
+quietly testing the fallback.
+"""
+import itertools
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from op_samples import (DTYPES_CPU, DTYPES_CUDA, IMAGE_SHAPES, KL_BATCHES, KL_CLASSES, TOL, kl_samples,
+                        make_logits, make_pgd_inputs, pgd_samples)
+
+from rslad_fast import ops
+from rslad_fast.ops import reference
+
+REDUCTIONS = ("none", "sum", "batchmean", "mean")
+TEMPERATURES = (1.0, 4.0, 30.0)
+compiled = pytest.mark.skipif(ops.backend() != "compiled", reason="the compiled op library is not built")
+
+
+def test_compiled_ops_are_in_use():
+    if os.environ.get("RSLAD_FAST_TEST_REFERENCE") == "1":
+        pytest.skip("RSLAD_FAST_TEST_REFERENCE=1: testing the reference fallback on purpose")
+    assert ops.backend() == "compiled", "rslad_fast._C did not load: build it with pip install -e ."
+
+
+def _assert_close(actual, expected, dtype, scale=1.0):
+    atol, rtol = TOL[dtype]
+    # float16 flushes gradients below its smallest subnormal (6e-8) to 0: never ask for more than that.
+    floor = 2.0 ** -23 if dtype == torch.float16 else 0.0
+    torch.testing.assert_close(actual.double(), expected.double(), atol=max(atol * scale, floor), rtol=rtol)
+
+
+# ---------------------------------------------------------------- pgd_step_
+
+
+@pytest.mark.parametrize("dtype", DTYPES_CPU, ids=str)
+@pytest.mark.parametrize("shape", IMAGE_SHAPES, ids=str)
+@pytest.mark.parametrize("non_contiguous", (False, True), ids=("contiguous", "strided"))
+def test_pgd_step_matches_reference_exactly(dtype, shape, non_contiguous):
+    x_adv, grad, x_nat = make_pgd_inputs(shape, dtype, non_contiguous=non_contiguous)
+    expected = reference.pgd_step_(x_adv.clone(), grad, x_nat, 8 / 255, 2 / 255)
+    out = ops.pgd_step_(x_adv, grad, x_nat, 8 / 255, 2 / 255)
+    assert out is x_adv, "pgd_step_ must return its first argument, updated in place"
+    # Both compute in the accumulation type and round once, so the results agree bit for bit.
+    assert torch.equal(x_adv, expected)
+
+
+def test_pgd_step_semantics():
+    x_nat = torch.tensor([0.5, 0.5, 0.5, 0.99, 0.01, 0.5])
+    x_adv = torch.tensor([0.5, 0.53, 0.47, 0.99, 0.01, 0.5])
+    grad = torch.tensor([1.0, 1.0, -1.0, 1.0, -1.0, 0.0])
+    ops.pgd_step_(x_adv, grad, x_nat, eps=0.04, alpha=0.02, lo=0.0, hi=1.0)
+    expected = torch.tensor([0.52, 0.54, 0.46, 1.0, 0.0, 0.5])  # step, project, project, clamp hi, clamp lo, sign 0
+    torch.testing.assert_close(x_adv, expected)
+
+
+def test_pgd_step_channels_last_and_aliasing():
+    x_adv, grad, x_nat = make_pgd_inputs((4, 3, 8, 8), torch.float32)
+    expected = reference.pgd_step_(x_adv.clone(), grad, x_nat, 0.03, 0.01)
+    cl = [t.contiguous(memory_format=torch.channels_last) for t in (x_adv, grad, x_nat)]
+    ops.pgd_step_(*cl, 0.03, 0.01)
+    assert cl[0].is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(cl[0], expected)
+    # Mixed layouts still give the right answer.
+    x2 = x_adv.clone()
+    ops.pgd_step_(x2, cl[1], x_nat, 0.03, 0.01)
+    assert torch.equal(x2, expected)
+
+
+def test_pgd_step_eps_zero_returns_natural_image():
+    x_adv, grad, x_nat = make_pgd_inputs((2, 3, 4, 4), torch.float32)
+    ops.pgd_step_(x_adv, grad, x_nat, 0.0, 0.1)
+    assert torch.equal(x_adv, x_nat.clamp(0, 1))
+
+
+def test_pgd_step_empty():
+    x = torch.empty(0, 3, 32, 32)
+    assert ops.pgd_step_(x, torch.empty_like(x), torch.empty_like(x), 0.1, 0.1).shape == (0, 3, 32, 32)
+
+
+# ---------------------------------------------------------------- softmax_kl forward
+
+
+@pytest.mark.parametrize("dtype", DTYPES_CPU, ids=str)
+@pytest.mark.parametrize("rows,classes", list(itertools.product(KL_BATCHES, KL_CLASSES)), ids=str)
+@pytest.mark.parametrize("non_contiguous", (False, True), ids=("contiguous", "strided"))
+def test_softmax_kl_matches_reference(dtype, rows, classes, non_contiguous):
+    s = make_logits(rows, classes, dtype, seed=1, non_contiguous=non_contiguous)
+    t = make_logits(rows, classes, dtype, seed=2, non_contiguous=non_contiguous)
+    for reduction, temperature in itertools.product(REDUCTIONS, TEMPERATURES):
+        out = ops.softmax_kl(s, t, temperature, reduction)
+        expected = reference.softmax_kl(s.double(), t.double(), temperature, reduction)
+        assert out.dtype == dtype and out.shape == expected.shape
+        _assert_close(out, expected, dtype)
+
+
+def test_softmax_kl_matches_torch_kl_div():
+    """The op is the official RSLAD code's KLDivLoss(log_softmax(S), softmax(T)) (no temperature)."""
+    s, t = make_logits(16, 10, torch.float64, seed=3), make_logits(16, 10, torch.float64, seed=4)
+    kl = torch.nn.functional.kl_div(torch.log_softmax(s, 1), torch.softmax(t, 1), reduction="none")
+    torch.testing.assert_close(ops.softmax_kl(s, t, reduction="none"), kl.sum(1))
+    torch.testing.assert_close(ops.softmax_kl(s, t, reduction="mean"), kl.mean())
+    torch.testing.assert_close(ops.softmax_kl(s, t, reduction="batchmean"), kl.sum() / 16)
+    torch.testing.assert_close(ops.softmax_kl(s, t, reduction="sum"), kl.sum())
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64, torch.bfloat16), ids=str)
+def test_softmax_kl_huge_logits_stay_finite(dtype):
+    s = make_logits(64, 10, torch.float64, scale=1e4, seed=5).to(dtype)
+    t = make_logits(64, 10, torch.float64, scale=1e4, seed=6).to(dtype).requires_grad_(True)
+    s.requires_grad_(True)
+    for reduction in REDUCTIONS:
+        out = ops.softmax_kl(s, t, 1.0, reduction)
+        assert torch.isfinite(out).all()
+        grads = torch.autograd.grad(out.sum(), (s, t))
+        assert all(torch.isfinite(g).all() for g in grads)
+        expected = reference.softmax_kl(s.detach().double(), t.detach().double(), 1.0, reduction)
+        # Values reach ~1e4: compare relative to that magnitude.
+        torch.testing.assert_close(out.detach().double(), expected, atol=1e4 * TOL[dtype][1], rtol=TOL[dtype][1])
+
+
+def test_softmax_kl_zero_teacher_probability_contributes_zero():
+    t = torch.tensor([[0.0, -1e4, -1e4], [3.0, 3.0, -1e4]], dtype=torch.float64)
+    s = torch.tensor([[0.0, 5.0, -5.0], [1.0, 2.0, 50.0]], dtype=torch.float64)
+    p, log_q = torch.softmax(t, 1), torch.log_softmax(s, 1)
+    assert (p == 0).sum() == 3  # the -1e4 classes underflow to probability 0
+    # The sum over only the classes the teacher gives mass to.
+    expected = torch.stack([(p[i][p[i] > 0] * (p[i][p[i] > 0].log() - log_q[i][p[i] > 0])).sum() for i in range(2)])
+    torch.testing.assert_close(ops.softmax_kl(s, t, reduction="none"), expected)
+
+
+def test_softmax_kl_identical_inputs_is_zero():
+    s = make_logits(9, 10, torch.float32)
+    assert torch.all(ops.softmax_kl(s, s.clone(), reduction="none") == 0)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_softmax_kl_empty_batch(reduction):
+    s = torch.empty(0, 10, requires_grad=True)
+    t = torch.empty(0, 10)
+    out = ops.softmax_kl(s, t, 1.0, reduction)
+    if reduction == "none":
+        assert out.shape == (0,)
+    else:
+        assert out.shape == () and out.item() == 0.0
+    (g,) = torch.autograd.grad(out.sum(), s)
+    assert g.shape == (0, 10)
+
+
+# ---------------------------------------------------------------- softmax_kl backward
+
+
+@pytest.mark.parametrize("dtype", DTYPES_CPU, ids=str)
+@pytest.mark.parametrize("rows,classes", [(1, 2), (7, 10), (128, 10), (513, 100), (5, 1000)], ids=str)
+@pytest.mark.parametrize("non_contiguous", (False, True), ids=("contiguous", "strided"))
+def test_softmax_kl_backward_matches_reference(dtype, rows, classes, non_contiguous):
+    s0 = make_logits(rows, classes, dtype, seed=7, non_contiguous=non_contiguous)
+    t0 = make_logits(rows, classes, dtype, seed=8, non_contiguous=non_contiguous)
+    for reduction, temperature in itertools.product(REDUCTIONS, TEMPERATURES):
+        grads = []
+        # The oracle runs in float64 on the same (rounded) inputs.
+        for fn, dt in ((ops.softmax_kl, dtype), (reference.softmax_kl, torch.float64)):
+            s, t = s0.to(dt).requires_grad_(True), t0.to(dt).requires_grad_(True)
+            out = fn(s, t, temperature, reduction)
+            g = torch.linspace(-1.5, 2.0, rows, dtype=dt) if reduction == "none" else torch.tensor(0.7, dtype=dt)
+            grads.append(torch.autograd.grad(out, (s, t), g))
+        (gs, gt), (rs, rt) = grads
+        # Gradients are scaled down by the reduction; tolerances follow the largest reference entry.
+        scale = max(rs.abs().max().item(), rt.abs().max().item(), 1e-12)
+        _assert_close(gs, rs, dtype, scale)
+        _assert_close(gt, rt, dtype, scale)
+
+
+def test_softmax_kl_only_student_grad():
+    s = make_logits(4, 10, torch.float32).requires_grad_(True)
+    t = make_logits(4, 10, torch.float32, seed=3)
+    ops.softmax_kl(s, t, reduction="sum").backward()
+    expected = torch.softmax(s.detach(), 1) - torch.softmax(t, 1)
+    torch.testing.assert_close(s.grad, expected)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("temperature", (1.0, 3.0))
+def test_softmax_kl_gradcheck(reduction, temperature):
+    s = make_logits(5, 7, torch.float64, seed=9).requires_grad_(True)
+    t = make_logits(5, 7, torch.float64, seed=10).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b: ops.softmax_kl(a, b, temperature, reduction), (s, t))
+
+
+# ---------------------------------------------------------------- registration (opcheck)
+
+
+@compiled
+@pytest.mark.parametrize("sample", kl_samples(dtypes=(torch.float32, torch.float64), requires_grad=True),
+                         ids=lambda s: f"{list(s[0][0].shape)}-{s[1]['reduction']}-{s[0][0].dtype}")
+def test_opcheck_softmax_kl(sample):
+    args, kwargs = sample
+    torch.library.opcheck(torch.ops.rslad_fast.softmax_kl.default, args, kwargs)
+
+
+@compiled
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_opcheck_softmax_kl_backward(reduction):
+    s, t = make_logits(6, 10, torch.float32, seed=1), make_logits(6, 10, torch.float32, seed=2)
+    g = torch.rand(6) if reduction == "none" else torch.tensor(0.5)
+    torch.library.opcheck(torch.ops.rslad_fast._softmax_kl_backward.default, (g, s, t, 2.0, reduction))
+
+
+@compiled
+@pytest.mark.parametrize("sample", pgd_samples(dtypes=(torch.float32, torch.float16)),
+                         ids=lambda s: f"{list(s[0][0].shape)}-{s[0][0].dtype}-{s[0][0].is_contiguous()}")
+def test_opcheck_pgd_step(sample):
+    args, kwargs = sample
+    torch.library.opcheck(torch.ops.rslad_fast.pgd_step_.default, args, kwargs)
+
+
+@compiled
+def test_softmax_kl_under_torch_compile():
+    s = make_logits(8, 10, torch.float32).requires_grad_(True)
+    t = make_logits(8, 10, torch.float32, seed=3)
+    fn = torch.compile(lambda a, b: ops.softmax_kl(a, b, 2.0, "mean"), backend="aot_eager", fullgraph=True)
+    out = fn(s, t)
+    torch.testing.assert_close(out, reference.softmax_kl(s, t, 2.0, "mean"))
+    out.backward()
+    assert s.grad is not None and torch.isfinite(s.grad).all()
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _kl_bad_cases():
+    s = torch.randn(4, 10)
+    return [
+        ((s, torch.randn(4, 9)), {}, ValueError, "teacher_logits"),
+        ((s, torch.randn(4, 10, dtype=torch.float64)), {}, TypeError, "teacher_logits"),
+        ((torch.randn(4, 10, 2), torch.randn(4, 10, 2)), {}, ValueError, "student_logits must be 2-D"),
+        ((torch.randn(10), torch.randn(10)), {}, ValueError, "student_logits must be 2-D"),
+        ((torch.ones(4, 10, dtype=torch.int64), torch.ones(4, 10, dtype=torch.int64)), {}, TypeError, "student_logits"),
+        ((s, s), {"temperature": 0.0}, ValueError, "temperature"),
+        ((s, s), {"temperature": -1.0}, ValueError, "temperature"),
+        ((s, s), {"reduction": "avg"}, ValueError, "reduction"),
+        ((torch.randn(4, 0), torch.randn(4, 0)), {}, ValueError, "at least one class"),
+    ]
+
+
+def _pgd_bad_cases():
+    x = torch.rand(2, 3, 4, 4)
+    return [
+        ((x.clone(), torch.randn(2, 3, 4, 5), x), {}, ValueError, "grad"),
+        ((x.clone(), x, torch.rand(1, 3, 4, 4)), {}, ValueError, "x_nat"),
+        ((x.clone(), x.double(), x), {}, TypeError, "grad"),
+        ((x.clone().to(torch.uint8), x.to(torch.uint8), x.to(torch.uint8)), {}, TypeError, "x_adv"),
+        ((x.clone(), x, x), {"eps": -0.1}, ValueError, "eps"),
+        ((x.clone(), x, x), {"alpha": -0.1}, ValueError, "alpha"),
+        ((x.clone(), x, x), {"lo": 1.0, "hi": 0.0}, ValueError, "lo must be <= hi"),
+    ]
+
+
+@pytest.mark.parametrize("case", _kl_bad_cases(), ids=lambda c: c[3])
+def test_softmax_kl_bad_input(case):
+    args, kwargs, exc, words = case
+    with pytest.raises(exc, match=words):
+        ops.softmax_kl(*args, **kwargs)
+
+
+@compiled
+@pytest.mark.parametrize("case", _kl_bad_cases(), ids=lambda c: c[3])
+def test_softmax_kl_bad_input_raw_op(case):
+    """The C++ checks hold for callers that go straight to torch.ops (and for C++ users)."""
+    args, kwargs, exc, words = case
+    kwargs = {"temperature": 1.0, "reduction": "batchmean", **kwargs}
+    with pytest.raises(exc, match=words):
+        torch.ops.rslad_fast.softmax_kl(*args, kwargs["temperature"], kwargs["reduction"])
+
+
+@pytest.mark.parametrize("case", _pgd_bad_cases(), ids=lambda c: c[3])
+def test_pgd_step_bad_input(case):
+    args, kwargs, exc, words = case
+    kwargs = {"eps": 0.03, "alpha": 0.01, **kwargs}
+    with pytest.raises(exc, match=words):
+        ops.pgd_step_(*args, **kwargs)
+
+
+@compiled
+@pytest.mark.parametrize("case", _pgd_bad_cases(), ids=lambda c: c[3])
+def test_pgd_step_bad_input_raw_op(case):
+    args, kwargs, exc, words = case
+    kw = {"eps": 0.03, "alpha": 0.01, "lo": 0.0, "hi": 1.0, **kwargs}
+    with pytest.raises(exc, match=words):
+        torch.ops.rslad_fast.pgd_step_(*args, kw["eps"], kw["alpha"], kw["lo"], kw["hi"])
+
+
+@compiled
+def test_backward_bad_grad_output_shape():
+    s = torch.randn(4, 10)
+    with pytest.raises(ValueError, match="grad_output"):
+        torch.ops.rslad_fast._softmax_kl_backward(torch.ones(3), s, s, 1.0, "none")
+
+
+def test_fallback_announces_itself():
+    code = ("import sys, warnings; sys.modules['rslad_fast._C'] = None\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    import rslad_fast, torch\n"
+            "print(rslad_fast.ops.backend())\n"
+            "print(any('pip install --no-build-isolation -e .' in str(x.message) for x in w))\n"
+            "x = torch.rand(2, 3); y = x.clone(); g = torch.randn(2, 3)\n"
+            "rslad_fast.ops.pgd_step_(x, g, y, 0.1, 0.05); print(bool((x - y).abs().max() <= 0.1 + 1e-7))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["reference", "True", "True"]
+
+
+# ---------------------------------------------------------------- CUDA
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
+
+
+@pytest.mark.cuda
+@cuda
+@compiled
+@pytest.mark.parametrize("dtype", DTYPES_CUDA, ids=str)
+@pytest.mark.parametrize("shape", IMAGE_SHAPES, ids=str)
+@pytest.mark.parametrize("non_contiguous", (False, True), ids=("contiguous", "strided"))
+def test_cuda_pgd_step_matches_reference(dtype, shape, non_contiguous):
+    x_adv, grad, x_nat = make_pgd_inputs(shape, dtype, "cuda", non_contiguous=non_contiguous)
+    expected = reference.pgd_step_(x_adv.clone(), grad, x_nat, 8 / 255, 2 / 255)
+    ops.pgd_step_(x_adv, grad, x_nat, 8 / 255, 2 / 255)
+    assert torch.equal(x_adv, expected)
+
+
+@pytest.mark.cuda
+@cuda
+@compiled
+@pytest.mark.parametrize("dtype", DTYPES_CUDA, ids=str)
+@pytest.mark.parametrize("rows,classes", list(itertools.product(KL_BATCHES, KL_CLASSES)), ids=str)
+@pytest.mark.parametrize("non_contiguous", (False, True), ids=("contiguous", "strided"))
+def test_cuda_softmax_kl_matches_reference(dtype, rows, classes, non_contiguous):
+    s0 = make_logits(rows, classes, dtype, "cuda", seed=1, non_contiguous=non_contiguous)
+    t0 = make_logits(rows, classes, dtype, "cuda", seed=2, non_contiguous=non_contiguous)
+    for reduction, temperature in itertools.product(REDUCTIONS, TEMPERATURES):
+        grads, outs = [], []
+        for fn in (ops.softmax_kl, reference.softmax_kl):
+            s, t = s0.clone().requires_grad_(True), t0.clone().requires_grad_(True)
+            out = fn(s, t, temperature, reduction)
+            g = (torch.linspace(-1.5, 2.0, rows, dtype=dtype, device="cuda") if reduction == "none"
+                 else torch.tensor(0.7, dtype=dtype, device="cuda"))
+            grads.append(torch.autograd.grad(out, (s, t), g))
+            outs.append(out.detach())
+        _assert_close(outs[0], outs[1], dtype)
+        (gs, gt), (rs, rt) = grads
+        scale = max(rs.abs().max().item(), rt.abs().max().item(), 1e-12)
+        _assert_close(gs, rs, dtype, scale)
+        _assert_close(gt, rt, dtype, scale)
+
+
+@pytest.mark.cuda
+@cuda
+@compiled
+def test_cuda_softmax_kl_huge_logits_and_empty():
+    s = make_logits(64, 10, torch.float32, "cuda", scale=1e4, seed=5).requires_grad_(True)
+    t = make_logits(64, 10, torch.float32, "cuda", scale=1e4, seed=6)
+    out = ops.softmax_kl(s, t, reduction="sum")
+    out.backward()
+    assert torch.isfinite(out) and torch.isfinite(s.grad).all()
+    e = torch.empty(0, 10, device="cuda")
+    assert ops.softmax_kl(e, e, reduction="mean").item() == 0.0
+    assert ops.softmax_kl(e, e, reduction="none").shape == (0,)
+
+
+@pytest.mark.cuda
+@cuda
+@compiled
+def test_cuda_opcheck_and_device_mismatch():
+    for (args, kwargs) in kl_samples("cuda", dtypes=(torch.float32,), requires_grad=True)[:4]:
+        torch.library.opcheck(torch.ops.rslad_fast.softmax_kl.default, args, kwargs)
+    for (args, kwargs) in pgd_samples("cuda", dtypes=(torch.float32,))[:2]:
+        torch.library.opcheck(torch.ops.rslad_fast.pgd_step_.default, args, kwargs)
+    with pytest.raises(ValueError, match="device"):
+        ops.softmax_kl(torch.randn(2, 3, device="cuda"), torch.randn(2, 3))
