@@ -43,7 +43,8 @@ def random_start(x_nat: torch.Tensor, start: str, eps: float, init_std: float,
         return x_nat.clone()
     if start == "normal":
         noise = torch.randn(x_nat.shape, generator=generator, device=x_nat.device, dtype=x_nat.dtype)
-        return x_nat + init_std * noise
+        # One fused add, the same kernel the CUDA-graph path uses, so both start from bitwise the same point.
+        return torch.add(x_nat, noise, alpha=init_std)
     if start == "uniform":
         noise = torch.rand(x_nat.shape, generator=generator, device=x_nat.device, dtype=x_nat.dtype)
         return x_nat + (2 * noise - 1) * eps
@@ -62,21 +63,24 @@ def check_budget(eps: float, alpha: float, steps: int) -> None:
 def pgd(model: torch.nn.Module, x_nat: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor], *,
         eps: float, alpha: float, steps: int, start: str = "uniform", init_std: float = 0.001,
         mode: str = "eval", lo: float = 0.0, hi: float = 1.0,
-        generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        generator: Optional[torch.Generator] = None,
+        forward: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
     """Maximize loss_fn(model(x)) over the l_inf ball of radius eps around x_nat; returns a detached x_adv.
 
     loss_fn maps logits to the scalar to maximize (the sign step makes its scale irrelevant). The model
-    runs in `mode` during the attack and gets its own modes back afterwards.
+    runs in `mode` during the attack and gets its own modes back afterwards. `forward` replaces
+    `model(x)` (e.g. to add autocast); the modes are still set on `model`.
     """
     check_budget(eps, alpha, steps)
     x_nat = x_nat.detach()
     if steps == 0:
         return x_nat.clone()
     x_adv = random_start(x_nat, start, eps, init_std, generator)
+    forward = model if forward is None else forward
     with model_mode(model, mode), torch.enable_grad():
         for _ in range(steps):
             x_adv.requires_grad_(True)
-            loss = loss_fn(model(x_adv))
+            loss = loss_fn(forward(x_adv))
             (grad,) = torch.autograd.grad(loss, x_adv)
             x_adv = x_adv.detach()
             ops.pgd_step_(x_adv, grad, x_nat, eps, alpha, lo, hi)
@@ -85,7 +89,8 @@ def pgd(model: torch.nn.Module, x_nat: torch.Tensor, loss_fn: Callable[[torch.Te
 
 def fused_kl_pgd(model: torch.nn.Module, x_nat: torch.Tensor, teacher_logits: torch.Tensor, *,
                  eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10, init_std: float = 0.001,
-                 cuda_graph="auto", generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                 cuda_graph="auto", generator: Optional[torch.Generator] = None,
+                 amp_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """RSLAD's inner maximization as one drop-in call: x' = argmax_{|x'-x|inf<=eps} KL(T(x) || S(x')).
 
     Defaults are the official RSLAD code's `rslad_inner_loss`: eps 8/255, 10 steps of 2/255, start
@@ -94,6 +99,8 @@ def fused_kl_pgd(model: torch.nn.Module, x_nat: torch.Tensor, teacher_logits: to
 
     cuda_graph: "auto" captures the whole loop into a CUDA graph on CUDA inputs and runs eagerly on the
     CPU; True requires the graph (CUDA only); False always runs eagerly.
+    amp_dtype: run the student's forward under autocast to this dtype (e.g. torch.bfloat16); the KL and
+    the step stay in float32. None: the caller's autocast state, if any, applies.
     """
     if cuda_graph not in ("auto", True, False):
         raise ValueError(f"cuda_graph must be 'auto', True or False, got {cuda_graph!r}")
@@ -107,7 +114,13 @@ def fused_kl_pgd(model: torch.nn.Module, x_nat: torch.Tensor, teacher_logits: to
     if use_graph:
         from .graphed import graphed_kl_pgd
         return graphed_kl_pgd(model, x_nat, target, eps=eps, alpha=alpha, steps=steps, init_std=init_std,
-                              generator=generator)
-    return pgd(model, x_nat, lambda logits: ops.softmax_kl(logits, target.to(logits.dtype), reduction="sum"),
+                              generator=generator, amp_dtype=amp_dtype)
+    target = target.float()
+    forward = model
+    if amp_dtype is not None:
+        def forward(x):
+            with torch.autocast(x.device.type, dtype=amp_dtype):
+                return model(x)
+    return pgd(model, x_nat, lambda logits: ops.softmax_kl(logits.float(), target, reduction="sum"),
                eps=eps, alpha=alpha, steps=steps, start="normal", init_std=init_std, mode="eval",
-               generator=generator)
+               generator=generator, forward=forward)
