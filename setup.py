@@ -59,4 +59,9 @@ setup(
     ],
     cmdclass={"build_ext": BuildExtension},
     python_requires=">=3.10",
+    install_requires=["torch>=2.4", "torchvision", "numpy", "tqdm", "matplotlib", "pyautoattack==0.2.0"],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "torchattacks==3.5.1"],
+        "dali": ["nvidia-dali-cuda130"],
+    },
 )
