@@ -1,44 +1,9 @@
-"""Shared benchmark set-up: devices to run on, honest synchronisation, and the provenance of every figure.
-
-On the CPU the files run at small sizes; on CUDA the same files run at full sizes.
-"""
-import json
-import os
-import platform
-import subprocess
-import time
-
+"""Benchmark fixtures (utilities live in bench_utils.py, importable without clashing with tests/)."""
 import pytest
 import torch
 
 import rslad_fast
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-@pytest.fixture(params=DEVICES)
-def device(request):
-    return request.param
+from bench_utils import device_name, git_commit
 
 
 @pytest.fixture
@@ -51,27 +16,3 @@ def provenance(benchmark):
     return record
 
 
-def run_synced(benchmark, fn, device, rounds=None, warmup=2):
-    """Time fn with a device synchronisation inside the timed region."""
-    def timed():
-        fn()
-        sync(device)
-    for _ in range(warmup):
-        timed()
-    if rounds is None:
-        return benchmark(timed)
-    return benchmark.pedantic(timed, rounds=rounds, iterations=1)
-
-
-RESULTS_DIR = os.environ.get("RSLAD_FAST_BENCH_OUT")
-
-
-def save_result(name: str, payload: dict) -> None:
-    """Write a JSON result (with device and versions) when RSLAD_FAST_BENCH_OUT names a folder."""
-    if not RESULTS_DIR:
-        return
-    os.makedirs(RESULTS_DIR, exist_ok=True)
-    payload = dict(payload, torch=torch.__version__, cuda=torch.version.cuda, commit=git_commit(),
-                   time=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    with open(os.path.join(RESULTS_DIR, f"{name}.json"), "w") as f:
-        json.dump(payload, f, indent=2)

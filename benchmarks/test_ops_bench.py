@@ -6,7 +6,7 @@ Read the table by group: within a group the rows ran side by side in one run, so
 import pytest
 import torch
 
-from conftest import provenance, run_synced  # noqa: F401  (fixtures)
+from bench_utils import run_synced
 from rslad_fast import ops
 from rslad_fast.ops import reference
 
