@@ -1,0 +1,17 @@
+"""The training engine behind ``python -m rslad_fast.train``.
+
+config.py      resolved, validated run configuration (config.json)
+runner.py      prepare (all checks, no writes) -> create_run_dir -> run (train / resume, teacher first)
+loop.py        one training epoch; clean + PGD-20 evaluation on the held test subset
+checkpoint.py  atomic, weights_only-loadable checkpoints with every RNG state (bitwise resume)
+metrics.py     metrics.jsonl and curves.png
+teacher.py     load a teacher checkpoint / freeze a teacher
+dist.py        rank / world size (rank 0 writes); multi-process training comes later
+"""
+from .config import Config, parse_milestones, parse_number, resolve
+from .dist import Dist
+from .loop import Diverged, evaluate, train_one_epoch
+from .runner import check_out_dir, create_run_dir, prepare, read_config, run
+
+__all__ = ["Config", "Dist", "Diverged", "check_out_dir", "create_run_dir", "evaluate", "parse_milestones",
+           "parse_number", "prepare", "read_config", "resolve", "run", "train_one_epoch"]

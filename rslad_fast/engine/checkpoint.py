@@ -1,0 +1,150 @@
+"""Training checkpoints: atomic writes, everything needed to resume bit for bit, loadable with weights_only.
+
+A checkpoint (``last.pt``, ``best.pt``) is one dict::
+
+    {'format': 1,
+     'model': student state_dict,          'optimizer': SGD state_dict,   'scheduler': MultiStepLR state_dict,
+     'epoch': completed epochs (1-based count; resume trains epoch index `epoch` next),
+     'best_acc': best held-out PGD-20 accuracy so far (fraction, -1.0 before any evaluation),
+     'rng': {'torch', 'cuda', 'numpy', 'python', 'train_generator', 'loader'},
+     'config': the run's resolved config (plain JSON types)}
+
+Everything in it is a tensor, a number, a string, None or a list/tuple/dict/Counter of those, so
+``torch.load(path, weights_only=True)`` reads it (numpy's RNG state is stored as tensors for that reason).
+
+Atomic: the file is written to a temporary name in the same directory, flushed and fsynced, then
+``os.replace``d over the target, so a run killed at any moment leaves either the old or the new checkpoint,
+never a torn one.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rslad_fast.errors import UserError
+
+FORMAT = 1
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path, write) -> None:
+    """Call ``write(file_object)`` on a temporary file beside ``path``, then atomically replace ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_save(obj, path) -> None:
+    """``torch.save(obj)`` to ``path`` atomically."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+# ---- RNG states ------------------------------------------------------------------------------------------
+
+def rng_state(train_generator: torch.Generator | None, *, loader_seed: int, next_epoch: int) -> dict:
+    """Every random stream the training loop touches, as weights_only-loadable values.
+
+    The loader's shuffle and augmentation are pure functions of ``(seed, epoch, rank)`` (see
+    ``data.loaders``), so its "state" is just the seed and the next epoch; they are recorded for checking.
+    """
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": random.getstate(),
+        "train_generator": None if train_generator is None else train_generator.get_state(),
+        "train_generator_device": None if train_generator is None else str(train_generator.device),
+        "loader": {"seed": int(loader_seed), "next_epoch": int(next_epoch)},
+    }
+
+
+def set_rng_state(state: dict, train_generator: torch.Generator | None) -> None:
+    """Restore what :func:`rng_state` captured (CUDA states only when the device count matches)."""
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if train_generator is not None and state.get("train_generator") is not None:
+        train_generator.set_state(state["train_generator"])
+
+
+# ---- save / load -----------------------------------------------------------------------------------------
+
+def save_checkpoint(path, *, model, optimizer, scheduler, epoch: int, best_acc: float, config: dict,
+                    train_generator: torch.Generator | None, loader_seed: int) -> None:
+    atomic_save({
+        "format": FORMAT,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "epoch": int(epoch),
+        "best_acc": float(best_acc),
+        "rng": rng_state(train_generator, loader_seed=loader_seed, next_epoch=epoch),
+        "config": config,
+    }, path)
+
+
+def load_checkpoint(path) -> dict:
+    """Read one of our training checkpoints with ``weights_only=True``; UserError when unusable."""
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path}: no such file") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError, KeyError,
+            AttributeError, TypeError, IndexError) as e:
+        raise UserError(f"checkpoint {path}: not a readable training checkpoint (corrupt or truncated: "
+                        f"{type(e).__name__}); delete it to restart that run from scratch") from None
+    needed = ("format", "model", "optimizer", "scheduler", "epoch", "best_acc", "rng", "config")
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in needed):
+        raise UserError(f"checkpoint {path}: not a training checkpoint of this engine (expected keys "
+                        f"{', '.join(needed)})")
+    if ckpt["format"] != FORMAT:
+        raise UserError(f"checkpoint {path}: format {ckpt['format']!r}, this engine reads format {FORMAT}")
+    return ckpt
+
+
+def restore(ckpt: dict, *, model, optimizer, scheduler, train_generator: torch.Generator | None) -> None:
+    """Put model, optimizer, scheduler and all RNG streams back to the state saved in ``ckpt``."""
+    model.load_state_dict(ckpt["model"], strict=True)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    set_rng_state(ckpt["rng"], train_generator)

@@ -1,0 +1,259 @@
+"""The resolved configuration of one training run: every value the run uses, validated, JSON-serializable.
+
+Resolution order for each setting: explicit command-line value > preset > the method's official value
+(``Method.HPARAMS`` defaults and ``Method.SCHEDULE``, cited in each method's module). The preset tables
+themselves live in ``rslad_fast/train.py``, next to the documentation of every value; this module only
+applies them (:func:`resolve`) and checks ranges (:func:`validate`). ``config.json`` is
+``Config.to_dict()``; a resumed run is rebuilt from it with :meth:`Config.from_dict`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import platform
+import subprocess
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from rslad_fast.errors import UserError
+from rslad_fast.models import canonical_name
+
+CONFIG_FORMAT = 1
+
+
+@dataclass
+class Config:
+    student: str                      # canonical architecture name (models.ARCHS)
+    method: str                       # registry name (methods.REGISTRY)
+    hparams: dict                     # all of the method's hyperparameters, resolved
+    preset: str                       # "paper" or "quick"
+    seed: int
+    data: str                         # absolute path of the folder holding cifar-10-batches-py/
+    train_n: Optional[int]            # first train_n training images (None: all 50,000)
+    eval_n: int                       # first eval_n test images, evaluated after every epoch
+    epochs: int
+    batch_size: int                   # per process
+    lr: float
+    momentum: float
+    weight_decay: float
+    milestones: list                  # 0-based epochs (MultiStepLR convention) at which lr *= gamma
+    gamma: float
+    device: str                       # "cpu", "cuda", "cuda:1", ...
+    loader: str                       # "torch" or "dali"
+    threads: int                      # torch intra-op CPU threads (fixed: part of bitwise reproducibility)
+    eval_attack: dict                 # the held-out PGD-20 evaluation (train.EVAL_ATTACK)
+    eval_batch_size: int
+    teacher: Optional[dict] = None    # {"source": "file", "path", "arch"} | {"source": "trained", "arch", "dir"}
+    teacher_run: Optional[dict] = None  # the self-trained teacher's own Config, as a dict
+    schedule_source: str = ""         # where the method's official schedule comes from
+    versions: dict = field(default_factory=dict)
+    format: int = CONFIG_FORMAT
+
+    def to_dict(self) -> dict:
+        """Plain JSON types only (a JSON round trip): what config.json holds and what checkpoints embed,
+        so that checkpoints stay weights_only-loadable and compare equal to a config read back from disk."""
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        names = {f.name for f in fields(cls)}
+        required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+        if not isinstance(d, dict) or d.get("format") != CONFIG_FORMAT or not names >= set(d) or \
+                not required <= set(d):
+            raise UserError("config.json is not a run configuration of this engine (format "
+                            f"{CONFIG_FORMAT})")
+        return cls(**d)
+
+
+# ---- parsing helpers for command-line values -------------------------------------------------------------
+
+def parse_number(text: str) -> float:
+    """A float, also written as a fraction: ``0.031``, ``8/255``, ``2e-4``."""
+    s = str(text).strip()
+    try:
+        if "/" in s:
+            num, den = s.split("/", 1)
+            return float(num) / float(den)
+        return float(s)
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"not a number: {text!r}") from None
+
+
+def parse_milestones(text: str) -> list:
+    """``"100,150"`` -> [100, 150]; ``"none"`` or ``""`` -> [] (no decay)."""
+    s = str(text).strip().lower()
+    if s in ("", "none"):
+        return []
+    try:
+        out = [int(v) for v in s.replace(" ", "").split(",") if v != ""]
+    except ValueError:
+        raise ValueError(f"milestones must be comma-separated integers, got {text!r}") from None
+    return out
+
+
+# ---- versions --------------------------------------------------------------------------------------------
+
+def versions() -> dict:
+    import rslad_fast
+
+    commit = None
+    try:
+        root = Path(rslad_fast.__file__).resolve().parent.parent
+        res = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5)
+        if res.returncode == 0:
+            commit = res.stdout.strip()
+    except Exception:  # no git, not a checkout: the commit is optional information
+        pass
+    out = {"rslad_fast": rslad_fast.__version__, "git_commit": commit, "python": platform.python_version(),
+           "torch": str(torch.__version__), "numpy": np.__version__, "cuda": torch.version.cuda,
+           "platform": platform.platform()}
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name(0)
+    return out
+
+
+# ---- resolution ------------------------------------------------------------------------------------------
+
+def _pick(*values):
+    return next((v for v in values if v is not None), None)
+
+
+def resolve_device(name: Optional[str]) -> str:
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    return str(dev)
+
+
+def resolve(cli: dict, preset_name: str, preset: dict, eval_attack: dict) -> Config:
+    """Turn command-line values (None = not given) and a preset into a validated :class:`Config`.
+
+    ``cli`` keys: student, method, hparams (dict of explicitly given method hyperparameters), teacher,
+    teacher_arch, data, epochs, batch_size, lr, momentum, weight_decay, milestones, gamma, seed, device,
+    loader, threads, train_n, eval_n.
+    """
+    from rslad_fast import methods
+
+    method_cls = methods.get(cli["method"])
+    student = canonical_name(cli["student"])
+    sch = method_cls.SCHEDULE
+
+    given = dict(cli.get("hparams") or {})
+    unknown = sorted(set(given) - set(method_cls.HPARAMS))
+    if unknown:
+        flags = ", ".join("--" + k.replace("_", "-") for k in unknown)
+        has = ", ".join("--" + k.replace("_", "-") for k in method_cls.HPARAMS) or "none"
+        raise UserError(f"{flags}: not a hyperparameter of method '{method_cls.name}' (its hyperparameters: {has})")
+
+    epochs = _pick(cli.get("epochs"), preset.get("epochs"), sch.epochs)
+    scale = preset.get("scale_schedule", False)  # quick: compress epoch-valued settings by epochs / official
+    hp = dict(given)
+    defaults = {k: h.default for k, h in method_cls.HPARAMS.items()}
+    k = preset.get("attack_steps")
+    if k is not None and "steps" in defaults and "steps" not in given and defaults["steps"] > k:
+        hp["steps"] = k
+        if "step_size" in defaults and "step_size" not in given:
+            # keep the official total travel steps * step_size (e.g. RSLAD 10 x 2/255 -> 2 x 10/255)
+            hp["step_size"] = defaults["step_size"] * defaults["steps"] / k
+    if scale and isinstance(epochs, int) and epochs > 0:
+        for name in preset.get("epoch_hparams", ()):
+            if name in defaults and name not in given:
+                hp[name] = int(round(defaults[name] * epochs / sch.epochs))
+    method = method_cls(**hp)  # validates (UserError on eps outside [0, 1], negative steps, ...)
+    hparams = method.hparams()
+    if "eps" in hparams and not 0.0 <= float(hparams["eps"]) <= 1.0:  # belt and braces for any method
+        raise UserError(f"eps must be in [0, 1] (inputs live in [0, 1]), got {hparams['eps']}")
+
+    if cli.get("milestones") is not None:
+        milestones = list(cli["milestones"])
+    else:
+        milestones = list(method.milestones())
+        if scale and isinstance(epochs, int) and epochs > 0:
+            milestones = [int(round(m * epochs / sch.epochs)) for m in milestones]
+
+    teacher = None
+    if method_cls.needs_teacher:
+        if cli.get("teacher"):
+            teacher = {"source": "file", "path": str(Path(cli["teacher"]).expanduser().resolve()),
+                       "arch": canonical_name(cli.get("teacher_arch") or "wrn34-10")}
+        else:
+            teacher = {"source": "trained", "arch": canonical_name(cli.get("teacher_arch") or preset["teacher_arch"]),
+                       "dir": "teacher"}
+    elif cli.get("teacher") or cli.get("teacher_arch"):
+        raise UserError(f"method '{method_cls.name}' trains without a teacher; drop --teacher/--teacher-arch "
+                        f"(distillation methods: "
+                        f"{', '.join(n for n, c in sorted(methods.REGISTRY.items()) if c.needs_teacher)})")
+
+    device = resolve_device(cli.get("device"))
+    threads = _pick(cli.get("threads"), torch.get_num_threads())
+    cfg = Config(
+        student=student, method=method_cls.name, hparams=hparams, preset=preset_name,
+        seed=_pick(cli.get("seed"), 0),
+        data=str(Path(_pick(cli.get("data"), "./data")).expanduser().resolve()),
+        train_n=_pick(cli.get("train_n"), preset.get("train_n")),
+        eval_n=_pick(cli.get("eval_n"), preset.get("eval_n")),
+        epochs=epochs,
+        batch_size=_pick(cli.get("batch_size"), preset.get("batch_size"), sch.batch_size),
+        lr=_pick(cli.get("lr"), preset.get("lr"), sch.lr),
+        momentum=_pick(cli.get("momentum"), sch.momentum),
+        weight_decay=_pick(cli.get("weight_decay"), sch.weight_decay),
+        milestones=milestones,
+        gamma=_pick(cli.get("gamma"), sch.gamma),
+        device=device, loader=_pick(cli.get("loader"), "torch"), threads=threads,
+        eval_attack=dict(eval_attack), eval_batch_size=int(preset.get("eval_batch_size", 500)),
+        teacher=teacher, schedule_source=sch.source, versions=versions(),
+    )
+    validate(cfg)
+    return cfg
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise UserError(msg)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def validate(cfg: Config) -> None:
+    """Range checks of the engine's own settings (the method validated its hyperparameters)."""
+    _check(_is_int(cfg.epochs) and cfg.epochs >= 1, f"--epochs must be an integer >= 1, got {cfg.epochs!r}")
+    _check(_is_int(cfg.batch_size) and cfg.batch_size >= 1,
+           f"--batch-size must be an integer >= 1, got {cfg.batch_size!r}")
+    _check(_finite(cfg.lr) and cfg.lr > 0, f"--lr must be a finite number > 0, got {cfg.lr!r}")
+    _check(_finite(cfg.momentum) and 0 <= cfg.momentum < 1, f"--momentum must be in [0, 1), got {cfg.momentum!r}")
+    _check(_finite(cfg.weight_decay) and cfg.weight_decay >= 0,
+           f"--weight-decay must be a finite number >= 0, got {cfg.weight_decay!r}")
+    _check(_finite(cfg.gamma) and 0 < cfg.gamma <= 1, f"--gamma must be in (0, 1], got {cfg.gamma!r}")
+    _check(all(_is_int(m) and m >= 0 for m in cfg.milestones),
+           f"--milestones must be integers >= 0, got {cfg.milestones!r}")
+    _check(_is_int(cfg.seed) and 0 <= cfg.seed < 2 ** 63, f"--seed must be an integer in [0, 2^63), got {cfg.seed!r}")
+    _check(cfg.train_n is None or (_is_int(cfg.train_n) and cfg.train_n >= 1),
+           f"--train-n must be an integer >= 1, got {cfg.train_n!r}")
+    _check(_is_int(cfg.eval_n) and cfg.eval_n >= 1, f"--eval-n must be an integer >= 1, got {cfg.eval_n!r}")
+    _check(_is_int(cfg.threads) and cfg.threads >= 1, f"--threads must be an integer >= 1, got {cfg.threads!r}")
+    _check(cfg.loader in ("torch", "dali"), f"--loader must be torch or dali, got {cfg.loader!r}")
+    _check(_is_int(cfg.eval_batch_size) and cfg.eval_batch_size >= 1, "eval batch size must be >= 1")
+    ea = cfg.eval_attack
+    _check(0 <= ea["eps"] <= 1, f"evaluation eps must be in [0, 1], got {ea['eps']}")

@@ -1,0 +1,109 @@
+"""One training epoch and the held-out evaluation. Nothing here writes files or touches global state.
+
+Per batch (the official codes' order): T(x) once under no_grad with the teacher in eval mode (distillation
+methods only), ``student.train()``, ``loss = method.loss(ctx)`` (the method runs its own attack inside, in
+whatever mode its official code uses), ``opt.zero_grad(set_to_none=True)``, ``loss.backward()``,
+``opt.step()``. The lr scheduler steps once per epoch, in the caller.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from rslad_fast.attacks.pgd import model_mode, pgd
+from rslad_fast.methods.base import Context
+
+
+class Diverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_one_epoch(*, student, method, loader, optimizer, epoch: int, teacher=None,
+                    generator: torch.Generator | None = None, bar=None) -> dict:
+    """Train ``student`` for one epoch (``epoch`` counts from 0); return the epoch's means and timings.
+
+    ``bar`` (a tqdm bar or None) is advanced once per batch; its postfix shows the running loss and img/s,
+    refreshed every few batches so that reading the loss (a device sync) stays rare.
+    """
+    device = next(student.parameters()).device
+    loader.set_epoch(epoch)
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    stat_sums: dict = {}
+    n_batches = n_images = 0
+    _sync(device)
+    t0 = time.perf_counter()
+    for x, y in loader:
+        t_logits = None
+        if teacher is not None:
+            with torch.no_grad():
+                t_logits = teacher(x)
+        ctx = Context(student=student, x=x, y=y, teacher=teacher, teacher_logits=t_logits, epoch=epoch,
+                      generator=generator)
+        student.train()
+        loss = method.loss(ctx)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+        loss_sum += loss.detach().double()
+        for key, value in ctx.stats.items():
+            if key == "loss":  # the same number as train_loss
+                continue
+            v = value.detach().double() if torch.is_tensor(value) else float(value)
+            stat_sums[key] = stat_sums.get(key, 0.0) + v
+        n_batches += 1
+        n_images += x.shape[0]
+        if bar is not None:
+            bar.update(1)
+            if n_batches % 10 == 1 or n_batches == len(loader):
+                elapsed = time.perf_counter() - t0
+                bar.set_postfix(loss=f"{float(loss_sum) / n_batches:.4f}", img_s=f"{n_images / max(elapsed, 1e-9):.0f}",
+                                refresh=False)
+    _sync(device)
+    dt = time.perf_counter() - t0
+    out = {"train_loss": float(loss_sum) / max(n_batches, 1)}
+    for key, total in stat_sums.items():
+        out[f"train_{key}"] = float(total) / n_batches
+    if not math.isfinite(out["train_loss"]):
+        raise Diverged(f"training diverged: the mean loss of epoch {epoch + 1} is {out['train_loss']}")
+    out.update(epoch_time_s=dt, images_per_s=n_images / max(dt, 1e-9), batches=n_batches)
+    return out
+
+
+def evaluate(model, images_uint8: torch.Tensor, labels: torch.Tensor, *, attack: dict, batch_size: int,
+             generator: torch.Generator | None = None) -> dict:
+    """Clean and PGD accuracy (fractions) of ``model`` on a fixed set, the model in eval mode.
+
+    ``images_uint8`` [N, 3, H, W] uint8 and ``labels`` live on the model's device. ``attack``: eps, alpha,
+    steps, start (``train.EVAL_ATTACK``); the attack is ``attacks.pgd.pgd`` on the mean cross-entropy, its
+    random start drawn from ``generator`` so evaluation never consumes the training RNG streams. The
+    model's train/eval modes are restored afterwards.
+    """
+    device = images_uint8.device
+    correct_clean = torch.zeros((), dtype=torch.long, device=device)
+    correct_adv = torch.zeros((), dtype=torch.long, device=device)
+    _sync(device)
+    t0 = time.perf_counter()
+    with model_mode(model, "eval"):
+        for i in range(0, len(images_uint8), batch_size):
+            x = images_uint8[i:i + batch_size].float().div_(255.0)
+            y = labels[i:i + batch_size]
+            with torch.no_grad():
+                correct_clean += (model(x).argmax(1) == y).sum()
+            x_adv = pgd(model, x, lambda logits: F.cross_entropy(logits, y), eps=attack["eps"],
+                        alpha=attack["alpha"], steps=attack["steps"], start=attack["start"], mode="eval",
+                        generator=generator)
+            with torch.no_grad():
+                correct_adv += (model(x_adv).argmax(1) == y).sum()
+    _sync(device)
+    n = max(len(images_uint8), 1)
+    return {"clean_acc": int(correct_clean) / n, "pgd20_acc": int(correct_adv) / n,
+            "eval_n": len(images_uint8), "eval_time_s": time.perf_counter() - t0}

@@ -1,0 +1,302 @@
+"""A whole training run: check everything, then create the run directory, then train epoch by epoch.
+
+Two phases, so that bad input never leaves a half-written run directory:
+
+1. :func:`prepare` does every check that can fail on user input (data present and large enough, teacher
+   file readable and of the right architecture, loader usable on the device) and loads what the run needs.
+   It writes nothing.
+2. :func:`create_run_dir` then :func:`run` write and train. ``run`` both starts and resumes: when the run
+   directory holds a ``last.pt`` it continues from it, bit for bit (see ``checkpoint.py``).
+
+Run directory layout::
+
+    config.json      the resolved Config (written before training starts)
+    metrics.jsonl    one line per completed epoch (metrics.py)
+    curves.png       loss / accuracy / lr curves, redrawn after each epoch
+    last.pt          checkpoint after the latest epoch (checkpoint.py)
+    best.pt          checkpoint of the epoch with the best held-out PGD-20 accuracy
+    teacher/         the self-trained teacher's own run directory (distillation without --teacher)
+
+Per epoch, the writes happen in the order best.pt, metrics line, last.pt, curves.png: a run killed between
+any two of them resumes from the previous last.pt, drops the metrics lines after it and redoes the epoch,
+which produces the same weights again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from rslad_fast import methods
+from rslad_fast.data import load_cifar10, make_loader
+from rslad_fast.data.loaders import dali_available, mix_seed
+from rslad_fast.errors import UserError
+from rslad_fast.models import build
+from rslad_fast.models.loading import load_checkpoint_into
+
+from .checkpoint import atomic_write_bytes, load_checkpoint, restore, save_checkpoint
+from .config import Config
+from .dist import Dist
+from .loop import evaluate, train_one_epoch
+from .metrics import MetricsLog, plot_curves
+from .teacher import freeze, load_teacher
+
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+CURVES = "curves.png"
+LAST = "last.pt"
+BEST = "best.pt"
+ARTIFACTS = (CONFIG, METRICS, CURVES, LAST, BEST)
+
+
+@dataclass
+class Prepared:
+    """A validated config plus what the run needs in memory (uint8 CPU tensors, a loaded teacher)."""
+    cfg: Config
+    train: tuple            # (images uint8 [N, 3, 32, 32], labels int64 [N])
+    held: tuple             # the first eval_n test images and labels
+    teacher_model: Optional[torch.nn.Module] = None   # --teacher PATH, loaded and frozen (CPU)
+    teacher_prep: Optional["Prepared"] = None         # the self-trained teacher's run
+
+
+# ---- phase 1: checks and loading, no writes --------------------------------------------------------------
+
+def load_data(cfg: Config, download="auto") -> tuple:
+    train_x, train_y = load_cifar10(cfg.data, train=True, download=download)
+    test_x, test_y = load_cifar10(cfg.data, train=False, download=download)
+    if cfg.train_n is not None:
+        if cfg.train_n > len(train_x):
+            raise UserError(f"--train-n {cfg.train_n} exceeds the {len(train_x)} training images in {cfg.data}")
+        train_x, train_y = train_x[:cfg.train_n], train_y[:cfg.train_n]
+    if cfg.eval_n > len(test_x):
+        raise UserError(f"--eval-n {cfg.eval_n} exceeds the {len(test_x)} test images in {cfg.data}")
+    if cfg.batch_size > len(train_x):
+        raise UserError(f"--batch-size {cfg.batch_size} exceeds the {len(train_x)} training images")
+    return (train_x, train_y), (test_x[:cfg.eval_n], test_y[:cfg.eval_n])
+
+
+def prepare(cfg: Config, *, download="auto", data=None) -> Prepared:
+    """All checks that can fail on user input, and the loading they need. Writes nothing.
+
+    A teacher file's sha256 is added to ``cfg.teacher`` (new run) or checked against it (resume)."""
+    if cfg.loader == "dali":
+        if not torch.device(cfg.device).type == "cuda":
+            raise UserError("--loader dali trains on a CUDA device only; use --loader torch on the CPU")
+        if not dali_available():
+            raise UserError("--loader dali needs NVIDIA DALI, which is not importable; install "
+                            "nvidia-dali-cuda130 or use --loader torch")
+    train, held = data if data is not None else load_data(cfg, download)
+    prep = Prepared(cfg=cfg, train=train, held=held)
+    if cfg.teacher is not None:
+        if cfg.teacher["source"] == "file":
+            prep.teacher_model = load_teacher(cfg.teacher["path"], cfg.teacher["arch"], "cpu")
+            digest = file_sha256(cfg.teacher["path"])
+            if cfg.teacher.get("sha256") is None:  # a new run records which file it distills from
+                cfg.teacher["sha256"] = digest
+            elif cfg.teacher["sha256"] != digest:  # a resumed run must distill from the very same file
+                raise UserError(f"teacher {cfg.teacher['path']} changed since the run started (sha256 "
+                                f"{digest[:12]}... vs {cfg.teacher['sha256'][:12]}... in config.json)")
+        else:
+            prep.teacher_prep = prepare(Config.from_dict(cfg.teacher_run), download=download, data=(train, held))
+    return prep
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_config(run_dir) -> Config:
+    """The Config of an existing run directory (for --resume)."""
+    run_dir = Path(run_dir)
+    path = run_dir / CONFIG
+    if not run_dir.is_dir():
+        raise UserError(f"--resume {run_dir}: no such directory")
+    if not path.is_file():
+        raise UserError(f"--resume {run_dir}: no {CONFIG} there, not a run directory")
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"--resume {run_dir}: {CONFIG} is unreadable ({type(e).__name__})") from None
+    try:
+        return Config.from_dict(d)
+    except TypeError:
+        raise UserError(f"--resume {run_dir}: {CONFIG} is not a run configuration of this engine") from None
+
+
+def check_out_dir(run_dir, overwrite: bool) -> None:
+    """Refuse to start a new run in a non-empty directory unless --overwrite (and then only a run dir)."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--out {run_dir} exists and is not a directory")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise UserError(f"--out {run_dir} already exists and is not empty; pass --resume {run_dir} to "
+                            f"continue that run, or --overwrite to replace it")
+        if not (run_dir / CONFIG).is_file():
+            raise UserError(f"--out {run_dir} is not empty and holds no {CONFIG}: not a run directory, "
+                            f"refusing to delete it even with --overwrite")
+
+
+# ---- phase 2: writes -------------------------------------------------------------------------------------
+
+def write_config(run_dir, cfg: Config) -> None:
+    atomic_write_bytes(Path(run_dir) / CONFIG, (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
+
+
+def create_run_dir(run_dir, cfg: Config, *, overwrite: bool = False, dist: Dist = Dist()) -> None:
+    """Create (or, with overwrite, empty) the run directory and write config.json. Rank 0 only."""
+    run_dir = Path(run_dir)
+    if not dist.is_main:
+        return
+    check_out_dir(run_dir, overwrite)
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_config(run_dir, cfg)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def _same_run(a: dict, b: dict) -> bool:
+    ignore = ("versions",)
+    return {k: v for k, v in a.items() if k not in ignore} == {k: v for k, v in b.items() if k not in ignore}
+
+
+def _log(msg: str, dist: Dist) -> None:
+    if dist.is_main:
+        from tqdm import tqdm
+        tqdm.write(msg, file=sys.stdout)
+
+
+def run(prep: Prepared, run_dir, *, dist: Dist = Dist(), progress: bool = True, tag: str = "",
+        stop_after: Optional[int] = None) -> dict:
+    """Train (or continue training) the run in ``run_dir``, whose config.json must already exist.
+
+    Returns the last epoch's metrics record plus ``best_acc``. ``stop_after`` (tests) returns after that
+    many completed epochs, as if the process had been killed right after the checkpoint.
+    """
+    from tqdm import tqdm
+
+    cfg, run_dir = prep.cfg, Path(run_dir)
+    tag = tag or f"{cfg.method}/{cfg.student}"
+    device = torch.device(cfg.device)
+    torch.set_num_threads(cfg.threads)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+
+    teacher = None
+    if prep.teacher_model is not None:
+        teacher = prep.teacher_model.to(device)
+    elif prep.teacher_prep is not None:
+        teacher = ensure_teacher(prep.teacher_prep, run_dir / cfg.teacher["dir"], dist=dist, progress=progress)
+        teacher = teacher.to(device)
+
+    seed_everything(cfg.seed)
+    student = build(cfg.student).to(device)
+    optimizer = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.milestones), gamma=cfg.gamma)
+    generator = torch.Generator(device=device).manual_seed(mix_seed(cfg.seed, dist.rank, 0x7EA1))
+    method = methods.get(cfg.method)(**cfg.hparams)
+    loader = make_loader(cfg.loader, *prep.train, cfg.batch_size, train=True, device=device, seed=cfg.seed,
+                         rank=dist.rank, world_size=dist.world_size)
+    held_x, held_y = prep.held[0].to(device), prep.held[1].to(device)
+
+    start, best_acc = 0, -1.0
+    log = MetricsLog(run_dir / METRICS)
+    if dist.is_main:
+        for stale in run_dir.glob(".*.tmp-*"):  # left by a process killed mid-write (see checkpoint.py)
+            stale.unlink()
+    if (run_dir / LAST).exists():
+        ckpt = load_checkpoint(run_dir / LAST)
+        if not _same_run(ckpt["config"], cfg.to_dict()):
+            raise UserError(f"{run_dir / LAST} was written by a different configuration than "
+                            f"{run_dir / CONFIG}; refusing to resume")
+        restore(ckpt, model=student, optimizer=optimizer, scheduler=scheduler, train_generator=generator)
+        start, best_acc = int(ckpt["epoch"]), float(ckpt["best_acc"])
+        del ckpt
+    records = log.truncate_after(start) if dist.is_main else []
+    if start >= cfg.epochs:
+        _log(f"[{tag}] already complete ({start}/{cfg.epochs} epochs) in {run_dir}", dist)
+        out = dict(records[-1]) if records else {}
+        out["best_acc"] = best_acc
+        return out
+    if start:
+        _log(f"[{tag}] resuming {run_dir} after epoch {start}/{cfg.epochs}", dist)
+
+    steps = len(loader)
+    bar = tqdm(total=cfg.epochs * steps, initial=start * steps, desc=tag, unit="batch", dynamic_ncols=True,
+               smoothing=0, disable=not (progress and dist.is_main), file=sys.stderr)
+    record = {}
+    try:
+        for epoch in range(start, cfg.epochs):
+            lr = optimizer.param_groups[0]["lr"]
+            bar.set_description(f"{tag} ep {epoch + 1}/{cfg.epochs}")
+            train_stats = train_one_epoch(student=student, method=method, loader=loader, optimizer=optimizer,
+                                          epoch=epoch, teacher=teacher, generator=generator, bar=bar)
+            eval_gen = torch.Generator(device=device).manual_seed(mix_seed(cfg.seed, epoch, 0xE7A1))
+            ev = evaluate(student, held_x, held_y, attack=cfg.eval_attack, batch_size=cfg.eval_batch_size,
+                          generator=eval_gen)
+            scheduler.step()
+            is_best = ev["pgd20_acc"] > best_acc
+            best_acc = max(best_acc, ev["pgd20_acc"])
+            record = {"epoch": epoch + 1, "lr": lr, **{k: v for k, v in train_stats.items() if k != "batches"},
+                      **ev, "best": is_best}
+            if dist.is_main:
+                save = dict(model=student, optimizer=optimizer, scheduler=scheduler, epoch=epoch + 1,
+                            best_acc=best_acc, config=cfg.to_dict(), train_generator=generator,
+                            loader_seed=cfg.seed)
+                if is_best:
+                    save_checkpoint(run_dir / BEST, **save)
+                log.append(record)
+                save_checkpoint(run_dir / LAST, **save)
+                records = records + [record]
+                plot_curves(records, run_dir / CURVES, title=f"{cfg.method} {cfg.student} ({cfg.preset}, seed {cfg.seed})")
+                _log(f"[{tag}] epoch {epoch + 1}/{cfg.epochs}  lr {lr:.4g}  loss {record['train_loss']:.4f}  "
+                     f"clean {100 * ev['clean_acc']:.2f}%  PGD-20 {100 * ev['pgd20_acc']:.2f}%  "
+                     f"({record['epoch_time_s']:.0f}s train, {ev['eval_time_s']:.0f}s eval, "
+                     f"{record['images_per_s']:.0f} img/s)", dist)
+            if stop_after is not None and epoch + 1 >= stop_after:
+                break
+    finally:
+        bar.close()
+    out = dict(record)
+    out["best_acc"] = best_acc
+    return out
+
+
+def ensure_teacher(prep: Prepared, teacher_dir, *, dist: Dist, progress: bool) -> torch.nn.Module:
+    """Train (or finish training, or just reuse) the self-trained teacher in ``teacher_dir``; load it."""
+    teacher_dir = Path(teacher_dir)
+    cfg = prep.cfg
+    if dist.is_main:
+        teacher_dir.mkdir(parents=True, exist_ok=True)
+        if (teacher_dir / CONFIG).is_file():
+            if not _same_run(read_config(teacher_dir).to_dict(), cfg.to_dict()):
+                raise UserError(f"{teacher_dir / CONFIG} does not match this run's teacher configuration")
+        else:
+            write_config(teacher_dir, cfg)
+    t0 = time.perf_counter()
+    run(prep, teacher_dir, dist=dist, progress=progress, tag=f"teacher {cfg.method}/{cfg.student}")
+    _log(f"[teacher] ready ({time.perf_counter() - t0:.0f}s): {teacher_dir / LAST}", dist)
+    model = build(cfg.student)
+    load_checkpoint_into(model, teacher_dir / LAST, cfg.student)
+    return freeze(model)

@@ -1,0 +1,44 @@
+"""One training step, shared by the training loop and the benchmarks, so what is timed is what trains.
+
+- The teacher's forward runs under `inference_mode` (no autograd bookkeeping at all) and, with `amp_dtype`,
+  under autocast; its logits are cloned out of inference mode as float32, so they can serve as autograd
+  targets (TRADES-style losses save them for backward).
+- The student's forward and backward passes (attack included) run under autocast to `amp_dtype` when it is
+  set; the parameters, their gradients and the optimizer state stay float32 (fp32 master weights).
+- Evaluation attacks never go through here: they always run in float32.
+"""
+import contextlib
+from typing import Optional
+
+import torch
+
+from ..methods.base import Context
+
+AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=amp_dtype)
+
+
+def teacher_logits(teacher: torch.nn.Module, x: torch.Tensor, amp_dtype: Optional[torch.dtype] = None):
+    with torch.inference_mode(), autocast(x.device, amp_dtype):
+        logits = teacher(x)
+    return logits.float().clone()
+
+
+def train_step(student, method, optimizer, x, y, *, teacher=None, epoch: int = 0,
+               generator: Optional[torch.Generator] = None, amp_dtype: Optional[torch.dtype] = None):
+    """Runs one SGD step of `method` on (x, y); returns (detached loss, the method's Context with stats)."""
+    t_logits = teacher_logits(teacher, x, amp_dtype) if teacher is not None else None
+    ctx = Context(student=student, x=x, y=y, teacher=teacher, teacher_logits=t_logits, epoch=epoch,
+                  generator=generator)
+    student.train()
+    with autocast(x.device, amp_dtype):
+        loss = method.loss(ctx)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), ctx
