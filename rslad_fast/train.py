@@ -1,0 +1,266 @@
+"""Train a robust CIFAR-10 model: ``python -m rslad_fast.train``.
+
+    # the README's first command: a CPU-sized RSLAD run (trains its own TRADES teacher first), minutes
+    python -m rslad_fast.train --preset quick --student mnv2 --data ./data --out runs/quick
+
+    # the paper: RSLAD ResNet-18 from TRADES' WRN-34-10 (model_cifar_wrn.pt), the official schedule
+    python -m rslad_fast.train --method rslad --student resnet18 --teacher model_cifar_wrn.pt --out runs/rslad_rn18
+
+    # a teacher of your own (TRADES WRN-34-10), then any other method
+    python -m rslad_fast.train --method trades --student wrn34-10 --out runs/trades_wrn
+    python -m rslad_fast.train --method ard --student mnv2 --teacher runs/trades_wrn/last.pt --out runs/ard_mnv2
+
+    # continue a run killed at any moment (bitwise the same result on the CPU)
+    python -m rslad_fast.train --resume runs/rslad_rn18
+
+Data: ``--data DIR`` is the folder holding ``cifar-10-batches-py/`` (default ``./data``). On these
+machines prepare it from the shared JPEG copy with ``python ../shared/data/prepare_cifar10.py ./data``;
+elsewhere a missing set is downloaded when the host is reachable.
+
+What a run writes (see rslad_fast/engine/runner.py): config.json, metrics.jsonl, curves.png, last.pt,
+best.pt and, for a distillation method without --teacher, the teacher's own run in teacher/.
+
+Every setting resolves as: the command line, else the preset, else the method's official value (its
+HPARAMS and SCHEDULE, cited in rslad_fast/methods/<method>.py). The values of this file are below, each
+documented once, next to it.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+# ---- 1. Evaluation after every epoch -------------------------------------------------------------------
+# RSLAD's only evaluation (resnet18_rslad_cifar10.py, `attack_pgd` in rslad_loss.py): PGD-20 on CE, the
+# model in eval mode, uniform start. Run through the shared engine attacks.pgd.pgd; one difference: RSLAD
+# clamps the uniform start to [0, 1] before the first gradient, pgd() clamps after the first step (the
+# first gradient is taken at most eps outside the image box; every later iterate is identical in form).
+EVAL_ATTACK = dict(
+    eps=8 / 255,        # l_inf radius, inputs in [0, 1]                     (RSLAD: epsilon=8.0/255.0)
+    alpha=0.003,        # step size per iteration, same unit                 (RSLAD: step_size=0.003)
+    steps=20,           # iterations                                         (RSLAD: attack_iters=20)
+    start="uniform",    # x + U(-eps, eps)                                   (RSLAD: uniform_(-epsilon, epsilon))
+)
+
+# ---- 2. Presets ----------------------------------------------------------------------------------------
+# paper: the chosen method's official settings, untouched (epochs, lr, milestones, momentum, weight decay,
+#   batch size: Method.SCHEDULE; attack and loss: Method.HPARAMS). Only the per-epoch evaluation is ours:
+#   RSLAD's loop evaluated the whole test set every 20 epochs (every epoch from 215); we evaluate a fixed
+#   subset every epoch for the curves. Final numbers come from a separate full evaluation.
+# quick: a CPU-sized run that shows the whole pipeline and robust accuracy clearly above the 10% of chance
+#   in minutes on 2 cores (measured, see the commit message): a training subset, few epochs, the training
+#   attack cut to `attack_steps` PGD steps (step size scaled so that steps * step_size, the distance the
+#   attack can travel, stays the official one: RSLAD 10 x 2/255 -> 2 x 10/255), and every epoch-valued
+#   setting (lr milestones, IAD's `begin`) compressed by epochs / official epochs. Evaluation stays PGD-20.
+PRESETS = {
+    "paper": dict(
+        train_n=None,              # training images: None = all 50,000
+        eval_n=1000,               # held-out test images (the first ones of the test set) evaluated per epoch
+        eval_batch_size=500,       # images per evaluation batch (memory only; results do not depend on it)
+        teacher_arch="wrn34-10",   # self-trained teacher (no --teacher): TRADES' WRN-34-10, the RSLAD teacher
+    ),
+    "quick": dict(
+        train_n=3000,              # training images: the first 3,000 (6% of CIFAR-10)
+        eval_n=500,                # held-out test images evaluated per epoch (PGD-20 on 500 images costs
+                                   # about as much as training on 1,000 with the 2-step attack)
+        eval_batch_size=250,       # images per evaluation batch
+        epochs=4,                  # epochs, for the student and for the self-trained teacher
+        batch_size=64,             # images per SGD step (official 128): twice the steps for the same
+                                   # compute, which is what a run this short is limited by
+        attack_steps=2,            # training attack: PGD steps (official: 10), step size scaled as above
+        scale_schedule=True,       # lr milestones and `epoch_hparams` scaled by epochs / official epochs
+        epoch_hparams=("begin",),  # method hyperparameters counted in epochs (IAD's warm-up length)
+        # Teacher: MobileNetV2 (0.09 GMACs/image), trained with TRADES. The zoo's alternatives: ResNet-18
+        # costs ~4x more per image (~2.1 s vs ~0.57 s per forward+input-gradient of 128 images on 2 cores),
+        # WRN-34-10 ~70x; the 5k-parameter `tiny` CNN trains in seconds but tops out near 17% PGD-20 (TRADES,
+        # 20k images), too weak to be worth distilling from.
+        teacher_arch="mnv2",
+    ),
+}
+
+# ---- 3. The command line -------------------------------------------------------------------------------
+
+ENGINE_FLAGS = ("student", "method", "teacher", "teacher_arch", "data", "epochs", "batch_size", "lr",
+                "momentum", "weight_decay", "milestones", "gamma", "seed", "device", "loader", "threads",
+                "train_n", "eval_n", "preset", "out", "overwrite")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, "error: ...", exit 2 (argparse would print the usage too)
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _number(text):
+    from rslad_fast.engine.config import parse_number
+    return parse_number(text)
+
+
+_number.__name__ = "number"  # argparse says "invalid number value: 'x'"
+
+
+def _milestones(text):
+    from rslad_fast.engine.config import parse_milestones
+    return parse_milestones(text)
+
+
+_milestones.__name__ = "milestones"
+
+
+def _method_hparams() -> dict:
+    """name -> {method name: HParam} over every registered method."""
+    from rslad_fast import methods
+
+    union: dict = {}
+    for mname in methods.names():
+        for key, hp in methods.get(mname).HPARAMS.items():
+            union.setdefault(key, {})[mname] = hp
+    return union
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        if 0 < v < 1 and abs(v * 255 - round(v * 255)) < 1e-9:
+            return f"{round(v * 255)}/255"
+        return f"{v:g}"
+    return str(v)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from rslad_fast import methods
+    from rslad_fast.models import ARCHS
+
+    p = _Parser(prog="python -m rslad_fast.train", description=__doc__.split("\n\n")[0],
+                epilog="Examples:\n" + __doc__.split("\n\n", 1)[1].split("\n\nData:")[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("what to train")
+    g.add_argument("--student", help=f"architecture to train: {', '.join(ARCHS)} (default resnet18)")
+    g.add_argument("--method", help=f"training method: {', '.join(methods.names())} (default rslad)")
+    g.add_argument("--teacher", metavar="PATH",
+                   help="teacher checkpoint for distillation methods (a state dict, {'state_dict': ...} or "
+                        "{'model': ...}, e.g. TRADES' model_cifar_wrn.pt or a run's last.pt). Without it the "
+                        "run first trains its own teacher with TRADES in RUN_DIR/teacher/")
+    g.add_argument("--teacher-arch", help="the teacher's architecture (default wrn34-10; for a self-trained "
+                                          "teacher the preset's: paper wrn34-10, quick mnv2)")
+    g.add_argument("--preset", choices=tuple(PRESETS), help="paper (default): the method's official settings; "
+                                                            "quick: a CPU-sized run, see rslad_fast/train.py")
+    g = p.add_argument_group("data and output")
+    g.add_argument("--data", metavar="DIR", help="folder holding cifar-10-batches-py/ (default ./data)")
+    g.add_argument("--train-n", type=int, help="use the first N training images (default: preset; paper all)")
+    g.add_argument("--eval-n", type=int, help="held-out test images (the first N) evaluated with clean and "
+                                              "PGD-20 accuracy after every epoch (default: paper 1000, quick 500)")
+    g.add_argument("--out", metavar="RUN_DIR", help="run directory (default runs/<method>-<student>-<preset>-seed<seed>)")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    g.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt, with its "
+                                                       "config.json (no other settings allowed)")
+    g.add_argument("--no-download", action="store_true", help="never try to download CIFAR-10")
+    g = p.add_argument_group("optimization (default: the method's official schedule)")
+    g.add_argument("--epochs", type=int, help="training epochs")
+    g.add_argument("--batch-size", type=int, help="images per SGD step")
+    g.add_argument("--lr", type=_number, help="initial learning rate")
+    g.add_argument("--momentum", type=_number, help="SGD momentum")
+    g.add_argument("--weight-decay", type=_number, help="L2 weight decay (SGD weight_decay)")
+    g.add_argument("--milestones", type=_milestones, help="comma-separated 0-based epochs at which lr *= gamma "
+                                                          "(MultiStepLR), or 'none'")
+    g.add_argument("--gamma", type=_number, help="lr decay factor at each milestone")
+    g = p.add_argument_group("execution")
+    g.add_argument("--seed", type=int, help="seed of every random stream (default 0)")
+    g.add_argument("--device", help="auto (default: cuda if available), cpu, cuda, cuda:N")
+    g.add_argument("--loader", choices=("torch", "dali"), help="training data loader (default torch; dali: CUDA only)")
+    g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's default; recorded, and "
+                                               "reused on resume for bitwise reproducibility)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    g = p.add_argument_group("method hyperparameters (default: the chosen method's official value; a flag the "
+                             "chosen method does not have is an error)")
+    for key, per_method in _method_hparams().items():
+        defaults = [hp.default for hp in per_method.values()]
+        first = per_method.get("rslad") or next(iter(per_method.values()))
+        values = ", ".join(f"{m} {_fmt(hp.default)}" for m, hp in per_method.items())
+        help_text = f"{first.help} [default: {values}]".replace("%", "%%")
+        flag = "--" + key.replace("_", "-")
+        if all(isinstance(d, bool) for d in defaults):
+            g.add_argument(flag, dest=f"hp_{key}", action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif all(isinstance(d, int) and not isinstance(d, bool) for d in defaults):
+            g.add_argument(flag, dest=f"hp_{key}", type=int, metavar="N", help=help_text)
+        elif all(isinstance(d, (int, float)) and not isinstance(d, bool) for d in defaults):
+            g.add_argument(flag, dest=f"hp_{key}", type=_number, metavar="X", help=help_text)
+        else:
+            g.add_argument(flag, dest=f"hp_{key}", metavar="VALUE", help=help_text)
+    return p
+
+
+def resolve_config(args: argparse.Namespace):
+    """The validated Config of a new run (and of its self-trained teacher) from parsed arguments."""
+    from rslad_fast.engine import resolve
+
+    preset_name = args.preset or "paper"
+    preset = PRESETS[preset_name]
+    hparams = {k[3:]: v for k, v in vars(args).items() if k.startswith("hp_") and v is not None}
+    cli = dict(student=args.student or "resnet18", method=args.method or "rslad", hparams=hparams,
+               teacher=args.teacher, teacher_arch=args.teacher_arch, data=args.data, epochs=args.epochs,
+               batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+               milestones=args.milestones, gamma=args.gamma, seed=args.seed, device=args.device,
+               loader=args.loader, threads=args.threads, train_n=args.train_n, eval_n=args.eval_n)
+    cfg = resolve(cli, preset_name, preset, EVAL_ATTACK)
+    if cfg.teacher is not None and cfg.teacher["source"] == "trained":
+        # The teacher: TRADES on the teacher architecture with the preset's settings; only the data,
+        # execution settings and seed are shared with the student.
+        tcli = dict(student=cfg.teacher["arch"], method="trades", hparams={}, data=cfg.data, seed=cfg.seed,
+                    device=cfg.device, loader=cfg.loader, threads=cfg.threads, train_n=cfg.train_n,
+                    eval_n=cfg.eval_n)
+        cfg.teacher_run = resolve(tcli, preset_name, preset, EVAL_ATTACK).to_dict()
+        cfg.teacher_run["versions"] = cfg.versions
+    return cfg
+
+
+def main(argv=None) -> int:
+    from rslad_fast.engine import (Dist, Diverged, check_out_dir, create_run_dir, prepare, read_config, run)
+    from rslad_fast.errors import UserError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    run_dir = args.resume or args.out or "RUN_DIR"
+    try:
+        dist = Dist.from_env()
+        if args.resume:
+            given = [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
+                     if (k in ENGINE_FLAGS or k.startswith("hp_")) and v not in (None, False)]
+            if given:
+                raise UserError(f"--resume takes every setting from RUN_DIR/config.json; drop {', '.join(given)}")
+            run_dir = Path(args.resume)
+            cfg = read_config(run_dir)
+        else:
+            cfg = resolve_config(args)
+            run_dir = Path(args.out or f"runs/{cfg.method}-{cfg.student}-{cfg.preset}-seed{cfg.seed}")
+            check_out_dir(run_dir, args.overwrite)
+        prep = prepare(cfg, download=False if args.no_download else "auto")  # all checks; writes nothing
+        if not args.resume:
+            create_run_dir(run_dir, cfg, overwrite=args.overwrite, dist=dist)
+        if dist.is_main:
+            teacher = cfg.teacher and (cfg.teacher.get("path") or f"self-trained {cfg.teacher['arch']} (TRADES)")
+            print(f"{'resume' if args.resume else 'run'} {run_dir}: {cfg.method} {cfg.student}, preset "
+                  f"{cfg.preset}, {cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr:g} "
+                  f"(x{cfg.gamma:g} at {cfg.milestones}), wd {cfg.weight_decay:g}, train images "
+                  f"{len(prep.train[0])}, eval {cfg.eval_n}, device {cfg.device}, {cfg.threads} threads"
+                  + (f", teacher {teacher}" if teacher else ""), flush=True)
+        summary = run(prep, run_dir, dist=dist, progress=not args.no_progress)
+    except UserError as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except Diverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; continue with: python -m rslad_fast.train --resume {run_dir}",
+              file=sys.stderr)
+        return 130
+    if dist.is_main and summary:
+        print(f"done {run_dir}: clean {100 * summary.get('clean_acc', float('nan')):.2f}%, PGD-20 "
+              f"{100 * summary.get('pgd20_acc', float('nan')):.2f}% on {cfg.eval_n} held-out test images "
+              f"(best PGD-20 {100 * summary['best_acc']:.2f}%)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""Resume: a run interrupted at any moment and continued with --resume ends with bitwise the same weights.
+
+Tiny model, fake data, one thread (the thread count is part of the run's config and reused on resume, since
+CPU kernels may split reductions by thread). The lr milestone at epoch 1 and 2 makes the scheduler state
+matter; augmentation, PGD random starts and the loader shuffle make every RNG stream matter.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from rslad_fast import train
+from rslad_fast.data import write_fake_cifar10
+from rslad_fast.engine import create_run_dir, prepare, run
+from rslad_fast.engine.checkpoint import atomic_save, atomic_write_bytes, load_checkpoint
+
+COMMON = ["--student", "tiny", "--threads", "1", "--eval-n", "16", "--batch-size", "64", "--epochs", "3",
+          "--milestones", "1,2", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar")
+    write_fake_cifar10(root, n_train=192, n_test=16, seed=1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher") / "run"
+    assert train.main(["--method", "natural", "--data", str(data), "--out", str(out), *COMMON]) == 0
+    return out / "last.pt"
+
+
+def _args(method, data, out, teacher_ckpt):
+    args = ["--method", method, "--data", str(data), "--out", str(out), *COMMON, "--steps", "3"]
+    if method in ("rslad", "ard", "iad"):
+        args += ["--teacher", str(teacher_ckpt), "--teacher-arch", "tiny"]
+    return args
+
+
+def _assert_same_state(dir_a, dir_b):
+    a, b = torch.load(dir_a / "last.pt", weights_only=True), torch.load(dir_b / "last.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 3
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:  # every parameter and buffer (BatchNorm running stats, num_batches_tracked)
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for (ka, sa), (kb, sb) in zip(a["optimizer"]["state"].items(), b["optimizer"]["state"].items()):
+        assert ka == kb and torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    assert a["scheduler"] == b["scheduler"] and a["best_acc"] == b["best_acc"]
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+    ra = [json.loads(line) for line in (dir_a / "metrics.jsonl").read_text().splitlines()]
+    rb = [json.loads(line) for line in (dir_b / "metrics.jsonl").read_text().splitlines()]
+    timing = ("epoch_time_s", "eval_time_s", "images_per_s")
+    assert [{k: v for k, v in r.items() if k not in timing} for r in ra] == \
+           [{k: v for k, v in r.items() if k not in timing} for r in rb]
+
+
+def _start(args):
+    """Resolve, check and create the run directory as the CLI does, without training."""
+    cfg = train.resolve_config(train.build_parser().parse_args(args))
+    out = args[args.index("--out") + 1]
+    prep = prepare(cfg)
+    create_run_dir(out, cfg)
+    return prep
+
+
+@pytest.fixture(scope="module")
+def straight(data, teacher_ckpt, tmp_path_factory):
+    """The uninterrupted reference run (RSLAD: teacher, KL attack with its random start, augmentation)."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    assert train.main(_args("rslad", data, out, teacher_ckpt)) == 0
+    return out
+
+
+def test_resume_after_epoch_two_is_bitwise_identical(straight, data, teacher_ckpt, tmp_path):
+    resumed = tmp_path / "resumed"
+    prep = _start(_args("rslad", data, resumed, teacher_ckpt))
+    run(prep, resumed, progress=False, stop_after=2)  # as if killed right after epoch 2's checkpoint
+    assert load_checkpoint(resumed / "last.pt")["epoch"] == 2
+    # a kill between the metrics line and last.pt, and a torn line: both must disappear on resume
+    with open(resumed / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"epoch": 3, "train_loss": -1.0}) + "\n" + '{"epoch": 4, "train_lo')
+    assert train.main(["--resume", str(resumed), "--no-progress"]) == 0
+    _assert_same_state(straight, resumed)
+
+
+def test_resume_before_the_first_checkpoint_starts_over(straight, data, teacher_ckpt, tmp_path):
+    resumed = tmp_path / "resumed"
+    _start(_args("rslad", data, resumed, teacher_ckpt))  # config.json written, killed before epoch 1 ended
+    (resumed / "metrics.jsonl").write_text('{"epoch": 1, "tor')
+    assert train.main(["--resume", str(resumed), "--no-progress"]) == 0
+    _assert_same_state(straight, resumed)
+
+
+def test_sigkill_at_a_random_moment_then_resume(straight, data, teacher_ckpt, tmp_path):
+    """A real process killed with SIGKILL somewhere in epoch 2 or 3 (or while saving), then resumed."""
+    killed = tmp_path / "killed"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "rslad_fast.train", *_args("rslad", data, killed, teacher_ckpt)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not (killed / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)  # somewhere into the next epoch
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    res = subprocess.run([sys.executable, "-m", "rslad_fast.train", "--resume", str(killed), "--no-progress"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert not list(killed.glob(".*.tmp-*"))  # a temporary torn by the kill is cleaned up, never read
+    _assert_same_state(straight, killed)
+
+
+def test_atomic_writes_leave_the_old_file_when_interrupted(tmp_path):
+    target = tmp_path / "last.pt"
+    atomic_save({"epoch": 1}, target)
+
+    def crash(f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        from rslad_fast.engine.checkpoint import atomic_write
+        atomic_write(target, crash)
+    assert torch.load(target, weights_only=True) == {"epoch": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary left behind
+    atomic_write_bytes(target, b"new")
+    assert target.read_bytes() == b"new"
+
+
+def test_resume_refuses_a_changed_teacher_file(data, teacher_ckpt, tmp_path, capsys):
+    teacher = tmp_path / "teacher.pt"
+    teacher.write_bytes(teacher_ckpt.read_bytes())
+    run_dir = tmp_path / "run"
+    args = _args("rslad", data, run_dir, teacher_ckpt)
+    args[args.index(str(teacher_ckpt))] = str(teacher)
+    run(_start(args), run_dir, progress=False, stop_after=1)
+    other = torch.load(teacher, weights_only=True)
+    other["model"] = {k: v + 1 if v.is_floating_point() else v for k, v in other["model"].items()}
+    torch.save(other, teacher)
+    capsys.readouterr()
+    assert train.main(["--resume", str(run_dir), "--no-progress"]) == 2
+    assert "changed since the run started" in capsys.readouterr().err
+    assert load_checkpoint(run_dir / "last.pt")["epoch"] == 1  # untouched

@@ -1,0 +1,253 @@
+"""python -m rslad_fast.train end to end on the learnable fake CIFAR-10, with the 5k-parameter `tiny` model.
+
+Tiny and CPU-only: 256 training images, 64 held-out images, one thread, a few epochs. In-process calls of
+`train.main` for the training runs (no interpreter start-up per run); subprocesses, launched in parallel,
+for the bad-input checks, which are about what a user sees on the terminal (exit code, stderr).
+"""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from rslad_fast import methods, train
+from rslad_fast.data import write_fake_cifar10
+from rslad_fast.engine.config import Config
+from rslad_fast.models import build
+
+COMMON = ["--student", "tiny", "--threads", "1", "--eval-n", "32", "--batch-size", "64", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar")
+    write_fake_cifar10(root, n_train=256, n_test=64, seed=0)
+    return root
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(data, tmp_path_factory):
+    """A naturally trained tiny model: the teacher of the distillation runs (our own last.pt format)."""
+    out = tmp_path_factory.mktemp("teacher") / "run"
+    assert train.main(["--method", "natural", "--data", str(data), "--out", str(out), "--epochs", "3",
+                       *COMMON]) == 0
+    return out / "last.pt"
+
+
+def _records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---- every method trains ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["natural", "sat", "trades", "mart", "ard", "iad", "rslad"])
+def test_every_method_trains_and_the_loss_decreases(method, data, teacher_ckpt, tmp_path):
+    cls = methods.get(method)
+    args = ["--method", method, "--data", str(data), "--out", str(tmp_path / "run"), "--epochs", "3", *COMMON]
+    if cls.needs_teacher:
+        args += ["--teacher", str(teacher_ckpt), "--teacher-arch", "tiny"]
+    if "steps" in cls.HPARAMS:
+        args += ["--steps", "3"]  # the engine is under test here, not the attacks: keep it cheap
+    if method == "iad":
+        args += ["--begin", "0"]  # IAD's own loss from the start (one loss form: comparable epochs)
+    assert train.main(args) == 0
+    recs = _records(tmp_path / "run")
+    assert [r["epoch"] for r in recs] == [1, 2, 3]
+    losses = [r["train_loss"] for r in recs]
+    assert losses[-1] < losses[0], losses
+    if method == "iad":
+        assert all("train_loss_self" in r for r in recs)
+    assert all(0.0 <= r["clean_acc"] <= 1.0 and 0.0 <= r["pgd20_acc"] <= 1.0 for r in recs)
+    assert recs[-1]["clean_acc"] > 0.2  # the fake classes are easy: well above the 10% of chance
+
+
+# ---- what a run writes -----------------------------------------------------------------------------------
+
+def test_run_directory_is_well_formed(data, teacher_ckpt, tmp_path):
+    run = tmp_path / "run"
+    assert train.main(["--method", "rslad", "--student", "TinyCNN", "--data", str(data), "--out", str(run),
+                       "--epochs", "2", "--teacher", str(teacher_ckpt), "--teacher-arch", "tiny",
+                       "--milestones", "1", "--seed", "7", *COMMON[2:]]) == 0
+    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "config.json", "curves.png", "last.pt",
+                                                     "metrics.jsonl"]
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["student"] == "tiny" and cfg["method"] == "rslad" and cfg["preset"] == "paper"
+    assert cfg["seed"] == 7 and cfg["epochs"] == 2 and cfg["milestones"] == [1]
+    assert cfg["hparams"] == methods.get("rslad")().hparams()  # every hparam, official values
+    assert cfg["teacher"] == {"source": "file", "path": str(teacher_ckpt.resolve()), "arch": "tiny",
+                              "sha256": hashlib.sha256(teacher_ckpt.read_bytes()).hexdigest()}
+    assert cfg["eval_attack"] == dict(eps=8 / 255, alpha=0.003, steps=20, start="uniform")
+    assert cfg["versions"]["torch"] == torch.__version__ and cfg["versions"]["rslad_fast"]
+    Config.from_dict(cfg)  # round-trips
+
+    recs = _records(run)
+    assert [r["epoch"] for r in recs] == [1, 2]
+    assert [r["lr"] for r in recs] == pytest.approx([0.1, 0.01])  # MultiStepLR, milestone 1, gamma 0.1
+    for r in recs:
+        for key in ("train_loss", "train_loss_adv", "train_loss_nat", "train_acc_nat", "clean_acc", "pgd20_acc",
+                    "epoch_time_s", "eval_time_s", "images_per_s"):
+            assert isinstance(r[key], float), key
+        assert r["eval_n"] == 32 and isinstance(r["best"], bool)
+
+    last = torch.load(run / "last.pt", weights_only=True)  # everything weights_only-loadable
+    best = torch.load(run / "best.pt", weights_only=True)
+    for ck in (last, best):
+        assert {"model", "optimizer", "scheduler", "epoch", "rng", "best_acc", "config"} <= set(ck)
+        assert set(ck["rng"]) >= {"torch", "cuda", "numpy", "python", "train_generator", "loader"}
+        assert ck["config"] == cfg
+        build("tiny").load_state_dict(ck["model"])
+    assert last["epoch"] == 2 and last["best_acc"] == pytest.approx(max(r["pgd20_acc"] for r in recs))
+    best_epoch = max(recs, key=lambda r: (r["pgd20_acc"], -r["epoch"]))["epoch"]
+    assert best["epoch"] == best_epoch
+    png = (run / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_self_trained_teacher_then_distillation_and_reuse(data, tmp_path):
+    """No --teacher: TRADES trains the teacher in RUN_DIR/teacher/ first; a resume reuses it."""
+    run = tmp_path / "run"
+    args = ["--preset", "quick", "--method", "rslad", "--teacher-arch", "tiny", "--train-n", "256",
+            "--data", str(data), "--out", str(run), "--epochs", "2", *COMMON]
+    assert train.main(args) == 0
+    tdir = run / "teacher"
+    assert {"config.json", "metrics.jsonl", "last.pt", "best.pt", "curves.png"} <= {p.name for p in tdir.iterdir()}
+    tcfg = json.loads((tdir / "config.json").read_text())
+    assert tcfg["method"] == "trades" and tcfg["student"] == "tiny" and tcfg["preset"] == "quick"
+    quick = train.PRESETS["quick"]
+    assert tcfg["epochs"] == quick["epochs"] and len(_records(tdir)) == quick["epochs"]
+    assert tcfg["hparams"]["steps"] == quick["attack_steps"]
+    assert tcfg["hparams"]["step_size"] == pytest.approx(0.007 * 10 / quick["attack_steps"])
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["teacher"] == {"source": "trained", "arch": "tiny", "dir": "teacher"}
+    assert cfg["teacher_run"] == tcfg and len(_records(run)) == 2
+    # quick: milestones compressed from RSLAD's (215, 260, 285) of 300 epochs to the 2 epochs of this run
+    assert cfg["milestones"] == [round(m * 2 / 300) for m in (215, 260, 285)]
+
+    stamp = (tdir / "last.pt").stat().st_mtime_ns, (run / "last.pt").stat().st_mtime_ns
+    assert train.main(["--resume", str(run), "--no-progress"]) == 0  # finished: nothing retrained
+    assert ((tdir / "last.pt").stat().st_mtime_ns, (run / "last.pt").stat().st_mtime_ns) == stamp
+
+
+def test_teacher_is_frozen_and_sees_eval_mode(data, teacher_ckpt, tmp_path, monkeypatch):
+    from rslad_fast.engine import loop
+
+    seen = []
+    original = loop.Context
+
+    def spy(**kw):
+        t = kw["teacher"]
+        seen.append((t.training, any(p.requires_grad for p in t.parameters()), kw["teacher_logits"].requires_grad))
+        return original(**kw)
+
+    monkeypatch.setattr(loop, "Context", spy)
+    assert train.main(["--method", "ard", "--data", str(data), "--out", str(tmp_path / "r"), "--epochs", "1",
+                       "--teacher", str(teacher_ckpt), "--teacher-arch", "tiny", *COMMON]) == 0
+    assert seen and all(s == (False, False, False) for s in seen)
+
+
+# ---- bad input: one line on stderr, exit 2, nothing written ----------------------------------------------
+
+def _check_error(name, rc, stdout, stderr, expected):
+    lines = stderr.strip().splitlines()
+    assert rc == 2, (name, rc, stderr)
+    assert len(lines) == 1 and lines[0].startswith("error: "), (name, stderr)
+    assert expected in lines[0], (name, lines[0])
+    assert "Traceback" not in stderr + stdout, name
+
+
+def test_bad_inputs_fail_cleanly_from_the_command_line(data, teacher_ckpt, tmp_path):
+    """The issue's list, each through a real `python -m rslad_fast.train` (launched in parallel)."""
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"PK\x03\x04 definitely not a checkpoint")
+    cases = {
+        "unknown student": (["--student", "resnet1000"], "unknown architecture"),
+        "unknown method": (["--method", "fgsm-free"], "unknown method"),
+        "missing teacher": (["--method", "rslad", "--teacher", str(tmp_path / "nope.pt")], "no such file"),
+        "corrupt teacher": (["--method", "rslad", "--teacher", str(corrupt)], "not a readable"),
+        "teacher arch mismatch": (["--method", "rslad", "--teacher", str(teacher_ckpt), "--teacher-arch", "mnv2"],
+                                  "does not match architecture"),
+        "no CIFAR-10 at data": (["--data", str(tmp_path / "empty"), "--no-download"], "CIFAR-10 not found"),
+        "zero epochs": (["--epochs", "0"], "--epochs"),
+        "negative batch": (["--batch-size", "-4"], "--batch-size"),
+        "eps above 1": (["--method", "sat", "--eps", "2"], "eps"),
+    }
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = {}
+    for name, (extra, _) in cases.items():
+        out = tmp_path / name.replace(" ", "_")
+        argv = ["--data", str(data), "--epochs", "1", *COMMON, *extra, "--out", str(out)]
+        procs[name] = (out, subprocess.Popen([sys.executable, "-m", "rslad_fast.train", *argv], env=env,
+                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for name, (out, p) in procs.items():
+        stdout, stderr = p.communicate(timeout=300)
+        _check_error(name, p.returncode, stdout, stderr, cases[name][1])
+        assert not out.exists(), name
+
+
+def test_more_bad_inputs_fail_cleanly(data, teacher_ckpt, tmp_path, capsys):
+    """The same contract in-process (no interpreter start-up each)."""
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("keep me")
+    tiny_teacher = ["--teacher", str(teacher_ckpt), "--teacher-arch", "tiny"]
+    cases = {
+        "eps below 0": (["--method", "rslad", "--eps=-0.1", *tiny_teacher], "eps"),
+        "flag of another method": (["--method", "rslad", "--beta", "6", *tiny_teacher], "--beta"),
+        "teacher for a method without": (["--method", "trades", *tiny_teacher], "without a teacher"),
+        "not a number": (["--lr", "fast"], "--lr"),
+        "eval subset too large": (["--eval-n", "100000"], "--eval-n"),
+        "dali on the cpu": (["--loader", "dali", "--device", "cpu"], "dali"),
+        "out exists": (["--out", str(existing)], "already exists"),
+        "overwrite a non-run dir": (["--out", str(existing), "--overwrite"], "not a run directory"),
+        "resume nothing": (["--resume", str(tmp_path / "absent-run")], "no such directory"),
+    }
+    for name, (extra, expected) in cases.items():
+        out = tmp_path / name.replace(" ", "_")
+        if "--resume" in extra:
+            argv = extra
+        else:
+            argv = ["--data", str(data), "--epochs", "1", *COMMON, *extra]
+            argv += [] if "--out" in extra else ["--out", str(out)]
+        capsys.readouterr()
+        try:
+            rc = train.main(argv)
+        except SystemExit as e:  # argparse errors exit from inside parse_args
+            rc = e.code
+        captured = capsys.readouterr()
+        _check_error(name, rc, captured.out, captured.err, expected)
+        assert not out.exists(), name
+    assert sorted(p.name for p in existing.iterdir()) == ["notes.txt"]  # untouched
+
+
+def test_overwrite_replaces_a_run_directory(data, tmp_path):
+    run = tmp_path / "run"
+    args = ["--method", "natural", "--data", str(data), "--out", str(run), "--epochs", "1", *COMMON]
+    assert train.main(args) == 0
+    assert train.main(args) == 2  # exists
+    assert train.main(args + ["--overwrite", "--epochs", "2"]) == 0
+    assert [r["epoch"] for r in _records(run)] == [1, 2]
+
+
+def test_resume_refuses_other_settings(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train.main(["--method", "natural", "--data", str(data), "--out", str(run), "--epochs", "1", *COMMON]) == 0
+    capsys.readouterr()
+    assert train.main(["--resume", str(run), "--epochs", "5"]) == 2
+    assert "--epochs" in capsys.readouterr().err
+
+
+def test_hyperparameter_flags_cover_every_method():
+    parser = train.build_parser()
+    flags = {a.dest for a in parser._actions}
+    for name in methods.names():
+        for key in methods.get(name).HPARAMS:
+            assert f"hp_{key}" in flags, (name, key)
+    args = parser.parse_args(["--eps", "8/255", "--lr-bug", "--steps", "3"])
+    assert args.hp_eps == pytest.approx(8 / 255) and args.hp_lr_bug is True and args.hp_steps == 3
+    cfg = train.resolve_config(parser.parse_args(["--method", "ard", "--lr-bug", "--student", "tiny"]))
+    assert cfg.milestones == [100] and cfg.hparams["lr_bug"] is True  # ARD's bug: the 2nd decay never happens
+    cfg = train.resolve_config(parser.parse_args(["--method", "ard", "--student", "tiny"]))
+    assert cfg.milestones == [100, 150] and cfg.epochs == 200 and cfg.teacher["arch"] == "wrn34-10"
