@@ -1,0 +1,171 @@
+"""The evaluation attacks of the paper's Table 2 (FGSM, PGD_SAT, PGD_TRADES, CW-inf), torchattacks-style.
+
+Each attack is a small class: hyperparameters in ``__init__`` (defaults cited next to each value),
+``__call__(model, x, y) -> x_adv``. All of them run on the one shared PGD engine (``pgd.pgd``, the same code
+as the training attacks), in fp32, on inputs in [0, 1], with the model in ``eval()`` mode during the attack
+and its own modes restored afterwards (``pgd(..., mode="eval")`` does that). eps is 8/255 for every attack
+by default (issue 4), AutoAttack included (``autoattack.py``).
+
+Sources of the settings:
+- TRADES ``pgd_attack_cifar10.py`` (``_pgd_whitebox``): PGD-20, step 0.003, uniform(-eps, eps) start, CE
+  -> "pgd20-trades" (TRADES evaluates at eps 0.031; here eps is 8/255 unless --eps says otherwise).
+- IAD / FAT ``attack_generator.py`` (``eval_robust``, the RSLAD lineage's evaluation): FGSM = one step of
+  eps, no random start; PGD-20 of 2/255 with a uniform start -> "pgd20-sat"; CW-inf = PGD-30 of 2/255 on
+  ``cwloss`` (kappa 50), uniform start -> "cw".
+
+One documented difference: the engine never clamps the random start to [0, 1] before the first gradient
+(TRADES' ``_pgd_whitebox`` convention); IAD's ``pgd`` clamps it first. The first step clamps in both, so
+only where the first gradient is taken differs, for pixels within eps of 0 or 1.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import UserError
+from .pgd import STARTS, pgd
+
+EPS = 8 / 255  # issue 4: every attack at eps 8/255 unless --eps; RSLAD/IAD/ARD/SAT evaluate at 8/255
+
+
+def _check(eps: float, alpha: float, steps, start: str, init_std: float) -> None:
+    """Same rules as pgd.check_budget, as UserError (bad flags are user input)."""
+    if not (isinstance(eps, (int, float)) and 0 <= eps <= 1):
+        raise UserError(f"eps must be in [0, 1] for inputs in [0, 1], got {eps}")
+    if not (isinstance(alpha, (int, float)) and alpha >= 0):
+        raise UserError(f"step size (alpha) must be >= 0, got {alpha}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise UserError(f"steps must be a non-negative integer, got {steps!r}")
+    if start not in STARTS:
+        raise UserError(f"start must be one of {', '.join(STARTS)}, got {start!r}")
+    if not init_std >= 0:
+        raise UserError(f"init_std must be >= 0, got {init_std}")
+
+
+def ce_loss(y: torch.Tensor):
+    """CE summed over the batch (the sign step makes sum and the official mean identical in direction;
+    the sum cannot underflow a per-image gradient by 1/B)."""
+    return lambda logits: F.cross_entropy(logits.float(), y, reduction="sum")
+
+
+def cw_loss(y: torch.Tensor, kappa: float = 50.0, num_classes: Optional[int] = None):
+    """IAD/FAT ``attack_generator.cwloss`` (from CAT), summed over the batch:
+
+        onehot = one_hot(y); real = sum(onehot*logits, 1); other = max((1-onehot)*logits - 1e4*onehot, 1)
+        loss = -relu(real - other + kappa)
+    """
+    def loss(logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        onehot = F.one_hot(y, num_classes or logits.shape[1]).to(logits.dtype)
+        real = (onehot * logits).sum(1)
+        other = ((1.0 - onehot) * logits - onehot * 10000.0).max(1)[0]
+        return -torch.clamp(real - other + kappa, min=0.0).sum()
+    return loss
+
+
+class EvalAttack:
+    """Base class: ``name`` (the table column), ``hparams()`` for the report, ``__call__`` for x_adv."""
+
+    name = ""
+    column = ""
+
+    def hparams(self) -> Dict[str, object]:
+        raise NotImplementedError
+
+    def __call__(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.hparams().items())
+        return f"{type(self).__name__}({args})"
+
+
+class FGSM(EvalAttack):
+    """One signed-gradient step of size eps from x on CE (IAD ``eval_robust``: pgd with num_steps=1,
+    step_size=eps, rand_init=False). Equal to ``pgd(steps=1, alpha=eps, start="none")``."""
+
+    name, column = "fgsm", "FGSM"
+
+    def __init__(self, eps: float = EPS):
+        _check(eps, eps, 1, "none", 0.0)
+        self.eps = float(eps)
+
+    def hparams(self):
+        return {"eps": self.eps, "alpha": self.eps, "steps": 1, "start": "none", "loss": "ce"}
+
+    def __call__(self, model, x, y, generator=None):
+        return pgd(model, x, ce_loss(y), eps=self.eps, alpha=self.eps, steps=1, start="none", mode="eval",
+                   generator=generator)
+
+
+class PGD(EvalAttack):
+    """PGD on CE (Madry et al.). Defaults are "pgd20-sat": 20 steps of 2/255 from a uniform(-eps, eps) start
+    (IAD ``eval_robust``); :func:`pgd20_trades` gives TRADES' 20 steps of 0.003."""
+
+    name, column = "pgd", "PGD"
+
+    def __init__(self, eps: float = EPS, alpha: float = 2 / 255, steps: int = 20, start: str = "uniform",
+                 init_std: float = 0.001, *, name: str = "pgd", column: str = "PGD"):
+        _check(eps, alpha, steps, start, init_std)
+        self.eps, self.alpha, self.steps = float(eps), float(alpha), int(steps)
+        self.start, self.init_std = start, float(init_std)
+        self.name, self.column = name, column
+
+    def hparams(self):
+        out = {"eps": self.eps, "alpha": self.alpha, "steps": self.steps, "start": self.start, "loss": "ce"}
+        if self.start == "normal":
+            out["init_std"] = self.init_std
+        return out
+
+    def __call__(self, model, x, y, generator=None):
+        return pgd(model, x, ce_loss(y), eps=self.eps, alpha=self.alpha, steps=self.steps, start=self.start,
+                   init_std=self.init_std, mode="eval", generator=generator)
+
+
+def pgd20_sat(eps: float = EPS, alpha: float = 2 / 255, steps: int = 20, start: str = "uniform",
+              init_std: float = 0.001) -> PGD:
+    """PGD_SAT: 20 steps of 2/255, uniform start, CE (IAD ``eval_robust``; Madry et al.'s PGD)."""
+    return PGD(eps, alpha, steps, start, init_std, name="pgd20-sat", column="PGD_SAT")
+
+
+def pgd20_trades(eps: float = EPS, alpha: float = 0.003, steps: int = 20, start: str = "uniform",
+                 init_std: float = 0.001) -> PGD:
+    """PGD_TRADES: 20 steps of 0.003, uniform(-eps, eps) start, CE (TRADES ``pgd_attack_cifar10.py``,
+    ``--num-steps 20 --step-size 0.003 --random``; TRADES' eps 0.031, ours 8/255 by default)."""
+    return PGD(eps, alpha, steps, start, init_std, name="pgd20-trades", column="PGD_TRADES")
+
+
+class CWInf(EvalAttack):
+    """CW-inf: PGD on the CW margin loss with confidence kappa = 50, 30 steps of 2/255, uniform start
+    (IAD ``eval_robust``: ``pgd(..., loss_fn="cw", num_steps=30, step_size=2/255, rand_init=True)``)."""
+
+    name, column = "cw", "CW∞"
+
+    def __init__(self, eps: float = EPS, alpha: float = 2 / 255, steps: int = 30, kappa: float = 50.0,
+                 start: str = "uniform", init_std: float = 0.001):
+        _check(eps, alpha, steps, start, init_std)
+        if not kappa >= 0:
+            raise UserError(f"CW confidence kappa must be >= 0, got {kappa}")
+        self.eps, self.alpha, self.steps, self.kappa = float(eps), float(alpha), int(steps), float(kappa)
+        self.start, self.init_std = start, float(init_std)
+
+    def hparams(self):
+        out = {"eps": self.eps, "alpha": self.alpha, "steps": self.steps, "kappa": self.kappa,
+               "start": self.start, "loss": "cw"}
+        if self.start == "normal":
+            out["init_std"] = self.init_std
+        return out
+
+    def __call__(self, model, x, y, generator=None):
+        return pgd(model, x, cw_loss(y, self.kappa), eps=self.eps, alpha=self.alpha, steps=self.steps,
+                   start=self.start, init_std=self.init_std, mode="eval", generator=generator)
+
+
+__all__ = ["EPS", "EvalAttack", "FGSM", "PGD", "CWInf", "pgd20_sat", "pgd20_trades", "ce_loss", "cw_loss"]
+
+# name on the command line -> factory taking the hyperparameters as keywords
+PRESETS = {"fgsm": FGSM, "pgd20-sat": pgd20_sat, "pgd20-trades": pgd20_trades, "cw": CWInf}
+__all__.append("PRESETS")
