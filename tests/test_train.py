@@ -123,8 +123,7 @@ def test_self_trained_teacher_then_distillation_and_reuse(data, tmp_path):
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["teacher"] == {"source": "trained", "arch": "tiny", "dir": "teacher"}
     assert cfg["teacher_run"] == tcfg and len(_records(run)) == 2
-    # quick: milestones compressed from RSLAD's (215, 260, 285) of 300 epochs to the 2 epochs of this run
-    assert cfg["milestones"] == [round(m * 2 / 300) for m in (215, 260, 285)]
+    assert cfg["milestones"] == [1] and tcfg["milestones"] == [quick["epochs"] - 1]  # quick: last epoch x0.1
 
     stamp = (tdir / "last.pt").stat().st_mtime_ns, (run / "last.pt").stat().st_mtime_ns
     assert train.main(["--resume", str(run), "--no-progress"]) == 0  # finished: nothing retrained
@@ -251,3 +250,8 @@ def test_hyperparameter_flags_cover_every_method():
     assert cfg.milestones == [100] and cfg.hparams["lr_bug"] is True  # ARD's bug: the 2nd decay never happens
     cfg = train.resolve_config(parser.parse_args(["--method", "ard", "--student", "tiny"]))
     assert cfg.milestones == [100, 150] and cfg.epochs == 200 and cfg.teacher["arch"] == "wrn34-10"
+    cfg = train.resolve_config(parser.parse_args(["--method", "iad", "--student", "tiny", "--preset", "quick",
+                                                  "--epochs", "10"]))
+    assert cfg.hparams["begin"] == 3 and cfg.milestones == [9]  # 60 of 200 epochs -> 3 of 10
+    assert cfg.hparams["steps"] == 2 and cfg.hparams["step_size"] == pytest.approx(5 * 2 / 255)
+    assert cfg.teacher == {"source": "trained", "arch": "mnv2", "dir": "teacher"}

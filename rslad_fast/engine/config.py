@@ -162,7 +162,7 @@ def resolve(cli: dict, preset_name: str, preset: dict, eval_attack: dict) -> Con
         raise UserError(f"{flags}: not a hyperparameter of method '{method_cls.name}' (its hyperparameters: {has})")
 
     epochs = _pick(cli.get("epochs"), preset.get("epochs"), sch.epochs)
-    scale = preset.get("scale_schedule", False)  # quick: compress epoch-valued settings by epochs / official
+    scale = preset.get("scale_epoch_hparams", False)  # quick: epoch-valued hparams x epochs / official epochs
     hp = dict(given)
     defaults = {k: h.default for k, h in method_cls.HPARAMS.items()}
     k = preset.get("attack_steps")
@@ -182,10 +182,10 @@ def resolve(cli: dict, preset_name: str, preset: dict, eval_attack: dict) -> Con
 
     if cli.get("milestones") is not None:
         milestones = list(cli["milestones"])
+    elif preset.get("final_decay") and isinstance(epochs, int):
+        milestones = [epochs - 1] if epochs > 1 else []  # quick: one decay, for the last epoch
     else:
-        milestones = list(method.milestones())
-        if scale and isinstance(epochs, int) and epochs > 0:
-            milestones = [int(round(m * epochs / sch.epochs)) for m in milestones]
+        milestones = list(method.milestones())  # the decays the official code really applies (lr_bug)
 
     teacher = None
     if method_cls.needs_teacher:

@@ -43,6 +43,7 @@ from rslad_fast.errors import UserError
 from rslad_fast.models import build
 from rslad_fast.models.loading import load_checkpoint_into
 
+from .allocator import keep_freed_memory
 from .checkpoint import atomic_write_bytes, load_checkpoint, restore, save_checkpoint
 from .config import Config
 from .dist import Dist
@@ -198,8 +199,10 @@ def run(prep: Prepared, run_dir, *, dist: Dist = Dist(), progress: bool = True, 
     tag = tag or f"{cfg.method}/{cfg.student}"
     device = torch.device(cfg.device)
     torch.set_num_threads(cfg.threads)
+    keep_freed_memory()  # CPU: ~2x faster steps on glibc (see allocator.py)
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        if device.index is not None:
+            torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
 
     teacher = None
