@@ -35,6 +35,12 @@ def sync(device: str) -> None:
 
 
 
+def median_s(benchmark):
+    """The measured median in seconds, or None when timing is off (--benchmark-disable runs each once)."""
+    stats = getattr(benchmark, "stats", None)
+    return stats.stats.median if stats is not None else None
+
+
 def run_synced(benchmark, fn, device, rounds=None, warmup=2):
     """Time fn with a device synchronisation inside the timed region."""
     def timed():

@@ -16,7 +16,7 @@ import itertools
 
 import pytest
 import torch
-from bench_utils import DEVICES, run_synced, save_result
+from bench_utils import DEVICES, median_s, run_synced, save_result
 
 import reference_rslad as ref
 from rslad_fast.data import TensorLoader, dali_available
@@ -109,7 +109,9 @@ def _run(benchmark, provenance, device, student_arch, variant, group):
     provenance(device, student=student_arch, teacher=size["teacher"], batch=size["batch"],
                batches=size["batches"], impl=variant.name, variant=dataclasses.asdict(variant))
     run_synced(benchmark, epoch, device, rounds=size["rounds"], warmup=1)
-    median = benchmark.stats.stats.median
+    median = median_s(benchmark)
+    if median is None:
+        return
     benchmark.extra_info.update(images_per_s=n / median, epoch_s_estimate=TRAIN_SET * median / n)
     save_result(f"{group}-{variant.name}".replace(" ", "_").replace("/", "_").replace("+", "plus"),
                 {"device": device, "student": student_arch, "teacher": size["teacher"], "variant": variant.name,
