@@ -131,17 +131,17 @@ def test_self_trained_teacher_then_distillation_and_reuse(data, tmp_path):
 
 
 def test_teacher_is_frozen_and_sees_eval_mode(data, teacher_ckpt, tmp_path, monkeypatch):
-    from rslad_fast.engine import loop
+    from rslad_fast.engine import step
 
     seen = []
-    original = loop.Context
+    original = step.Context
 
     def spy(**kw):
         t = kw["teacher"]
         seen.append((t.training, any(p.requires_grad for p in t.parameters()), kw["teacher_logits"].requires_grad))
         return original(**kw)
 
-    monkeypatch.setattr(loop, "Context", spy)
+    monkeypatch.setattr(step, "Context", spy)
     assert train.main(["--method", "ard", "--data", str(data), "--out", str(tmp_path / "r"), "--epochs", "1",
                        "--teacher", str(teacher_ckpt), "--teacher-arch", "tiny", *COMMON]) == 0
     assert seen and all(s == (False, False, False) for s in seen)

@@ -47,6 +47,9 @@ class Config:
     threads: int                      # torch intra-op CPU threads (fixed: part of bitwise reproducibility)
     eval_attack: dict                 # the held-out PGD-20 evaluation (train.EVAL_ATTACK)
     eval_batch_size: int
+    amp: str = "fp32"                 # training precision: "fp32", or "bf16" autocast (fp32 master weights);
+                                      # evaluation attacks always run in fp32
+    channels_last: bool = False       # student and teacher (and their inputs) in channels_last memory format
     teacher: Optional[dict] = None    # {"source": "file", "path", "arch"} | {"source": "trained", "arch", "dir"}
     teacher_run: Optional[dict] = None  # the self-trained teacher's own Config, as a dict
     schedule_source: str = ""         # where the method's official schedule comes from
@@ -146,7 +149,7 @@ def resolve(cli: dict, preset_name: str, preset: dict, eval_attack: dict) -> Con
 
     ``cli`` keys: student, method, hparams (dict of explicitly given method hyperparameters), teacher,
     teacher_arch, data, epochs, batch_size, lr, momentum, weight_decay, milestones, gamma, seed, device,
-    loader, threads, train_n, eval_n.
+    loader, threads, train_n, eval_n, amp, channels_last.
     """
     from rslad_fast import methods
 
@@ -216,6 +219,8 @@ def resolve(cli: dict, preset_name: str, preset: dict, eval_attack: dict) -> Con
         milestones=milestones,
         gamma=_pick(cli.get("gamma"), sch.gamma),
         device=device, loader=_pick(cli.get("loader"), "torch"), threads=threads,
+        amp=_pick(cli.get("amp"), preset.get("amp"), "fp32"),
+        channels_last=bool(_pick(cli.get("channels_last"), preset.get("channels_last"), False)),
         eval_attack=dict(eval_attack), eval_batch_size=int(preset.get("eval_batch_size", 500)),
         teacher=teacher, schedule_source=sch.source, versions=versions(),
     )
@@ -254,6 +259,8 @@ def validate(cfg: Config) -> None:
     _check(_is_int(cfg.eval_n) and cfg.eval_n >= 1, f"--eval-n must be an integer >= 1, got {cfg.eval_n!r}")
     _check(_is_int(cfg.threads) and cfg.threads >= 1, f"--threads must be an integer >= 1, got {cfg.threads!r}")
     _check(cfg.loader in ("torch", "dali"), f"--loader must be torch or dali, got {cfg.loader!r}")
+    _check(cfg.amp in ("fp32", "bf16"), f"--amp must be fp32 or bf16, got {cfg.amp!r}")
+    _check(isinstance(cfg.channels_last, bool), f"channels_last must be true or false, got {cfg.channels_last!r}")
     _check(_is_int(cfg.eval_batch_size) and cfg.eval_batch_size >= 1, "eval batch size must be >= 1")
     ea = cfg.eval_attack
     _check(0 <= ea["eps"] <= 1, f"evaluation eps must be in [0, 1], got {ea['eps']}")

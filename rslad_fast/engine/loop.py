@@ -1,9 +1,10 @@
 """One training epoch and the held-out evaluation. Nothing here writes files or touches global state.
 
-Per batch (the official codes' order): T(x) once under no_grad with the teacher in eval mode (distillation
-methods only), ``student.train()``, ``loss = method.loss(ctx)`` (the method runs its own attack inside, in
-whatever mode its official code uses), ``opt.zero_grad(set_to_none=True)``, ``loss.backward()``,
-``opt.step()``. The lr scheduler steps once per epoch, in the caller.
+Per batch, ``step.train_step`` (shared with the benchmarks), in the official codes' order: T(x) once with the
+teacher in eval mode (distillation methods only; under ``inference_mode``, where the official codes use
+no_grad: same numbers, less bookkeeping), ``student.train()``, ``loss = method.loss(ctx)`` (the method runs
+its own attack inside, in whatever mode its official code uses), ``opt.zero_grad(set_to_none=True)``,
+``loss.backward()``, ``opt.step()``. The lr scheduler steps once per epoch, in the caller.
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from rslad_fast.attacks.pgd import model_mode, pgd
-from rslad_fast.methods.base import Context
+
+from .step import train_step
 
 
 class Diverged(RuntimeError):
@@ -27,8 +29,13 @@ def _sync(device: torch.device) -> None:
 
 
 def train_one_epoch(*, student, method, loader, optimizer, epoch: int, teacher=None,
-                    generator: torch.Generator | None = None, bar=None) -> dict:
+                    generator: torch.Generator | None = None, bar=None, amp_dtype: torch.dtype | None = None,
+                    channels_last: bool = False) -> dict:
     """Train ``student`` for one epoch (``epoch`` counts from 0); return the epoch's means and timings.
+
+    ``amp_dtype`` (None: fp32, or torch.bfloat16) autocasts the student's and the teacher's passes;
+    ``channels_last`` puts each batch in channels_last memory format (the models must be converted by the
+    caller).
 
     ``bar`` (a tqdm bar or None) is advanced once per batch; its postfix shows the running loss and img/s,
     refreshed every few batches so that reading the loss (a device sync) stays rare.
@@ -41,19 +48,11 @@ def train_one_epoch(*, student, method, loader, optimizer, epoch: int, teacher=N
     _sync(device)
     t0 = time.perf_counter()
     for x, y in loader:
-        t_logits = None
-        if teacher is not None:
-            with torch.no_grad():
-                t_logits = teacher(x)
-        ctx = Context(student=student, x=x, y=y, teacher=teacher, teacher_logits=t_logits, epoch=epoch,
-                      generator=generator)
-        student.train()
-        loss = method.loss(ctx)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-        loss_sum += loss.detach().double()
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        loss, ctx = train_step(student, method, optimizer, x, y, teacher=teacher, epoch=epoch,
+                               generator=generator, amp_dtype=amp_dtype)
+        loss_sum += loss.double()
         for key, value in ctx.stats.items():
             if key == "loss":  # the same number as train_loss
                 continue

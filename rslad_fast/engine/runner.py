@@ -48,6 +48,7 @@ from .checkpoint import atomic_write_bytes, load_checkpoint, restore, save_check
 from .config import Config
 from .dist import Dist
 from .loop import evaluate, train_one_epoch
+from .step import AMP_DTYPES
 from .metrics import MetricsLog, plot_curves
 from .teacher import freeze, load_teacher
 
@@ -214,6 +215,10 @@ def run(prep: Prepared, run_dir, *, dist: Dist = Dist(), progress: bool = True, 
 
     seed_everything(cfg.seed)
     student = build(cfg.student).to(device)
+    if cfg.channels_last:  # after the seeded init: the same initial weights either way
+        student = student.to(memory_format=torch.channels_last)
+        if teacher is not None:
+            teacher = teacher.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.milestones), gamma=cfg.gamma)
@@ -254,7 +259,8 @@ def run(prep: Prepared, run_dir, *, dist: Dist = Dist(), progress: bool = True, 
             lr = optimizer.param_groups[0]["lr"]
             bar.set_description(f"{tag} ep {epoch + 1}/{cfg.epochs}")
             train_stats = train_one_epoch(student=student, method=method, loader=loader, optimizer=optimizer,
-                                          epoch=epoch, teacher=teacher, generator=generator, bar=bar)
+                                          epoch=epoch, teacher=teacher, generator=generator, bar=bar,
+                                          amp_dtype=AMP_DTYPES[cfg.amp], channels_last=cfg.channels_last)
             eval_gen = torch.Generator(device=device).manual_seed(mix_seed(cfg.seed, epoch, 0xE7A1))
             ev = evaluate(student, held_x, held_y, attack=cfg.eval_attack, batch_size=cfg.eval_batch_size,
                           generator=eval_gen)
