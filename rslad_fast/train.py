@@ -48,10 +48,11 @@ EVAL_ATTACK = dict(
 #   RSLAD's loop evaluated the whole test set every 20 epochs (every epoch from 215); we evaluate a fixed
 #   subset every epoch for the curves. Final numbers come from a separate full evaluation.
 # quick: a CPU-sized run that shows the whole pipeline and robust accuracy clearly above the 10% of chance
-#   on 2 cores: a training subset, few epochs, the training attack cut to `attack_steps` PGD steps (step
-#   size scaled so that steps * step_size, the distance the attack can travel, stays the official one:
-#   RSLAD 10 x 2/255 -> 2 x 10/255), the official lr decays collapsed into one x0.1 for the last epoch,
-#   IAD's warm-up length scaled by epochs / official epochs. Evaluation stays PGD-20. Everything else
+#   on 2 cores in about a quarter of an hour (teacher and student): a training subset, few epochs, the
+#   training attack cut to `attack_steps` PGD steps (step size scaled so that steps * step_size, the
+#   distance the attack can travel, stays the official one: RSLAD 10 x 2/255 -> 1 x 20/255, then projected
+#   to the 8/255 ball), the official lr decays collapsed into one x0.1 for the last epoch, IAD's warm-up
+#   length scaled by epochs / official epochs, channels_last on. Evaluation stays PGD-20. Everything else
 #   (lr, momentum, weight decay, loss, eps) is official.
 PRESETS = {
     "paper": dict(
@@ -61,20 +62,25 @@ PRESETS = {
         teacher_arch="wrn34-10",   # self-trained teacher (no --teacher): TRADES' WRN-34-10, the RSLAD teacher
     ),
     "quick": dict(
-        train_n=3000,              # training images: the first 3,000 (6% of CIFAR-10)
-        eval_n=500,                # held-out test images evaluated per epoch (PGD-20 on 500 images costs
-                                   # about as much as training on 1,000 with the 2-step attack)
-        eval_batch_size=250,       # images per evaluation batch
-        epochs=4,                  # epochs, for the student and for the self-trained teacher
+        # Cost on this 2-core CPU (measured 2026-11-25, batch 64, 2 threads, channels_last): ~54 ms per
+        # training image for TRADES mnv2 with the 1-step attack, ~50 ms for RSLAD mnv2 <- mnv2, ~0.29 s per
+        # held-out image for clean + PGD-20. Teacher 3 x 2,000 images ~5.5 min, student ~5 min, the
+        # per-epoch evaluations 6 x 200 images ~6 min.
+        train_n=2000,              # training images: the first 2,000 (4% of CIFAR-10)
+        eval_n=200,                # held-out test images evaluated per epoch (clean + PGD-20)
+        eval_batch_size=200,       # images per evaluation batch
+        epochs=3,                  # epochs, for the student and for the self-trained teacher
         batch_size=64,             # images per SGD step (official 128): twice the steps for the same
                                    # compute, which is what a run this short is limited by
-        attack_steps=2,            # training attack: PGD steps (official: 10), step size scaled as above
+        attack_steps=1,            # training attack: PGD steps (official: 10), step size scaled as above
         final_decay=True,          # lr milestones: [epochs - 1], lr x gamma (0.1) for the last epoch only
         scale_epoch_hparams=True,  # `epoch_hparams` scaled by epochs / official epochs
         epoch_hparams=("begin",),  # method hyperparameters counted in epochs (IAD's warm-up length)
+        channels_last=True,        # mnv2 on this CPU: 1.75 s vs 2.19 s per forward + input gradient of 128
+                                   # images (resnet18: 2.45 vs 2.31 s, so --no-channels-last for it)
         # Teacher: MobileNetV2 (0.09 GMACs/image), trained with TRADES. The zoo's alternatives: ResNet-18
-        # costs ~4x more per image (~2.1 s vs ~0.57 s per forward+input-gradient of 128 images on 2 cores),
-        # WRN-34-10 ~70x; the 5k-parameter `tiny` CNN trains in seconds but tops out near 17% PGD-20 (TRADES,
+        # costs ~2x more per training image here (115 vs 54 ms for the TRADES step above), WRN-34-10
+        # ~70x; the 5k-parameter `tiny` CNN trains in seconds but tops out near 17% PGD-20 (TRADES,
         # 20k images), too weak to be worth distilling from.
         teacher_arch="mnv2",
     ),
@@ -83,7 +89,8 @@ PRESETS = {
 # ---- 3. The command line -------------------------------------------------------------------------------
 
 ENGINE_FLAGS = ("student", "method", "teacher", "teacher_arch", "data", "epochs", "batch_size", "lr",
-                "momentum", "weight_decay", "milestones", "gamma", "seed", "device", "loader", "threads",
+                "momentum", "weight_decay", "milestones", "gamma", "seed", "device", "loader", "threads", "amp",
+                "channels_last",
                 "train_n", "eval_n", "preset", "out", "overwrite")
 
 
@@ -150,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data", metavar="DIR", help="folder holding cifar-10-batches-py/ (default ./data)")
     g.add_argument("--train-n", type=int, help="use the first N training images (default: preset; paper all)")
     g.add_argument("--eval-n", type=int, help="held-out test images (the first N) evaluated with clean and "
-                                              "PGD-20 accuracy after every epoch (default: paper 1000, quick 500)")
+                                              "PGD-20 accuracy after every epoch (default: paper 1000, quick 200)")
     g.add_argument("--out", metavar="RUN_DIR", help="run directory (default runs/<method>-<student>-<preset>-seed<seed>)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     g.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt, with its "
@@ -171,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--loader", choices=("torch", "dali"), help="training data loader (default torch; dali: CUDA only)")
     g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's default; recorded, and "
                                                "reused on resume for bitwise reproducibility)")
+    g.add_argument("--amp", choices=("fp32", "bf16"), help="training precision (default fp32; bf16: autocast of the "
+                   "student's and teacher's passes with fp32 master weights, for GPUs with bf16 units; "
+                   "evaluation always runs in fp32)")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels_last memory format for the models and batches (default: quick on, paper off; "
+                        "faster for mnv2 on the CPU and for bf16 on GPUs)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     g = p.add_argument_group("method hyperparameters (default: the chosen method's official value; a flag the "
@@ -203,14 +216,15 @@ def resolve_config(args: argparse.Namespace):
                teacher=args.teacher, teacher_arch=args.teacher_arch, data=args.data, epochs=args.epochs,
                batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
                milestones=args.milestones, gamma=args.gamma, seed=args.seed, device=args.device,
-               loader=args.loader, threads=args.threads, train_n=args.train_n, eval_n=args.eval_n)
+               loader=args.loader, threads=args.threads, train_n=args.train_n, eval_n=args.eval_n,
+               amp=args.amp, channels_last=args.channels_last)
     cfg = resolve(cli, preset_name, preset, EVAL_ATTACK)
     if cfg.teacher is not None and cfg.teacher["source"] == "trained":
         # The teacher: TRADES on the teacher architecture with the preset's settings; only the data,
         # execution settings and seed are shared with the student.
         tcli = dict(student=cfg.teacher["arch"], method="trades", hparams={}, data=cfg.data, seed=cfg.seed,
                     device=cfg.device, loader=cfg.loader, threads=cfg.threads, train_n=cfg.train_n,
-                    eval_n=cfg.eval_n)
+                    eval_n=cfg.eval_n, amp=cfg.amp, channels_last=cfg.channels_last)
         cfg.teacher_run = resolve(tcli, preset_name, preset, EVAL_ATTACK).to_dict()
         cfg.teacher_run["versions"] = cfg.versions
     return cfg
@@ -227,7 +241,8 @@ def main(argv=None) -> int:
         dist = Dist.from_env()
         if args.resume:
             given = [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
-                     if (k in ENGINE_FLAGS or k.startswith("hp_")) and v not in (None, False)]
+                     if (k in ENGINE_FLAGS or k.startswith("hp_"))
+                     and (v not in (None, False) or (k == "channels_last" and v is not None))]
             if given:
                 raise UserError(f"--resume takes every setting from RUN_DIR/config.json; drop {', '.join(given)}")
             run_dir = Path(args.resume)
@@ -244,7 +259,8 @@ def main(argv=None) -> int:
             print(f"{'resume' if args.resume else 'run'} {run_dir}: {cfg.method} {cfg.student}, preset "
                   f"{cfg.preset}, {cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr:g} "
                   f"(x{cfg.gamma:g} at {cfg.milestones}), wd {cfg.weight_decay:g}, train images "
-                  f"{len(prep.train[0])}, eval {cfg.eval_n}, device {cfg.device}, {cfg.threads} threads"
+                  f"{len(prep.train[0])}, eval {cfg.eval_n}, device {cfg.device}, {cfg.threads} threads, {cfg.amp}"
+                  f"{', channels_last' if cfg.channels_last else ''}"
                   + (f", teacher {teacher}" if teacher else ""), flush=True)
         summary = run(prep, run_dir, dist=dist, progress=not args.no_progress)
     except UserError as e:
