@@ -2,12 +2,20 @@
 # One command for the lent GPU machine (see DEVELOPERS.md): build the CUDA ops, run the CUDA tests and the
 # benchmarks, and write a JSON + Markdown summary under $OUT.
 #
-#   run (device tool): bash scripts/gpu_check.sh        carry: ["wheelhouse"]
+#   here, once:  bash scripts/gpu_wheelhouse.sh; mkdir -p shared_data && cp ../shared/data/* shared_data/
+#   device tool, call 1:  STAGES="build tests" bash scripts/gpu_check.sh   carry: ["wheelhouse"]
+#   device tool, call 2:  STAGES=bench bash scripts/gpu_check.sh           (a call runs at most 600 s)
+#   device tool, call 3:  STAGES=quick bash scripts/gpu_check.sh           carry: ["shared_data"]
+# The calls must follow each other while the machine stays warm (it keeps the installed wheels and the
+# in-place build); a cold machine needs call 1 again.
 #
 # That machine has Python 3.12 and torch 2.11.0+cu130 but no internet and no DALI. What else the checks
-# import (pytest, pytest-benchmark, torchvision, tqdm, ...) comes from ./wheelhouse, filled here beforehand
-# by scripts/gpu_wheelhouse.sh and carried along. DALI's wheel is too big to carry in one call: the loader
-# benchmark then reports DALI as skipped.
+# import (pytest, pytest-benchmark, torchvision, tqdm, numpy, matplotlib, setuptools and ninja for the
+# build, ...) comes from ./wheelhouse (48 MiB), filled here beforehand by scripts/gpu_wheelhouse.sh and
+# carried along; the wheels stay installed while the machine stays warm. The CIFAR-10 archive and its
+# prepare script (../shared/data, 18 MiB) do not fit in the same call's 64 MiB: call 3 carries them as
+# ./shared_data (git-ignored). DALI's wheel is too big to carry in one call: the loader benchmark then
+# reports DALI as skipped.
 #
 # Environment: OUT (default ./gpu_out), STAGES (default "build tests bench quick"), GPU_CHECK_ALLOW_CPU=1
 # to dry-run the script's logic on a machine without a GPU.
@@ -71,9 +79,11 @@ fi
 # 6. Accuracy target: the quick preset in fp32 and in bf16, side by side, on real CIFAR-10 when it is here.
 if [[ " $STAGES " == *" quick "* ]]; then
   data=${DATA:-data}
-  if [ ! -d "$data/cifar-10-batches-py" ] && [ -f ../shared/data/prepare_cifar10.py ]; then
-    step prepare "$PY" ../shared/data/prepare_cifar10.py "$data"
-  fi
+  for src in shared_data ../shared/data; do  # carried copy first, then a checkout's sibling
+    if [ ! -d "$data/cifar-10-batches-py" ] && [ -f "$src/prepare_cifar10.py" ]; then
+      step prepare "$PY" "$src/prepare_cifar10.py" "$data"
+    fi
+  done
   if [ -d "$data/cifar-10-batches-py" ]; then
     for amp in fp32 bf16; do
       step "quick_$amp" "$PY" -m rslad_fast.train --preset quick --student mnv2 --data "$data" \
