@@ -6,6 +6,10 @@
 - The student's forward and backward passes (attack included) run under autocast to `amp_dtype` when it is
   set; the parameters, their gradients and the optimizer state stay float32 (fp32 master weights).
 - Evaluation attacks never go through here: they always run in float32.
+- Under DDP (torchrun), `student` is the DistributedDataParallel wrapper: the method's training forwards go
+  through it (so backward all-reduces the gradients), while its attack and no-grad passes run on the plain
+  module, `ctx.attack_model`: the input-gradient passes then trigger no gradient all-reduce, and the
+  CUDA-graph attack loop captures the module's own kernels. In a single process both are the same module.
 """
 import contextlib
 from typing import Optional
@@ -29,12 +33,21 @@ def teacher_logits(teacher: torch.nn.Module, x: torch.Tensor, amp_dtype: Optiona
     return logits.float().clone()
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a DistributedDataParallel wrapper; any other model unchanged."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
 def train_step(student, method, optimizer, x, y, *, teacher=None, epoch: int = 0,
                generator: Optional[torch.Generator] = None, amp_dtype: Optional[torch.dtype] = None):
-    """Runs one SGD step of `method` on (x, y); returns (detached loss, the method's Context with stats)."""
+    """Runs one SGD step of `method` on (x, y); returns (detached loss, the method's Context with stats).
+
+    `student` may be a DDP wrapper; the attacks then run on the module inside it (see the module doc)."""
     t_logits = teacher_logits(teacher, x, amp_dtype) if teacher is not None else None
     ctx = Context(student=student, x=x, y=y, teacher=teacher, teacher_logits=t_logits, epoch=epoch,
-                  generator=generator)
+                  generator=generator, attack_model=unwrap(student))
     student.train()
     with autocast(x.device, amp_dtype):
         loss = method.loss(ctx)

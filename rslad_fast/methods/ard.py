@@ -61,14 +61,14 @@ class ARD(Method):
 
     def attack(self, ctx: Context) -> torch.Tensor:
         y = ctx.y
-        return pgd(ctx.student, ctx.x, lambda logits: F.cross_entropy(logits, y),
+        return pgd(ctx.attack_model, ctx.x, lambda logits: F.cross_entropy(logits, y),
                    eps=self.eps, alpha=self.step_size, steps=self.steps, start="uniform",
                    mode="train", generator=ctx.generator)
 
     def attack_objective(self, ctx: Context, x_adv: torch.Tensor) -> torch.Tensor:
         # Train mode, as the attack; the BatchNorm running averages are put back afterwards.
-        with model_mode(ctx.student, "train"), preserved_buffers(ctx.student), torch.no_grad():
-            return F.cross_entropy(ctx.student(x_adv), ctx.y)
+        with model_mode(ctx.attack_model, "train"), preserved_buffers(ctx.attack_model), torch.no_grad():
+            return F.cross_entropy(ctx.attack_model(x_adv), ctx.y)
 
     def _distill(self, logits_adv, t_logits, reduction):
         """tau^2 * KL(T^tau(x) || S^tau(x')) with the given reduction."""

@@ -47,6 +47,11 @@ class Context:
 
     teacher_logits: T(x) on the natural batch, computed once by the engine with the teacher in eval mode
     under no_grad (None for methods without a teacher). epoch counts from 0.
+    student / attack_model: the training forwards (the ones the loss backpropagates into the parameters) go
+    through `student`, which under torchrun is the DistributedDataParallel wrapper; the attack and every
+    no-grad pass go through `attack_model`, the plain module (never a DDP wrapper), so that the attack's
+    input-gradient passes trigger no gradient all-reduce and the CUDA-graph loop captures plain kernels.
+    `attack_model` defaults to `student` (a single process: one and the same module).
     stats: filled by `loss` with detached 0-dim tensors (not Python floats, so that logging them costs no
     device sync per batch); `float(v)` turns one into a number.
     """
@@ -58,6 +63,11 @@ class Context:
     epoch: int = 0
     generator: Optional[torch.Generator] = None
     stats: Dict[str, float] = field(default_factory=dict)
+    attack_model: Optional[torch.nn.Module] = None
+
+    def __post_init__(self):
+        if self.attack_model is None:
+            self.attack_model = self.student
 
 
 class Method:
@@ -90,7 +100,9 @@ class Method:
         return None
 
     def attack_objective(self, ctx: Context, x_adv: torch.Tensor) -> torch.Tensor:
-        """The scalar `attack` maximizes, evaluated at x_adv (with the model in the attack's mode)."""
+        """The scalar `attack` maximizes, evaluated at x_adv (with the model in the attack's mode).
+
+        Both run on `ctx.attack_model`; the training forwards of `loss_at` on `ctx.student`."""
         raise NotImplementedError
 
     def loss(self, ctx: Context) -> torch.Tensor:

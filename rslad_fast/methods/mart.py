@@ -49,13 +49,13 @@ class MART(Method):
 
     def attack(self, ctx: Context) -> torch.Tensor:
         y = ctx.y
-        return pgd(ctx.student, ctx.x, lambda logits: F.cross_entropy(logits, y),
+        return pgd(ctx.attack_model, ctx.x, lambda logits: F.cross_entropy(logits, y),
                    eps=self.eps, alpha=self.step_size, steps=self.steps, start="normal",
                    init_std=self.init_std, mode="eval", generator=ctx.generator)
 
     def attack_objective(self, ctx: Context, x_adv: torch.Tensor) -> torch.Tensor:
-        with model_mode(ctx.student, "eval"), torch.no_grad():
-            return F.cross_entropy(ctx.student(x_adv), ctx.y)
+        with model_mode(ctx.attack_model, "eval"), torch.no_grad():
+            return F.cross_entropy(ctx.attack_model(x_adv), ctx.y)
 
     def loss_at(self, ctx: Context, x_adv: torch.Tensor) -> torch.Tensor:
         y = ctx.y

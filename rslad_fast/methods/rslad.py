@@ -61,14 +61,14 @@ class RSLAD(Method):
         self.cuda_graph = value
 
     def attack(self, ctx: Context) -> torch.Tensor:
-        return fused_kl_pgd(ctx.student, ctx.x, teacher_logits(ctx), eps=self.eps, alpha=self.step_size,
+        return fused_kl_pgd(ctx.attack_model, ctx.x, teacher_logits(ctx), eps=self.eps, alpha=self.step_size,
                             steps=self.steps, init_std=self.init_std, cuda_graph=self.cuda_graph,
                             generator=ctx.generator)
 
     def attack_objective(self, ctx: Context, x_adv: torch.Tensor) -> torch.Tensor:
         t_logits = teacher_logits(ctx)
-        with model_mode(ctx.student, "eval"), torch.no_grad():
-            s = upcast(ctx.student(x_adv))
+        with model_mode(ctx.attack_model, "eval"), torch.no_grad():
+            s = upcast(ctx.attack_model(x_adv))
             return ops.softmax_kl(s, t_logits.to(s.dtype), reduction="sum")
 
     def loss_at(self, ctx: Context, x_adv: torch.Tensor) -> torch.Tensor:

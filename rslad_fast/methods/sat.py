@@ -44,13 +44,13 @@ class SAT(Method):
 
     def attack(self, ctx: Context) -> torch.Tensor:
         y = ctx.y
-        return pgd(ctx.student, ctx.x, lambda logits: F.cross_entropy(logits, y),
+        return pgd(ctx.attack_model, ctx.x, lambda logits: F.cross_entropy(logits, y),
                    eps=self.eps, alpha=self.step_size, steps=self.steps, start="uniform",
                    mode=self.attack_mode, generator=ctx.generator)
 
     def attack_objective(self, ctx: Context, x_adv: torch.Tensor) -> torch.Tensor:
-        with model_mode(ctx.student, self.attack_mode), preserved_buffers(ctx.student), torch.no_grad():
-            return F.cross_entropy(ctx.student(x_adv), ctx.y)
+        with model_mode(ctx.attack_model, self.attack_mode), preserved_buffers(ctx.attack_model), torch.no_grad():
+            return F.cross_entropy(ctx.attack_model(x_adv), ctx.y)
 
     def loss_at(self, ctx: Context, x_adv: torch.Tensor) -> torch.Tensor:
         logits_adv = ctx.student(x_adv)

@@ -49,15 +49,15 @@ class TRADES(Method):
         return ops.softmax_kl(upcast(logits_adv), upcast(logits_nat), reduction="sum")
 
     def attack(self, ctx: Context) -> torch.Tensor:
-        with model_mode(ctx.student, "eval"), torch.no_grad():
-            target = ctx.student(ctx.x)  # f(x) in eval mode: a constant during the attack, as in trades.py
-        return pgd(ctx.student, ctx.x, lambda logits: self._kl_sum(logits, target),
+        with model_mode(ctx.attack_model, "eval"), torch.no_grad():
+            target = ctx.attack_model(ctx.x)  # f(x) in eval mode: a constant during the attack, as in trades.py
+        return pgd(ctx.attack_model, ctx.x, lambda logits: self._kl_sum(logits, target),
                    eps=self.eps, alpha=self.step_size, steps=self.steps, start="normal",
                    init_std=self.init_std, mode="eval", generator=ctx.generator)
 
     def attack_objective(self, ctx: Context, x_adv: torch.Tensor) -> torch.Tensor:
-        with model_mode(ctx.student, "eval"), torch.no_grad():
-            return self._kl_sum(ctx.student(x_adv), ctx.student(ctx.x))
+        with model_mode(ctx.attack_model, "eval"), torch.no_grad():
+            return self._kl_sum(ctx.attack_model(x_adv), ctx.attack_model(ctx.x))
 
     def loss_at(self, ctx: Context, x_adv: torch.Tensor) -> torch.Tensor:
         logits_nat = ctx.student(ctx.x)
