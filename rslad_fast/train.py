@@ -13,12 +13,20 @@
     # continue a run killed at any moment (bitwise the same result on the CPU)
     python -m rslad_fast.train --resume runs/rslad_rn18
 
+    # 4 GPUs of one node (DDP): --batch-size is per process, 4 x 32 = the paper's global 128; lr as given
+    torchrun --nproc_per_node=4 -m rslad_fast.train --student resnet18 --teacher model_cifar_wrn.pt \
+        --batch-size 32 --out runs/rslad_rn18_ddp
+
 Data: ``--data DIR`` is the folder holding ``cifar-10-batches-py/`` (default ``./data``). On these
 machines prepare it from the shared JPEG copy with ``python ../shared/data/prepare_cifar10.py ./data``;
 elsewhere a missing set is downloaded when the host is reachable.
 
 What a run writes (see rslad_fast/engine/runner.py): config.json, metrics.jsonl, curves.png, last.pt,
 best.pt and, for a distillation method without --teacher, the teacher's own run in teacher/.
+
+Multi-process (torchrun, DDP; README "Multi-GPU and multi-node"): --batch-size is per process, so the global
+batch is --batch-size x WORLD_SIZE; the lr is used as given at every world size, not scaled. Only rank 0
+writes; --resume works with another number of processes (not bitwise then).
 
 Every setting resolves as: the command line, else the preset, else the method's official value (its
 HPARAMS and SCHEDULE, cited in rslad_fast/methods/<method>.py). The values of this file are below, each
@@ -27,6 +35,7 @@ documented once, next to it.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -89,13 +98,15 @@ PRESETS = {
 
 ENGINE_FLAGS = ("student", "method", "teacher", "teacher_arch", "data", "epochs", "batch_size", "lr",
                 "momentum", "weight_decay", "milestones", "gamma", "seed", "device", "loader", "threads", "amp",
-                "channels_last",
+                "channels_last", "sync_bn",
                 "train_n", "eval_n", "preset", "out", "overwrite")
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, "error: ...", exit 2 (argparse would print the usage too)
-        print(f"error: {message} (see --help)", file=sys.stderr)
+        # under torchrun every process of a node parses the same command line: one of them says it
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"error: {message} (see --help)", file=sys.stderr)
         raise SystemExit(2)
 
 
@@ -164,8 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-download", action="store_true", help="never try to download CIFAR-10")
     g = p.add_argument_group("optimization (default: the method's official schedule)")
     g.add_argument("--epochs", type=int, help="training epochs")
-    g.add_argument("--batch-size", type=int, help="images per SGD step")
-    g.add_argument("--lr", type=_number, help="initial learning rate")
+    g.add_argument("--batch-size", type=int, help="images per SGD step and process: under torchrun the global "
+                                                  "batch is this x WORLD_SIZE")
+    g.add_argument("--lr", type=_number, help="initial learning rate, used as given whatever the number of "
+                                              "processes (not scaled with the global batch)")
     g.add_argument("--momentum", type=_number, help="SGD momentum")
     g.add_argument("--weight-decay", type=_number, help="L2 weight decay (SGD weight_decay)")
     g.add_argument("--milestones", type=_milestones, help="comma-separated 0-based epochs at which lr *= gamma "
@@ -183,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels_last memory format for the models and batches (default: quick on, paper off; "
                         "faster for mnv2 on the CPU and for bf16 on GPUs)")
+    g.add_argument("--sync-bn", action="store_true", default=None,
+                   help="under torchrun: SyncBatchNorm, batch statistics over all processes (CUDA only); default: "
+                        "BatchNorm per process, as single-GPU training")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     g = p.add_argument_group("method hyperparameters (default: the chosen method's official value; a flag the "
@@ -216,28 +232,46 @@ def resolve_config(args: argparse.Namespace):
                batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
                milestones=args.milestones, gamma=args.gamma, seed=args.seed, device=args.device,
                loader=args.loader, threads=args.threads, train_n=args.train_n, eval_n=args.eval_n,
-               amp=args.amp, channels_last=args.channels_last)
+               amp=args.amp, channels_last=args.channels_last, sync_bn=args.sync_bn)
     cfg = resolve(cli, preset_name, preset, EVAL_ATTACK)
     if cfg.teacher is not None and cfg.teacher["source"] == "trained":
         # The teacher: TRADES on the teacher architecture with the preset's settings; only the data,
         # execution settings and seed are shared with the student.
         tcli = dict(student=cfg.teacher["arch"], method="trades", hparams={}, data=cfg.data, seed=cfg.seed,
                     device=cfg.device, loader=cfg.loader, threads=cfg.threads, train_n=cfg.train_n,
-                    eval_n=cfg.eval_n, amp=cfg.amp, channels_last=cfg.channels_last)
+                    eval_n=cfg.eval_n, amp=cfg.amp, channels_last=cfg.channels_last, sync_bn=cfg.sync_bn)
         cfg.teacher_run = resolve(tcli, preset_name, preset, EVAL_ATTACK).to_dict()
         cfg.teacher_run["versions"] = cfg.versions
     return cfg
 
 
 def main(argv=None) -> int:
-    from rslad_fast.engine import (Dist, Diverged, check_out_dir, create_run_dir, prepare, read_config, run)
+    from rslad_fast.engine import Dist
     from rslad_fast.errors import UserError
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    run_dir = args.resume or args.out or "RUN_DIR"
     try:
         dist = Dist.from_env()
+    except UserError as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    dist.init()  # torchrun: join the process group (a single process: nothing)
+    try:
+        return _main(args, dist)
+    finally:
+        dist.close()
+
+
+def _main(args, dist) -> int:
+    from rslad_fast.engine import Diverged, check_out_dir, create_run_dir, prepare, read_config, run
+    from rslad_fast.errors import UserError
+
+    run_dir = args.resume or args.out or "RUN_DIR"
+    # Phase 1, on every rank: every check that can fail on user input; nothing is written. The ranks then
+    # agree (one collective): if any failed, rank 0 prints the first error and all of them exit, none waits.
+    error = None
+    try:
         if args.resume:
             given = [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
                      if (k in ENGINE_FLAGS or k.startswith("hp_"))
@@ -250,27 +284,46 @@ def main(argv=None) -> int:
             cfg = resolve_config(args)
             run_dir = Path(args.out or f"runs/{cfg.method}-{cfg.student}-{cfg.preset}-seed{cfg.seed}")
             check_out_dir(run_dir, args.overwrite)
+        dist.device(cfg.device)  # torchrun: one GPU per local rank
         prep = prepare(cfg, download=False if args.no_download else "auto")  # all checks; writes nothing
+    except UserError as e:
+        error = " ".join(str(e).split())
+    error = dist.first_error(error)
+    if error is not None:
+        if dist.is_main:
+            print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    try:
         if not args.resume:
             create_run_dir(run_dir, cfg, overwrite=args.overwrite, dist=dist)
+        dist.barrier()  # rank 0 has created (or emptied) the run directory before any rank looks into it
         if dist.is_main:
             teacher = cfg.teacher and (cfg.teacher.get("path") or f"self-trained {cfg.teacher['arch']} (TRADES)")
+            batch = f"batch {cfg.batch_size}"
+            if dist.launched:
+                batch += f" x {dist.world_size} processes = {cfg.batch_size * dist.world_size}" + \
+                         (", SyncBatchNorm" if cfg.sync_bn else ", BatchNorm per process")
             print(f"{'resume' if args.resume else 'run'} {run_dir}: {cfg.method} {cfg.student}, preset "
-                  f"{cfg.preset}, {cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr:g} "
+                  f"{cfg.preset}, {cfg.epochs} epochs, {batch}, lr {cfg.lr:g} "
                   f"(x{cfg.gamma:g} at {cfg.milestones}), wd {cfg.weight_decay:g}, train images "
                   f"{len(prep.train[0])}, eval {cfg.eval_n}, device {cfg.device}, {cfg.threads} threads, {cfg.amp}"
                   f"{', channels_last' if cfg.channels_last else ''}"
                   + (f", teacher {teacher}" if teacher else ""), flush=True)
         summary = run(prep, run_dir, dist=dist, progress=not args.no_progress)
     except UserError as e:
+        # after the agreement: a broken checkpoint or a changed run directory, seen by the rank(s) reading
+        # it; torchrun stops the others
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    except Diverged as e:
-        print(f"error: {e}", file=sys.stderr)
+    except Diverged as e:  # the epoch's loss is all-reduced: every rank diverges together; one says it
+        if dist.is_main:
+            print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"\ninterrupted; continue with: python -m rslad_fast.train --resume {run_dir}",
-              file=sys.stderr)
+        if dist.is_main:
+            print(f"\ninterrupted; continue with: python -m rslad_fast.train --resume {run_dir}",
+                  file=sys.stderr)
         return 130
     if dist.is_main and summary:
         print(f"done {run_dir}: clean {100 * summary.get('clean_acc', float('nan')):.2f}%, PGD-20 "

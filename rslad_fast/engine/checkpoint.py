@@ -6,11 +6,18 @@ A checkpoint (``last.pt``, ``best.pt``) is one dict::
      'model': student state_dict,          'optimizer': SGD state_dict,   'scheduler': MultiStepLR state_dict,
      'epoch': completed epochs (1-based count; resume trains epoch index `epoch` next),
      'best_acc': best held-out PGD-20 accuracy so far (fraction, -1.0 before any evaluation),
-     'rng': {'torch', 'cuda', 'numpy', 'python', 'train_generator', 'loader'},
+     'rng': {'torch', 'cuda', 'numpy', 'python', 'train_generator', 'loader', 'world_size', 'train_generators'},
      'config': the run's resolved config (plain JSON types)}
 
 Everything in it is a tensor, a number, a string, None or a list/tuple/dict/Counter of those, so
 ``torch.load(path, weights_only=True)`` reads it (numpy's RNG state is stored as tensors for that reason).
+
+Under torchrun only rank 0 writes; the model is the plain module (no DDP ``module.`` prefix), and
+``rng['train_generators']`` holds every rank's attack generator (``train_generator`` is rank 0's), with the
+``world_size`` that trained. Resuming at the same world size restores each rank's own stream (bitwise as an
+uninterrupted run, on the CPU); at another world size the model, optimizer, scheduler and epoch continue
+exactly, and the per-rank streams are re-derived (see ``runner.run``): a correct continuation, not bitwise
+any uninterrupted run, since the shards, the per-rank batches and the gradient averaging differ.
 
 Atomic: the file is written to a temporary name in the same directory, flushed and fsynced, then
 ``os.replace``d over the target, so a run killed at any moment leaves either the old or the new checkpoint,
@@ -72,12 +79,16 @@ def atomic_save(obj, path) -> None:
 
 # ---- RNG states ------------------------------------------------------------------------------------------
 
-def rng_state(train_generator: torch.Generator | None, *, loader_seed: int, next_epoch: int) -> dict:
+def rng_state(train_generator: torch.Generator | None, *, loader_seed: int, next_epoch: int,
+              train_generators: list | None = None, world_size: int = 1) -> dict:
     """Every random stream the training loop touches, as weights_only-loadable values.
 
     The loader's shuffle and augmentation are pure functions of ``(seed, epoch, rank)`` (see
     ``data.loaders``), so its "state" is just the seed and the next epoch; they are recorded for checking.
+    ``train_generators``: every rank's generator state (default: ``[train_generator]``'s).
     """
+    if train_generators is None:
+        train_generators = [] if train_generator is None else [train_generator.get_state()]
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
@@ -88,11 +99,21 @@ def rng_state(train_generator: torch.Generator | None, *, loader_seed: int, next
         "train_generator": None if train_generator is None else train_generator.get_state(),
         "train_generator_device": None if train_generator is None else str(train_generator.device),
         "loader": {"seed": int(loader_seed), "next_epoch": int(next_epoch)},
+        "world_size": int(world_size),
+        "train_generators": list(train_generators),
     }
 
 
-def set_rng_state(state: dict, train_generator: torch.Generator | None) -> None:
-    """Restore what :func:`rng_state` captured (CUDA states only when the device count matches)."""
+def saved_world_size(state: dict) -> int:
+    """The world size that wrote ``state`` (checkpoints from before multi-process training: 1)."""
+    return int(state.get("world_size", 1))
+
+
+def set_rng_state(state: dict, train_generator: torch.Generator | None, *, rank: int = 0) -> None:
+    """Restore what :func:`rng_state` captured (CUDA states only when the device count matches).
+
+    ``train_generator`` gets rank ``rank``'s saved state when there is one (else rank 0's); the caller
+    re-seeds it when the world size changed."""
     torch.set_rng_state(state["torch"])
     cuda = state.get("cuda") or []
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
@@ -102,14 +123,19 @@ def set_rng_state(state: dict, train_generator: torch.Generator | None) -> None:
                          n["cached_gaussian"]))
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
-    if train_generator is not None and state.get("train_generator") is not None:
-        train_generator.set_state(state["train_generator"])
+    if train_generator is not None:
+        per_rank = state.get("train_generators") or []
+        if rank < len(per_rank):
+            train_generator.set_state(per_rank[rank])
+        elif state.get("train_generator") is not None:
+            train_generator.set_state(state["train_generator"])
 
 
 # ---- save / load -----------------------------------------------------------------------------------------
 
 def save_checkpoint(path, *, model, optimizer, scheduler, epoch: int, best_acc: float, config: dict,
-                    train_generator: torch.Generator | None, loader_seed: int) -> None:
+                    train_generator: torch.Generator | None, loader_seed: int,
+                    train_generators: list | None = None, world_size: int = 1) -> None:
     atomic_save({
         "format": FORMAT,
         "model": model.state_dict(),
@@ -117,7 +143,8 @@ def save_checkpoint(path, *, model, optimizer, scheduler, epoch: int, best_acc: 
         "scheduler": scheduler.state_dict(),
         "epoch": int(epoch),
         "best_acc": float(best_acc),
-        "rng": rng_state(train_generator, loader_seed=loader_seed, next_epoch=epoch),
+        "rng": rng_state(train_generator, loader_seed=loader_seed, next_epoch=epoch,
+                         train_generators=train_generators, world_size=world_size),
         "config": config,
     }, path)
 
@@ -142,9 +169,10 @@ def load_checkpoint(path) -> dict:
     return ckpt
 
 
-def restore(ckpt: dict, *, model, optimizer, scheduler, train_generator: torch.Generator | None) -> None:
+def restore(ckpt: dict, *, model, optimizer, scheduler, train_generator: torch.Generator | None,
+            rank: int = 0) -> None:
     """Put model, optimizer, scheduler and all RNG streams back to the state saved in ``ckpt``."""
     model.load_state_dict(ckpt["model"], strict=True)
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
-    set_rng_state(ckpt["rng"], train_generator)
+    set_rng_state(ckpt["rng"], train_generator, rank=rank)

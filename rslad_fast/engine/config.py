@@ -36,8 +36,8 @@ class Config:
     train_n: Optional[int]            # first train_n training images (None: all 50,000)
     eval_n: int                       # first eval_n test images, evaluated after every epoch
     epochs: int
-    batch_size: int                   # per process
-    lr: float
+    batch_size: int                   # per process: under torchrun the global batch is batch_size x WORLD_SIZE
+    lr: float                         # used as given at any world size (not scaled with the global batch)
     momentum: float
     weight_decay: float
     milestones: list                  # 0-based epochs (MultiStepLR convention) at which lr *= gamma
@@ -50,6 +50,9 @@ class Config:
     amp: str = "fp32"                 # training precision: "fp32", or "bf16" autocast (fp32 master weights);
                                       # evaluation attacks always run in fp32
     channels_last: bool = False       # student and teacher (and their inputs) in channels_last memory format
+    sync_bn: bool = False             # under torchrun: SyncBatchNorm (batch statistics over all ranks); False:
+                                      # BatchNorm per rank, as single-GPU training (CUDA only: torch's
+                                      # SyncBatchNorm does not run on the CPU)
     teacher: Optional[dict] = None    # {"source": "file", "path", "arch"} | {"source": "trained", "arch", "dir"}
     teacher_run: Optional[dict] = None  # the self-trained teacher's own Config, as a dict
     schedule_source: str = ""         # where the method's official schedule comes from
@@ -149,7 +152,7 @@ def resolve(cli: dict, preset_name: str, preset: dict, eval_attack: dict) -> Con
 
     ``cli`` keys: student, method, hparams (dict of explicitly given method hyperparameters), teacher,
     teacher_arch, data, epochs, batch_size, lr, momentum, weight_decay, milestones, gamma, seed, device,
-    loader, threads, train_n, eval_n, amp, channels_last.
+    loader, threads, train_n, eval_n, amp, channels_last, sync_bn.
     """
     from rslad_fast import methods
 
@@ -221,6 +224,7 @@ def resolve(cli: dict, preset_name: str, preset: dict, eval_attack: dict) -> Con
         device=device, loader=_pick(cli.get("loader"), "torch"), threads=threads,
         amp=_pick(cli.get("amp"), preset.get("amp"), "fp32"),
         channels_last=bool(_pick(cli.get("channels_last"), preset.get("channels_last"), False)),
+        sync_bn=bool(cli.get("sync_bn") or False),
         eval_attack=dict(eval_attack), eval_batch_size=int(preset.get("eval_batch_size", 500)),
         teacher=teacher, schedule_source=sch.source, versions=versions(),
     )
@@ -261,6 +265,10 @@ def validate(cfg: Config) -> None:
     _check(cfg.loader in ("torch", "dali"), f"--loader must be torch or dali, got {cfg.loader!r}")
     _check(cfg.amp in ("fp32", "bf16"), f"--amp must be fp32 or bf16, got {cfg.amp!r}")
     _check(isinstance(cfg.channels_last, bool), f"channels_last must be true or false, got {cfg.channels_last!r}")
+    _check(isinstance(cfg.sync_bn, bool), f"sync_bn must be true or false, got {cfg.sync_bn!r}")
+    _check(not cfg.sync_bn or cfg.device.startswith("cuda"),
+           f"--sync-bn needs CUDA devices (torch's SyncBatchNorm does not run on the CPU) but the device is "
+           f"{cfg.device}; drop --sync-bn (BatchNorm is then per rank) or train with --device cuda")
     _check(_is_int(cfg.eval_batch_size) and cfg.eval_batch_size >= 1, "eval batch size must be >= 1")
     ea = cfg.eval_attack
     _check(0 <= ea["eps"] <= 1, f"evaluation eps must be in [0, 1], got {ea['eps']}")

@@ -5,6 +5,11 @@ teacher in eval mode (distillation methods only; under ``inference_mode``, where
 no_grad: same numbers, less bookkeeping), ``student.train()``, ``loss = method.loss(ctx)`` (the method runs
 its own attack inside, in whatever mode its official code uses), ``opt.zero_grad(set_to_none=True)``,
 ``loss.backward()``, ``opt.step()``. The lr scheduler steps once per epoch, in the caller.
+
+Under torchrun (``dist`` active) ``student`` is the DDP wrapper and each rank trains on its own shard (same
+number of steps on every rank: the loader pads its shards); the epoch's statistics are averaged over the
+ranks (one all-reduce per epoch) so every rank reports, and rank 0 logs, the whole epoch. The evaluation
+splits the held images into one contiguous slice per rank and sums the correct counts.
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ def _sync(device: torch.device) -> None:
 
 def train_one_epoch(*, student, method, loader, optimizer, epoch: int, teacher=None,
                     generator: torch.Generator | None = None, bar=None, amp_dtype: torch.dtype | None = None,
-                    channels_last: bool = False) -> dict:
+                    channels_last: bool = False, dist=None) -> dict:
     """Train ``student`` for one epoch (``epoch`` counts from 0); return the epoch's means and timings.
 
     ``amp_dtype`` (None: fp32, or torch.bfloat16) autocasts the student's and the teacher's passes;
@@ -39,6 +44,9 @@ def train_one_epoch(*, student, method, loader, optimizer, epoch: int, teacher=N
 
     ``bar`` (a tqdm bar or None) is advanced once per batch; its postfix shows the running loss and img/s,
     refreshed every few batches so that reading the loss (a device sync) stays rare.
+
+    ``dist`` (an active ``engine.dist.Dist``): the returned means are over every rank's batches and
+    ``images_per_s`` counts every rank's images (the bar shows this rank's running numbers).
     """
     device = next(student.parameters()).device
     loader.set_epoch(epoch)
@@ -66,6 +74,8 @@ def train_one_epoch(*, student, method, loader, optimizer, epoch: int, teacher=N
                 elapsed = time.perf_counter() - t0
                 bar.set_postfix(loss=f"{float(loss_sum) / n_batches:.4f}", img_s=f"{n_images / max(elapsed, 1e-9):.0f}",
                                 refresh=False)
+    if dist is not None and dist.active:
+        return _reduced_epoch(dist, device, epoch, t0, loss_sum, stat_sums, n_batches, n_images)
     _sync(device)
     dt = time.perf_counter() - t0
     out = {"train_loss": float(loss_sum) / max(n_batches, 1)}
@@ -77,15 +87,43 @@ def train_one_epoch(*, student, method, loader, optimizer, epoch: int, teacher=N
     return out
 
 
+def _reduced_epoch(dist, device, epoch, t0, loss_sum, stat_sums, n_batches, n_images) -> dict:
+    """The epoch's means over all ranks: sums of every rank's loss, statistics and counts in one all-reduce
+    (float64; each rank has as many batches as the others, so this is the mean of the rank means)."""
+    keys = list(stat_sums)  # the same method on every rank: the same keys in the same order
+    parts = [loss_sum.reshape(1)] + [torch.as_tensor(stat_sums[k], dtype=torch.float64, device=device).reshape(1)
+                                     for k in keys]
+    parts.append(torch.tensor([n_batches, n_images], dtype=torch.float64, device=device))
+    total = dist.all_reduce_sum_(torch.cat(parts)).tolist()  # .tolist() syncs the device
+    dt = time.perf_counter() - t0
+    batches, images = total[-2], total[-1]
+    out = {"train_loss": total[0] / max(batches, 1)}
+    for i, key in enumerate(keys):
+        out[f"train_{key}"] = total[1 + i] / batches
+    if not math.isfinite(out["train_loss"]):
+        raise Diverged(f"training diverged: the mean loss of epoch {epoch + 1} is {out['train_loss']}")
+    out.update(epoch_time_s=dt, images_per_s=images / max(dt, 1e-9), batches=n_batches)
+    return out
+
+
 def evaluate(model, images_uint8: torch.Tensor, labels: torch.Tensor, *, attack: dict, batch_size: int,
-             generator: torch.Generator | None = None) -> dict:
+             generator: torch.Generator | None = None, dist=None) -> dict:
     """Clean and PGD accuracy (fractions) of ``model`` on a fixed set, the model in eval mode.
 
     ``images_uint8`` [N, 3, H, W] uint8 and ``labels`` live on the model's device. ``attack``: eps, alpha,
     steps, start (``train.EVAL_ATTACK``); the attack is ``attacks.pgd.pgd`` on the mean cross-entropy, its
     random start drawn from ``generator`` so evaluation never consumes the training RNG streams. The
     model's train/eval modes are restored afterwards.
+
+    ``dist`` (an active ``engine.dist.Dist``; ``model`` the plain module, never the DDP wrapper, whose
+    forward would expect a backward): this rank evaluates its contiguous slice of the set, with its own
+    ``generator``, and the correct counts are summed over the ranks, so every image counts exactly once and
+    every rank returns the same figures.
     """
+    n_total = len(images_uint8)
+    if dist is not None and dist.active:
+        lo, hi = dist.shard(n_total)
+        images_uint8, labels = images_uint8[lo:hi], labels[lo:hi]
     device = images_uint8.device
     correct_clean = torch.zeros((), dtype=torch.long, device=device)
     correct_adv = torch.zeros((), dtype=torch.long, device=device)
@@ -102,7 +140,10 @@ def evaluate(model, images_uint8: torch.Tensor, labels: torch.Tensor, *, attack:
                         generator=generator)
             with torch.no_grad():
                 correct_adv += (model(x_adv).argmax(1) == y).sum()
+    if dist is not None and dist.active:
+        counts = dist.all_reduce_sum_(torch.stack([correct_clean, correct_adv]))
+        correct_clean, correct_adv = counts[0], counts[1]
     _sync(device)
-    n = max(len(images_uint8), 1)
+    n = max(n_total, 1)
     return {"clean_acc": int(correct_clean) / n, "pgd20_acc": int(correct_adv) / n,
-            "eval_n": len(images_uint8), "eval_time_s": time.perf_counter() - t0}
+            "eval_n": n_total, "eval_time_s": time.perf_counter() - t0}

@@ -12,8 +12,10 @@ checkpoint decision. Keys (see ``loop.py`` / ``runner.py`` for how each is measu
     eval_n          size of that subset
     epoch_time_s    wall time of the epoch's training part (s)
     eval_time_s     wall time of the evaluation (s)
-    images_per_s    training throughput of the epoch (images/s, this process)
+    images_per_s    training throughput of the epoch (images/s, all processes together)
     best            whether this epoch's weights became best.pt
+    world_size      processes that trained the epoch (torchrun; 1 otherwise): the global batch is
+                    batch_size x world_size, the train_* means and images_per_s are over all of them
 
 A resumed run first drops every line after the checkpoint's epoch (and any torn last line), so the file
 always describes exactly the epochs of ``last.pt``.

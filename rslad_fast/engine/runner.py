@@ -20,6 +20,12 @@ Run directory layout::
 Per epoch, the writes happen in the order best.pt, metrics line, last.pt, curves.png: a run killed between
 any two of them resumes from the previous last.pt, drops the metrics lines after it and redoes the epoch,
 which produces the same weights again.
+
+Under torchrun (see ``dist.py``) every rank runs all of this: each checks and loads everything, builds the
+same seeded student, restores the same checkpoint, trains its shard through DDP and evaluates its slice of
+the held images; only rank 0 writes (config, metrics, curves, checkpoints, the teacher's run directory).
+The other ranks wait at a barrier at the end of :func:`run` until rank 0's last files are complete, which is
+how a self-trained teacher is written once by rank 0 and then loaded by every rank.
 """
 from __future__ import annotations
 
@@ -44,7 +50,7 @@ from rslad_fast.models import build
 from rslad_fast.models.loading import load_checkpoint_into
 
 from .allocator import keep_freed_memory
-from .checkpoint import atomic_write_bytes, load_checkpoint, restore, save_checkpoint
+from .checkpoint import atomic_write_bytes, load_checkpoint, restore, save_checkpoint, saved_world_size
 from .config import Config
 from .dist import Dist
 from .loop import evaluate, train_one_epoch
@@ -177,7 +183,13 @@ def seed_everything(seed: int) -> None:
 
 
 def _same_run(a: dict, b: dict) -> bool:
+    def norm(d):  # a config written before a field existed reads as having the field's default
+        try:
+            return Config.from_dict(dict(d)).to_dict()
+        except (UserError, TypeError):
+            return d
     ignore = ("versions",)
+    a, b = norm(a), norm(b)
     return {k: v for k, v in a.items() if k not in ignore} == {k: v for k, v in b.items() if k not in ignore}
 
 
@@ -193,12 +205,16 @@ def run(prep: Prepared, run_dir, *, dist: Dist = Dist(), progress: bool = True, 
 
     Returns the last epoch's metrics record plus ``best_acc``. ``stop_after`` (tests) returns after that
     many completed epochs, as if the process had been killed right after the checkpoint.
+
+    ``dist``: this process's place in a torchrun launch (default: the single process). Every rank calls
+    ``run``; the student trains under DDP, the attacks on the plain module, the teacher is replicated in eval
+    mode without a wrapper; rank 0 writes; every rank returns the same record.
     """
     from tqdm import tqdm
 
     cfg, run_dir = prep.cfg, Path(run_dir)
     tag = tag or f"{cfg.method}/{cfg.student}"
-    device = torch.device(cfg.device)
+    device = dist.device(cfg.device)
     torch.set_num_threads(cfg.threads)
     keep_freed_memory()  # CPU: ~2x faster steps on glibc (see allocator.py)
     if device.type == "cuda":
@@ -213,13 +229,15 @@ def run(prep: Prepared, run_dir, *, dist: Dist = Dist(), progress: bool = True, 
         teacher = ensure_teacher(prep.teacher_prep, run_dir / cfg.teacher["dir"], dist=dist, progress=progress)
         teacher = teacher.to(device)
 
-    seed_everything(cfg.seed)
-    student = build(cfg.student).to(device)
+    seed_everything(cfg.seed)  # every rank: the same initial weights (DDP also broadcasts rank 0's)
+    module = build(cfg.student).to(device)
     if cfg.channels_last:  # after the seeded init: the same initial weights either way
-        student = student.to(memory_format=torch.channels_last)
+        module = module.to(memory_format=torch.channels_last)
         if teacher is not None:
             teacher = teacher.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+    if cfg.sync_bn:  # same parameters and buffers, same state_dict keys: checkpoints load either way
+        module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    optimizer = torch.optim.SGD(module.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.milestones), gamma=cfg.gamma)
     generator = torch.Generator(device=device).manual_seed(mix_seed(cfg.seed, dist.rank, 0x7EA1))
@@ -233,22 +251,34 @@ def run(prep: Prepared, run_dir, *, dist: Dist = Dist(), progress: bool = True, 
     if dist.is_main:
         for stale in run_dir.glob(".*.tmp-*"):  # left by a process killed mid-write (see checkpoint.py)
             stale.unlink()
+    saved_world = dist.world_size
     if (run_dir / LAST).exists():
         ckpt = load_checkpoint(run_dir / LAST)
         if not _same_run(ckpt["config"], cfg.to_dict()):
             raise UserError(f"{run_dir / LAST} was written by a different configuration than "
                             f"{run_dir / CONFIG}; refusing to resume")
-        restore(ckpt, model=student, optimizer=optimizer, scheduler=scheduler, train_generator=generator)
+        restore(ckpt, model=module, optimizer=optimizer, scheduler=scheduler, train_generator=generator,
+                rank=dist.rank)
         start, best_acc = int(ckpt["epoch"]), float(ckpt["best_acc"])
+        saved_world = saved_world_size(ckpt["rng"])
         del ckpt
     records = log.truncate_after(start) if dist.is_main else []
     if start >= cfg.epochs:
         _log(f"[{tag}] already complete ({start}/{cfg.epochs} epochs) in {run_dir}", dist)
         out = dict(records[-1]) if records else {}
         out["best_acc"] = best_acc
+        dist.barrier()
         return out
     if start:
         _log(f"[{tag}] resuming {run_dir} after epoch {start}/{cfg.epochs}", dist)
+    if saved_world != dist.world_size:
+        # The shards, per-rank batches and gradient averaging change with the world size, so this cannot be
+        # bitwise any uninterrupted run; the attack streams are re-derived per (seed, rank, epoch) rather
+        # than handing one saved rank's stream to several ranks.
+        generator.manual_seed(mix_seed(cfg.seed, dist.rank, 0x7EA1, start))
+        _log(f"[{tag}] last.pt was written by {saved_world} process(es), resuming with {dist.world_size}: model, "
+             f"optimizer, lr schedule and epoch continue; not bitwise an uninterrupted run", dist)
+    student = dist.wrap(module, device)  # after the restore: every rank starts from the same weights
 
     steps = len(loader)
     bar = tqdm(total=cfg.epochs * steps, initial=start * steps, desc=tag, unit="batch", dynamic_ncols=True,
@@ -260,19 +290,26 @@ def run(prep: Prepared, run_dir, *, dist: Dist = Dist(), progress: bool = True, 
             bar.set_description(f"{tag} ep {epoch + 1}/{cfg.epochs}")
             train_stats = train_one_epoch(student=student, method=method, loader=loader, optimizer=optimizer,
                                           epoch=epoch, teacher=teacher, generator=generator, bar=bar,
-                                          amp_dtype=AMP_DTYPES[cfg.amp], channels_last=cfg.channels_last)
-            eval_gen = torch.Generator(device=device).manual_seed(mix_seed(cfg.seed, epoch, 0xE7A1))
-            ev = evaluate(student, held_x, held_y, attack=cfg.eval_attack, batch_size=cfg.eval_batch_size,
-                          generator=eval_gen)
+                                          amp_dtype=AMP_DTYPES[cfg.amp], channels_last=cfg.channels_last,
+                                          dist=dist)
+            dist.broadcast_buffers(module)  # per-rank BN statistics -> rank 0's: the model that is saved
+            # rank 0 draws the single-process stream; the other ranks, their own (seed, epoch, rank) streams
+            eval_seed = mix_seed(cfg.seed, epoch, 0xE7A1) if dist.rank == 0 else \
+                mix_seed(cfg.seed, epoch, 0xE7A1, dist.rank)
+            eval_gen = torch.Generator(device=device).manual_seed(eval_seed)
+            ev = evaluate(module, held_x, held_y, attack=cfg.eval_attack, batch_size=cfg.eval_batch_size,
+                          generator=eval_gen, dist=dist)
             scheduler.step()
             is_best = ev["pgd20_acc"] > best_acc
             best_acc = max(best_acc, ev["pgd20_acc"])
             record = {"epoch": epoch + 1, "lr": lr, **{k: v for k, v in train_stats.items() if k != "batches"},
                       **ev, "best": is_best}
+            record["world_size"] = dist.world_size  # trained this epoch (global batch: batch_size x this)
+            generators = dist.all_gather_object(generator.get_state())  # every rank's, for the checkpoint
             if dist.is_main:
-                save = dict(model=student, optimizer=optimizer, scheduler=scheduler, epoch=epoch + 1,
+                save = dict(model=module, optimizer=optimizer, scheduler=scheduler, epoch=epoch + 1,
                             best_acc=best_acc, config=cfg.to_dict(), train_generator=generator,
-                            loader_seed=cfg.seed)
+                            loader_seed=cfg.seed, train_generators=generators, world_size=dist.world_size)
                 if is_best:
                     save_checkpoint(run_dir / BEST, **save)
                 log.append(record)
@@ -287,22 +324,26 @@ def run(prep: Prepared, run_dir, *, dist: Dist = Dist(), progress: bool = True, 
                 break
     finally:
         bar.close()
+    dist.barrier()  # rank 0's files of this run are complete before any rank goes on (and reads them)
     out = dict(record)
     out["best_acc"] = best_acc
     return out
 
 
 def ensure_teacher(prep: Prepared, teacher_dir, *, dist: Dist, progress: bool) -> torch.nn.Module:
-    """Train (or finish training, or just reuse) the self-trained teacher in ``teacher_dir``; load it."""
+    """Train (or finish training, or just reuse) the self-trained teacher in ``teacher_dir``; load it.
+
+    Under torchrun the teacher trains under DDP like any run; rank 0 writes its directory, every rank then
+    loads ``teacher/last.pt`` once ``run`` has returned (its closing barrier: the file is complete)."""
     teacher_dir = Path(teacher_dir)
     cfg = prep.cfg
-    if dist.is_main:
+    # every rank checks (reads only), so that a mismatch stops all of them, not only rank 0
+    if (teacher_dir / CONFIG).is_file():
+        if not _same_run(read_config(teacher_dir).to_dict(), cfg.to_dict()):
+            raise UserError(f"{teacher_dir / CONFIG} does not match this run's teacher configuration")
+    elif dist.is_main:
         teacher_dir.mkdir(parents=True, exist_ok=True)
-        if (teacher_dir / CONFIG).is_file():
-            if not _same_run(read_config(teacher_dir).to_dict(), cfg.to_dict()):
-                raise UserError(f"{teacher_dir / CONFIG} does not match this run's teacher configuration")
-        else:
-            write_config(teacher_dir, cfg)
+        write_config(teacher_dir, cfg)
     t0 = time.perf_counter()
     run(prep, teacher_dir, dist=dist, progress=progress, tag=f"teacher {cfg.method}/{cfg.student}")
     _log(f"[teacher] ready ({time.perf_counter() - t0:.0f}s): {teacher_dir / LAST}", dist)
