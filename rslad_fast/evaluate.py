@@ -16,6 +16,13 @@ dir for --run, the checkpoint's folder for --ckpt). Warnings are flagged in both
 breaks Clean >= FGSM >= PGD >= AA beyond --tolerance, AutoAttack's own checks, and, with --sanity, an
 eps = 1 attack that leaves accuracy above chance (a broken attack or gradient masking).
 
+Under torchrun (``torchrun --nproc_per_node=N -m rslad_fast.evaluate --run-dir RUN_DIR --n-images 1000``: there
+--run and --n must be spelled --run-dir and --n-images, torchrun's own parser mistakes the short forms for
+abbreviations of its options) each process evaluates a contiguous
+1/N of the images (``cuda:LOCAL_RANK`` on GPUs), the per-image results are gathered, and rank 0 prints and
+writes the report. Clean and FGSM figures are those of one process; attacks with a random start draw it from
+one stream per rank (rank 0's is the single process's), so their figures agree with it statistically.
+
 Bad input (missing checkpoint, wrong architecture, unknown attack, bad numbers, missing data, a run dir
 without checkpoints or config) prints one ``error: ...`` line on stderr and exits with status 2, having
 written nothing.
@@ -52,7 +59,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a bad flag gives the one-line ``error: ...`` of every other bad input (status 2)."""
 
     def error(self, message):
-        self.exit(2, f"error: {message} (see --help)\n")
+        # under torchrun every process of a node parses the same command line: one of them says it
+        self.exit(2, f"error: {message} (see --help)\n" if os.environ.get("LOCAL_RANK", "0") == "0" else None)
 
 
 def _number(text: str) -> float:
@@ -112,7 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     what = src.add_mutually_exclusive_group(required=True)
     what.add_argument("--run", metavar="RUN_DIR",
                       help="a training run: evaluates RUN_DIR/best.pt and RUN_DIR/last.pt (those present), "
-                           "architecture from RUN_DIR/config.json key 'student'")
+                           "architecture from RUN_DIR/config.json key 'student' (under torchrun: --run-dir)")
+    # --run-dir and --n-images: the same flags under torchrun, whose own parser takes --run and --n for
+    # abbreviations of its --run-path and --nnodes/--nproc-per-node/... and stops with "ambiguous option"
+    what.add_argument("--run-dir", dest="run", metavar="RUN_DIR", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     what.add_argument("--ckpt", metavar="PATH", help="one checkpoint file (needs --arch), e.g. TRADES' "
                                                      "model_cifar_wrn.pt with --arch wrn34-10")
     src.add_argument("--arch", help="architecture of --ckpt (resnet18, mnv2, wrn34-10, wrn70-16, tiny); with "
@@ -121,7 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("evaluation")
     g.add_argument("--attacks", type=_attack_list, default=list(ATTACKS),
                    help=f"comma-separated subset of {','.join(ATTACKS)} (default: all)")
-    g.add_argument("--n", type=_int(1), default=10000, help="evaluate the first N test images (default 10000)")
+    g.add_argument("--n", type=_int(1), default=10000, help="evaluate the first N test images (default 10000; "
+                                                            "under torchrun: --n-images)")
+    g.add_argument("--n-images", dest="n", type=_int(1), default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     g.add_argument("--batch-size", type=_int(1), default=250,
                    help="images per batch, for every attack (default 250, AutoAttack's default)")
     g.add_argument("--device", default=None, help="cuda if available, else cpu")
@@ -269,16 +282,22 @@ def _attack_seed(seed: int, name: str) -> int:
 
 
 def evaluate_model(model, images, labels, attacks: dict, *, batch_size: int, device, seed: int = 0,
-                   bar=None, sanity=None, label: str = "") -> dict:
+                   bar=None, sanity=None, label: str = "", dist=None) -> dict:
     """Run clean + ``attacks`` (name -> attack, 'clean' -> None) on uint8 ``images`` [N,3,32,32].
 
     Returns per attack the per-image correctness (bool CPU tensor), the accuracy in %, seconds and the
     largest l_inf perturbation seen; plus 'worst' (AND over clean and every attack) and the sanity run.
+
+    ``dist`` (an active ``engine.dist.Dist``): this rank attacks its contiguous slice of the images; the
+    per-image results of all ranks are gathered, so every rank returns the whole set's.
     """
     import torch
     from rslad_fast.attacks.pgd import model_mode
+    from rslad_fast.data.loaders import mix_seed
 
     n = len(labels)
+    active = dist is not None and dist.active
+    lo, hi = dist.shard(n) if active else (0, n)
     device = torch.device(device)
     model = model.to(device)
 
@@ -292,14 +311,18 @@ def evaluate_model(model, images, labels, attacks: dict, *, batch_size: int, dev
         todo["sanity"] = sanity
     results = {}
     for name, attack in todo.items():
-        ok = torch.zeros(n, dtype=torch.bool)
-        gen = torch.Generator(device=device).manual_seed(_attack_seed(seed, name))
+        ok = torch.zeros(hi - lo, dtype=torch.bool)
+        attack_seed = _attack_seed(seed, name)  # rank 0: the single process's stream; others: their own
+        if active and dist.rank > 0:
+            attack_seed = mix_seed(attack_seed, dist.rank)
+        gen = torch.Generator(device=device).manual_seed(attack_seed)
         max_linf, t0 = 0.0, time.perf_counter()
         if bar is not None:
             bar.set_description(f"{label} {name}".strip())
-        for start in range(0, n, batch_size):
-            x = images[start:start + batch_size].to(device).float().div_(255)
-            y = labels[start:start + batch_size].to(device)
+        for start in range(lo, hi, batch_size):
+            stop = min(start + batch_size, hi)
+            x = images[start:stop].to(device).float().div_(255)
+            y = labels[start:stop].to(device)
             if attack is None:
                 pred = predict(x)
             else:
@@ -313,10 +336,13 @@ def evaluate_model(model, images, labels, attacks: dict, *, batch_size: int, dev
                 if max_linf > eps + 1e-6 or x_adv.min().item() < 0 or x_adv.max().item() > 1:
                     raise RuntimeError(f"attack {name} left the threat model: |x_adv - x|_inf = {max_linf} "
                                        f"(eps {eps}), range [{x_adv.min().item()}, {x_adv.max().item()}]")
-            ok[start:start + len(y)] = (pred == y).cpu()
+            ok[start - lo:stop - lo] = (pred == y).cpu()
             if bar is not None:
-                bar.set_postfix(acc=f"{_percent(ok[:start + len(y)]):.2f}")
+                bar.set_postfix(acc=f"{_percent(ok[:stop - lo]):.2f}")
                 bar.update(1)
+        if active:  # every rank's slice, in rank order: the whole set
+            ok = torch.cat(dist.all_gather_object(ok))
+            max_linf = max(dist.all_gather_object(max_linf))
         results[name] = {"correct": ok, "accuracy": _percent(ok),
                          "seconds": time.perf_counter() - t0, "max_linf": max_linf}
     worst = torch.ones(n, dtype=torch.bool)
@@ -423,34 +449,50 @@ def _write_atomic(path: Path, text: str) -> None:
         raise UserError(f"cannot write {path}: {e.strerror or e}") from None
 
 
-def run(args, argv=None) -> dict:
-    """Validate, load, evaluate; returns the report (not yet written)."""
-    plan = make_plan(args)
+def run(args, argv=None, dist=None) -> dict:
+    """Validate, load, evaluate; returns the report (not yet written).
+
+    ``dist`` (``engine.dist.Dist``, torchrun): every rank runs this; the checks are agreed on (all ranks
+    fail together), then each rank evaluates its slice (see :func:`evaluate_model`)."""
     import torch
     from tqdm import tqdm
 
     from rslad_fast.data import load_cifar10
+    from rslad_fast.engine.dist import Dist
     from rslad_fast.models import build
     from rslad_fast.models.loading import load_checkpoint_into
 
-    device = _device(args.device)
+    dist = Dist() if dist is None else dist
     bar_holder = {}
 
     def log(line):
         bar = bar_holder.get("bar")
         (bar.write if bar is not None else print)(line, file=sys.stderr)
 
-    attacks = build_attacks(args, log=log)
-    sanity = None
-    if args.sanity:
-        from rslad_fast.attacks.eval_attacks import PGD
-        sanity = PGD(eps=args.sanity_eps, alpha=args.sanity_alpha, steps=args.sanity_steps, start="uniform",
-                     name="sanity", column="sanity")
+    error = None
+    try:
+        plan = make_plan(args)
+        device = dist.device(str(_device(args.device)))
+        attacks = build_attacks(args, log=log)
+        sanity = None
+        if args.sanity:
+            from rslad_fast.attacks.eval_attacks import PGD
+            sanity = PGD(eps=args.sanity_eps, alpha=args.sanity_alpha, steps=args.sanity_steps, start="uniform",
+                         name="sanity", column="sanity")
 
-    models = []
-    for row in plan["rows"]:  # every checkpoint loads (or fails) before any attack runs
-        models.append(load_checkpoint_into(build(row["arch"]), row["path"], row["arch"]).eval())
-    images, labels = load_cifar10(args.data, train=False, download=False if args.no_download else "auto")
+        models = []
+        for row in plan["rows"]:  # every checkpoint loads (or fails) before any attack runs
+            models.append(load_checkpoint_into(build(row["arch"]), row["path"], row["arch"]).eval())
+        images, labels = load_cifar10(args.data, train=False, download=False if args.no_download else "auto")
+    except UserError as e:
+        if not dist.active:
+            raise
+        error = str(e)
+    error = dist.first_error(error)  # torchrun: all ranks stop together, none waits in a collective
+    if error is not None:
+        raise UserError(error)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
     n = min(args.n, len(labels))
     images, labels = images[:n], labels[:n]
 
@@ -458,16 +500,17 @@ def run(args, argv=None) -> dict:
     t0 = time.perf_counter()
     saved_tf32 = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = bool(args.allow_tf32)
-    n_batches = math.ceil(n / args.batch_size)
+    lo, hi = dist.shard(n)
+    n_batches = math.ceil((hi - lo) / args.batch_size)  # this rank's (the bar is rank 0's)
     per_model = (len(attacks) + ("clean" not in attacks) + (sanity is not None)) * n_batches
     rows = []
     try:
-        with tqdm(total=per_model * len(models), unit="batch", file=sys.stderr, disable=args.no_progress,
-                  dynamic_ncols=True) as bar:
+        with tqdm(total=per_model * len(models), unit="batch", file=sys.stderr,
+                  disable=args.no_progress or not dist.is_main, dynamic_ncols=True) as bar:
             bar_holder["bar"] = bar
             for row, model in zip(plan["rows"], models):
                 res = evaluate_model(model, images, labels, attacks, batch_size=args.batch_size, device=device,
-                                     seed=args.seed, bar=bar, sanity=sanity, label=row["label"])
+                                     seed=args.seed, bar=bar, sanity=sanity, label=row["label"], dist=dist)
                 acc = {name: r["accuracy"] for name, r in res.items() if name in attacks or name == WORST}
                 acc_all = {name: r["accuracy"] for name, r in res.items()}
                 warnings = ordering_warnings(acc_all, args.tolerance)
@@ -517,6 +560,7 @@ def run(args, argv=None) -> dict:
         "data": {"root": str(args.data), "split": "CIFAR-10 test"},
         "config": config,
         "device": str(device),
+        "world_size": dist.world_size,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
         or platform.machine(),
         "torch": torch.__version__,
@@ -542,15 +586,34 @@ def write_report(report: dict) -> tuple:
 
 
 def main(argv=None) -> int:
+    from rslad_fast.engine.dist import Dist
+
     args = build_parser().parse_args(argv)
     try:
-        report = run(args, argv)
-        json_path, md_path = write_report(report)
+        dist = Dist.from_env()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    dist.init()  # torchrun: join the process group (a single process: nothing)
+    try:
+        return _main(args, argv, dist)
+    finally:
+        dist.close()
+
+
+def _main(args, argv, dist) -> int:
+    try:
+        report = run(args, argv, dist)
+        if not dist.is_main:  # rank 0 alone writes and prints
+            return 0
+        json_path, md_path = write_report(report)
+    except UserError as e:
+        if dist.is_main:  # under torchrun the ranks agreed on it: rank 0 says it
+            print(f"error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print("error: interrupted, nothing written", file=sys.stderr)
+        if dist.is_main:
+            print("error: interrupted, nothing written", file=sys.stderr)
         return 130
     print(table(report["rows"], report["columns"]))
     print(f"{WORST_LABEL}: per image, correct under clean and every attack that ran.")
