@@ -179,6 +179,21 @@ def test_torchrun_end_to_end_rank_zero_writes_once(data, tmp_path):
     assert ck["epoch"] == 2 and ck["rng"]["world_size"] == 2
     assert json.loads((run / "config.json").read_text())["batch_size"] == 16  # per process, as given
 
+    # python -m rslad_fast.evaluate under torchrun: each rank attacks half the images, rank 0 reports them
+    # all; clean and FGSM have no randomness, so the counts must be exactly the single process's
+    ev_args = ["--attacks", "clean,fgsm", "--data", str(data), "--device", "cpu", "--no-progress"]
+    res = _torchrun(["-m", "rslad_fast.evaluate", "--run-dir", str(run / "teacher"), "--n-images", "15",
+                     "--out", str(tmp_path / "ev2"), *ev_args])
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.count("wrote ") == 1
+    from rslad_fast import evaluate
+    assert evaluate.main(["--run", str(run / "teacher"), "--n", "15", "--out", str(tmp_path / "ev1"),
+                          *ev_args]) == 0
+    two, one = (json.loads((tmp_path / d / "eval.json").read_text()) for d in ("ev2", "ev1"))
+    assert (two["world_size"], one["world_size"], two["n"], one["n"]) == (2, 1, 15, 15)  # 15: uneven halves
+    assert [r["correct"] for r in two["rows"]] == [r["correct"] for r in one["rows"]]
+    assert any(r["correct"]["clean"] > 3 for r in one["rows"])  # a model that classifies: the check means something
+
 
 def test_resume_with_another_world_size(data, tmp_path):
     """Killed after epoch 1 of a 2-process run (tiny, with BatchNorm), continued by one process."""
