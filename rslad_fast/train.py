@@ -71,15 +71,18 @@ PRESETS = {
         teacher_arch="wrn34-10",   # self-trained teacher (no --teacher): TRADES' WRN-34-10, the RSLAD teacher
     ),
     "quick": dict(
-        # Cost on this 2-core CPU (measured 2026-11-25, 2 threads, channels_last): ~50 ms per training image
-        # for TRADES mnv2 and for RSLAD mnv2 <- mnv2 with the 1-step attack, ~0.3 s per held-out image for
-        # clean + PGD-20. What a run this short is limited by is the number of SGD steps: 2,000 images x
-        # 3 epochs at batch 64 (96 steps) left the TRADES teacher at 21.5% clean / 15.0% PGD-20.
-        train_n=2500,              # training images: the first 2,500 (5% of CIFAR-10)
+        # Cost on this 2-core CPU (measured 2026-11-25, 2 threads, channels_last, batch 64, no other load):
+        # ~54 ms per training image for TRADES mnv2 and ~50 ms for RSLAD mnv2 <- mnv2 with the 1-step
+        # attack, ~0.3 s per held-out image for clean + PGD-20. A run this short is limited by its number of
+        # SGD steps and TRADES sits at chance (loss ln 10) for its first ~50: 96 steps (2,000 images x 3
+        # epochs at batch 64) left the teacher at 21.5% clean / 15.0% PGD-20; batch 32 at lr 0.1 had not
+        # left chance after 79 steps and costs more per image.
+        train_n=4000,              # training images: the first 4,000 (8% of CIFAR-10): 63 steps an epoch
         eval_n=200,                # held-out test images evaluated per epoch (clean + PGD-20)
         eval_batch_size=200,       # images per evaluation batch
         epochs=3,                  # epochs, for the student and for the self-trained teacher
-        batch_size=32,             # images per SGD step (official 128): 4x the steps for the same compute
+        batch_size=64,             # images per SGD step (official 128): twice the steps for the same
+                                   # compute, which is what a run this short is limited by
         attack_steps=1,            # training attack: PGD steps (official: 10), step size scaled as above
         final_decay=True,          # lr milestones: [epochs - 1], lr x gamma (0.1) for the last epoch only
         scale_epoch_hparams=True,  # `epoch_hparams` scaled by epochs / official epochs
