@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -205,6 +206,17 @@ def _read_run(run_dir: Path, arch_flag):
     notes = [f"{name} not in {run_dir}; evaluated {', '.join(p.name for p in ckpts)} only"
              for name in RUN_CHECKPOINTS if not (run_dir / name).is_file()]
     return [{"label": p.stem, "path": p, "arch": arch, "method": method} for p in ckpts], notes
+
+
+def _fingerprint(model) -> str:
+    """sha256 of every parameter and buffer, in order: equal for checkpoints holding the same weights."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def make_plan(args) -> dict:
@@ -508,9 +520,18 @@ def run(args, argv=None, dist=None) -> dict:
         with tqdm(total=per_model * len(models), unit="batch", file=sys.stderr,
                   disable=args.no_progress or not dist.is_main, dynamic_ncols=True) as bar:
             bar_holder["bar"] = bar
+            done = {}  # weights fingerprint -> (label, results): best.pt is often last.pt, attacked once
             for row, model in zip(plan["rows"], models):
-                res = evaluate_model(model, images, labels, attacks, batch_size=args.batch_size, device=device,
-                                     seed=args.seed, bar=bar, sanity=sanity, label=row["label"], dist=dist)
+                key = _fingerprint(model)
+                if key in done:
+                    first, res = done[key]
+                    plan["notes"].append(f"{row['label']} holds the same weights as {first}: evaluated once")
+                    bar.update(per_model)
+                else:
+                    res = evaluate_model(model, images, labels, attacks, batch_size=args.batch_size,
+                                         device=device, seed=args.seed, bar=bar, sanity=sanity,
+                                         label=row["label"], dist=dist)
+                    done[key] = (row["label"], res)
                 acc = {name: r["accuracy"] for name, r in res.items() if name in attacks or name == WORST}
                 acc_all = {name: r["accuracy"] for name, r in res.items()}
                 warnings = ordering_warnings(acc_all, args.tolerance)

@@ -193,6 +193,7 @@ def test_run_dir_evaluates_best_and_last(env, capsys):
     assert [r["label"] for r in report["rows"]] == ["best", "last"]
     assert all(r["arch"] == "tiny" and r["method"] == "natural" for r in report["rows"])
     assert report["rows"][0]["accuracy"] == report["rows"][1]["accuracy"]  # same weights, same seeds
+    assert "last holds the same weights as best: evaluated once" in report["notes"]
     assert "| best | tiny | natural |" in out and "| last | tiny | natural |" in out
     assert (env["run"] / "eval.md").is_file()
     for p in env["run"].glob("eval.*"):
