@@ -253,5 +253,6 @@ def test_hyperparameter_flags_cover_every_method():
     cfg = train.resolve_config(parser.parse_args(["--method", "iad", "--student", "tiny", "--preset", "quick",
                                                   "--epochs", "10"]))
     assert cfg.hparams["begin"] == 3 and cfg.milestones == [9]  # 60 of 200 epochs -> 3 of 10
-    assert cfg.hparams["steps"] == 2 and cfg.hparams["step_size"] == pytest.approx(5 * 2 / 255)
+    k = train.PRESETS["quick"]["attack_steps"]  # IAD: 10 steps of 2/255, the travel kept: k steps of 20/k /255
+    assert cfg.hparams["steps"] == k and cfg.hparams["step_size"] == pytest.approx(10 * 2 / 255 / k)
     assert cfg.teacher == {"source": "trained", "arch": "mnv2", "dir": "teacher"}
