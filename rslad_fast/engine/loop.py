@@ -74,27 +74,16 @@ def train_one_epoch(*, student, method, loader, optimizer, epoch: int, teacher=N
                 elapsed = time.perf_counter() - t0
                 bar.set_postfix(loss=f"{float(loss_sum) / n_batches:.4f}", img_s=f"{n_images / max(elapsed, 1e-9):.0f}",
                                 refresh=False)
-    if dist is not None and dist.active:
-        return _reduced_epoch(dist, device, epoch, t0, loss_sum, stat_sums, n_batches, n_images)
-    _sync(device)
-    dt = time.perf_counter() - t0
-    out = {"train_loss": float(loss_sum) / max(n_batches, 1)}
-    for key, total in stat_sums.items():
-        out[f"train_{key}"] = float(total) / n_batches
-    if not math.isfinite(out["train_loss"]):
-        raise Diverged(f"training diverged: the mean loss of epoch {epoch + 1} is {out['train_loss']}")
-    out.update(epoch_time_s=dt, images_per_s=n_images / max(dt, 1e-9), batches=n_batches)
-    return out
-
-
-def _reduced_epoch(dist, device, epoch, t0, loss_sum, stat_sums, n_batches, n_images) -> dict:
-    """The epoch's means over all ranks: sums of every rank's loss, statistics and counts in one all-reduce
-    (float64; each rank has as many batches as the others, so this is the mean of the rank means)."""
+    # One float64 vector of this rank's sums (loss, each statistic, batches, images); under torchrun summed
+    # over the ranks in one all-reduce: each rank has as many batches, so the means are the rank means' mean.
     keys = list(stat_sums)  # the same method on every rank: the same keys in the same order
     parts = [loss_sum.reshape(1)] + [torch.as_tensor(stat_sums[k], dtype=torch.float64, device=device).reshape(1)
                                      for k in keys]
     parts.append(torch.tensor([n_batches, n_images], dtype=torch.float64, device=device))
-    total = dist.all_reduce_sum_(torch.cat(parts)).tolist()  # .tolist() syncs the device
+    sums = torch.cat(parts)
+    if dist is not None and dist.active:
+        sums = dist.all_reduce_sum_(sums)
+    total = sums.tolist()  # syncs the device
     dt = time.perf_counter() - t0
     batches, images = total[-2], total[-1]
     out = {"train_loss": total[0] / max(batches, 1)}
