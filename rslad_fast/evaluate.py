@@ -652,4 +652,5 @@ def _main(args, argv, dist) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from rslad_fast.engine.dist import exit_process
+    exit_process(main())  # torchrun: see exit_process

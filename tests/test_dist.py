@@ -315,4 +315,5 @@ def test_attacks_run_on_the_plain_module_under_ddp(method, one_rank_group):
 
 
 if __name__ == "__main__":
-    sys.exit(_worker(sys.argv[1:]))
+    from rslad_fast.engine.dist import exit_process
+    exit_process(_worker(sys.argv[1:]))
