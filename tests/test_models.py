@@ -35,12 +35,12 @@ def _x(b=2):
 
 
 def test_archs_are_canonical():
-    assert ARCHS == ("resnet18", "mnv2", "wrn34-10", "wrn70-16", "tiny")
+    assert ARCHS == ("resnet18", "mnv2", "wrn34-10", "wrn70-16", "resnet8", "tiny")
     for a in ARCHS:
         assert canonical_name(a) == a
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mnv2", "tiny"])
+@pytest.mark.parametrize("name", ["resnet18", "mnv2", "resnet8", "tiny"])
 def test_forward_shape_small_archs(name):
     torch.manual_seed(0)
     model = build(name).eval()
@@ -61,6 +61,7 @@ def test_full_size_output_shape_on_meta(name):
     ("resnet18", 11_173_962, 0),
     ("mnv2", 2_296_922, 0),
     ("wrn70-16", 266_796_506, 0),
+    ("resnet8", 78_042, 0),  # He et al.'s CIFAR ResNet-8 (n = 1, widths 16/32/64), ~78k
     ("tiny", 5_466, 0),
 ])
 def test_parameter_counts(name, expected, tol):
@@ -144,7 +145,7 @@ def test_dm_wrn_small_forward_padding_and_normalization():
     ("mobilenet_v2", "mnv2"), ("MobileNetV2", "mnv2"), ("mnv2", "mnv2"), ("MNV2", "mnv2"),
     ("wrn-34-10", "wrn34-10"), ("wrn_34_10", "wrn34-10"), ("WideResNet34-10", "wrn34-10"),
     ("wrn34-10", "wrn34-10"), ("wrn-70-16", "wrn70-16"), ("WRN_70_16", "wrn70-16"),
-    ("wideresnet-70-16", "wrn70-16"), ("tiny", "tiny"), ("TINY", "tiny"),
+    ("wideresnet-70-16", "wrn70-16"), ("tiny", "tiny"), ("TINY", "tiny"), ("ResNet-8", "resnet8"), ("rn8", "resnet8"),
 ])
 def test_aliases(alias, canon):
     assert canonical_name(alias) == canon

@@ -117,17 +117,46 @@ def test_self_trained_teacher_then_distillation_and_reuse(data, tmp_path):
     tcfg = json.loads((tdir / "config.json").read_text())
     assert tcfg["method"] == "trades" and tcfg["student"] == "tiny" and tcfg["preset"] == "quick"
     quick = train.PRESETS["quick"]
-    assert tcfg["epochs"] == quick["epochs"] and len(_records(tdir)) == quick["epochs"]
+    assert tcfg["epochs"] == quick["teacher_epochs"] and len(_records(tdir)) == quick["teacher_epochs"]
+    assert tcfg["train_n"] == 256  # an explicit --train-n sizes the teacher's run too
+    # RSLAD's loss is a mean over B*C logits: the quick preset's lr x C, weight decay / C (see the next
+    # test); the teacher's TRADES keeps the official 0.1 and 2e-4.
+    cfg = json.loads((run / "config.json").read_text())
+    assert (cfg["lr"], cfg["weight_decay"]) == (pytest.approx(1.0), pytest.approx(2e-5))
+    assert (tcfg["lr"], tcfg["weight_decay"]) == (pytest.approx(0.1), pytest.approx(2e-4))
     assert tcfg["hparams"]["steps"] == quick["attack_steps"]
     assert tcfg["hparams"]["step_size"] == pytest.approx(0.007 * 10 / quick["attack_steps"])
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["teacher"] == {"source": "trained", "arch": "tiny", "dir": "teacher"}
     assert cfg["teacher_run"] == tcfg and len(_records(run)) == 2
-    assert cfg["milestones"] == [1] and tcfg["milestones"] == [quick["epochs"] - 1]  # quick: last epoch x0.1
+    assert cfg["milestones"] == [1] and tcfg["milestones"] == [quick["teacher_epochs"] - 1]  # last epoch x0.1
 
     stamp = (tdir / "last.pt").stat().st_mtime_ns, (run / "last.pt").stat().st_mtime_ns
     assert train.main(["--resume", str(run), "--no-progress"]) == 0  # finished: nothing retrained
     assert ((tdir / "last.pt").stat().st_mtime_ns, (run / "last.pt").stat().st_mtime_ns) == stamp
+
+
+def test_per_element_loss_at_lr_times_c_is_sgd_on_the_per_image_loss():
+    """The quick preset's RSLAD schedule (lr x C, weight decay / C on the official mean over B*C) takes the
+    very SGD steps (momentum included) of the per-image KL at the official lr 0.1 and weight decay 2e-4."""
+    from rslad_fast import ops
+
+    torch.manual_seed(0)
+    x, teacher = torch.rand(8, 3, 32, 32), torch.randn(8, 10)
+    models = [build("tiny"), build("tiny")]
+    models[1].load_state_dict(models[0].state_dict())
+    start = [p.detach().clone() for p in models[0].parameters()]
+    opts = [torch.optim.SGD(models[0].parameters(), lr=0.1 * 10, momentum=0.9, weight_decay=2e-4 / 10),
+            torch.optim.SGD(models[1].parameters(), lr=0.1, momentum=0.9, weight_decay=2e-4)]
+    for _ in range(4):
+        for model, opt, reduction in zip(models, opts, ("mean", "batchmean")):
+            opt.zero_grad()
+            ops.softmax_kl(model(x), teacher, reduction=reduction).backward()
+            opt.step()
+    for a, b in zip(models[0].state_dict().values(), models[1].state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    moved = [(p - q).abs().max() for p, q in zip(models[0].parameters(), start)]
+    assert max(moved) > 1e-3  # the steps did move the weights
 
 
 def test_teacher_is_frozen_and_sees_eval_mode(data, teacher_ckpt, tmp_path, monkeypatch):
@@ -255,4 +284,4 @@ def test_hyperparameter_flags_cover_every_method():
     assert cfg.hparams["begin"] == 3 and cfg.milestones == [9]  # 60 of 200 epochs -> 3 of 10
     k = train.PRESETS["quick"]["attack_steps"]  # IAD: 10 steps of 2/255, the travel kept: k steps of 20/k /255
     assert cfg.hparams["steps"] == k and cfg.hparams["step_size"] == pytest.approx(10 * 2 / 255 / k)
-    assert cfg.teacher == {"source": "trained", "arch": "mnv2", "dir": "teacher"}
+    assert cfg.teacher == {"source": "trained", "arch": train.PRESETS["quick"]["teacher_arch"], "dir": "teacher"}

@@ -23,6 +23,7 @@ from rslad_fast.errors import UserError
 from rslad_fast.models import canonical_name
 
 CONFIG_FORMAT = 1
+NUM_CLASSES = 10  # CIFAR-10, the engine's dataset
 
 
 @dataclass
@@ -206,6 +207,12 @@ def resolve(cli: dict, preset_name: str, preset: dict, eval_attack: dict) -> Con
                         f"(distillation methods: "
                         f"{', '.join(n for n, c in sorted(methods.REGISTRY.items()) if c.needs_teacher)})")
 
+    lr, weight_decay = sch.lr, sch.weight_decay
+    if preset.get("per_image_loss_lr") and method_cls.LOSS_PER_ELEMENT:
+        # A loss averaged over the B*C logits (RSLAD) has 1/C the gradient of the same loss averaged per
+        # image. lr x C with weight decay / C is exactly SGD on the per-image loss at the official lr and
+        # weight decay (momentum included): a preset too short to absorb the factor C uses it.
+        lr, weight_decay = sch.lr * NUM_CLASSES, sch.weight_decay / NUM_CLASSES
     device = resolve_device(cli.get("device"))
     threads = _pick(cli.get("threads"), torch.get_num_threads())
     cfg = Config(
@@ -216,9 +223,9 @@ def resolve(cli: dict, preset_name: str, preset: dict, eval_attack: dict) -> Con
         eval_n=_pick(cli.get("eval_n"), preset.get("eval_n")),
         epochs=epochs,
         batch_size=_pick(cli.get("batch_size"), preset.get("batch_size"), sch.batch_size),
-        lr=_pick(cli.get("lr"), preset.get("lr"), sch.lr),
+        lr=_pick(cli.get("lr"), preset.get("lr"), lr),
         momentum=_pick(cli.get("momentum"), sch.momentum),
-        weight_decay=_pick(cli.get("weight_decay"), sch.weight_decay),
+        weight_decay=_pick(cli.get("weight_decay"), weight_decay),
         milestones=milestones,
         gamma=_pick(cli.get("gamma"), sch.gamma),
         device=device, loader=_pick(cli.get("loader"), "torch"), threads=threads,

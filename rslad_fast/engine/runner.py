@@ -78,9 +78,16 @@ class Prepared:
 
 # ---- phase 1: checks and loading, no writes --------------------------------------------------------------
 
-def load_data(cfg: Config, download="auto") -> tuple:
-    train_x, train_y = load_cifar10(cfg.data, train=True, download=download)
-    test_x, test_y = load_cifar10(cfg.data, train=False, download=download)
+def read_data(cfg: Config, download="auto") -> tuple:
+    """All of CIFAR-10 as uint8 CPU tensors: ((train_x, train_y), (test_x, test_y))."""
+    return (load_cifar10(cfg.data, train=True, download=download),
+            load_cifar10(cfg.data, train=False, download=download))
+
+
+def select_data(cfg: Config, full: tuple) -> tuple:
+    """The run's training images (the first ``train_n``) and held-out images (the first ``eval_n`` of the
+    test set), checked against what ``full`` holds."""
+    (train_x, train_y), (test_x, test_y) = full
     if cfg.train_n is not None:
         if cfg.train_n > len(train_x):
             raise UserError(f"--train-n {cfg.train_n} exceeds the {len(train_x)} training images in {cfg.data}")
@@ -92,17 +99,20 @@ def load_data(cfg: Config, download="auto") -> tuple:
     return (train_x, train_y), (test_x[:cfg.eval_n], test_y[:cfg.eval_n])
 
 
-def prepare(cfg: Config, *, download="auto", data=None) -> Prepared:
+def prepare(cfg: Config, *, download="auto", full=None) -> Prepared:
     """All checks that can fail on user input, and the loading they need. Writes nothing.
 
-    A teacher file's sha256 is added to ``cfg.teacher`` (new run) or checked against it (resume)."""
+    ``full``: CIFAR-10 as :func:`read_data` returns it, when already read (the self-trained teacher reuses
+    the student's copy and takes its own ``train_n`` of it). A teacher file's sha256 is added to
+    ``cfg.teacher`` (new run) or checked against it (resume)."""
     if cfg.loader == "dali":
         if not torch.device(cfg.device).type == "cuda":
             raise UserError("--loader dali trains on a CUDA device only; use --loader torch on the CPU")
         if not dali_available():
             raise UserError("--loader dali needs NVIDIA DALI, which is not importable; install "
                             "nvidia-dali-cuda130 or use --loader torch")
-    train, held = data if data is not None else load_data(cfg, download)
+    full = full if full is not None else read_data(cfg, download)
+    train, held = select_data(cfg, full)
     prep = Prepared(cfg=cfg, train=train, held=held)
     if cfg.teacher is not None:
         if cfg.teacher["source"] == "file":
@@ -114,7 +124,10 @@ def prepare(cfg: Config, *, download="auto", data=None) -> Prepared:
                 raise UserError(f"teacher {cfg.teacher['path']} changed since the run started (sha256 "
                                 f"{digest[:12]}... vs {cfg.teacher['sha256'][:12]}... in config.json)")
         else:
-            prep.teacher_prep = prepare(Config.from_dict(cfg.teacher_run), download=download, data=(train, held))
+            try:
+                prep.teacher_prep = prepare(Config.from_dict(cfg.teacher_run), download=download, full=full)
+            except UserError as e:  # its settings come partly from the preset: say whose they are
+                raise UserError(f"self-trained teacher ({cfg.teacher['arch']}, TRADES): {e}") from None
     return prep
 
 

@@ -76,6 +76,9 @@ class Method:
 
     name: str = ""
     needs_teacher: bool = False
+    # True when the official loss is a mean over the B*C logits rather than over the B images (RSLAD's):
+    # presets too short to absorb the resulting 1/C gradient scale compensate (engine.config.resolve).
+    LOSS_PER_ELEMENT: bool = False
     HPARAMS: Dict[str, HParam] = {}
     SCHEDULE: Schedule = Schedule(epochs=1, lr=0.1, milestones=())
 

@@ -30,6 +30,7 @@ class RSLAD(Method):
 
     name = "rslad"
     needs_teacher = True
+    LOSS_PER_ELEMENT = True  # the KL terms are means over B*C elements (rslad_loss.py), see loss_at
     HPARAMS = {
         "eps": HParam(8 / 255, "l_inf radius, inputs in [0, 1] (RSLAD resnet18_rslad_cifar10.py epsilon = "
                                "8/255)"),

@@ -5,6 +5,7 @@ Canonical names (``ARCHS``):
 - ``mnv2``      CIFAR MobileNetV2 (RSLAD student; kuangliu layout)
 - ``wrn34-10``  TRADES WRN-34-10 (RSLAD teacher; loads TRADES' ``model_cifar_wrn.pt`` strictly)
 - ``wrn70-16``  DeepMind WRN-70-16 (RobustBench layout, normalizes internally)
+- ``resnet8``   a small CIFAR ResNet (He et al.'s n = 1, ~78k parameters): the quick preset's CPU teacher
 - ``tiny``      a ~5k-parameter CNN for tests and CPU demos; not from any paper
 
 Names are matched case-insensitively, ignoring ``-``, ``_``, ``.`` and spaces, so ``ResNet-18``,
@@ -17,7 +18,7 @@ import torch.nn as nn
 
 from rslad_fast.errors import UserError
 
-ARCHS = ("resnet18", "mnv2", "wrn34-10", "wrn70-16", "tiny")
+ARCHS = ("resnet18", "mnv2", "wrn34-10", "wrn70-16", "resnet8", "tiny")
 
 # normalized alias -> canonical name (see _norm for the normalization)
 _ALIASES = {
@@ -25,6 +26,7 @@ _ALIASES = {
     "mnv2": "mnv2", "mobilenetv2": "mnv2", "mobilenet2": "mnv2", "mbv2": "mnv2",
     "wrn3410": "wrn34-10", "wideresnet3410": "wrn34-10", "wideresnet34": "wrn34-10",
     "wrn7016": "wrn70-16", "wideresnet7016": "wrn70-16", "dmwrn7016": "wrn70-16",
+    "resnet8": "resnet8", "rn8": "resnet8", "res8": "resnet8",
     "tiny": "tiny", "tinycnn": "tiny",
 }
 
@@ -79,6 +81,9 @@ def build(name: str, num_classes: int = 10) -> nn.Module:
     if canon == "mnv2":
         from .mobilenetv2 import mobilenet_v2
         return mobilenet_v2(num_classes)
+    if canon == "resnet8":
+        from .resnet import resnet8
+        return resnet8(num_classes)
     if canon == "wrn34-10":
         from .wideresnet import wrn34_10
         return wrn34_10(num_classes)

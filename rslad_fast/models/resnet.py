@@ -71,3 +71,28 @@ class ResNet(nn.Module):
 def resnet18(num_classes: int = 10) -> ResNet:
     """ResNet-18: BasicBlock x [2, 2, 2, 2] (~11.17M parameters for 10 classes)."""
     return ResNet((2, 2, 2, 2), num_classes)
+
+
+class ResNet8(nn.Module):
+    """A small CIFAR ResNet for CPU-sized runs (the quick preset's teacher): a 3x3 stem, three stages of one
+    BasicBlock each (strides 1/2/2), global average pooling, linear. Widths (16, 32, 64) make it He et al.'s
+    CIFAR ResNet with n = 1 (depth 6n+2 = 8, ~78k parameters, ~12 MMACs per image); here the projection
+    shortcuts are kuangliu's 1x1 conv + BN. Not from the RSLAD paper."""
+
+    def __init__(self, widths=(16, 32, 64), num_classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, widths[0], kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.layer1 = BasicBlock(widths[0], widths[0], 1)
+        self.layer2 = BasicBlock(widths[0], widths[1], 2)
+        self.layer3 = BasicBlock(widths[1], widths[2], 2)
+        self.linear = nn.Linear(widths[2], num_classes)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer3(self.layer2(self.layer1(out)))
+        return self.linear(out.mean(dim=(2, 3)))
+
+
+def resnet8(num_classes: int = 10, widths=(16, 32, 64)) -> ResNet8:
+    return ResNet8(widths, num_classes)
