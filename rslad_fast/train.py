@@ -57,7 +57,7 @@ EVAL_ATTACK = dict(
 #   RSLAD's loop evaluated the whole test set every 20 epochs (every epoch from 215); we evaluate a fixed
 #   subset every epoch for the curves. Final numbers come from a separate full evaluation.
 # quick: a CPU-sized run that shows the whole pipeline and robust accuracy clearly above the 10% of chance
-#   on 2 cores in about a quarter of an hour (teacher and student): a training subset, few epochs, the
+#   on 2 cores in about 17 minutes (teacher and student): a training subset, few epochs, the
 #   training attack cut to `attack_steps` PGD steps (step size scaled so that steps * step_size, the
 #   distance the attack can travel, stays the official one: RSLAD 10 x 2/255 -> 1 x 20/255, then projected
 #   to the 8/255 ball), the official lr decays collapsed into one x0.1 for the last epoch, IAD's warm-up
@@ -174,12 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "{'model': ...}, e.g. TRADES' model_cifar_wrn.pt or a run's last.pt). Without it the "
                         "run first trains its own teacher with TRADES in RUN_DIR/teacher/")
     g.add_argument("--teacher-arch", help="the teacher's architecture (default wrn34-10; for a self-trained "
-                                          "teacher the preset's: paper wrn34-10, quick mnv2)")
+                                          "teacher the preset's: paper wrn34-10, quick resnet8)")
     g.add_argument("--preset", choices=tuple(PRESETS), help="paper (default): the method's official settings; "
                                                             "quick: a CPU-sized run, see rslad_fast/train.py")
     g = p.add_argument_group("data and output")
     g.add_argument("--data", metavar="DIR", help="folder holding cifar-10-batches-py/ (default ./data)")
-    g.add_argument("--train-n", type=int, help="use the first N training images (default: preset; paper all)")
+    g.add_argument("--train-n", type=int, help="use the first N training images, for the student and a "
+                                              "self-trained teacher (default: preset; paper all)")
     g.add_argument("--eval-n", type=int, help="held-out test images (the first N) evaluated with clean and "
                                               "PGD-20 accuracy after every epoch (default: paper 1000, quick 200)")
     g.add_argument("--out", metavar="RUN_DIR", help="run directory (default runs/<method>-<student>-<preset>-seed<seed>)")
