@@ -327,3 +327,36 @@ def test_malicious_pickle_is_refused(tmp_path, writer):
     with pytest.raises(UserError, match=f"checkpoint {path}: {pattern}"):
         load_checkpoint_into(TinyCNN(), path)
     assert not marker.exists()
+
+
+# A diverged run leaves NaN/inf in its weights or BatchNorm statistics; such a file must not load: as a
+# teacher it would train a student on garbage, in evaluate it would report ~10% accuracy as a result.
+@pytest.mark.parametrize("name,value", [("conv1.weight", float("nan")), ("linear.bias", float("inf")),
+                                        ("bn2.running_var", float("-inf")), ("bn1.running_mean", float("nan"))])
+def test_non_finite_weights_are_refused(tmp_path, name, value):
+    sd = _trained_tiny().state_dict()
+    sd[name].view(-1)[0] = value
+    path = tmp_path / "diverged.pt"
+    torch.save({"model": sd, "epoch": 2}, path)
+    with pytest.raises(UserError) as err:
+        load_checkpoint_into(TinyCNN(), path, "tiny")
+    msg = str(err.value)
+    assert str(path) in msg and repr(name) in msg and "non-finite" in msg and "\n" not in msg
+
+
+def test_non_finite_refused_for_teacher_and_evaluate(tmp_path, capsys):
+    from rslad_fast import evaluate
+    from rslad_fast.engine.teacher import load_teacher
+
+    sd = _trained_tiny().state_dict()
+    sd["bn1.running_var"][3] = float("inf")
+    path = tmp_path / "teacher.pt"
+    torch.save(sd, path)
+    with pytest.raises(UserError, match="'bn1.running_var'.*non-finite"):
+        load_teacher(path, "tiny")
+    # evaluate loads every checkpoint before it reads the data: no data folder needed to see the refusal
+    rc = evaluate.main(["--ckpt", str(path), "--arch", "tiny", "--attacks", "clean", "--data",
+                        str(tmp_path / "no_data"), "--no-download", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "error: checkpoint" in err and "non-finite" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

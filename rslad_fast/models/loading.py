@@ -6,6 +6,8 @@ Why so strict:
 - Weights load with ``strict=True``: a teacher that silently keeps half its random init (wrong
   architecture, renamed keys) would still "train", and produce a worthless student. Every mismatch is a
   UserError naming the missing / unexpected keys and the architecture that was expected.
+- NaN or inf in any weight or buffer is a UserError naming the tensor: the file of a diverged run must not
+  become a teacher or an evaluation result.
 
 Accepted containers: a plain state dict, ``{'state_dict': sd}``, ``{'model': sd}`` (our own training
 checkpoints store ``{'model': sd, 'optimizer': ..., ...}``), nested any of those ways. Key prefixes
@@ -122,6 +124,19 @@ def _drop_matching_constants(model: nn.Module, sd: dict, path: str) -> dict:
     return out
 
 
+def _check_finite(sd: dict, path: str) -> None:
+    """Refuse NaN/inf in any floating-point tensor: a diverged run's weights or BatchNorm statistics would
+    otherwise load silently, and train a student on a garbage teacher or evaluate to chance accuracy."""
+    bad = [k for k, v in sd.items()
+           if (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all())]
+    if bad:
+        first = sd[bad[0]]
+        count = int((~torch.isfinite(first)).sum())
+        more = f" and {len(bad) - 1} more tensor(s)" if len(bad) > 1 else ""
+        raise UserError(f"checkpoint {path}: tensor {bad[0]!r} holds non-finite values (NaN or inf: {count} of "
+                        f"{first.numel()}){more}; refusing to load it (a diverged run?)")
+
+
 def load_checkpoint_into(model: nn.Module, path, arch_name: str = None) -> nn.Module:
     """Load the weights in ``path`` into ``model`` strictly (in place) and return ``model``.
 
@@ -148,6 +163,7 @@ def load_checkpoint_into(model: nn.Module, path, arch_name: str = None) -> nn.Mo
         raise UserError(f"checkpoint {path} does not match architecture {arch}: {len(wrong)} shape "
                         f"mismatch(es) (checkpoint vs model): {', '.join(wrong[:_MAX_LISTED])}{more} "
                         f"(wrong number of classes or width?)")
+    _check_finite(sd, path)
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:  # anything the checks above missed, e.g. an uncastable dtype
