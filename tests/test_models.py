@@ -360,3 +360,41 @@ def test_non_finite_refused_for_teacher_and_evaluate(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "error: checkpoint" in err and "non-finite" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def _opt_state(model):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(_x()).sum().backward()
+    opt.step()  # a real momentum buffer: the optimizer state holds tensors under integer keys
+    return opt.state_dict()
+
+
+@pytest.mark.parametrize("wrap", ["ard", "model_state_dict", "iad", "equal_twice"])
+def test_official_containers(tmp_path, wrap):
+    """ARD saves {'net': DataParallel state dict, 'optimizer': ...} (.t7), IAD {'state_dict', 'optimizer',
+    'epoch', ...}, the PyTorch tutorials {'model_state_dict', 'optimizer_state_dict', ...}; the same
+    weights under two names are not ambiguous."""
+    src = _trained_tiny()
+    sd = src.state_dict()
+    obj = {
+        "ard": {"net": _prefixed(sd, "module."), "optimizer": _opt_state(_trained_tiny()), "epoch": 99},
+        "model_state_dict": {"model_state_dict": sd, "optimizer_state_dict": _opt_state(_trained_tiny()),
+                             "epoch": 4, "loss": 0.5},
+        "iad": {"epoch": 10, "state_dict": _prefixed(sd, "module."), "test_nat_acc": 80.0,
+                "optimizer": _opt_state(_trained_tiny())},
+        "equal_twice": {"state_dict": sd, "model": _prefixed(sd, "module.")},
+    }[wrap]
+    path = tmp_path / "official.t7"
+    torch.save(obj, path)
+    _assert_same(src, load_checkpoint_into(TinyCNN(), path, "tiny"))
+
+
+@pytest.mark.parametrize("keys", [("state_dict", "model"), ("net", "model_state_dict"), ("net", "state_dict")])
+def test_two_different_state_dicts_are_ambiguous(tmp_path, keys):
+    a, b = _trained_tiny().state_dict(), TinyCNN().state_dict()
+    path = tmp_path / "two.pt"
+    torch.save({keys[0]: a, keys[1]: b, "epoch": 1}, path)
+    with pytest.raises(UserError) as err:
+        load_state_dict_file(path)
+    msg = str(err.value)
+    assert str(path) in msg and "ambiguous" in msg and all(repr(k) in msg for k in keys) and "\n" not in msg

@@ -9,9 +9,11 @@ Why so strict:
 - NaN or inf in any weight or buffer is a UserError naming the tensor: the file of a diverged run must not
   become a teacher or an evaluation result.
 
-Accepted containers: a plain state dict, ``{'state_dict': sd}``, ``{'model': sd}`` (our own training
-checkpoints store ``{'model': sd, 'optimizer': ..., ...}``), nested any of those ways. Key prefixes
-``module.`` (DataParallel / DDP) and ``model.`` (wrapper modules) are stripped, repeatedly.
+Accepted containers: a plain state dict, ``{'state_dict': sd}`` (IAD), ``{'model': sd}`` (our own training
+checkpoints store ``{'model': sd, 'optimizer': ..., ...}``), ``{'net': sd}`` (ARD's ``.t7`` files),
+``{'model_state_dict': sd}`` (the PyTorch tutorials), nested any of those ways, other entries (optimizer,
+epoch, accuracies) ignored. Two containers holding different weights are refused as ambiguous. Key
+prefixes ``module.`` (DataParallel / DDP) and ``model.`` (wrapper modules) are stripped, repeatedly.
 """
 
 import os
@@ -24,7 +26,9 @@ import torch.nn as nn
 
 from rslad_fast.errors import UserError
 
-_CONTAINER_KEYS = ("state_dict", "model")
+# where the official codes and common tools put the weights: ours and IAD's ("state_dict"), ours
+# ("model"), ARD's .t7 files ("net"), the PyTorch tutorials' ("model_state_dict")
+_CONTAINER_KEYS = ("state_dict", "model", "net", "model_state_dict")
 _PREFIXES = ("module.", "model.")
 _MAX_LISTED = 10
 
@@ -34,24 +38,42 @@ def _is_state_dict(obj) -> bool:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
-def _unwrap(obj, path: str) -> dict:
-    """Descend through ``state_dict`` / ``model`` containers until a flat name -> tensor dict is found."""
-    for _ in range(8):  # bounded: a legit checkpoint nests two or three levels at most
-        if _is_state_dict(obj):
-            return obj
-        if not isinstance(obj, dict):
-            break
-        inner = next((obj[k] for k in _CONTAINER_KEYS if isinstance(obj.get(k), dict)), None)
-        if inner is None:
-            break
-        obj = inner
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a)
+
+
+def _unwrap(obj, path: str, depth: int = 0) -> dict:
+    """Descend through the container keys until a flat name -> tensor dict is found; its prefixes stripped.
+
+    Two containers holding different state dicts (``{'state_dict': A, 'model': B}``) are refused: which one
+    is "the model" is a guess, and a wrong guess would load the wrong weights without a word."""
+    if _is_state_dict(obj):
+        return _strip_prefixes(obj, path)
+    # bounded: a legit checkpoint nests two or three levels at most
+    found = {} if not isinstance(obj, dict) or depth >= 8 else {
+        k: obj[k] for k in _CONTAINER_KEYS if isinstance(obj.get(k), dict)}
+    candidates = {}
+    for key, inner in found.items():
+        try:
+            candidates[key] = _unwrap(inner, path, depth + 1)
+        except UserError:
+            if len(found) == 1:
+                raise
+    if candidates:
+        keys = list(candidates)
+        first = candidates[keys[0]]
+        if any(not _same(first, candidates[k]) for k in keys[1:]):
+            raise UserError(f"checkpoint {path}: ambiguous, {' and '.join(repr(k) for k in keys)} hold different "
+                            f"state dicts; save the one to load on its own (torch.save(ckpt[KEY], PATH))")
+        return first
     if isinstance(obj, dict):
         keys = ", ".join(repr(k) for k in list(obj)[:_MAX_LISTED])
         what = f"a dict with keys {keys}" if obj else "an empty dict"
     else:
         what = f"a {type(obj).__name__}"
-    raise UserError(f"checkpoint {path}: no state dict found (got {what}); expected a state dict, "
-                    f"{{'state_dict': ...}} or {{'model': ...}}")
+    accepted = ", ".join(f"{{{k!r}: ...}}" for k in _CONTAINER_KEYS)
+    raise UserError(f"checkpoint {path}: no state dict found (got {what}); expected a state dict or one of "
+                    f"{accepted}")
 
 
 def _strip_prefixes(sd: dict, path: str) -> dict:
@@ -96,7 +118,7 @@ def load_state_dict_file(path) -> dict:
             TypeError, ImportError, IndexError, UnicodeDecodeError) as e:
         # torch raises all of these for truncated zips, foreign pickles and random bytes
         raise UserError(corrupt) from e
-    return _strip_prefixes(_unwrap(obj, path), path)
+    return _unwrap(obj, path)
 
 
 def _listing(keys) -> str:
