@@ -285,3 +285,47 @@ def test_hyperparameter_flags_cover_every_method():
     k = train.PRESETS["quick"]["attack_steps"]  # IAD: 10 steps of 2/255, the travel kept: k steps of 20/k /255
     assert cfg.hparams["steps"] == k and cfg.hparams["step_size"] == pytest.approx(10 * 2 / 255 / k)
     assert cfg.teacher == {"source": "trained", "arch": train.PRESETS["quick"]["teacher_arch"], "dir": "teacher"}
+
+
+# ---- divergence: stop before any non-finite checkpoint is written -------------------------------------------
+
+def test_divergence_names_the_epoch_and_batch_and_writes_nothing(data, tmp_path, capsys):
+    """lr 1e30: the first step blows the weights up, a later batch's loss is NaN; the run stops after
+    epoch 1 with no checkpoint (before: the message named only the epoch mean)."""
+    run = tmp_path / "run"
+    capsys.readouterr()
+    rc = train.main(["--method", "natural", "--data", str(data), "--out", str(run), "--epochs", "2",
+                     "--lr", "1e30", *COMMON])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and err[0].startswith("error: "), err
+    assert "epoch 1" in err[0] and "batch 2/4" in err[0] and "no checkpoint" in err[0], err[0]
+    assert sorted(p.name for p in run.iterdir()) == ["config.json"]
+
+
+def test_non_finite_buffer_keeps_the_last_good_checkpoint(data, tmp_path, capsys, monkeypatch):
+    """A BatchNorm running_var turned inf in epoch 2 (the loss stays finite: train mode normalizes with the
+    batch's statistics): nothing of epoch 2 is written, epoch 1's last.pt and best.pt stay (before: an
+    epoch-2 last.pt with an inf running_var, exit 0)."""
+    from rslad_fast.engine import runner
+
+    original = runner.train_one_epoch
+
+    def poisoned(**kw):
+        out = original(**kw)
+        if kw["epoch"] == 1:
+            with torch.no_grad():
+                kw["student"].bn2.running_var[3] = float("inf")
+        return out
+
+    monkeypatch.setattr(runner, "train_one_epoch", poisoned)
+    run = tmp_path / "run"
+    capsys.readouterr()
+    rc = train.main(["--method", "natural", "--data", str(data), "--out", str(run), "--epochs", "3", *COMMON])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1, err
+    assert "epoch 2" in err[0] and "bn2.running_var" in err[0] and "epoch 1" in err[0], err[0]
+    for name in ("last.pt", "best.pt"):
+        ck = torch.load(run / name, weights_only=True)
+        assert ck["epoch"] == 1 and all(torch.isfinite(v).all() for v in ck["model"].values()
+                                        if v.is_floating_point())
+    assert [r["epoch"] for r in _records(run)] == [1]

@@ -25,7 +25,18 @@ from .step import train_step
 
 
 class Diverged(RuntimeError):
-    """The training loss became NaN or infinite."""
+    """The training loss, a weight or a buffer became NaN or infinite."""
+
+
+def first_non_finite(module: torch.nn.Module):
+    """The name of the first parameter or buffer holding a NaN or inf, else None (one device sync)."""
+    named = [(k, v) for k, v in module.state_dict().items() if v.is_floating_point()]
+    if not named:
+        return None
+    ok = torch.stack([torch.isfinite(v).all() for _, v in named])
+    if bool(ok.all()):
+        return None
+    return named[int((~ok).nonzero()[0, 0])][0]
 
 
 def _sync(device: torch.device) -> None:
@@ -51,6 +62,9 @@ def train_one_epoch(*, student, method, loader, optimizer, epoch: int, teacher=N
     device = next(student.parameters()).device
     loader.set_epoch(epoch)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    # Batches before the first non-finite loss, counted on the device (no host sync per batch): a sum that
+    # took one inf or NaN stays non-finite, so counting the batches after which it is finite finds it.
+    n_finite = torch.zeros((), device=device, dtype=torch.int64)
     stat_sums: dict = {}
     n_batches = n_images = 0
     _sync(device)
@@ -61,6 +75,7 @@ def train_one_epoch(*, student, method, loader, optimizer, epoch: int, teacher=N
         loss, ctx = train_step(student, method, optimizer, x, y, teacher=teacher, epoch=epoch,
                                generator=generator, amp_dtype=amp_dtype)
         loss_sum += loss.double()
+        n_finite += torch.isfinite(loss_sum)
         for key, value in ctx.stats.items():
             if key == "loss":  # the same number as train_loss
                 continue
@@ -89,8 +104,10 @@ def train_one_epoch(*, student, method, loader, optimizer, epoch: int, teacher=N
     out = {"train_loss": total[0] / max(batches, 1)}
     for i, key in enumerate(keys):
         out[f"train_{key}"] = total[1 + i] / batches
-    if not math.isfinite(out["train_loss"]):
-        raise Diverged(f"training diverged: the mean loss of epoch {epoch + 1} is {out['train_loss']}")
+    if not math.isfinite(out["train_loss"]):  # every rank sees the summed loss: all of them stop here
+        first = min(dist.all_gather_object(int(n_finite))) if dist is not None and dist.active else int(n_finite)
+        raise Diverged(f"training diverged in epoch {epoch + 1}: the loss of batch {first + 1}/{n_batches} "
+                       f"is not finite")
     out.update(epoch_time_s=dt, images_per_s=images / max(dt, 1e-9), batches=n_batches)
     return out
 

@@ -53,7 +53,7 @@ from .allocator import keep_freed_memory
 from .checkpoint import atomic_write_bytes, load_checkpoint, restore, save_checkpoint, saved_world_size
 from .config import Config
 from .dist import Dist
-from .loop import evaluate, train_one_epoch
+from .loop import Diverged, evaluate, first_non_finite, train_one_epoch
 from .step import AMP_DTYPES
 from .metrics import MetricsLog, plot_curves
 from .teacher import freeze, load_teacher
@@ -301,11 +301,23 @@ def run(prep: Prepared, run_dir, *, dist: Dist = Dist(), progress: bool = True, 
         for epoch in range(start, cfg.epochs):
             lr = optimizer.param_groups[0]["lr"]
             bar.set_description(f"{tag} ep {epoch + 1}/{cfg.epochs}")
-            train_stats = train_one_epoch(student=student, method=method, loader=loader, optimizer=optimizer,
-                                          epoch=epoch, teacher=teacher, generator=generator, bar=bar,
-                                          amp_dtype=AMP_DTYPES[cfg.amp], channels_last=cfg.channels_last,
-                                          dist=dist)
+            kept = (f"{run_dir / LAST} of epoch {epoch} is kept" if epoch else "no checkpoint was written") + \
+                "; a lower --lr may help"
+            try:
+                train_stats = train_one_epoch(student=student, method=method, loader=loader, optimizer=optimizer,
+                                              epoch=epoch, teacher=teacher, generator=generator, bar=bar,
+                                              amp_dtype=AMP_DTYPES[cfg.amp], channels_last=cfg.channels_last,
+                                              dist=dist)
+            except Diverged as e:
+                raise Diverged(f"{e}; {kept}") from None
             dist.broadcast_buffers(module)  # per-rank BN statistics -> rank 0's: the model that is saved
+            # the loss can stay finite while a weight or a BatchNorm statistic does not (train mode normalizes
+            # with the batch's statistics): nothing non-finite is ever evaluated or saved. The same on every
+            # rank (DDP's weights, rank 0's buffers), so all ranks stop together.
+            bad = first_non_finite(module)
+            if bad is not None:
+                raise Diverged(f"training diverged in epoch {epoch + 1}: {bad} is not finite after its "
+                               f"{train_stats['batches']} batches; {kept}")
             # rank 0 draws the single-process stream; the other ranks, their own (seed, epoch, rank) streams
             eval_seed = mix_seed(cfg.seed, epoch, 0xE7A1) if dist.rank == 0 else \
                 mix_seed(cfg.seed, epoch, 0xE7A1, dist.rank)
