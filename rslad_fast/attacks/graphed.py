@@ -5,54 +5,109 @@ the fused softmax-KL gradient and the fused PGD step): at CIFAR sizes the GPU sp
 waiting for the CPU to launch them. A CUDA graph launches the whole loop at once.
 
 How it stays correct:
-- One graph per (model, input shape, dtype, memory format, attack settings); an uneven last batch gets its
-  own graph, captured once and reused every epoch, so results do not depend on padding.
+- One graph per (model, input shape and strides, dtype, device, attack settings); an uneven last batch gets
+  its own graph, captured once and reused every epoch, so results do not depend on padding.
 - Inputs are copied into static buffers before each replay, and the random start's noise is drawn outside
-  the graph with the caller's generator, so a replay computes exactly what the eager loop computes.
-- The graph reads the parameters where they live: optimizer steps update them in place and the next replay
-  sees the new weights. Replacing a parameter tensor (not its values) requires `clear_cache()`.
+  the graph with the caller's generator into a contiguous buffer, exactly as the eager `random_start` draws
+  it (`randn(out=...)` fills memory order: a channels_last buffer would permute the noise), so a replay
+  computes exactly what the eager loop computes. `x_adv`'s buffer takes the layout the eager loop's
+  `torch.add(x_nat, noise)` gives it, so the student sees the same memory format too.
+- The graph reads the parameters where they live: optimizer steps and `load_state_dict` update them in place
+  and the next replay sees the new values. Graphs are kept per model in a weak dictionary (a collected
+  model's graphs, and their memory pools, go with it; a new model can never inherit a dead one's graphs),
+  under a signature of its parameters' and buffers' storage: replacing a tensor (`.to(memory_format=...)`,
+  `.half()`, `p.data = ...`) changes the signature and drops that model's graphs, which are recaptured.
+- Capture and replay run under a device guard of the input's device (the model may live on a device that
+  is not the current one), and the capture is `thread_local`: other threads (DALI's prefetch, a
+  DataLoader's pin-memory thread) may keep issuing CUDA calls while this thread captures.
 - The student runs in eval mode inside the graph (BatchNorm reads its running statistics and does not write
   them), as in the official `rslad_inner_loss`; its modes are restored afterwards.
 """
 import contextlib
+import itertools
 import weakref
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from .. import ops
 from .pgd import check_budget, model_mode
 
-_GRAPHS = {}
+
+def tensor_signature(model: torch.nn.Module) -> tuple:
+    """Where and how every parameter and buffer of `model` is stored: changes when any tensor is replaced."""
+    return tuple((t.data_ptr(), t.dtype, t.device, tuple(t.shape), tuple(t.stride()))
+                 for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+class GraphCache:
+    """Captured loops per model, that cannot outlive their model or survive the replacement of its tensors.
+
+    Device-agnostic (the CPU tests exercise it with plain objects): `get(model, key, build)` returns the
+    entry for (model, key), calling `build()` on a miss.
+    """
+
+    def __init__(self):
+        self._by_model = weakref.WeakKeyDictionary()  # model -> (tensor signature, {key: loop})
+
+    def get(self, model: torch.nn.Module, key: tuple, build: Callable[[], object]):
+        signature = tensor_signature(model)
+        entry = self._by_model.get(model)
+        if entry is None or entry[0] != signature:
+            entry = (signature, {})  # first call, or tensors replaced: the old graphs read freed memory
+            self._by_model[model] = entry
+        loops = entry[1]
+        if key not in loops:
+            loops[key] = build()
+        return loops[key]
+
+    def clear(self) -> None:
+        self._by_model.clear()
+
+    def __len__(self) -> int:
+        """Number of captured loops held, over all live models."""
+        return sum(len(loops) for _, loops in self._by_model.values())
+
+
+_GRAPHS = GraphCache()
 
 
 def clear_cache() -> None:
-    """Drop every captured graph (e.g. after replacing a model's parameter tensors)."""
+    """Drop every captured graph (not needed for correctness: stale graphs are detected)."""
     _GRAPHS.clear()
+
+
+def static_buffers(x_nat: torch.Tensor, target: torch.Tensor, init_std: float) -> dict:
+    """The loop's static buffers, laid out as the eager loop lays out its tensors (see the module doc)."""
+    x_nat_s = torch.empty_like(x_nat)  # keeps x_nat's strides (contiguous or channels_last)
+    noise = torch.empty(x_nat.shape, dtype=x_nat.dtype, device=x_nat.device)  # contiguous, as random_start's
+    x_adv = torch.add(x_nat_s, noise, alpha=init_std)  # the eager loop's x_adv layout, by the same op
+    return {"x_nat": x_nat_s, "noise": noise, "x_adv": x_adv,
+            "target": torch.empty(target.shape, dtype=target.dtype, device=target.device)}
+
+
+def draw_noise(noise: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """The random start's N(0, 1) draw into `noise`, the same numbers as `random_start` draws."""
+    return torch.randn(noise.shape, generator=generator, device=noise.device, dtype=noise.dtype, out=noise)
 
 
 class _GraphedLoop:
     def __init__(self, model, x_nat, target, *, eps, alpha, steps, init_std, amp_dtype, warmup=3):
-        self.model_ref = weakref.ref(model)
-        memory_format = torch.channels_last if x_nat.is_contiguous(memory_format=torch.channels_last) and \
-            not x_nat.is_contiguous() else torch.contiguous_format
-        self.x_nat = torch.empty_like(x_nat, memory_format=memory_format)
-        self.target = torch.empty_like(target)
-        self.noise = torch.empty_like(self.x_nat)
-        self.x_adv = torch.empty_like(self.x_nat)
+        buffers = static_buffers(x_nat, target, init_std)
+        self.x_nat, self.noise, self.x_adv, self.target = (buffers[k] for k in ("x_nat", "noise", "x_adv", "target"))
         self.eps, self.alpha, self.steps, self.init_std, self.amp_dtype = eps, alpha, steps, init_std, amp_dtype
         self.x_nat.copy_(x_nat)
         self.target.copy_(target)
         self.noise.normal_()
 
-        side = torch.cuda.Stream()
+        side = torch.cuda.Stream(device=x_nat.device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up: cuDNN autotuning and allocations happen outside the capture
             for _ in range(warmup):
                 self._body(model)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self._body(model)
 
     def _autocast(self):
@@ -76,8 +131,7 @@ class _GraphedLoop:
     def run(self, x_nat, target, generator):
         self.x_nat.copy_(x_nat)
         self.target.copy_(target)
-        torch.randn(self.noise.shape, generator=generator, device=self.noise.device, dtype=self.noise.dtype,
-                    out=self.noise)
+        draw_noise(self.noise, generator)
         self.graph.replay()
         return self.x_adv.clone()
 
@@ -98,12 +152,9 @@ def graphed_kl_pgd(model: torch.nn.Module, x_nat: torch.Tensor, teacher_logits: 
         # Called inside the caller's autocast: capture with the same precision, but with our own autocast
         # (the caller's has its weight cache on, which a capture forbids).
         amp_dtype = torch.get_autocast_dtype("cuda")
-    channels_last = x_nat.is_contiguous(memory_format=torch.channels_last) and not x_nat.is_contiguous()
-    key = (id(model), tuple(x_nat.shape), x_nat.dtype, x_nat.device, channels_last, tuple(target.shape),
+    key = (tuple(x_nat.shape), x_nat.stride(), x_nat.dtype, x_nat.device, tuple(target.shape),
            float(eps), float(alpha), int(steps), float(init_std), amp_dtype)
-    with model_mode(model, "eval"), torch.autocast("cuda", enabled=False):
-        loop = _GRAPHS.get(key)
-        if loop is None or loop.model_ref() is not model:
-            loop = _GRAPHS[key] = _GraphedLoop(model, x_nat, target, eps=eps, alpha=alpha, steps=steps,
-                                               init_std=init_std, amp_dtype=amp_dtype)
+    with torch.cuda.device(x_nat.device), model_mode(model, "eval"), torch.autocast("cuda", enabled=False):
+        loop = _GRAPHS.get(model, key, lambda: _GraphedLoop(
+            model, x_nat, target, eps=eps, alpha=alpha, steps=steps, init_std=init_std, amp_dtype=amp_dtype))
         return loop.run(x_nat, target, generator)
