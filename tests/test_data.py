@@ -109,6 +109,56 @@ def test_corrupt_batch_is_user_error(tmp_path, damage):
     load_cifar10(tmp_path, train=False)  # the other split is unaffected
 
 
+def _rewrite(folder, name, data=None, labels=None):
+    """Rewrite one batch file with other pixels or labels (a Python 3 pickle, our own temp file: trusted)."""
+    f = folder / name
+    d = pickle.loads(f.read_bytes(), encoding="bytes")
+    if data is not None:
+        d[b"data"] = data
+    if labels is not None:
+        d[b"labels"] = labels
+    f.write_bytes(pickle.dumps(d, protocol=2))
+    return d
+
+
+@pytest.mark.parametrize("bad", ["float_nan", "float_1000", "float_minus5", "float_in_range", "uint16", "int64",
+                                 "labels_float", "labels_whole_floats", "labels_bool", "labels_10",
+                                 "labels_minus1"])
+def test_reader_requires_uint8_pixels_and_integer_labels_in_range(tmp_path, bad):
+    """Casting would silently wrap 1000 to 232, -5 to 251, NaN to 0 and 0.5 to label 0: refuse instead."""
+    folder = write_fake_cifar10(tmp_path, n_train=10, n_test=10)
+    d = pickle.loads((folder / "test_batch").read_bytes(), encoding="bytes")
+    data, labels = d[b"data"], list(d[b"labels"])
+    if bad.startswith("float"):
+        data = data.astype(np.float64)
+        data[0, 0] = {"float_nan": np.nan, "float_1000": 1000.0, "float_minus5": -5.0, "float_in_range": 7.0}[bad]
+        _rewrite(folder, "test_batch", data=data)
+    elif bad in ("uint16", "int64"):
+        _rewrite(folder, "test_batch", data=data.astype(bad))
+    elif bad == "labels_float":
+        _rewrite(folder, "test_batch", labels=[0.5] + labels[1:])
+    elif bad == "labels_whole_floats":
+        _rewrite(folder, "test_batch", labels=[float(v) for v in labels])
+    elif bad == "labels_bool":
+        _rewrite(folder, "test_batch", labels=[True] * len(labels))
+    else:
+        _rewrite(folder, "test_batch", labels=[10 if bad == "labels_10" else -1] + labels[1:])
+    with pytest.raises(UserError) as err:
+        load_cifar10(tmp_path, train=False)
+    msg = str(err.value)
+    assert "test_batch" in msg and "\n" not in msg
+    assert ("uint8" in msg) if "labels" not in bad else ("labels" in msg)
+
+
+def test_reader_accepts_integer_label_arrays(tmp_path):
+    """Labels as a numpy integer array (any integer dtype) are integers too; a Python list is the official form."""
+    folder = write_fake_cifar10(tmp_path, n_train=10, n_test=10)
+    d = _rewrite(folder, "test_batch")
+    _rewrite(folder, "test_batch", labels=np.asarray(d[b"labels"], dtype=np.uint8))
+    x, y = load_cifar10(tmp_path, train=False)
+    assert y.dtype == torch.int64 and y.tolist() == list(d[b"labels"]) and x.dtype == torch.uint8
+
+
 def test_synthetic_is_learnable(fake):
     """Class means are far apart relative to within-class spread: a linear model separates them."""
     x, y = load_cifar10(fake, train=True)

@@ -88,12 +88,19 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, "rb") as f:
             d = _SafeUnpickler(f, encoding="bytes").load()
-        data = np.asarray(_get(d, "data"), dtype=np.uint8)
-        labels = np.asarray(_get(d, "labels"), dtype=np.int64)
+        # Checked, never cast: a cast wraps float 1000 to 232 and -5 to 251, turns NaN into 0, uint16 into
+        # its low byte and label 0.5 into 0, and the run trains on that without a word.
+        data = np.asarray(_get(d, "data"))
+        labels = np.asarray(_get(d, "labels"))
+        if data.dtype != np.uint8:
+            raise ValueError(f"pixels are {data.dtype}, expected uint8 (0..255)")
+        if labels.size and not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"labels are {labels.dtype}, expected integers 0..9")
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.shape != (data.shape[0],):
             raise ValueError(f"data {data.shape}, labels {labels.shape}")
         if labels.size and (labels.min() < 0 or labels.max() > 9):
             raise ValueError("labels outside 0..9")
+        labels = labels.astype(np.int64)
     except UserError:
         raise
     except Exception as e:  # pickle, EOF, key, shape errors: all mean an unusable file
