@@ -170,6 +170,27 @@ def test_fgsm_is_one_signed_step_of_eps(trained):
     assert torch.allclose(FGSM()(model, x, y), expected, atol=1e-7)
 
 
+def test_fgsm_random_start_is_an_option_default_off(trained):
+    """IAD's basic_eval.py runs its "FGSM without Random Start" with random=True (a uniform start, then one
+    step of eps). Ours offers that start behind random_start=True; the default stays the standard FGSM."""
+    model, x, y = trained
+    x, y = x[:16].clone(), y[:16]
+    assert FGSM().random_start is False
+    assert torch.equal(FGSM()(model, x, y, generator=_gen(1)), FGSM(random_start=False)(model, x, y))
+    rs = FGSM(random_start=True)
+    assert rs.hparams() == {"eps": EPS, "alpha": EPS, "steps": 1, "start": "uniform", "loss": "ce"}
+    noise = torch.rand(x.shape, generator=_gen(1))
+    start = (x + (2 * noise - 1) * EPS).requires_grad_(True)
+    (grad,) = torch.autograd.grad(F.cross_entropy(model(start), y, reduction="sum"), start)
+    expected = torch.clamp(torch.min(torch.max(start.detach() + EPS * grad.sign(), x - EPS), x + EPS), 0, 1)
+    x_adv = rs(model, x, y, generator=_gen(1))
+    assert torch.allclose(x_adv, expected, atol=1e-6)
+    assert not torch.equal(x_adv, FGSM()(model, x, y))
+    assert torch.equal(x_adv, rs(model, x, y, generator=_gen(1)))
+    with pytest.raises(UserError):
+        FGSM(random_start="yes")
+
+
 def test_seeded_generator_reproduces_and_modes_are_restored(trained):
     model, x, y = trained
     x, y = x[:16], y[:16]

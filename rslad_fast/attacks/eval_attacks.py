@@ -10,8 +10,10 @@ Sources of the settings:
 - TRADES ``pgd_attack_cifar10.py`` (``_pgd_whitebox``): PGD-20, step 0.003, uniform(-eps, eps) start, CE
   -> "pgd20-trades" (TRADES evaluates at eps 0.031; here eps is 8/255 unless --eps says otherwise).
 - IAD / FAT ``attack_generator.py`` (``eval_robust``, the RSLAD lineage's evaluation): FGSM = one step of
-  eps, no random start; PGD-20 of 2/255 with a uniform start -> "pgd20-sat"; CW-inf = PGD-30 of 2/255 on
-  ``cwloss`` (kappa 50), uniform start -> "cw".
+  eps; PGD-20 of 2/255 with a uniform start -> "pgd20-sat"; CW-inf = PGD-30 of 2/255 on ``cwloss`` (kappa
+  50), uniform start -> "cw". IAD's ``basic_eval.py`` runs its FGSM with ``random=True`` (a uniform(-eps, eps)
+  start, then the step of eps) although it prints "FGSM without Random Start"; our FGSM is the standard
+  one, from x itself, by default, and takes that start with ``FGSM(random_start=True)``.
 
 One documented difference: the engine never clamps the random start to [0, 1] before the first gradient
 (TRADES' ``_pgd_whitebox`` convention); IAD's ``pgd`` clamps it first. The first step clamps in both, so
@@ -84,20 +86,30 @@ class EvalAttack:
 
 
 class FGSM(EvalAttack):
-    """One signed-gradient step of size eps from x on CE (IAD ``eval_robust``: pgd with num_steps=1,
-    step_size=eps, rand_init=False). Equal to ``pgd(steps=1, alpha=eps, start="none")``."""
+    """One signed-gradient step of size eps on CE: ``pgd(steps=1, alpha=eps)``.
+
+    By default from x itself, the standard FGSM (Goodfellow et al.). ``random_start=True`` starts from
+    x + U(-eps, eps) instead, as IAD's ``basic_eval.py`` really runs it (``eval_robust(perturb_steps=1,
+    step_size=8/255, random=True)``, printed as "FGSM without Random Start"); like every attack here, the
+    start is not clamped to [0, 1] before the gradient (IAD's is)."""
 
     name, column = "fgsm", "FGSM"
 
-    def __init__(self, eps: float = EPS):
+    def __init__(self, eps: float = EPS, random_start: bool = False):
+        if not isinstance(random_start, bool):
+            raise UserError(f"FGSM random_start must be True or False, got {random_start!r}")
         _check(eps, eps, 1, "none", 0.0)
-        self.eps = float(eps)
+        self.eps, self.random_start = float(eps), random_start
+
+    @property
+    def start(self) -> str:
+        return "uniform" if self.random_start else "none"
 
     def hparams(self):
-        return {"eps": self.eps, "alpha": self.eps, "steps": 1, "start": "none", "loss": "ce"}
+        return {"eps": self.eps, "alpha": self.eps, "steps": 1, "start": self.start, "loss": "ce"}
 
     def __call__(self, model, x, y, generator=None):
-        return pgd(model, x, ce_loss(y), eps=self.eps, alpha=self.eps, steps=1, start="none", mode="eval",
+        return pgd(model, x, ce_loss(y), eps=self.eps, alpha=self.eps, steps=1, start=self.start, mode="eval",
                    generator=generator)
 
 
