@@ -189,6 +189,56 @@ def test_iad_warmup_switches_at_begin(setup64):
     assert losses[5] > losses[4]  # the self-introspection term is >= 0, and > 0 here since x' != x
 
 
+@pytest.mark.parametrize("epoch", [0, 60])
+def test_iad_runs_each_input_once_where_the_official_loop_runs_more(setup64, epoch):
+    """A deliberate difference, documented in methods/iad.py: IAD-I.py's loop runs, after the attack's final
+    S(x'), an unused `basic_net(pert_inputs).detach()` and, from `begin` on, `basic_net(inputs)` twice (the
+    self-KL target and the CE term), all in train mode. Ours runs S(x') and S(x) once each: the same loss and
+    parameter gradients, but BatchNorm's running statistics (what eval mode uses) see fewer batches."""
+    from rslad_fast.methods import iad as iad_module
+
+    doc = iad_module.__doc__
+    assert "basic_net(pert_inputs)" in doc and "running statistics" in doc
+    student, teacher, x, y, x_adv = setup64
+    method = IAD(steps=3)
+    forwards = []
+    whole = copy.deepcopy(student).train()
+    handle = whole.register_forward_pre_hook(lambda m, inp: forwards.append(m.training))
+    try:
+        method.loss(context(method, whole, x, y, teacher, epoch=epoch))  # attack + loss: one training step
+    finally:
+        handle.remove()
+    assert forwards == [True] * (method.steps + 2)  # the attack's steps, then S(x') and S(x) once each
+
+    ours, official = copy.deepcopy(student).train(), copy.deepcopy(student).train()
+    loss = method.loss_at(context(method, ours, x, y, teacher, epoch=epoch), x_adv)
+    loss.backward()
+    assert ours.bn1.num_batches_tracked.item() - student.bn1.num_batches_tracked.item() == 2
+
+    # the official forward sequence after the attack, on the same x' (IAD-I.py `train`)
+    hp, S, B_ = method.hparams(), official, x.shape[0]
+    with torch.no_grad():
+        t_nat, guide = teacher.eval()(x), teacher.eval()(x_adv)
+    outputs = S(x_adv)
+    S(x_adv).detach()  # basicop: computed, never used
+    teacher_term = kl_rows(outputs, t_nat, hp["tau"])
+    if epoch >= hp["begin"]:
+        A = F.softmax(guide, dim=1).gather(1, y[:, None]).squeeze(1).pow(hp["beta"])
+        expected = (hp["alpha"] * hp["tau"] ** 2 / B_ * teacher_term.sum()
+                    + hp["alpha"] / B_ * (kl_rows(outputs, S(x)) * (1 - A)).sum()
+                    + (1.0 - hp["alpha"]) * F.cross_entropy(S(x), y))
+    else:
+        expected = (hp["alpha"] * hp["tau"] ** 2 / B_ * teacher_term.sum()
+                    + (1.0 - hp["alpha"]) * F.cross_entropy(S(x), y))
+    expected.backward()
+    tracked = official.bn1.num_batches_tracked.item() - student.bn1.num_batches_tracked.item()
+    assert tracked == (4 if epoch >= hp["begin"] else 3)
+    assert torch.allclose(loss, expected, rtol=1e-9, atol=1e-12)
+    for p1, p2 in zip(ours.parameters(), official.parameters()):
+        assert torch.allclose(p1.grad, p2.grad, rtol=1e-7, atol=1e-12)
+    assert not torch.allclose(ours.bn1.running_mean, official.bn1.running_mean)
+
+
 # ---- the attacks -----------------------------------------------------------------------------------------
 
 OFFICIAL_ATTACK = {  # module, entry point, expected keyword arguments

@@ -16,6 +16,13 @@ from `ARD`).
   A_i as well: `table1_form=True`.
 - Defaults: tau = 1, alpha = 1, beta = 0.1, begin = 60; lr 0.1, x0.1 at [100, 150], 200 epochs, weight
   decay 2e-4, batch 128, with ARD's lr bug behind `lr_bug` (default False: both decays happen).
+- Forwards (a deliberate difference): after the attack's final S(x'), the official loop runs an unused
+  `basicop = basic_net(pert_inputs).detach()` and, from `begin` on, `basic_net(inputs)` twice (the self-KL
+  target and the CE term; once before `begin`), all in train mode. Ours runs S(x') and S(x) once each:
+  steps + 2 student forwards per training step where IAD-I.py runs steps + 3 (before `begin`) or steps + 4.
+  The extra forwards give the same values, so the loss and every gradient are the same; only BatchNorm's
+  running statistics, which eval mode uses, move fewer times and so differ slightly (as TRADES' note says
+  of its doubled f(x)). tests/test_methods.py checks both.
 """
 import torch
 import torch.nn.functional as F
