@@ -4,7 +4,8 @@ CUDAExtension when the installed torch is a CUDA build and nvcc is found, CppExt
 Environment:
   CUDA_HOME               CUDA toolkit root (default: /usr/local/cuda when it exists; /usr/local/bin/nvcc
                           on some machines is a wrapper that misleads torch's detection and breaks linking)
-  TORCH_CUDA_ARCH_LIST    GPU architectures (default "8.0;9.0" when no GPU is visible to detect: A100, H100)
+  TORCH_CUDA_ARCH_LIST    GPU architectures (default "8.0;9.0+PTX" when no GPU is visible to detect: A100,
+                          H100/H200 kernels, and sm_90 PTX that newer GPUs JIT-compile)
   MAX_JOBS                parallel compile jobs (read by torch's ninja build)
   RSLAD_FAST_CUDA         "0": build the CPU kernels only; "1": fail unless the CUDA kernels are built
 """
@@ -31,14 +32,14 @@ if want_cuda == "1" and not cuda_possible:
              f"CUDA_HOME={CUDA_HOME}")
 use_cuda = cuda_possible and want_cuda != "0"
 if use_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-    os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+    os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
 
 sources = sorted(glob.glob("csrc/ops/*.cpp") + glob.glob("csrc/ops/cpu/*.cpp"))
 # OpenMP: without it at::parallel_for runs on one thread.
 extra = {"cxx": ["-O3", "-fopenmp"]}
 if use_cuda:
     sources += sorted(glob.glob("csrc/ops/cuda/*.cu"))
-    extra["nvcc"] = ["-O3", "-lineinfo"]
+    extra["nvcc"] = ["-O3", "-lineinfo"]  # torch's CUDAExtension adds --expt-relaxed-constexpr itself
 Extension = CUDAExtension if use_cuda else CppExtension
 print(f"rslad_fast: building the {'CPU + CUDA' if use_cuda else 'CPU'} kernels", file=sys.stderr)
 

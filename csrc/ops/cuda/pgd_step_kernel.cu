@@ -11,8 +11,10 @@
 namespace rslad_fast {
 namespace {
 
+constexpr int kThreads = 256;
+
 template <typename scalar_t>
-__global__ void pgd_step_kernel(scalar_t* __restrict__ x_adv, const scalar_t* __restrict__ grad,
+__global__ void __launch_bounds__(kThreads) pgd_step_kernel(scalar_t* __restrict__ x_adv, const scalar_t* __restrict__ grad,
                                 const scalar_t* __restrict__ x_nat, int64_t n, at::opmath_type<scalar_t> eps,
                                 at::opmath_type<scalar_t> alpha, at::opmath_type<scalar_t> lo,
                                 at::opmath_type<scalar_t> hi) {
@@ -40,7 +42,7 @@ void pgd_step_cuda(at::Tensor& x_adv, const at::Tensor& grad, const at::Tensor& 
   }
 
   const int64_t n = out.numel();
-  const int threads = 256;
+  const int threads = kThreads;
   // Enough blocks to fill the GPU; the grid-stride loop covers the rest.
   const int64_t blocks = std::min<int64_t>(cuda::ceil_div(n, threads), 65535LL * 8);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
