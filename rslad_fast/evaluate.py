@@ -150,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accuracy points by which Clean >= FGSM >= PGD >= AA may be broken before it is "
                         "flagged (default 0.5)")
     g.add_argument("--allow-tf32", action="store_true",
-                   help="allow TF32 convolutions/matmuls on CUDA (default: strict fp32)")
+                   help="allow TF32 convolutions/matmuls on CUDA (default: strict fp32, as training's default; "
+                        "recorded in eval.json)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--verbose", action="store_true", help="print AutoAttack's progress lines")
 
@@ -268,16 +269,21 @@ def build_attacks(args, log=None) -> dict:
 
 def _device(name):
     import torch
+
+    from rslad_fast.engine.config import check_ops_device
+
     if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError) as e:
-        raise UserError(f"--device {name!r}: not a device ({e})") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine")
-    if dev.type not in ("cpu", "cuda"):
-        raise UserError(f"--device {name}: only cpu and cuda are supported")
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            dev = torch.device(name)
+        except (RuntimeError, ValueError) as e:
+            raise UserError(f"--device {name!r}: not a device ({e})") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"--device {name}: CUDA is not available on this machine")
+        if dev.type not in ("cpu", "cuda"):
+            raise UserError(f"--device {name}: only cpu and cuda are supported")
+    check_ops_device(dev)  # a library built without CUDA kernels: one line now, not a traceback later
     return dev
 
 
@@ -471,6 +477,7 @@ def run(args, argv=None, dist=None) -> dict:
 
     from rslad_fast.data import load_cifar10
     from rslad_fast.engine.dist import Dist
+    from rslad_fast.engine.precision import restore_tf32, set_tf32
     from rslad_fast.models import build
     from rslad_fast.models.loading import load_checkpoint_into
 
@@ -510,8 +517,7 @@ def run(args, argv=None, dist=None) -> dict:
 
     started = datetime.datetime.now(datetime.timezone.utc)
     t0 = time.perf_counter()
-    saved_tf32 = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = bool(args.allow_tf32)
+    saved_tf32 = set_tf32(args.allow_tf32)  # the training engine's policy (engine/precision.py)
     lo, hi = dist.shard(n)
     n_batches = math.ceil((hi - lo) / args.batch_size)  # this rank's (the bar is rank 0's)
     per_model = (len(attacks) + ("clean" not in attacks) + (sanity is not None)) * n_batches
@@ -553,7 +559,7 @@ def run(args, argv=None, dist=None) -> dict:
                         warnings.append(warning)
                 rows.append(entry)
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved_tf32
+        restore_tf32(saved_tf32)
         bar_holder.pop("bar", None)
 
     config = {k: v for k, v in vars(args).items()}

@@ -112,7 +112,7 @@ PRESETS = {
 
 ENGINE_FLAGS = ("student", "method", "teacher", "teacher_arch", "data", "epochs", "batch_size", "lr",
                 "momentum", "weight_decay", "milestones", "gamma", "seed", "device", "loader", "threads", "amp",
-                "channels_last", "sync_bn",
+                "channels_last", "allow_tf32", "sync_bn",
                 "train_n", "eval_n", "preset", "out", "overwrite")
 
 
@@ -211,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels_last memory format for the models and batches (default: quick on, paper off; "
                         "faster for mnv2 on the CPU and for bf16 on GPUs)")
+    g.add_argument("--allow-tf32", action="store_true", default=None,
+                   help="CUDA: allow TF32 convolutions and matmuls in training and its per-epoch evaluation "
+                        "(default: strict fp32, as `evaluate`'s default; recorded in config.json)")
     g.add_argument("--sync-bn", action="store_true", default=None,
                    help="under torchrun: SyncBatchNorm, batch statistics over all processes (CUDA only); default: "
                         "BatchNorm per process, as single-GPU training")
@@ -247,7 +250,7 @@ def resolve_config(args: argparse.Namespace):
                batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
                milestones=args.milestones, gamma=args.gamma, seed=args.seed, device=args.device,
                loader=args.loader, threads=args.threads, train_n=args.train_n, eval_n=args.eval_n,
-               amp=args.amp, channels_last=args.channels_last, sync_bn=args.sync_bn)
+               amp=args.amp, channels_last=args.channels_last, allow_tf32=args.allow_tf32, sync_bn=args.sync_bn)
     cfg = resolve(cli, preset_name, preset, EVAL_ATTACK)
     if cfg.teacher is not None and cfg.teacher["source"] == "trained":
         # The teacher: TRADES on the teacher architecture with the preset's settings; only the data,
@@ -258,7 +261,8 @@ def resolve_config(args: argparse.Namespace):
         tcli = dict(student=cfg.teacher["arch"], method="trades", hparams={}, data=cfg.data, seed=cfg.seed,
                     device=cfg.device, loader=cfg.loader, threads=cfg.threads, train_n=train_n,
                     epochs=preset.get("teacher_epochs"),
-                    eval_n=cfg.eval_n, amp=cfg.amp, channels_last=cfg.channels_last, sync_bn=cfg.sync_bn)
+                    eval_n=cfg.eval_n, amp=cfg.amp, channels_last=cfg.channels_last, allow_tf32=cfg.allow_tf32,
+                    sync_bn=cfg.sync_bn)
         cfg.teacher_run = resolve(tcli, preset_name, preset, EVAL_ATTACK).to_dict()
         cfg.teacher_run["versions"] = cfg.versions
     return cfg

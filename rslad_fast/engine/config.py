@@ -51,6 +51,9 @@ class Config:
     amp: str = "fp32"                 # training precision: "fp32", or "bf16" autocast (fp32 master weights);
                                       # evaluation attacks always run in fp32
     channels_last: bool = False       # student and teacher (and their inputs) in channels_last memory format
+    allow_tf32: bool = False          # CUDA: TF32 convolutions and matmuls, in training and its held-out
+                                      # evaluation alike; off by default, as in `evaluate`: fp32 means fp32
+                                      # (torch's own default leaves cuDNN TF32 on and matmul TF32 off)
     sync_bn: bool = False             # under torchrun: SyncBatchNorm (batch statistics over all ranks); False:
                                       # BatchNorm per rank, as single-GPU training (CUDA only: torch's
                                       # SyncBatchNorm does not run on the CPU)
@@ -118,7 +121,8 @@ def versions() -> dict:
         pass
     out = {"rslad_fast": rslad_fast.__version__, "git_commit": commit, "python": platform.python_version(),
            "torch": str(torch.__version__), "numpy": np.__version__, "cuda": torch.version.cuda,
-           "platform": platform.platform()}
+           "platform": platform.platform(), "ops_backend": rslad_fast.ops.backend(),
+           "ops_cuda_kernels": rslad_fast.ops.cuda_kernels_available()}
     if torch.cuda.is_available():
         out["gpu"] = torch.cuda.get_device_name(0)
     return out
@@ -148,12 +152,23 @@ def resolve_device(name: Optional[str]) -> str:
     return str(dev)
 
 
+def check_ops_device(device) -> None:
+    """UserError, at start, when the compiled ops cannot run on `device` (a library built without CUDA
+    kernels): the first attack would otherwise fail with a dispatcher traceback."""
+    from rslad_fast import ops
+
+    try:
+        ops.check_device(device)
+    except RuntimeError as e:
+        raise UserError(str(e)) from None
+
+
 def resolve(cli: dict, preset_name: str, preset: dict, eval_attack: dict) -> Config:
     """Turn command-line values (None = not given) and a preset into a validated :class:`Config`.
 
     ``cli`` keys: student, method, hparams (dict of explicitly given method hyperparameters), teacher,
     teacher_arch, data, epochs, batch_size, lr, momentum, weight_decay, milestones, gamma, seed, device,
-    loader, threads, train_n, eval_n, amp, channels_last, sync_bn.
+    loader, threads, train_n, eval_n, amp, channels_last, allow_tf32, sync_bn.
     """
     from rslad_fast import methods
 
@@ -231,6 +246,7 @@ def resolve(cli: dict, preset_name: str, preset: dict, eval_attack: dict) -> Con
         device=device, loader=_pick(cli.get("loader"), "torch"), threads=threads,
         amp=_pick(cli.get("amp"), preset.get("amp"), "fp32"),
         channels_last=bool(_pick(cli.get("channels_last"), preset.get("channels_last"), False)),
+        allow_tf32=bool(cli.get("allow_tf32") or False),
         sync_bn=bool(cli.get("sync_bn") or False),
         eval_attack=dict(eval_attack), eval_batch_size=int(preset.get("eval_batch_size", 500)),
         teacher=teacher, schedule_source=sch.source, versions=versions(),
@@ -272,6 +288,7 @@ def validate(cfg: Config) -> None:
     _check(cfg.loader in ("torch", "dali"), f"--loader must be torch or dali, got {cfg.loader!r}")
     _check(cfg.amp in ("fp32", "bf16"), f"--amp must be fp32 or bf16, got {cfg.amp!r}")
     _check(isinstance(cfg.channels_last, bool), f"channels_last must be true or false, got {cfg.channels_last!r}")
+    _check(isinstance(cfg.allow_tf32, bool), f"allow_tf32 must be true or false, got {cfg.allow_tf32!r}")
     _check(isinstance(cfg.sync_bn, bool), f"sync_bn must be true or false, got {cfg.sync_bn!r}")
     _check(not cfg.sync_bn or cfg.device.startswith("cuda"),
            f"--sync-bn needs CUDA devices (torch's SyncBatchNorm does not run on the CPU) but the device is "

@@ -51,11 +51,12 @@ from rslad_fast.models.loading import load_checkpoint_into
 
 from .allocator import keep_freed_memory
 from .checkpoint import atomic_write_bytes, load_checkpoint, restore, save_checkpoint, saved_world_size
-from .config import Config
+from .config import Config, check_ops_device
 from .dist import Dist
 from .loop import Diverged, evaluate, first_non_finite, train_one_epoch
 from .step import AMP_DTYPES
 from .metrics import MetricsLog, plot_curves
+from .precision import tf32
 from .teacher import freeze, load_teacher
 
 CONFIG = "config.json"
@@ -105,6 +106,7 @@ def prepare(cfg: Config, *, download="auto", full=None) -> Prepared:
     ``full``: CIFAR-10 as :func:`read_data` returns it, when already read (the self-trained teacher reuses
     the student's copy and takes its own ``train_n`` of it). A teacher file's sha256 is added to
     ``cfg.teacher`` (new run) or checked against it (resume)."""
+    check_ops_device(cfg.device)  # new run and resume alike (the build may have changed in between)
     if cfg.loader == "dali":
         if not torch.device(cfg.device).type == "cuda":
             raise UserError("--loader dali trains on a CUDA device only; use --loader torch on the CPU")
@@ -214,6 +216,13 @@ def _log(msg: str, dist: Dist) -> None:
 
 def run(prep: Prepared, run_dir, *, dist: Dist = Dist(), progress: bool = True, tag: str = "",
         stop_after: Optional[int] = None) -> dict:
+    """:func:`_run` under the run's TF32 policy (engine/precision.py), restored afterwards."""
+    with tf32(prep.cfg.allow_tf32):
+        return _run(prep, run_dir, dist=dist, progress=progress, tag=tag, stop_after=stop_after)
+
+
+def _run(prep: Prepared, run_dir, *, dist: Dist = Dist(), progress: bool = True, tag: str = "",
+         stop_after: Optional[int] = None) -> dict:
     """Train (or continue training) the run in ``run_dir``, whose config.json must already exist.
 
     Returns the last epoch's metrics record plus ``best_acc``. ``stop_after`` (tests) returns after that

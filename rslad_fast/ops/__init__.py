@@ -31,11 +31,26 @@ def backend() -> str:
     return _BACKEND
 
 
+_CUDA_KERNELS = _BACKEND == "compiled" and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "rslad_fast::softmax_kl", "CUDA")
+
+NO_CUDA_KERNELS = ("rslad_fast: the compiled op library was built without CUDA kernels (nvcc was not found at "
+                   "build time), so it cannot run on CUDA tensors; rebuild it with `CUDA_HOME=/usr/local/cuda "
+                   "RSLAD_FAST_CUDA=1 pip install --no-build-isolation -e .` (RSLAD_FAST_CUDA=1 fails loudly "
+                   "when the CUDA kernels cannot be built)")
+
+
 def cuda_kernels_available() -> bool:
     """Whether the compiled library holds CUDA kernels (it was built with nvcc)."""
-    if _BACKEND != "compiled":
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key("rslad_fast::softmax_kl", "CUDA")
+    return _CUDA_KERNELS
+
+
+def check_device(device) -> None:
+    """Raise RuntimeError (NO_CUDA_KERNELS) when the ops cannot run on `device`: a compiled library without
+    CUDA kernels would otherwise fail deep in the first attack with a dispatcher error. The reference
+    fallback runs anywhere."""
+    if torch.device(device).type == "cuda" and _BACKEND == "compiled" and not _CUDA_KERNELS:
+        raise RuntimeError(NO_CUDA_KERNELS)
 
 
 def pgd_step_(x_adv, grad, x_nat, eps, alpha, lo=0.0, hi=1.0):
@@ -44,6 +59,8 @@ def pgd_step_(x_adv, grad, x_nat, eps, alpha, lo=0.0, hi=1.0):
     sign(0) = 0 as in torch.sign. All three tensors share shape, dtype and device. Returns x_adv.
     """
     check_pgd_args(x_adv, grad, x_nat, eps, alpha, lo, hi)
+    if x_adv.is_cuda and not _CUDA_KERNELS:
+        check_device(x_adv.device)
     if _BACKEND == "compiled":
         torch.ops.rslad_fast.pgd_step_(x_adv, grad, x_nat, float(eps), float(alpha), float(lo), float(hi))
         return x_adv
@@ -58,9 +75,12 @@ def softmax_kl(student_logits, teacher_logits, temperature=1.0, reduction="batch
     it. Differentiable in both arguments (TRADES and IAD backpropagate through their target).
     """
     check_kl_args(student_logits, teacher_logits, temperature, reduction)
+    if student_logits.is_cuda and not _CUDA_KERNELS:
+        check_device(student_logits.device)
     if _BACKEND == "compiled":
         return torch.ops.rslad_fast.softmax_kl(student_logits, teacher_logits, float(temperature), reduction)
     return reference.softmax_kl(student_logits, teacher_logits, temperature, reduction)
 
 
-__all__ = ["pgd_step_", "softmax_kl", "backend", "cuda_kernels_available", "reference", "REDUCTIONS"]
+__all__ = ["pgd_step_", "softmax_kl", "backend", "cuda_kernels_available", "check_device", "reference",
+           "REDUCTIONS"]
