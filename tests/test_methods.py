@@ -432,3 +432,46 @@ def test_other_methods_use_their_schedule_milestones():
         assert m.milestones() == tuple(m.SCHEDULE.milestones)
     assert RSLAD().lr_at(214) == pytest.approx(0.1) and RSLAD().lr_at(215) == pytest.approx(0.01)
     assert RSLAD().lr_at(299) == pytest.approx(1e-4)
+
+
+# ---- MART: two official settings, chosen by the student's architecture ---------------------------------
+
+def _resolve(method, student, **cli):
+    from rslad_fast import train
+    from rslad_fast.engine.config import resolve
+
+    return resolve(dict(method=method, student=student, device="cpu", threads=1, **cli), "paper",
+                   train.PRESETS["paper"], train.EVAL_ATTACK)
+
+
+@pytest.mark.parametrize("student,setting", [
+    ("resnet18", "resnet"), ("ResNet-18", "resnet"), ("resnet8", "resnet"), ("mnv2", "resnet"), ("tiny", "resnet"),
+    ("wrn34-10", "wrn"), ("wrn70-16", "wrn")])
+def test_mart_setting_follows_the_student_architecture(student, setting):
+    """MART's train_resnet.py (ResNet-18): beta 5, lr 0.01, weight decay 3.5e-3, 120 epochs;
+    train_wideresnet.py (WRN-34-10): beta 6, lr 0.1, weight decay 7e-4, 90 epochs; both decay x0.1 at
+    epochs 75, 90, 100 (from 1). The wide ResNets get the second, every other student the first."""
+    cfg = _resolve("mart", student)
+    got = (cfg.hparams["beta"], cfg.lr, cfg.weight_decay, cfg.epochs, cfg.milestones, cfg.batch_size,
+           cfg.momentum)
+    if setting == "resnet":
+        assert got == (5.0, 0.01, 3.5e-3, 120, [74, 89, 99], 128, 0.9)
+        assert "train_resnet.py" in cfg.schedule_source
+    else:
+        assert got == (6.0, 0.1, 7e-4, 90, [74, 89, 99], 128, 0.9)
+        assert "train_wideresnet.py" in cfg.schedule_source
+    # the attack is the same in both scripts
+    assert (cfg.hparams["eps"], cfg.hparams["step_size"], cfg.hparams["steps"]) == (0.031, 0.007, 10)
+
+
+def test_mart_explicit_flags_override_the_architecture_setting():
+    cfg = _resolve("mart", "resnet18", hparams={"beta": 6.0}, lr=0.1, weight_decay=7e-4, epochs=90)
+    assert (cfg.hparams["beta"], cfg.lr, cfg.weight_decay, cfg.epochs) == (6.0, 0.1, 7e-4, 90)
+    cfg = _resolve("mart", "wrn34-10", hparams={"beta": 5}, lr=0.01)
+    assert (cfg.hparams["beta"], cfg.lr, cfg.weight_decay, cfg.epochs) == (5.0, 0.01, 7e-4, 90)
+
+
+def test_other_methods_have_one_setting_for_every_architecture():
+    for name in ("trades", "ard", "rslad"):
+        a, b = _resolve(name, "resnet18"), _resolve(name, "wrn34-10")
+        assert (a.hparams, a.lr, a.weight_decay, a.epochs) == (b.hparams, b.lr, b.weight_decay, b.epochs)

@@ -174,7 +174,8 @@ def resolve(cli: dict, preset_name: str, preset: dict, eval_attack: dict) -> Con
 
     method_cls = methods.get(cli["method"])
     student = canonical_name(cli["student"])
-    sch = method_cls.SCHEDULE
+    # the official schedule and defaults for this student's architecture (MART's code has two settings)
+    sch, defaults = method_cls.official_setting(student)
 
     given = dict(cli.get("hparams") or {})
     unknown = sorted(set(given) - set(method_cls.HPARAMS))
@@ -185,8 +186,7 @@ def resolve(cli: dict, preset_name: str, preset: dict, eval_attack: dict) -> Con
 
     epochs = _pick(cli.get("epochs"), preset.get("epochs"), sch.epochs)
     scale = preset.get("scale_epoch_hparams", False)  # quick: epoch-valued hparams x epochs / official epochs
-    hp = dict(given)
-    defaults = {k: h.default for k, h in method_cls.HPARAMS.items()}
+    hp = {**defaults, **given}
     k = preset.get("attack_steps")
     if k is not None and "steps" in defaults and "steps" not in given and defaults["steps"] > k:
         hp["steps"] = k

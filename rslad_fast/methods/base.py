@@ -3,7 +3,8 @@
 A method is a small class: its hyperparameters (with the official code's defaults, cited next to each
 value), its inner maximization (`attack`), the objective that attack maximizes (`attack_objective`, so tests
 can check the attack raises it), and its outer loss (`loss`, or `loss_at` for a given x'). The training
-engine knows nothing else about a method: it builds SGD from `SCHEDULE`, decays the lr at `milestones()`,
+engine knows nothing else about a method: it builds SGD from `SCHEDULE` (via `official_setting(student)`,
+which for MART picks the official setting of the student's architecture), decays the lr at `milestones()`,
 calls `loss` once per batch and steps the optimizer.
 """
 import math
@@ -91,6 +92,13 @@ class Method:
             value = overrides.get(key)
             setattr(self, key, hp.default if value is None else value)
         self.validate()
+
+    @classmethod
+    def official_setting(cls, student: str) -> Tuple[Schedule, Dict[str, object]]:
+        """The official schedule and hyperparameter defaults for training a `student` (canonical architecture
+        name): what the engine resolves a run from, before presets and command-line values. One setting for
+        every architecture by default; a method whose official code has several (MART) overrides this."""
+        return cls.SCHEDULE, {key: hp.default for key, hp in cls.HPARAMS.items()}
 
     def validate(self) -> None:
         """Raise UserError on out-of-range hyperparameters (eps outside [0, 1], negative steps, ...)."""

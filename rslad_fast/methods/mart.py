@@ -9,8 +9,16 @@ Official code: YisenWang/MART, `mart.py` (`mart_loss`), `train_wideresnet.py`, `
   y_wrong = the most likely class under p_adv other than y. Nothing is detached (p_nat and p_nat[i, y_i]
   carry gradients, as in the official code). The official KL uses log(p_adv + 1e-12); the exact
   log_softmax here differs by less than 1e-11 per element.
-- beta = 6 and the WRN schedule (train_wideresnet.py) by default; the ResNet-18 setting of train_resnet.py
-  is beta = 5, lr 0.01, weight decay 3.5e-3, 120 epochs (same decays).
+- Two official settings, chosen by the student's architecture (`official_setting`, used by the engine):
+  train_wideresnet.py trains WideResNet with beta = 6, lr 0.1, weight decay 7e-4, 90 epochs;
+  train_resnet.py trains ResNet18 with beta = 5, lr 0.01, weight decay 3.5e-3, 120 epochs. Both: SGD
+  momentum 0.9, batch 128, the same attack, lr x0.1 at epoch >= 75, 90, 100 (epochs from 1).
+  The WRN setting goes to the wide ResNets (wrn34-10, wrn70-16), the ResNet setting to every other student:
+  resnet18 is train_resnet.py's own model and resnet8 a smaller ResNet. MART's code has no setting for
+  MobileNetV2 or for our test CNN (`tiny`); they are small, non-wide networks like ResNet-18, and the RSLAD
+  lineage trains its ResNet-18 and MobileNetV2 students with one setting, so they take the ResNet one.
+  Explicit --beta/--lr/--weight-decay/--epochs override either. The class attributes (HPARAMS, SCHEDULE)
+  hold the WRN setting; `RESNET_SCHEDULE` and `RESNET_BETA` the other.
 """
 import torch
 import torch.nn.functional as F
@@ -34,13 +42,28 @@ class MART(Method):
         "init_std": HParam(0.001, "std of the Gaussian start x + init_std*N(0,1) (MART mart.py "
                                   "`0.001 * torch.randn`)"),
         "beta": HParam(6.0, "weight of the misclassification-aware KL term (MART train_wideresnet.py --beta "
-                            "6.0 for WRN; train_resnet.py uses 5.0 for ResNet-18)"),
+                            "6.0 for WRN students; train_resnet.py --beta 5.0 for ResNet-18, the default of "
+                            "every non-WRN student)"),
     }
     SCHEDULE = Schedule(
         epochs=90, lr=0.1, milestones=(74, 89, 99), weight_decay=7e-4, batch_size=128,
-        source="MART train_wideresnet.py: --epochs 90, --lr 0.1, --wd 7e-4, momentum 0.9, --batch-size 128; "
-               "adjust_learning_rate x0.1 at epoch >= 75, 90, 100 counting epochs from 1 (0-based milestones "
-               "74, 89, 99). ResNet-18 (train_resnet.py): --epochs 120, --lr 0.01, --wd 3.5e-3, --beta 5")
+        source="MART train_wideresnet.py (WRN students): --epochs 90, --lr 0.1, --wd 7e-4, momentum 0.9, "
+               "--batch-size 128, --beta 6.0; adjust_learning_rate x0.1 at epoch >= 75, 90, 100 counting epochs "
+               "from 1 (0-based milestones 74, 89, 99)")
+    RESNET_SCHEDULE = Schedule(
+        epochs=120, lr=0.01, milestones=(74, 89, 99), weight_decay=3.5e-3, batch_size=128,
+        source="MART train_resnet.py (ResNet-18; every non-WRN student): --epochs 120, --lr 0.01, --wd 3.5e-3, "
+               "momentum 0.9, --batch-size 128, --beta 5.0; adjust_learning_rate x0.1 at epoch >= 75, 90, 100 "
+               "counting epochs from 1 (0-based milestones 74, 89, 99)")
+    RESNET_BETA = 5.0  # MART train_resnet.py --beta 5.0
+    WIDE = ("wrn34-10", "wrn70-16")  # the students that get train_wideresnet.py's setting
+
+    @classmethod
+    def official_setting(cls, student: str):
+        schedule, defaults = super().official_setting(student)
+        if student in cls.WIDE:
+            return schedule, defaults
+        return cls.RESNET_SCHEDULE, dict(defaults, beta=cls.RESNET_BETA)
 
     def validate(self) -> None:
         check_attack(self)
