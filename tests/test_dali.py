@@ -101,3 +101,20 @@ def test_shard_coverage_and_epoch_jumps():
     next(it)
     assert torch.cat([b[1] for b in dl]).tolist() == dl.indices().tolist()
     del it
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
+def test_gpu_pipeline_batches_arrive_without_a_host_sync():
+    """Images and labels leave the GPU pipeline on the GPU: no blocking pageable copy per batch (torch's
+    sync debug mode turns any synchronising torch call in the loop into an error)."""
+    x, y = _noise(64), torch.arange(64) % 10
+    dl = DaliLoader(x, y, 16, train=True, device="cuda", seed=0)
+    dl.set_epoch(0)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        batches = list(dl)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(xb.is_cuda and yb.is_cuda and yb.dtype == torch.int64 for xb, yb in batches)
+    assert torch.equal(torch.cat([b[1] for b in batches]).cpu(), y[dl.indices()])

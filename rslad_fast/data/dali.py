@@ -42,7 +42,9 @@ def _build_pipeline(source, *, batch_size: int, device: str, device_id, seed: in
         images, labels = fn.external_source(source=source, num_outputs=2, batch=True, layout=["HWC", ""],
                                             dtype=[types.UINT8, types.INT64])
         if device == "gpu":
-            images = images.gpu()
+            # Labels go up with the images, inside the pipeline: a host label batch would be a pageable,
+            # blocking host-to-device copy, a synchronisation per training batch.
+            images, labels = images.gpu(), labels.gpu()
         h, w = hw
         kw = {}
         if augment:
@@ -63,7 +65,7 @@ class DaliLoader:
     """Same interface as :class:`~.loaders.TensorLoader`: ``set_epoch``, ``len()``, yields ``(x, y)`` on ``device``.
 
     ``device="cpu"`` runs a CPU-only DALI pipeline (used by the tests); a CUDA device runs the crops on
-    that GPU. The source set is kept on the host as NHWC numpy (external_source feeds host batches; the
+    that GPU, and images and labels both come out of the pipeline on it, copied on the current stream. The source set is kept on the host as NHWC numpy (external_source feeds host batches; the
     GPU pipeline copies each batch up, 1.5 MB for 512 images). The pipeline streams batches epoch after
     epoch so its prefetching crosses epoch boundaries; ``set_epoch`` to anything but the next epoch, or
     leaving an epoch early, rebuilds it.
@@ -132,7 +134,7 @@ class DaliLoader:
             out = torch.empty(t.shape(), dtype=dtype, device=self.device)
             feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(self.device))
             return out
-        return torch.from_numpy(np.array(tl.as_tensor())).to(self.device, dtype)  # labels stay on CPU in DALI
+        return torch.from_numpy(np.array(tl.as_tensor())).to(self.device, dtype)  # the CPU pipeline
 
     def __iter__(self):
         if self._pipe is None or self._next_epoch != self.epoch:
