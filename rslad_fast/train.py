@@ -287,7 +287,8 @@ def main(argv=None) -> int:
 
 
 def _main(args, dist) -> int:
-    from rslad_fast.engine import Diverged, check_out_dir, create_run_dir, prepare, read_config, run
+    from rslad_fast.engine import check_out_dir, create_run_dir, prepare, read_config
+    from rslad_fast.engine.runner import RunLock
     from rslad_fast.errors import UserError
 
     run_dir = args.resume or args.out or "RUN_DIR"
@@ -317,10 +318,33 @@ def _main(args, dist) -> int:
             print(f"error: {error}", file=sys.stderr)
         return 2
 
+    # Rank 0 locks the run directory for the whole run (a new run: creates or empties it under the lock). The
+    # ranks agree once more, so that a directory in use stops all of them; this collective also means that
+    # rank 0 has created the run directory before any rank looks into it.
+    lock = None
     try:
-        if not args.resume:
-            create_run_dir(run_dir, cfg, overwrite=args.overwrite, dist=dist)
-        dist.barrier()  # rank 0 has created (or emptied) the run directory before any rank looks into it
+        if dist.is_main:
+            lock = RunLock(run_dir) if args.resume else \
+                create_run_dir(run_dir, cfg, overwrite=args.overwrite, dist=dist)
+    except UserError as e:
+        error = " ".join(str(e).split())
+    error = dist.first_error(error)
+    if error is not None:
+        if dist.is_main:
+            print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
+        return _train(args, dist, run_dir, cfg, prep)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _train(args, dist, run_dir, cfg, prep) -> int:
+    from rslad_fast.engine import Diverged, run
+    from rslad_fast.errors import UserError
+
+    try:
         if dist.is_main:
             teacher = cfg.teacher and (cfg.teacher.get("path") or f"self-trained {cfg.teacher['arch']} (TRADES)")
             batch = f"batch {cfg.batch_size}"

@@ -224,9 +224,16 @@ def test_bad_input_under_torchrun_fails_cleanly_on_every_rank(data, tmp_path):
         "cuda without GPUs": (["-m", "rslad_fast.train", *base, "--device", "cuda"],
                               "CUDA" if torch.cuda.device_count() < 2 else None),
         "one rank fails": ([str(HERE), "--fail-rank", "1", "--", *base], "rank 1: this rank cannot see the data"),
+        # rank 0 alone takes the lock, after the checks: the ranks agree again, none waits in a collective
+        "run dir in use": (["-m", "rslad_fast.train", *base], "in use by another process"),
     }
     env = dict(os.environ, OMP_NUM_THREADS="1")
     procs = {}
+    in_use = tmp_path / "run_dir_in_use"
+    in_use.mkdir()
+    held = open(in_use / ".lock", "a")
+    import fcntl
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
     for name, (args, _) in cases.items():
         out = tmp_path / name.replace(" ", "_")
         procs[name] = (out, subprocess.Popen([*TORCHRUN, *args, "--out", str(out)], env=env, cwd=HERE.parent,
@@ -241,7 +248,8 @@ def test_bad_input_under_torchrun_fails_cleanly_on_every_rank(data, tmp_path):
         assert len(lines) == 1 and expected in lines[0], (name, stderr)  # rank 0 says it, once
         assert "exitcode  : 2" in stderr, (name, stderr)  # our status, as torchrun reports it
         _no_traceback_of_ours(stdout + stderr)
-        assert not out.exists(), name
+        assert ([p.name for p in out.iterdir()] == [".lock"]) if out == in_use else not out.exists(), name
+    held.close()
 
 
 # ---- in-process pieces -----------------------------------------------------------------------------------

@@ -329,3 +329,59 @@ def test_non_finite_buffer_keeps_the_last_good_checkpoint(data, tmp_path, capsys
         assert ck["epoch"] == 1 and all(torch.isfinite(v).all() for v in ck["model"].values()
                                         if v.is_floating_point())
     assert [r["epoch"] for r in _records(run)] == [1]
+
+
+# ---- the run directory's lock ----------------------------------------------------------------------------
+
+def _try_lock(path):
+    """Whether a second open of ``path`` gets the exclusive flock (flock locks belong to the open file, so
+    a second open conflicts with the run's own lock even in this process)."""
+    import fcntl
+
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return True
+
+
+def test_the_run_directory_is_locked_for_the_life_of_the_run(data, tmp_path, monkeypatch):
+    from rslad_fast.engine import runner
+
+    run = tmp_path / "run"
+    seen = []
+    original = runner.train_one_epoch
+
+    def spy(**kw):
+        seen.append(_try_lock(run / ".lock"))
+        return original(**kw)
+
+    monkeypatch.setattr(runner, "train_one_epoch", spy)
+    args = ["--method", "natural", "--data", str(data), "--out", str(run), "--epochs", "1", *COMMON]
+    assert train.main(args) == 0
+    assert train.main(["--resume", str(run), "--no-progress"]) == 0  # already complete: no epoch runs
+    assert train.main(args + ["--overwrite"]) == 0
+    assert seen == [False, False]  # held while training, for a new run and an overwrite
+    assert not (run / ".lock").exists()  # and released at the end
+
+
+def test_a_locked_run_directory_is_refused(data, tmp_path, capsys):
+    """Another process's run: --resume, --overwrite and --out all refuse it with one line, and nothing of
+    it is deleted (before: --overwrite removed its files, --resume trained it a second time)."""
+    import fcntl
+
+    run = tmp_path / "run"
+    args = ["--method", "natural", "--data", str(data), "--out", str(run), "--epochs", "1", *COMMON]
+    assert train.main(args) == 0
+    with open(run / ".lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        files = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+        for argv in (["--resume", str(run), "--no-progress"], args + ["--overwrite"]):
+            capsys.readouterr()
+            rc = train.main(argv)
+            err = capsys.readouterr().err
+            _check_error(argv[0], rc, "", err, "in use by another process")
+            assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == files
+    assert train.main(args + ["--overwrite"]) == 0  # the lock released: allowed again

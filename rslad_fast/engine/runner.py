@@ -16,6 +16,7 @@ Run directory layout::
     last.pt          checkpoint after the latest epoch (checkpoint.py)
     best.pt          checkpoint of the epoch with the best held-out PGD-20 accuracy
     teacher/         the self-trained teacher's own run directory (distillation without --teacher)
+    .lock            flock'ed by the process working in the directory, for the whole run (RunLock)
 
 Per epoch, the writes happen in the order best.pt, metrics line, last.pt, curves.png: a run killed between
 any two of them resumes from the previous last.pt, drops the metrics lines after it and redoes the epoch,
@@ -29,8 +30,10 @@ how a self-trained teacher is written once by rank 0 and then loaded by every ra
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import random
 import shutil
 import sys
@@ -41,6 +44,11 @@ from typing import Optional
 
 import numpy as np
 import torch
+
+try:
+    import fcntl
+except ImportError:  # not POSIX
+    fcntl = None
 
 from rslad_fast import methods
 from rslad_fast.data import load_cifar10, make_loader
@@ -65,6 +73,7 @@ CURVES = "curves.png"
 LAST = "last.pt"
 BEST = "best.pt"
 ARTIFACTS = (CONFIG, METRICS, CURVES, LAST, BEST)
+LOCK = ".lock"  # flock'ed for the life of a run (RunLock)
 
 
 @dataclass
@@ -160,11 +169,12 @@ def read_config(run_dir) -> Config:
 
 
 def check_out_dir(run_dir, overwrite: bool) -> None:
-    """Refuse to start a new run in a non-empty directory unless --overwrite (and then only a run dir)."""
+    """Refuse to start a new run in a non-empty directory unless --overwrite (and then only a run dir).
+    The lock file does not count."""
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--out {run_dir} exists and is not a directory")
-    if run_dir.is_dir() and any(run_dir.iterdir()):
+    if run_dir.is_dir() and any(p.name != LOCK for p in run_dir.iterdir()):
         if not overwrite:
             raise UserError(f"--out {run_dir} already exists and is not empty; pass --resume {run_dir} to "
                             f"continue that run, or --overwrite to replace it")
@@ -179,16 +189,81 @@ def write_config(run_dir, cfg: Config) -> None:
     atomic_write_bytes(Path(run_dir) / CONFIG, (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
 
 
-def create_run_dir(run_dir, cfg: Config, *, overwrite: bool = False, dist: Dist = Dist()) -> None:
-    """Create (or, with overwrite, empty) the run directory and write config.json. Rank 0 only."""
+class RunLock:
+    """RUN_DIR's exclusive lock (``fcntl.flock`` on RUN_DIR/.lock), held until :meth:`close` or until the
+    process ends, however it ends (the kernel drops a dead process's flock; the file it leaves behind is
+    no content and locks nothing). Rank 0 only: a directory in use by another process (training, resuming
+    or being overwritten) is a UserError."""
+
+    def __init__(self, run_dir):
+        self.path = Path(run_dir) / LOCK
+        self._file = None
+        if fcntl is None:  # no flock on this platform: run unlocked
+            return
+        while True:
+            try:
+                f = os.fdopen(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644), "r+")
+            except OSError as e:
+                raise UserError(f"{run_dir}: cannot create its lock file {LOCK} ({e.strerror})") from None
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                holder = f.read().strip()
+                f.close()
+                if e.errno in (errno.EAGAIN, errno.EACCES):
+                    raise UserError(f"{run_dir} is in use by another process"
+                                    f"{f' (pid {holder})' if holder.isdigit() else ''}; wait until it ends or "
+                                    f"use another --out") from None
+                raise UserError(f"{run_dir}: cannot lock {LOCK} ({e.strerror})") from None
+            try:
+                current = os.stat(self.path)
+            except FileNotFoundError:
+                current = None
+            mine = os.fstat(f.fileno())
+            if current is not None and (current.st_dev, current.st_ino) == (mine.st_dev, mine.st_ino):
+                break
+            f.close()  # locked the file its last holder removed on release (see close): take the new one
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")  # for the message above
+        f.flush()
+        self._file = f
+
+    def close(self) -> None:
+        """Release the lock, removing the file while still holding it (a process that opened the old file
+        meanwhile sees that its name is gone and opens the new one)."""
+        if self._file is None:
+            return
+        try:
+            self.path.unlink()
+        except OSError:
+            pass
+        self._file.close()
+        self._file = None
+
+
+def create_run_dir(run_dir, cfg: Config, *, overwrite: bool = False, dist: Dist = Dist()):
+    """Create (or, with overwrite, empty) the run directory, lock it and write config.json. Rank 0 only
+    (other ranks: None). Returns the :class:`RunLock`: close it when the run ends."""
     run_dir = Path(run_dir)
     if not dist.is_main:
-        return
-    check_out_dir(run_dir, overwrite)
-    if run_dir.is_dir() and any(run_dir.iterdir()):
-        shutil.rmtree(run_dir)
+        return None
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_config(run_dir, cfg)
+    lock = RunLock(run_dir)
+    try:
+        check_out_dir(run_dir, overwrite)  # again, under the lock: what another process did meanwhile counts
+        for child in run_dir.iterdir():
+            if child.name == LOCK:
+                continue
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+        write_config(run_dir, cfg)
+    except BaseException:
+        lock.close()
+        raise
+    return lock
 
 
 def seed_everything(seed: int) -> None:
