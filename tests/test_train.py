@@ -385,3 +385,21 @@ def test_a_locked_run_directory_is_refused(data, tmp_path, capsys):
             _check_error(argv[0], rc, "", err, "in use by another process")
             assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == files
     assert train.main(args + ["--overwrite"]) == 0  # the lock released: allowed again
+
+
+def test_stale_temporary_files_do_not_make_a_folder_unusable(data, tmp_path, capsys):
+    """A kill during the config.json write leaves only `.config.json.tmp-PID` (and a kill at any moment, a
+    stale `.lock`): --out takes the folder as empty, --overwrite accepts it, --resume points to --out
+    (before: --out said resume, --resume said no config, --overwrite said not a run directory)."""
+    args = ["--method", "natural", "--data", str(data), "--epochs", "1", *COMMON]
+    for extra in ([], ["--overwrite"]):
+        run = tmp_path / f"run{len(extra)}"
+        run.mkdir()
+        (run / ".config.json.tmp-4242").write_bytes(b'{"stud')
+        (run / ".lock").write_text("4242\n")
+        capsys.readouterr()
+        rc = train.main(["--resume", str(run), "--no-progress"])
+        _check_error("resume", rc, "", capsys.readouterr().err, "--out")
+        assert train.main(args + ["--out", str(run), *extra]) == 0
+        assert sorted(p.name for p in run.iterdir()) == ["best.pt", "config.json", "curves.png", "last.pt",
+                                                         "metrics.jsonl"]

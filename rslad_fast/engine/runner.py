@@ -35,6 +35,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -157,6 +158,9 @@ def read_config(run_dir) -> Config:
     if not run_dir.is_dir():
         raise UserError(f"--resume {run_dir}: no such directory")
     if not path.is_file():
+        if not _content(run_dir):
+            raise UserError(f"--resume {run_dir}: no {CONFIG} there (a start interrupted before it was written); "
+                            f"start the run again with --out {run_dir}")
         raise UserError(f"--resume {run_dir}: no {CONFIG} there, not a run directory")
     try:
         d = json.loads(path.read_text())
@@ -168,13 +172,24 @@ def read_config(run_dir) -> Config:
         raise UserError(f"--resume {run_dir}: {CONFIG} is not a run configuration of this engine") from None
 
 
+def _no_content(name: str) -> bool:
+    """A file of ours that is no part of a run: the lock, or the temporary of an atomic write that a killed
+    process left (``.NAME.tmp-PID``, see checkpoint.atomic_write)."""
+    return name == LOCK or re.fullmatch(r"\..+\.tmp-\d+", name) is not None
+
+
+def _content(run_dir: Path) -> list:
+    return [p for p in run_dir.iterdir() if not _no_content(p.name)]
+
+
 def check_out_dir(run_dir, overwrite: bool) -> None:
     """Refuse to start a new run in a non-empty directory unless --overwrite (and then only a run dir).
-    The lock file does not count."""
+    A folder holding only the lock and stale temporaries (a start killed while writing config.json) is
+    empty."""
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--out {run_dir} exists and is not a directory")
-    if run_dir.is_dir() and any(p.name != LOCK for p in run_dir.iterdir()):
+    if run_dir.is_dir() and _content(run_dir):
         if not overwrite:
             raise UserError(f"--out {run_dir} already exists and is not empty; pass --resume {run_dir} to "
                             f"continue that run, or --overwrite to replace it")
