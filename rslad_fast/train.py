@@ -36,7 +36,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 # ---- 1. Evaluation after every epoch -------------------------------------------------------------------
@@ -268,6 +270,21 @@ def resolve_config(args: argparse.Namespace):
     return cfg
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, what schedulers (and torchrun, when a rank fails) send before a kill: handled as Ctrl-C is,
+    a clean stop between two writes, each of which is atomic."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def _stop_status(e: KeyboardInterrupt) -> tuple:
+    """(what happened, exit status): 128 + the signal number, as a shell reports a process it ended."""
+    return ("terminated (SIGTERM)", 128 + signal.SIGTERM) if isinstance(e, Terminated) else \
+        ("interrupted", 128 + signal.SIGINT)
+
+
 def main(argv=None) -> int:
     from rslad_fast.engine import Dist
     from rslad_fast.errors import UserError
@@ -279,11 +296,20 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
     dist.init()  # torchrun: join the process group (a single process: nothing)
     try:
         return _main(args, dist)
+    except KeyboardInterrupt as e:  # during the checks: nothing written, nothing to continue
+        what, status = _stop_status(e)
+        if dist.is_main:
+            print(f"\n{what}", file=sys.stderr)
+        return status
     finally:
         dist.close()
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def _main(args, dist) -> int:
@@ -367,11 +393,11 @@ def _train(args, dist, run_dir, cfg, prep) -> int:
         if dist.is_main:
             print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        what, status = _stop_status(e)
         if dist.is_main:
-            print(f"\ninterrupted; continue with: python -m rslad_fast.train --resume {run_dir}",
-                  file=sys.stderr)
-        return 130
+            print(f"\n{what}; continue with: python -m rslad_fast.train --resume {run_dir}", file=sys.stderr)
+        return status
     if dist.is_main and summary:
         print(f"done {run_dir}: clean {100 * summary.get('clean_acc', float('nan')):.2f}%, PGD-20 "
               f"{100 * summary.get('pgd20_acc', float('nan')):.2f}% on {cfg.eval_n} held-out test images "

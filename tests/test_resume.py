@@ -117,6 +117,25 @@ def test_sigkill_at_a_random_moment_then_resume(straight, data, teacher_ckpt, tm
     _assert_same_state(straight, killed)
 
 
+def test_sigterm_stops_cleanly_with_the_resume_hint(straight, data, teacher_ckpt, tmp_path):
+    """SIGTERM, what schedulers send, is handled like Ctrl-C: a clean stop, one line saying how to continue,
+    the lock released (before: killed by the signal, no message)."""
+    stopped = tmp_path / "stopped"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "rslad_fast.train", *_args("rslad", data, stopped, teacher_ckpt)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (stopped / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, stderr)
+    assert "Traceback" not in stderr and f"--resume {stopped}" in stderr.strip().splitlines()[-1], stderr
+    assert not (stopped / ".lock").exists() and not list(stopped.glob(".*.tmp-*"))
+    assert train.main(["--resume", str(stopped), "--no-progress"]) == 0
+    _assert_same_state(straight, stopped)
+
+
 def test_atomic_writes_leave_the_old_file_when_interrupted(tmp_path):
     target = tmp_path / "last.pt"
     atomic_save({"epoch": 1}, target)
