@@ -14,6 +14,13 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
+# RSLAD_FAST_BENCH_SIZE: "full" (default), or "reduced" for scripts/gpu_check.sh's one short run on a bare
+# GPU machine (the same rows, fewer batches and rounds, so that every group fits its time budget).
+SIZE = os.environ.get("RSLAD_FAST_BENCH_SIZE", "full")
+if SIZE not in ("full", "reduced"):
+    raise ValueError(f"RSLAD_FAST_BENCH_SIZE must be 'full' or 'reduced', got {SIZE!r}")
+REDUCED = SIZE == "reduced"
+
 
 def git_commit() -> str:
     try:

@@ -1,11 +1,10 @@
 """The baseline: an RSLAD training epoch written the usual eager way, as in the official code
-(zibojia/RSLAD, rslad_train.py). It exists only to be measured against.
+(zibojia/RSLAD, rslad_train.py / rslad_loss.py). It exists only to be measured against.
 
 - fp32, contiguous tensors, no CUDA graph, no fused op;
-- PGD by `loss.backward()` on the input, so every attack step also computes (and accumulates) the
-  parameter gradients, which `optimizer.zero_grad()` throws away afterwards. (The official RSLAD code takes
-  `torch.autograd.grad` of the input instead; ARD's and TRADES' loops and most user code call backward.
-  The ablation's first row measures exactly that difference.)
+- PGD as the official `rslad_inner_loss`: `torch.autograd.grad` of the input (no parameter gradients);
+  `train_step(..., attack="backward")` takes the gradient with `loss.backward()` instead, as ARD's and
+  IAD's PGD and most user loops do (parameter gradients computed, then thrown away by `zero_grad()`);
 - the loss as `nn.KLDivLoss` of log_softmax and softmax, the step as sign / min / max / clamp;
 - a torch DataLoader over PIL images with torchvision's RandomCrop(32, padding=4), RandomHorizontalFlip and
   ToTensor, as the official code's CIFAR10 dataset does.
@@ -41,9 +40,9 @@ def make_dataloader(images_uint8, labels, batch_size=128, num_workers=2, seed=0)
 
 
 def rslad_inner_loss(model, teacher_logits, x_natural, step_size=2 / 255, epsilon=8 / 255, perturb_steps=10,
-                     input_grad_only=False):
-    """The official attack. The input gradient is taken by backward() (parameter gradients computed too),
-    or, with input_grad_only, by torch.autograd.grad as the official RSLAD code does."""
+                     input_grad_only=True):
+    """The official attack: the input gradient by torch.autograd.grad, as the official RSLAD code takes it,
+    or (input_grad_only=False) by backward(), parameter gradients computed too."""
     criterion_kl = nn.KLDivLoss(reduction="none")
     model.eval()
     x_adv = x_natural.detach() + 0.001 * torch.randn(x_natural.shape, device=x_natural.device)
@@ -62,12 +61,15 @@ def rslad_inner_loss(model, teacher_logits, x_natural, step_size=2 / 255, epsilo
     return x_adv.detach()
 
 
-def train_step(student, teacher, optimizer, x):
-    """One official RSLAD step: T(x) under no_grad, x' by PGD-10, 5/6 KL(S(x')) + 1/6 KL(S(x)) (mean)."""
+def train_step(student, teacher, optimizer, x, attack="autograd.grad"):
+    """One official RSLAD step: T(x) under no_grad, x' by PGD-10, 5/6 KL(S(x')) + 1/6 KL(S(x)) (mean).
+    attack: "autograd.grad" (the official code) or "backward" (the ARD/TRADES-style loop)."""
+    if attack not in ("autograd.grad", "backward"):
+        raise ValueError(f"attack must be 'autograd.grad' or 'backward', got {attack!r}")
     student.train()
     with torch.no_grad():
         teacher_logits = teacher(x)
-    x_adv = rslad_inner_loss(student, teacher_logits, x)
+    x_adv = rslad_inner_loss(student, teacher_logits, x, input_grad_only=attack == "autograd.grad")
     optimizer.zero_grad()
     adv_logits = student(x_adv)
     nat_logits = student(x)

@@ -4,19 +4,26 @@ Every row trains the same RSLAD step (T(x) once, PGD-10 on KL(T(x) || S(x')), 5/
 mean, SGD) on batches from a loader, for a fixed number of batches, and reports images/s and the epoch
 time it implies for the 50,000-image training set. Rows of one group ran side by side in one run.
 
-- "reference" is benchmarks/reference_rslad.py: the official code's eager fp32 loop with a DataLoader.
-- the other rows go through rslad_fast.engine.step.train_step, the step the training engine runs.
+- "official" is benchmarks/reference_rslad.py: the official code's eager fp32 step, its attack gradient by
+  `torch.autograd.grad` as `rslad_inner_loss` takes it, with a DataLoader. The headline ratios are against it.
+- "official + torch.compile" is the same step with the student under `torch.compile` (inductor; on CUDA
+  `mode="max-autotune"`): the speed a user gets without this project.
+- "backward() loop" (ablation only) is the same step with the attack gradient by `loss.backward()`, as
+  ARD's and TRADES-style loops and much user code take it.
+- the "ours" rows go through rslad_fast.engine.step.train_step, the step the training engine runs.
 
-Sizes: on CUDA, batch 128 with the WRN-34-10 teacher, 30 batches a round. On the CPU (2 cores here) the same
-code runs at batch 8 for 1 batch with a ResNet-18 standing in for the WRN-34-10 teacher, whose forward
-alone would take seconds per batch; the CPU rows show the code paths work and what they cost there.
+Sizes: on CUDA, batch 128 with the WRN-34-10 teacher, 30 batches a round (RSLAD_FAST_BENCH_SIZE=reduced:
+4 batches, 2 rounds). On the CPU (2 cores here) the same code runs at batch 8 for 1 batch with a ResNet-18
+standing in for the WRN-34-10 teacher, whose forward alone would take seconds per batch; the CPU rows show
+the code paths work and what they cost there. Compiling takes minutes on 2 cores: a run with timing off
+(`--benchmark-disable`, CI's one-round smoke run) skips the compiled row and says so.
 """
 import dataclasses
 import itertools
 
 import pytest
 import torch
-from bench_utils import DEVICES, median_s, run_synced, save_result
+from bench_utils import DEVICES, REDUCED, median_s, run_synced, save_result
 
 import reference_rslad as ref
 from rslad_fast.data import TensorLoader, dali_available
@@ -25,15 +32,15 @@ from rslad_fast.methods import get
 from rslad_fast.models import build
 
 SIZES = {"cpu": dict(batch=8, batches=1, teacher="resnet18", rounds=2),
-         "cuda": dict(batch=128, batches=30, teacher="wrn34-10", rounds=3)}
+         "cuda": dict(batch=128, batches=4 if REDUCED else 30, teacher="wrn34-10", rounds=2 if REDUCED else 3)}
 TRAIN_SET = 50000
 
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
     name: str
-    reference: bool = True        # the official eager loop (reference_rslad.train_step)
-    input_grad_only: bool = False  # reference loop with autograd.grad instead of backward() in the attack
+    impl: str = "official"         # "official" | "backward" (reference_rslad.train_step's attacks) | "ours"
+    compiled: bool = False         # the student under torch.compile (official rows)
     cuda_graph: bool = False
     bf16: bool = False
     channels_last: bool = False
@@ -46,20 +53,21 @@ class Variant:
 
 # (e): one optimization added per row, in this order.
 ABLATION = [
-    Variant("reference"),
-    Variant("+ no parameter gradients in the attack", input_grad_only=True),
-    Variant("+ fused ops", reference=False),
-    Variant("+ CUDA graph", reference=False, cuda_graph=True, needs_cuda=True),
-    Variant("+ bf16", reference=False, cuda_graph=True, bf16=True, needs_cuda=True),
-    Variant("+ channels_last", reference=False, cuda_graph=True, bf16=True, channels_last=True),
-    Variant("+ GPU-resident loader", reference=False, cuda_graph=True, bf16=True, channels_last=True, loader="torch"),
-    Variant("+ DALI loader", reference=False, cuda_graph=True, bf16=True, channels_last=True, loader="dali"),
+    Variant("backward() loop", impl="backward"),
+    Variant("official (autograd.grad attack)"),
+    Variant("+ fused ops", impl="ours"),
+    Variant("+ CUDA graph", impl="ours", cuda_graph=True, needs_cuda=True),
+    Variant("+ bf16", impl="ours", cuda_graph=True, bf16=True, needs_cuda=True),
+    Variant("+ channels_last", impl="ours", cuda_graph=True, bf16=True, channels_last=True),
+    Variant("+ GPU-resident loader", impl="ours", cuda_graph=True, bf16=True, channels_last=True, loader="torch"),
+    Variant("+ DALI loader", impl="ours", cuda_graph=True, bf16=True, channels_last=True, loader="dali"),
 ]
-# (d): the eager fp32 reference against ours in fp32 and in bf16 (all optimizations but precision).
+# (d): the official step, its compiled form, and ours in fp32 and in bf16 (all optimizations but precision).
 THROUGHPUT = [
-    Variant("reference"),
-    Variant("ours fp32", reference=False, cuda_graph=True, channels_last=True, loader="torch"),
-    Variant("ours bf16", reference=False, cuda_graph=True, bf16=True, channels_last=True, loader="torch",
+    Variant("official"),
+    Variant("official + torch.compile", compiled=True),
+    Variant("ours fp32", impl="ours", cuda_graph=True, channels_last=True, loader="torch"),
+    Variant("ours bf16", impl="ours", cuda_graph=True, bf16=True, channels_last=True, loader="torch",
             needs_cuda=True),
 ]
 
@@ -79,6 +87,9 @@ def _run(benchmark, provenance, device, student_arch, variant, group):
         pytest.skip("CUDA graph / bf16 rows run on a GPU only (on the CPU this row equals the previous one)")
     if variant.loader == "dali" and not dali_available():
         pytest.skip("NVIDIA DALI is not installed")
+    if variant.compiled and benchmark.disabled:
+        pytest.skip("timing is off (--benchmark-disable): compiling the step takes minutes on a small CPU, "
+                    "and an untimed row measures nothing")
     benchmark.group = group
     torch.manual_seed(0)
     student = build(student_arch).to(device)
@@ -88,26 +99,28 @@ def _run(benchmark, provenance, device, student_arch, variant, group):
     memory_format = torch.channels_last if variant.channels_last else torch.contiguous_format
     student, teacher = student.to(memory_format=memory_format), teacher.to(memory_format=memory_format)
     optimizer = ref.sgd(student)
+    model = student
+    if variant.compiled:  # parameters shared with `student`: the optimizer steps the compiled model's weights
+        model = torch.compile(student, mode="max-autotune" if device == "cuda" else None)
     n = size["batch"] * size["batches"]
     images, labels = ref.random_cifar(n)
     loader = _loader(variant, images, labels, size["batch"], device)
-    method = None if variant.reference else get("rslad")(cuda_graph=variant.cuda_graph and device == "cuda")
+    method = None if variant.impl != "ours" else get("rslad")(cuda_graph=variant.cuda_graph and device == "cuda")
     amp = torch.bfloat16 if variant.bf16 and device == "cuda" else None
 
     def epoch():
         for x, y in loader:
             x = x.to(device, non_blocking=True).contiguous(memory_format=memory_format)
             y = y.to(device, non_blocking=True)
-            if variant.reference:
-                if variant.input_grad_only:
-                    _reference_step_input_grad(student, teacher, optimizer, x)
-                else:
-                    ref.train_step(student, teacher, optimizer, x)
-            else:
+            if variant.impl == "ours":
                 train_step(student, method, optimizer, x, y, teacher=teacher, amp_dtype=amp)
+            else:
+                ref.train_step(model, teacher, optimizer, x,
+                               attack="backward" if variant.impl == "backward" else "autograd.grad")
 
     provenance(device, student=student_arch, teacher=size["teacher"], batch=size["batch"],
                batches=size["batches"], impl=variant.name, variant=dataclasses.asdict(variant))
+    # The compiled row's warm-up epoch compiles (train and eval mode graphs) outside the timed rounds.
     run_synced(benchmark, epoch, device, rounds=size["rounds"], warmup=1)
     median = median_s(benchmark)
     if median is None:
@@ -116,21 +129,6 @@ def _run(benchmark, provenance, device, student_arch, variant, group):
     save_result(f"{group}-{variant.name}".replace(" ", "_").replace("/", "_").replace("+", "plus"),
                 {"device": device, "student": student_arch, "teacher": size["teacher"], "variant": variant.name,
                  "images_per_s": n / median, "epoch_s_estimate": TRAIN_SET * median / n})
-
-
-def _reference_step_input_grad(student, teacher, optimizer, x):
-    """The reference step with the official RSLAD code's autograd.grad attack (no parameter gradients)."""
-    student.train()
-    with torch.no_grad():
-        t_logits = teacher(x)
-    x_adv = ref.rslad_inner_loss(student, t_logits, x, input_grad_only=True)
-    optimizer.zero_grad()
-    kl = torch.nn.KLDivLoss(reduction="none")
-    target = torch.softmax(t_logits, dim=1)
-    loss = 5 / 6 * kl(torch.log_softmax(student(x_adv), 1), target).mean() + \
-        1 / 6 * kl(torch.log_softmax(student(x), 1), target).mean()
-    loss.backward()
-    optimizer.step()
 
 
 @pytest.mark.parametrize("case", list(itertools.product(DEVICES, ("resnet18", "mnv2"), THROUGHPUT)),

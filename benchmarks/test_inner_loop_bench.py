@@ -5,7 +5,7 @@ Rows of one group ran side by side in one run. Sizes: batch 128 and 512 on CUDA;
 """
 import pytest
 import torch
-from bench_utils import DEVICES, median_s, run_synced, save_result
+from bench_utils import DEVICES, REDUCED, median_s, run_synced, save_result
 
 import rslad_fast
 from rslad_fast.models import build
@@ -35,13 +35,14 @@ def test_inner_loop(benchmark, provenance, case):
     x = torch.rand(batch, 3, 32, 32, device=device)
     t_logits = torch.randn(batch, 10, device=device)
     if impl == "eager-backward":
+        fn = lambda: rslad_inner_loss(student, t_logits, x, input_grad_only=False)  # noqa: E731
+    elif impl == "eager":  # the official rslad_inner_loss (autograd.grad)
         fn = lambda: rslad_inner_loss(student, t_logits, x)  # noqa: E731
-    elif impl == "eager":
-        fn = lambda: rslad_inner_loss(student, t_logits, x, input_grad_only=True)  # noqa: E731
     else:
         graph = impl == "fused+graph"
         fn = lambda: rslad_fast.fused_kl_pgd(student, x, t_logits, cuda_graph=graph)  # noqa: E731
-    run_synced(benchmark, fn, device, rounds=3 if device == "cpu" else 20, warmup=1 if device == "cpu" else 3)
+    rounds = 3 if device == "cpu" else (5 if REDUCED else 20)
+    run_synced(benchmark, fn, device, rounds=rounds, warmup=1 if device == "cpu" else 3)
     if median_s(benchmark) is None:
         return
     save_result(f"inner_loop-{'-'.join(map(str, case))}".replace("+", "_"),
