@@ -19,6 +19,8 @@ from rslad_fast.ops import reference
 REDUCTIONS = ("none", "sum", "batchmean", "mean")
 TEMPERATURES = (1.0, 4.0, 30.0)
 compiled = pytest.mark.skipif(ops.backend() != "compiled", reason="the compiled op library is not built")
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
+DEVICES = ("cpu", pytest.param("cuda", marks=(pytest.mark.cuda, cuda, compiled)))
 
 
 def test_compiled_ops_are_in_use():
@@ -191,6 +193,145 @@ def test_softmax_kl_gradcheck(reduction, temperature):
     assert torch.autograd.gradcheck(lambda a, b: ops.softmax_kl(a, b, temperature, reduction), (s, t))
 
 
+# ---------------------------------------------------------------- softmax_kl on non-finite logits
+
+# Class counts that take each path of the CPU kernels: a padded short row, whole vectors plus an
+# overlapping tail, and several vectors (and several lanes of the float64 and CUDA states).
+NONFINITE_CLASSES = (3, 10, 37)
+
+
+def _grad_output(s, reduction):
+    if reduction == "none":
+        return torch.linspace(-1.5, 2.0, s.shape[0], dtype=s.dtype, device=s.device)
+    return torch.tensor(0.7, dtype=s.dtype, device=s.device)
+
+
+def _kl_oracle(s, t, temperature, reduction):
+    """KL(p || q) in float64 from its definition over the classes the teacher gives mass to, with
+    autograd gradients: a teacher logit of -inf (probability 0) drops out of the sum and gets gradient 0."""
+    g = _grad_output(s, reduction).cpu().double()
+    s = s.detach().double().requires_grad_(True)
+    t = t.detach().double().requires_grad_(True)
+    rows = []
+    for i in range(s.shape[0]):
+        live = torch.isfinite(t[i])
+        log_p = torch.log_softmax(t[i][live] / temperature, 0)
+        log_q = torch.log_softmax(s[i] / temperature, 0)[live]
+        rows.append((log_p.exp() * (log_p - log_q)).sum())
+    per_row = torch.stack(rows)
+    out = {"none": per_row, "sum": per_row.sum(), "batchmean": per_row.sum() / s.shape[0],
+           "mean": per_row.sum() / s.numel()}[reduction]
+    return (out.detach(), *torch.autograd.grad(out, (s, t), g))
+
+
+def _kl_with_grads(fn, s, t, temperature, reduction):
+    s, t = s.clone().requires_grad_(True), t.clone().requires_grad_(True)
+    out = fn(s, t, temperature, reduction)
+    return (out.detach(), *torch.autograd.grad(out, (s, t), _grad_output(s, reduction)))
+
+
+NONFINITE_FNS = (pytest.param(ops.softmax_kl, id="op"), pytest.param(reference.softmax_kl, id="reference"))
+
+
+def _dtypes_for(device):
+    return DTYPES_CUDA if device == "cuda" else DTYPES_CPU
+
+
+@pytest.mark.parametrize("fn", NONFINITE_FNS)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("classes", NONFINITE_CLASSES)
+@pytest.mark.parametrize("side", ("student", "teacher"))
+def test_softmax_kl_nan_in_gives_nan_out(fn, device, classes, side):
+    """A NaN logit makes its row's KL and both of its rows' gradients NaN, and any reduced loss NaN; the
+    other rows are untouched."""
+    for dtype, reduction in itertools.product(_dtypes_for(device), REDUCTIONS):
+        s, t = make_logits(4, classes, dtype, device, seed=1), make_logits(4, classes, dtype, device, seed=2)
+        bad = s if side == "student" else t
+        bad[1, 0] = float("nan")  # the first class: the first element of a lane
+        bad[2, -1] = float("nan")  # the last class: the tail of a vectorized row
+        out, gs, gt = _kl_with_grads(fn, s, t, 2.0, reduction)
+        _, rs, rt = _kl_oracle(s.cpu(), t.cpu(), 2.0, reduction)
+        if reduction == "none":
+            assert out[1:3].isnan().all() and not out[[0, 3]].isnan().any(), (dtype, out)
+        else:
+            assert out.isnan(), (dtype, reduction, out)
+        for g, r in ((gs, rs), (gt, rt)):
+            assert g[1:3].isnan().all(), (dtype, reduction, g)
+            _assert_close(g[[0, 3]].cpu(), r[[0, 3]], dtype, max(r[[0, 3]].abs().max().item(), 1e-12))
+
+
+def _minus_inf_teacher(classes, dtype, device):
+    """Teacher rows with classes of probability 0 (logit -inf) at the positions the kernels treat apart:
+    the first class, many classes, the last class, all but one class, and none."""
+    s, t = make_logits(5, classes, dtype, device, seed=3), make_logits(5, classes, dtype, device, seed=4)
+    t[0, 0] = -float("inf")
+    t[1, : classes // 2 + 1] = -float("inf")
+    s[1, 0] = -float("inf")  # q = 0 where p = 0 too: the class still contributes 0
+    t[2, -1] = -float("inf")
+    t[3, 1:] = -float("inf")  # p is one-hot: KL = -log q_0
+    return s, t
+
+
+@pytest.mark.parametrize("fn", NONFINITE_FNS)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("classes", NONFINITE_CLASSES)
+def test_softmax_kl_minus_inf_teacher_logits(fn, device, classes):
+    """A teacher logit of -inf is a class of probability 0: it contributes 0 to the KL and gets gradient
+    0, and the rest of its row gets the KL and gradients of the classes that remain."""
+    for dtype, reduction, temperature in itertools.product(_dtypes_for(device), REDUCTIONS, (1.0, 4.0)):
+        s, t = _minus_inf_teacher(classes, dtype, device)
+        out, gs, gt = _kl_with_grads(fn, s, t, temperature, reduction)
+        expected, rs, rt = _kl_oracle(s.cpu(), t.cpu(), temperature, reduction)
+        _assert_close(out.cpu(), expected, dtype)
+        scale = max(rs.abs().max().item(), rt.abs().max().item(), 1e-12)
+        _assert_close(gs.cpu(), rs, dtype, scale)
+        _assert_close(gt.cpu(), rt, dtype, scale)
+        assert torch.all(gt[torch.isinf(t)] == 0)
+
+
+def test_softmax_kl_minus_inf_teacher_matches_kl_div():
+    """The official RSLAD code's KLDivLoss(log_softmax(S), softmax(T)), whose target 0 contributes 0."""
+    s, t = _minus_inf_teacher(10, torch.float64, "cpu")
+    s[1, 0] = 0.0  # kl_div's 0 * log q is NaN where log q is -inf: finite student logits only
+    kl = torch.nn.functional.kl_div(torch.log_softmax(s, 1), torch.softmax(t, 1), reduction="none")
+    assert torch.isfinite(kl.sum(1)).all()
+    for fn in (ops.softmax_kl, reference.softmax_kl):
+        torch.testing.assert_close(fn(s, t, reduction="none"), kl.sum(1))
+        torch.testing.assert_close(fn(s, t, reduction="mean"), kl.mean())
+    # The one-hot row: KL = -log q_0.
+    torch.testing.assert_close(ops.softmax_kl(s[3:4], t[3:4], reduction="sum"), -torch.log_softmax(s[3], 0)[0])
+
+
+@pytest.mark.parametrize("fn", NONFINITE_FNS)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("classes", NONFINITE_CLASSES)
+def test_softmax_kl_minus_inf_student_logit(fn, device, classes):
+    """q_c = 0 where p_c > 0 makes KL(p || q) infinite."""
+    for dtype, reduction in itertools.product(_dtypes_for(device), REDUCTIONS):
+        s, t = make_logits(3, classes, dtype, device, seed=5), make_logits(3, classes, dtype, device, seed=6)
+        s[1, -1] = -float("inf")
+        out = fn(s, t, 1.0, reduction)
+        if reduction == "none":
+            assert out[1] == float("inf") and torch.isfinite(out[[0, 2]]).all(), (dtype, out)
+        else:
+            assert out == float("inf"), (dtype, reduction, out)
+
+
+@compiled
+@pytest.mark.skipif(os.environ.get("ATEN_CPU_CAPABILITY") == "default", reason="already the baseline run")
+def test_nonfinite_on_the_baseline_cpu_kernels():
+    """The same non-finite checks with ATEN_CPU_CAPABILITY=default, which selects the kernels compiled for
+    the baseline ISA instead of the AVX2 ones."""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    capability = subprocess.run([sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+                                capture_output=True, text=True, env=env, check=True).stdout.strip()
+    assert capability == "DEFAULT"
+    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-m", "not cuda", "-k",
+           "(nan_in_gives_nan_out or minus_inf_) and not reference"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=os.path.dirname(__file__))
+    assert done.returncode == 0 and " passed" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+
+
 # ---------------------------------------------------------------- registration (opcheck)
 
 
@@ -316,8 +457,6 @@ def test_fallback_announces_itself():
 
 # ---------------------------------------------------------------- CUDA
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
-
 
 @pytest.mark.cuda
 @cuda
@@ -381,3 +520,17 @@ def test_cuda_opcheck_and_device_mismatch():
         torch.library.opcheck(torch.ops.rslad_fast.pgd_step_.default, args, kwargs)
     with pytest.raises(ValueError, match="device"):
         ops.softmax_kl(torch.randn(2, 3, device="cuda"), torch.randn(2, 3))
+
+
+@pytest.mark.cuda
+@cuda
+@compiled
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_cuda_float64_gradcheck_and_opcheck(reduction):
+    # float64 reductions run the 1024-thread kernel whose register use once exceeded a block's on sm_90.
+    s = make_logits(33, 31, torch.float64, "cuda", seed=9).requires_grad_(True)
+    t = make_logits(33, 31, torch.float64, "cuda", seed=10).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b: ops.softmax_kl(a, b, 2.0, reduction), (s, t))
+    torch.library.opcheck(torch.ops.rslad_fast.softmax_kl.default, (s, t), {"temperature": 2.0, "reduction": reduction})
+    for (args, kwargs) in pgd_samples("cuda", dtypes=(torch.float64,))[:2]:
+        torch.library.opcheck(torch.ops.rslad_fast.pgd_step_.default, args, kwargs)

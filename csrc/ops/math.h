@@ -47,7 +47,9 @@ RSLAD_HD T pgd_step(T x_adv, T grad, T x_nat, T eps, T alpha, T lo, T hi) {
 //   KL(p || q) = sum_c p_c (a_c - b_c) - lse(a) + lse(b)
 // lse(a), lse(b) and the p-weighted sum of (a - b) are all accumulated online, rescaling by the running
 // maximum as in the online softmax, so each logit is read once and any finite logits give a finite result.
-// Teacher classes whose probability underflows to 0 contribute exactly 0 (0 * finite).
+// Teacher classes of probability 0 (a logit of -inf, or one whose exponential underflows) contribute exactly
+// 0, whatever the student says there (weighted()); a student logit of -inf where p_c > 0 gives KL = +inf.
+// A NaN logit makes sum_a or sum_b NaN, and with them the row's KL and gradients.
 template <typename T>
 struct KLState {
   T max_a;  // running max of a
@@ -69,24 +71,34 @@ RSLAD_HD double exp_(double v) { return ::exp(v); }
 RSLAD_HD float log_(float v) { return ::logf(v); }
 RSLAD_HD double log_(double v) { return ::log(v); }
 
+// w * d for a probability weight w >= 0, and exactly 0 where w is 0: the term p_c (a_c - b_c) of a class of
+// teacher probability 0 is 0 even where a_c - b_c is infinite (0 * inf would be NaN). NaN weights stay NaN.
+template <typename T>
+RSLAD_HD T weighted(T w, T d) {
+  return w == T(0) ? T(0) : w * d;
+}
+
 // Add one class (a, b) to the state.
+// A logit of -inf adds exp(-inf) == 0 and is skipped: with a running maximum still at -inf it would form
+// exp(-inf - -inf) == NaN. A NaN logit fails both comparisons and adds exp(NaN) == NaN to its sum.
 template <typename T>
 RSLAD_HD void kl_update(KLState<T>& s, T a, T b) {
+  const T neg_inf = -std::numeric_limits<T>::infinity();
   if (a > s.max_a) {
     // New maximum: rescale what was accumulated so far (exp(-inf) == 0 on the first element).
     T r = exp_(s.max_a - a);
     s.sum_a = s.sum_a * r + T(1);
-    s.dot = s.dot * r + (a - b);
+    s.dot = weighted(r, s.dot) + (a - b);
     s.max_a = a;
-  } else {
+  } else if (a != neg_inf) {
     T w = exp_(a - s.max_a);
     s.sum_a += w;
-    s.dot += w * (a - b);
+    s.dot += weighted(w, a - b);
   }
   if (b > s.max_b) {
     s.sum_b = s.sum_b * exp_(s.max_b - b) + T(1);
     s.max_b = b;
-  } else {
+  } else if (b != neg_inf) {
     s.sum_b += exp_(b - s.max_b);
   }
 }
@@ -108,7 +120,7 @@ RSLAD_HD KLState<T> kl_merge(const KLState<T>& x, const KLState<T>& y) {
     T rx = exp_(x.max_a - m), ry = exp_(y.max_a - m);
     out.max_a = m;
     out.sum_a = x.sum_a * rx + y.sum_a * ry;
-    out.dot = x.dot * rx + y.dot * ry;
+    out.dot = weighted(rx, x.dot) + weighted(ry, y.dot);
   }
   if (x.sum_b == T(0)) {
     out.max_b = y.max_b;
@@ -138,8 +150,8 @@ RSLAD_HD T lse_b(const KLState<T>& s) {
 template <typename T>
 RSLAD_HD T kl_value(const KLState<T>& s) {
   T v = s.dot / s.sum_a - lse_a(s) + lse_b(s);
-  // Rounding can leave a tiny negative number where p == q; KL is never negative.
-  return v > T(0) ? v : T(0);
+  // Rounding can leave a tiny negative number where p == q; KL is never negative. (NaN passes.)
+  return v < T(0) ? T(0) : v;
 }
 
 // One class's term p_c (log p_c - log q_c), given the row's log-normalizers. The backward sums these in a
@@ -148,13 +160,13 @@ RSLAD_HD T kl_value(const KLState<T>& s) {
 template <typename T>
 RSLAD_HD T kl_term(T a, T b, T lse_a_, T lse_b_) {
   T log_p = a - lse_a_;
-  return exp_(log_p) * (log_p - (b - lse_b_));
+  return weighted(exp_(log_p), log_p - (b - lse_b_));
 }
 
 // Gradients of scale * KL(p || q) for one class, given the row's log-normalizers and its KL value:
 //   d/d student_c = scale/T * (q_c - p_c)
 //   d/d teacher_c = scale/T * p_c * ((log p_c - log q_c) - KL)
-// log p and log q are formed in log space, so an underflowed p_c gives an exact 0, never 0 * inf.
+// log p and log q are formed in log space, and a class of p_c == 0 gets an exact 0, never 0 * inf.
 template <typename T>
 RSLAD_HD void kl_grad(T a, T b, T lse_a_, T lse_b_, T kl, T scale_over_temp, T* grad_student,
                       T* grad_teacher) {
@@ -163,7 +175,9 @@ RSLAD_HD void kl_grad(T a, T b, T lse_a_, T lse_b_, T kl, T scale_over_temp, T* 
   T p = exp_(log_p);
   T q = exp_(log_q);
   *grad_student = scale_over_temp * (q - p);
-  *grad_teacher = scale_over_temp * p * ((log_p - log_q) - kl);
+  // p_c == 0 gives 0 (its log ratio may be -inf, or -inf - -inf where q_c == 0 too), except in a row whose KL
+  // is NaN (a NaN logit): there every gradient is NaN.
+  *grad_teacher = p == T(0) ? (kl == kl ? T(0) : kl) : scale_over_temp * p * ((log_p - log_q) - kl);
 }
 
 // Reductions, in the order of the op schema's string argument.

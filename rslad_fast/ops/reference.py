@@ -35,12 +35,18 @@ def softmax_kl(student_logits, teacher_logits, temperature=1.0, reduction="batch
     """KL(softmax(teacher/T) || softmax(student/T)) over dim 1.
 
     Equal to `F.kl_div(log_softmax(S/T), softmax(T/T), reduction=...)` of the official RSLAD code, formed
-    in log space so that teacher probabilities of 0 contribute exactly 0. An empty batch gives zeros.
+    in log space. A class of teacher probability 0 (a logit of -inf, or one whose probability underflows)
+    contributes exactly 0 and gets gradient 0, even where the student's is 0 too; a NaN logit makes its row
+    NaN. An empty batch gives zeros.
     """
     s, t = _upcast(student_logits), _upcast(teacher_logits)
     log_q = F.log_softmax(s / temperature, dim=1)
     log_p = F.log_softmax(t / temperature, dim=1)
-    per_row = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(dim=1)
+    p = log_p.exp()
+    # Where p == 0 the log ratio can be -inf (or -inf - -inf): 0 * it would be NaN, in the value and, through
+    # the multiplication's backward, in the gradients. NaN == 0 is False, so NaN still propagates.
+    log_ratio = torch.where(p == 0, 0.0, log_p - log_q)
+    per_row = (p * log_ratio).sum(dim=1)
     rows, classes = s.shape
     if reduction == "none":
         out = per_row

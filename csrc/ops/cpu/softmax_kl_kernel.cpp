@@ -12,7 +12,8 @@
 // math::lse_a / lse_b; the backward sums math::kl_term's p_c (log p_c - log q_c) and applies
 // math::kl_grad's gradient formulas. The only difference is how p_c and q_c are obtained:
 // exp(a_c - max_a) / sum_a from pass 2 instead of exp(a_c - lse_a) again (the same value to float32
-// rounding). Teacher classes whose probability underflows give p_c == 0 exactly and contribute 0.
+// rounding). Teacher classes of probability 0 (a logit of -inf, or one whose exponential underflows) give
+// p_c == 0 exactly and contribute 0, and a NaN logit makes its row NaN, as in math.h.
 //
 // float64 rows keep the scalar math.h path (online KLState in 8 interleaved lanes).
 #include <ATen/ATen.h>
@@ -154,6 +155,11 @@ RSLAD_ALWAYS_INLINE void store_part(float* p, f8 v, int n) {
 RSLAD_ALWAYS_INLINE f8 vmax(f8 a, f8 b) {
   return a > b ? a : b;
 }
+// math::weighted, lane by lane: w * d, and exactly 0 where the probability w is 0 (a teacher logit of -inf
+// gives w == 0 and d == -inf).
+RSLAD_ALWAYS_INLINE f8 vweighted(f8 w, f8 d) {
+  return w == splat(0.0f) ? splat(0.0f) : w * d;
+}
 // Lanes reduced as a tree (lane k with lane k+4, then k+2, then k+1), the order of the scalar path's merge.
 RSLAD_ALWAYS_INLINE float hsum(f8 v) {
   return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
@@ -254,7 +260,7 @@ RSLAD_ALWAYS_INLINE RowExp row_exp(const float* s, const float* t, int64_t class
     const f8 tc = load(t + c), sc = load(s + c);
     const f8 ea_ = vexp(tc * vinv - vmax_a), eb_ = vexp(sc * vinv - vmax_b);
     sum_a += ea_;
-    dot += ea_ * ((tc - sc) * vinv);
+    dot += vweighted(ea_, (tc - sc) * vinv);
     sum_b += eb_;
     if (kStore) {
       store(ea + c, ea_);
@@ -267,7 +273,7 @@ RSLAD_ALWAYS_INLINE RowExp row_exp(const float* s, const float* t, int64_t class
     const f8 ea_ = vexp(tc * vinv - vmax_a), eb_ = vexp(sc * vinv - vmax_b);
     const f8 ea_live = split.mask(ea_);
     sum_a += ea_live;
-    dot += ea_live * ((tc - sc) * vinv);
+    dot += vweighted(ea_live, (tc - sc) * vinv);
     sum_b += split.mask(eb_);
     if (kStore) {
       split.store_tail(ea, classes, ea_);
@@ -295,32 +301,34 @@ RSLAD_ALWAYS_INLINE void row_backward(const float* s, const float* t, int64_t cl
   const RowSplit split(classes);
   const f8 vinv = splat(inv_temp), vla = splat(la), vlb = splat(lb), visa = splat(inv_sum_a),
            visb = splat(inv_sum_b);
-  // KL = sum_c p_c (log p_c - log q_c) (math::kl_term). Padding lanes of short rows: p = 0 times a finite
-  // log ratio.
+  // KL = sum_c p_c (log p_c - log q_c) (math::kl_term). Padding lanes of short rows: p = 0.
   f8 kl_lanes = splat(0.0f);
   for (int64_t c = 0; c < split.full; c += kW) {
     const f8 log_p = load(t + c) * vinv - vla, log_q = load(s + c) * vinv - vlb;
-    kl_lanes += (load(gt + c) * visa) * (log_p - log_q);
+    kl_lanes += vweighted(load(gt + c) * visa, log_p - log_q);
   }
   f8 tail_log_ratio = splat(0.0f), tail_p = splat(0.0f), tail_q = splat(0.0f);
   if (split.rem) {
     tail_log_ratio = (split.tail(t, classes, 0.0f) * vinv - vla) - (split.tail(s, classes, 0.0f) * vinv - vlb);
     tail_p = split.tail(gt, classes, 0.0f) * visa;
     tail_q = split.tail(gs, classes, 0.0f) * visb;
-    kl_lanes += split.mask(tail_p * tail_log_ratio);
+    kl_lanes += split.mask(vweighted(tail_p, tail_log_ratio));
   }
-  const f8 kl = splat(hsum(kl_lanes)), vg = splat(g);
+  const float kl_row = hsum(kl_lanes);
+  const f8 kl = splat(kl_row), vg = splat(g);
+  // math::kl_grad's teacher gradient where p_c == 0: 0, or NaN in a row with a NaN logit.
+  const f8 p0_grad = splat(kl_row == kl_row ? 0.0f : kl_row);
   // math::kl_grad: g (q_c - p_c) and g p_c ((log p_c - log q_c) - KL). The tail (read above, before the
   // whole vectors overwrite the exponentials it overlaps) is written last.
   for (int64_t c = 0; c < split.full; c += kW) {
     const f8 log_p = load(t + c) * vinv - vla, log_q = load(s + c) * vinv - vlb;
     const f8 p = load(gt + c) * visa, q = load(gs + c) * visb;
     store(gs + c, vg * (q - p));
-    store(gt + c, vg * p * ((log_p - log_q) - kl));
+    store(gt + c, p == splat(0.0f) ? p0_grad : vg * p * ((log_p - log_q) - kl));
   }
   if (split.rem) {
     split.store_tail(gs, classes, vg * (tail_q - tail_p));
-    split.store_tail(gt, classes, vg * tail_p * (tail_log_ratio - kl));
+    split.store_tail(gt, classes, tail_p == splat(0.0f) ? p0_grad : vg * tail_p * (tail_log_ratio - kl));
   }
 }
 
