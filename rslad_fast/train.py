@@ -368,6 +368,7 @@ def _main(args, dist) -> int:
 
 def _train(args, dist, run_dir, cfg, prep) -> int:
     from rslad_fast.engine import Diverged, run
+    from rslad_fast.engine.checkpoint import WriteError
     from rslad_fast.errors import UserError
 
     try:
@@ -384,10 +385,18 @@ def _train(args, dist, run_dir, cfg, prep) -> int:
                   f"{', channels_last' if cfg.channels_last else ''}"
                   + (f", teacher {teacher}" if teacher else ""), flush=True)
         summary = run(prep, run_dir, dist=dist, progress=not args.no_progress)
+    except WriteError as e:  # disk full, a folder turned read-only: rank 0's writes; torchrun stops the others
+        print(f"error: {' '.join(str(e).split())}; once that is fixed, continue with: python -m rslad_fast.train "
+              f"--resume {run_dir}", file=sys.stderr)
+        return 2
     except UserError as e:
         # after the agreement: a broken checkpoint or a changed run directory, seen by the rank(s) reading
         # it; torchrun stops the others
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except OSError as e:  # any other file-system failure (every checkpoint write is atomic: nothing is torn)
+        print(f"error: {e.filename or run_dir}: {e.strerror or e}; once that is fixed, continue with: "
+              f"python -m rslad_fast.train --resume {run_dir}", file=sys.stderr)
         return 2
     except Diverged as e:  # the epoch's loss is all-reduced: every rank diverges together; one says it
         if dist.is_main:

@@ -403,3 +403,85 @@ def test_stale_temporary_files_do_not_make_a_folder_unusable(data, tmp_path, cap
         assert train.main(args + ["--out", str(run), *extra]) == 0
         assert sorted(p.name for p in run.iterdir()) == ["best.pt", "config.json", "curves.png", "last.pt",
                                                          "metrics.jsonl"]
+
+
+# ---- file-system failures: one line, non-zero exit, nothing half-written ---------------------------------
+
+def _enospc(*a, **k):
+    import errno
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_full_disk_stops_with_one_line_and_keeps_the_last_checkpoint(data, tmp_path, capsys, monkeypatch):
+    """The checkpoints of epoch 2 go to /dev/full (the kernel's ENOSPC, which torch.save reports as a
+    RuntimeError): one line, epoch 1's last.pt and metrics kept, no temporary or half epoch left (before: a
+    chained traceback and epoch 2's metrics line without its checkpoint); at the config.json write of a
+    new run: no run directory at all."""
+    import builtins
+
+    from rslad_fast.engine import checkpoint
+
+    saves = []
+
+    def open_(path, mode="r", *a, **k):
+        if ".pt.tmp-" in str(path):
+            saves.append(path)
+            if len(saves) > 2:  # epoch 1 wrote best.pt and last.pt
+                return builtins.open("/dev/full", mode, *a, **k)
+        return builtins.open(path, mode, *a, **k)
+
+    monkeypatch.setattr(checkpoint, "open", open_, raising=False)
+    run = tmp_path / "run"
+    args = ["--method", "natural", "--data", str(data), "--epochs", "3", *COMMON]
+    capsys.readouterr()
+    rc = train.main(args + ["--out", str(run)])
+    err = capsys.readouterr().err
+    _check_error("ENOSPC", rc, "", err, "No space left on device")
+    assert "--resume" in err
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
+    assert [r["epoch"] for r in _records(run)] == [1]
+    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "config.json", "curves.png", "last.pt",
+                                                     "metrics.jsonl"]
+
+    monkeypatch.setattr(os, "fsync", _enospc)  # the first write of a new run: config.json
+    fresh = tmp_path / "new" / "run"
+    rc = train.main(args + ["--out", str(fresh)])
+    _check_error("ENOSPC config", rc, "", capsys.readouterr().err, "No space left on device")
+    assert not (tmp_path / "new").exists()
+
+
+def test_out_paths_that_cannot_be_written_fail_with_one_line(data, tmp_path, capsys, monkeypatch):
+    """A file where a folder is expected, a name over 255 bytes, a read-only file system (before: a
+    traceback each; an unwritable folder is refused the same way, see the next test)."""
+    (tmp_path / "a_file").write_text("x")
+    args = ["--method", "natural", "--data", str(data), "--epochs", "1", *COMMON]
+    cases = {
+        "file in the way": (tmp_path / "a_file" / "run", "a_file is a file"),
+        "long name": (tmp_path / ("r" * 300), "over"),
+    }
+    for name, (out, expected) in cases.items():
+        capsys.readouterr()
+        rc = train.main(args + ["--out", str(out)])
+        _check_error(name, rc, "", capsys.readouterr().err, expected)
+    import errno
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(os, "mkdir", read_only)  # a file system that turned read-only after the checks
+    rc = train.main(args + ["--out", str(tmp_path / "ro" / "run")])
+    _check_error("read-only", rc, "", capsys.readouterr().err, "Read-only file system")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into any folder")
+def test_an_unwritable_out_folder_fails_with_one_line(data, tmp_path, capsys):
+    parent = tmp_path / "locked"
+    parent.mkdir(mode=0o500)
+    try:
+        rc = train.main(["--method", "natural", "--data", str(data), "--epochs", "1", *COMMON,
+                         "--out", str(parent / "run")])
+        _check_error("unwritable", rc, "", capsys.readouterr().err, "not writable")
+        assert list(parent.iterdir()) == []
+    finally:
+        parent.chmod(0o700)

@@ -52,8 +52,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _os_error(e: BaseException):
+    """The OSError behind ``e``: torch.save turns a failed write of its file object into a RuntimeError
+    ("unexpected pos ...") raised while handling the OSError."""
+    while e is not None and not isinstance(e, OSError):
+        e = e.__cause__ or e.__context__
+    return e
+
+
+class WriteError(UserError):
+    """A file could not be written (disk full, read-only or unwritable folder); the old file is intact."""
+
+
 def atomic_write(path, write) -> None:
-    """Call ``write(file_object)`` on a temporary file beside ``path``, then atomically replace ``path``."""
+    """Call ``write(file_object)`` on a temporary file beside ``path``, then atomically replace ``path``.
+    An OSError (ENOSPC, EROFS, ...) becomes one :class:`WriteError` naming the file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -62,9 +75,16 @@ def atomic_write(path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        cause = _os_error(e)
+        if cause is None:
+            raise
+        raise WriteError(f"cannot write {path}: {cause.strerror or cause}") from None
     finally:
-        if tmp.exists():
+        try:
             tmp.unlink()
+        except OSError:  # gone (replaced), or the folder is unwritable: a stale temporary is never read
+            pass
     _fsync_dir(path.parent)
 
 

@@ -30,6 +30,7 @@ how a self-trained teacher is written once by rank 0 and then loaded by every ra
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -59,7 +60,8 @@ from rslad_fast.models import build
 from rslad_fast.models.loading import load_checkpoint_into
 
 from .allocator import keep_freed_memory
-from .checkpoint import atomic_write_bytes, load_checkpoint, restore, save_checkpoint, saved_world_size
+from .checkpoint import (WriteError, atomic_write_bytes, load_checkpoint, restore, save_checkpoint,
+                         saved_world_size)
 from .config import Config, check_ops_device
 from .dist import Dist
 from .loop import Diverged, evaluate, first_non_finite, train_one_epoch
@@ -187,15 +189,62 @@ def check_out_dir(run_dir, overwrite: bool) -> None:
     A folder holding only the lock and stale temporaries (a start killed while writing config.json) is
     empty."""
     run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"--out {run_dir} exists and is not a directory")
-    if run_dir.is_dir() and _content(run_dir):
-        if not overwrite:
-            raise UserError(f"--out {run_dir} already exists and is not empty; pass --resume {run_dir} to "
-                            f"continue that run, or --overwrite to replace it")
-        if not (run_dir / CONFIG).is_file():
-            raise UserError(f"--out {run_dir} is not empty and holds no {CONFIG}: not a run directory, "
-                            f"refusing to delete it even with --overwrite")
+    try:
+        if os.path.lexists(run_dir) and not run_dir.is_dir():
+            raise UserError(f"--out {run_dir} exists and is not a directory")
+        _check_writable(run_dir)
+        if run_dir.is_dir() and _content(run_dir):
+            if not overwrite:
+                raise UserError(f"--out {run_dir} already exists and is not empty; pass --resume {run_dir} to "
+                                f"continue that run, or --overwrite to replace it")
+            if not (run_dir / CONFIG).is_file():
+                raise UserError(f"--out {run_dir} is not empty and holds no {CONFIG}: not a run directory, "
+                                f"refusing to delete it even with --overwrite")
+    except OSError as e:
+        raise UserError(f"--out {run_dir}: {e.strerror or e}") from None
+
+
+def _check_writable(run_dir: Path) -> None:
+    """RUN_DIR can be made (or written) here: no file where a folder must be, a writable folder, names the
+    file system takes. Checked before anything is written, so that these fail with one line up front."""
+    missing, p = [], Path(os.path.abspath(run_dir))
+    while not os.path.isdir(p):
+        if os.path.lexists(p):
+            raise UserError(f"--out {run_dir}: {p} is a file, not a folder")
+        missing.append(p.name)
+        p = p.parent
+    try:
+        limit = os.pathconf(p, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    for name in missing:
+        size = len(os.fsencode(name))
+        if size > limit:
+            raise UserError(f"--out {run_dir}: the name {name[:16]}... is {size} bytes, over the file system's "
+                            f"limit of {limit}")
+    if not os.access(p, os.W_OK | os.X_OK):  # also False on a read-only file system, root included
+        raise UserError(f"--out {run_dir}: {p} is not writable")
+
+
+def _outermost_missing(run_dir: Path) -> Optional[Path]:
+    """The outermost folder of RUN_DIR's path that does not exist yet (None: RUN_DIR exists)."""
+    p, top = Path(os.path.abspath(run_dir)), None
+    while not os.path.lexists(p):
+        top, p = p, p.parent
+    return top
+
+
+def _remove_empty(run_dir: Path, created: Optional[Path]) -> None:
+    """Undo a partial ``mkdir(parents=True)``: the empty folders from RUN_DIR up to ``created``."""
+    p = Path(os.path.abspath(run_dir))
+    while created is not None:
+        try:
+            os.rmdir(p)
+        except OSError:
+            return
+        if p == created:
+            return
+        p = p.parent
 
 
 # ---- phase 2: writes -------------------------------------------------------------------------------------
@@ -263,8 +312,15 @@ def create_run_dir(run_dir, cfg: Config, *, overwrite: bool = False, dist: Dist 
     run_dir = Path(run_dir)
     if not dist.is_main:
         return None
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(run_dir)
+    created = _outermost_missing(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(run_dir)
+    except (OSError, UserError) as e:
+        _remove_empty(run_dir, created)
+        if isinstance(e, UserError):
+            raise
+        raise UserError(f"--out {run_dir}: cannot create it ({e.strerror or e})") from None
     try:
         check_out_dir(run_dir, overwrite)  # again, under the lock: what another process did meanwhile counts
         for child in run_dir.iterdir():
@@ -275,8 +331,12 @@ def create_run_dir(run_dir, cfg: Config, *, overwrite: bool = False, dist: Dist 
             else:
                 child.unlink()
         write_config(run_dir, cfg)
-    except BaseException:
+    except BaseException as e:
+        if created is not None:  # made by this call and locked by it: no half-made run directory stays
+            shutil.rmtree(created, ignore_errors=True)
         lock.close()
+        if isinstance(e, OSError):
+            raise UserError(f"--out {run_dir}: {e.strerror or e}") from None
         raise
     return lock
 
@@ -400,8 +460,8 @@ def _run(prep: Prepared, run_dir, *, dist: Dist = Dist(), progress: bool = True,
         for epoch in range(start, cfg.epochs):
             lr = optimizer.param_groups[0]["lr"]
             bar.set_description(f"{tag} ep {epoch + 1}/{cfg.epochs}")
-            kept = (f"{run_dir / LAST} of epoch {epoch} is kept" if epoch else "no checkpoint was written") + \
-                "; a lower --lr may help"
+            kept_ckpt = f"{run_dir / LAST} of epoch {epoch} is kept" if epoch else "no checkpoint was written"
+            kept = kept_ckpt + "; a lower --lr may help"
             try:
                 train_stats = train_one_epoch(student=student, method=method, loader=loader, optimizer=optimizer,
                                               epoch=epoch, teacher=teacher, generator=generator, bar=bar,
@@ -434,10 +494,19 @@ def _run(prep: Prepared, run_dir, *, dist: Dist = Dist(), progress: bool = True,
                 save = dict(model=module, optimizer=optimizer, scheduler=scheduler, epoch=epoch + 1,
                             best_acc=best_acc, config=cfg.to_dict(), train_generator=generator,
                             loader_seed=cfg.seed, train_generators=generators, world_size=dist.world_size)
-                if is_best:
-                    save_checkpoint(run_dir / BEST, **save)
-                log.append(record)
-                save_checkpoint(run_dir / LAST, **save)
+                logged = log.path.stat().st_size if log.path.exists() else 0
+                try:
+                    if is_best:
+                        save_checkpoint(run_dir / BEST, **save)
+                    log.append(record)
+                    save_checkpoint(run_dir / LAST, **save)
+                except (OSError, WriteError) as e:
+                    # no metrics line without its last.pt (truncating needs no free space); a best.pt of
+                    # this epoch is redone on resume, as after a kill between the two writes
+                    with contextlib.suppress(OSError):
+                        os.truncate(log.path, logged)
+                    what = str(e) if isinstance(e, WriteError) else f"cannot write {e.filename}: {e.strerror}"
+                    raise WriteError(f"epoch {epoch + 1}: {what}; {kept_ckpt}") from None
                 records = records + [record]
                 plot_curves(records, run_dir / CURVES, title=f"{cfg.method} {cfg.student} ({cfg.preset}, seed {cfg.seed})")
                 _log(f"[{tag}] epoch {epoch + 1}/{cfg.epochs}  lr {lr:.4g}  loss {record['train_loss']:.4f}  "
