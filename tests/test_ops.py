@@ -84,6 +84,37 @@ def test_pgd_step_empty():
     assert ops.pgd_step_(x, torch.empty_like(x), torch.empty_like(x), 0.1, 0.1).shape == (0, 3, 32, 32)
 
 
+@pytest.mark.parametrize("fn", (ops.pgd_step_, reference.pgd_step_), ids=("op", "reference"))
+def test_pgd_step_bumps_version_counter(fn):
+    """Autograd must see the in-place write: a backward that reads the old values fails loudly."""
+    x = torch.rand(2, 3, 4, 4, requires_grad=True)
+    y = x.exp()  # exp saves its output for the backward
+    _, grad, x_nat = make_pgd_inputs((2, 3, 4, 4), torch.float32)
+    before = y._version
+    fn(y.detach(), grad, x_nat, 0.03, 0.01)  # a detached alias shares the version counter
+    assert y._version > before
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+@compiled
+def test_pgd_step_raw_op_bumps_version_counter():
+    x_adv, grad, x_nat = make_pgd_inputs((2, 3, 4, 4), torch.float32)
+    before = x_adv._version
+    torch.ops.rslad_fast.pgd_step_(x_adv, grad, x_nat, 0.03, 0.01, 0.0, 1.0)
+    assert x_adv._version > before
+
+
+@compiled
+def test_pgd_step_under_torch_compile():
+    x_adv, grad, x_nat = make_pgd_inputs((4, 3, 8, 8), torch.float32)
+    expected = reference.pgd_step_(x_adv.clone(), grad, x_nat, 8 / 255, 2 / 255)
+    fn = torch.compile(lambda x, g, n: ops.pgd_step_(x, g, n, 8 / 255, 2 / 255), backend="aot_eager",
+                       fullgraph=True)
+    fn(x_adv, grad, x_nat)
+    assert torch.equal(x_adv, expected)
+
+
 # ---------------------------------------------------------------- softmax_kl forward
 
 

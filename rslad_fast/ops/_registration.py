@@ -8,6 +8,22 @@ def _pgd_step_fake(x_adv, grad, x_nat, eps, alpha, lo=0.0, hi=1.0):
     return None
 
 
+# Kernels registered from C++ for CPU and CUDA alone leave x_adv's version counter where it was, so a
+# backward that saved x_adv would silently read the new values. The ADInplaceOrView kernel bumps it, as
+# native in-place ops and torch.library.custom_op's mutable ops do, then hands over to the backend.
+_lib = torch.library.Library("rslad_fast", "IMPL")
+_pgd_step_op = torch.ops.rslad_fast.pgd_step_.default
+_after_ad_inplace_or_view = torch._C._after_ADInplaceOrView_keyset
+
+
+def _pgd_step_ad_inplace_or_view(keyset, x_adv, *args):
+    torch.autograd.graph.increment_version(x_adv)
+    return _pgd_step_op.redispatch(keyset & _after_ad_inplace_or_view, x_adv, *args)
+
+
+_lib.impl("pgd_step_", _pgd_step_ad_inplace_or_view, "ADInplaceOrView", with_keyset=True)
+
+
 @torch.library.register_fake("rslad_fast::softmax_kl")
 def _softmax_kl_fake(student_logits, teacher_logits, temperature=1.0, reduction="batchmean"):
     if reduction == "none":
