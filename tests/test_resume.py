@@ -167,3 +167,84 @@ def test_resume_refuses_a_changed_teacher_file(data, teacher_ckpt, tmp_path, cap
     assert train.main(["--resume", str(run_dir), "--no-progress"]) == 2
     assert "changed since the run started" in capsys.readouterr().err
     assert load_checkpoint(run_dir / "last.pt")["epoch"] == 1  # untouched
+
+
+# ---- a last.pt with the right keys and the wrong content: one line each, nothing run ------------------------
+
+def _tamper(name):
+    """How each case changes a genuine last.pt (a dict), and what its one line must say."""
+    def set_(*path, value):
+        def f(ck):
+            d = ck
+            for k in path[:-1]:
+                d = d[k]
+            d[path[-1]] = value(d[path[-1]]) if callable(value) else value
+        return f
+
+    def drop(*path):
+        def f(ck):
+            d = ck
+            for k in path[:-1]:
+                d = d[k]
+            del d[path[-1]]
+        return f
+
+    import argparse
+    return {
+        "wrong shape": (set_("model", "conv1.weight", value=torch.zeros(16, 3, 5, 5)), "conv1.weight"),
+        "100 classes": (lambda ck: ck["model"].update({"linear.weight": torch.zeros(100, 32),
+                                                        "linear.bias": torch.zeros(100)}), "linear.weight"),
+        "missing weight": (drop("model", "bn1.running_var"), "bn1.running_var"),
+        "nan weight": (set_("model", "linear.bias", value=lambda t: t * float("nan")), "NaN"),
+        "missing rng": (drop("rng", "numpy"), "RNG"),
+        "short torch rng": (set_("rng", "torch", value=lambda t: t[:100]), "RNG"),
+        "short python rng": (set_("rng", "python", value=lambda s: (s[0], tuple(s[1])[:50], s[2])), "RNG"),
+        "short generator": (set_("rng", "train_generators", value=lambda g: [t[:8] for t in g]), "RNG"),
+        "world size": (set_("rng", "world_size", value="two"), "RNG"),
+        "float epoch": (set_("epoch", value=1.5), "epoch"),
+        "negative epoch": (set_("epoch", value=-2), "epoch"),
+        "epoch past the end": (set_("epoch", value=7), "epoch"),
+        "best_acc": (set_("best_acc", value="high"), "best_acc"),
+        "optimizer groups": (set_("optimizer", "param_groups", value=[]), "optimizer"),
+        "momentum shape": (set_("optimizer", "state", 0, "momentum_buffer", value=torch.zeros(3)), "optimizer"),
+        "optimizer lr": (lambda ck: ck["optimizer"]["param_groups"][0].update(lr="fast"), "optimizer"),
+        "scheduler": (set_("scheduler", value="x"), "lr schedule"),
+        "scheduler epoch": (set_("scheduler", "last_epoch", value=0), "lr schedule"),
+        "unsafe object": (set_("config", value=lambda c: {**c, "note": argparse.Namespace(x=1)}),
+                          "safe load refuses"),
+    }[name]
+
+
+@pytest.fixture(scope="module")
+def one_epoch(data, tmp_path_factory):
+    """A natural run of 3 epochs stopped after epoch 1: a genuine last.pt to resume from."""
+    out = tmp_path_factory.mktemp("one_epoch") / "run"
+    args = ["--method", "natural", "--data", str(data), "--out", str(out), *COMMON]
+    run(_start(args), out, progress=False, stop_after=1)
+    return out
+
+
+@pytest.mark.parametrize("case", ["wrong shape", "100 classes", "missing weight", "nan weight", "missing rng",
+                                  "short torch rng", "short python rng", "short generator", "world size",
+                                  "float epoch", "negative epoch", "epoch past the end", "best_acc",
+                                  "optimizer groups", "momentum shape", "optimizer lr", "scheduler",
+                                  "scheduler epoch", "unsafe object"])
+def test_resume_refuses_a_last_pt_with_wrong_content(case, one_epoch, tmp_path, capsys):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(one_epoch, run_dir)
+    ck = torch.load(run_dir / "last.pt", weights_only=True)
+    change, expected = _tamper(case)
+    change(ck)
+    torch.save(ck, run_dir / "last.pt")
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.name != ".lock"}
+    capsys.readouterr()
+    rc = train.main(["--resume", str(run_dir), "--no-progress"])
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: "), (case, rc, captured.err)
+    assert expected in lines[0] and "Traceback" not in captured.err + captured.out, (case, lines[0])
+    if case == "unsafe object":
+        assert "corrupt" not in lines[0], lines[0]
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before, case  # nothing ran, nothing written

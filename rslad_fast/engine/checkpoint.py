@@ -25,9 +25,11 @@ never a torn one.
 """
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import random
+import re
 import zipfile
 from pathlib import Path
 
@@ -126,7 +128,10 @@ def rng_state(train_generator: torch.Generator | None, *, loader_seed: int, next
 
 def saved_world_size(state: dict) -> int:
     """The world size that wrote ``state`` (checkpoints from before multi-process training: 1)."""
-    return int(state.get("world_size", 1))
+    world = state.get("world_size", 1)
+    if not (isinstance(world, int) and not isinstance(world, bool) and world >= 1):
+        raise ValueError(f"world_size {world!r} is not a process count")
+    return world
 
 
 def set_rng_state(state: dict, train_generator: torch.Generator | None, *, rank: int = 0) -> None:
@@ -176,7 +181,16 @@ def load_checkpoint(path) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"checkpoint {path}: no such file") from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError, KeyError,
+    except pickle.UnpicklingError as e:
+        refused = re.search(r"Unsupported (global: GLOBAL \S+|class \S+|operand \S+)|allowlisted|unrecognized "
+                            r"function", str(e))
+        if refused is None:
+            raise UserError(f"checkpoint {path}: not a readable training checkpoint (corrupt or truncated: "
+                            f"{type(e).__name__}); delete it to restart that run from scratch") from None
+        raise UserError(f"checkpoint {path}: holds objects a safe load refuses (torch.load with weights_only="
+                        f"True: {refused.group(0).replace('GLOBAL ', '')}); this engine writes tensors and plain "
+                        f"values only, so the file was not written by it or was altered; not loaded") from None
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError, KeyError,
             AttributeError, TypeError, IndexError) as e:
         raise UserError(f"checkpoint {path}: not a readable training checkpoint (corrupt or truncated: "
                         f"{type(e).__name__}); delete it to restart that run from scratch") from None
@@ -189,10 +203,72 @@ def load_checkpoint(path) -> dict:
     return ckpt
 
 
+_MALFORMED = (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError)
+
+
+def _why(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"
+
+
 def restore(ckpt: dict, *, model, optimizer, scheduler, train_generator: torch.Generator | None,
-            rank: int = 0) -> None:
-    """Put model, optimizer, scheduler and all RNG streams back to the state saved in ``ckpt``."""
-    model.load_state_dict(ckpt["model"], strict=True)
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
-    set_rng_state(ckpt["rng"], train_generator, rank=rank)
+            rank: int = 0, path="checkpoint", epochs: int | None = None) -> None:
+    """Put model, optimizer, scheduler and all RNG streams back to the state saved in ``ckpt``.
+
+    A checkpoint with the right keys and the wrong content (shapes of another model, NaN weights, an epoch
+    that is no count of completed epochs, optimizer or schedule state that does not fit, a missing or short
+    RNG state) is one UserError naming what is wrong; the caller then runs nothing. ``epochs``: the run's
+    length, the largest valid ``epoch``."""
+    def bad(what):
+        return UserError(f"checkpoint {path}: {what}; not a checkpoint of this run (delete it to restart the "
+                         f"run from scratch)")
+
+    epoch, best_acc = ckpt["epoch"], ckpt["best_acc"]
+    if not (isinstance(epoch, int) and not isinstance(epoch, bool) and 0 <= epoch <= (epochs or epoch)):
+        raise bad(f"epoch {epoch!r} is not a count of completed epochs (an integer in [0, {epochs}])")
+    if not (isinstance(best_acc, (int, float)) and not isinstance(best_acc, bool)
+            and (best_acc == -1 or 0 <= best_acc <= 1)):
+        raise bad(f"best_acc {best_acc!r} is not an accuracy (a fraction, or -1 before any evaluation)")
+
+    saved, expected = ckpt["model"], model.state_dict()
+    if not isinstance(saved, dict) or not all(torch.is_tensor(v) for v in saved.values()):
+        raise bad("its model is not a state dict of tensors")
+    missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+    if missing or unexpected:
+        raise bad(f"its model does not fit the run's student (missing {', '.join(missing[:3]) or 'nothing'}; "
+                  f"unexpected {', '.join(unexpected[:3]) or 'nothing'})")
+    for key, want in expected.items():
+        if saved[key].shape != want.shape:
+            raise bad(f"its model does not fit the run's student: {key} has shape {list(saved[key].shape)}, "
+                      f"the model's is {list(want.shape)}")
+    nonfinite = [k for k, v in saved.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if nonfinite:
+        raise bad(f"its weights hold NaN or inf ({nonfinite[0]})")
+
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except _MALFORMED as e:
+        raise bad(f"its optimizer state does not fit the model ({_why(e)})") from None
+    for group in optimizer.param_groups:
+        if not all(isinstance(group.get(k), (int, float)) and not isinstance(group.get(k), bool)
+                   and math.isfinite(group[k]) for k in ("lr", "momentum", "weight_decay")):
+            raise bad("its optimizer state holds a non-numeric or non-finite lr, momentum or weight decay")
+        for p in group["params"]:
+            buf = optimizer.state.get(p, {}).get("momentum_buffer")
+            if buf is not None and (not torch.is_tensor(buf) or buf.shape != p.shape):
+                raise bad("its optimizer state does not fit the model (a momentum buffer of another shape)")
+
+    fixed = {k: getattr(scheduler, k) for k in ("milestones", "gamma", "base_lrs")}
+    try:
+        scheduler.load_state_dict(ckpt["scheduler"])
+    except _MALFORMED as e:
+        raise bad(f"its lr schedule state is malformed ({_why(e)})") from None
+    if {k: getattr(scheduler, k, None) for k in fixed} != fixed or scheduler.last_epoch != epoch:
+        raise bad(f"its lr schedule (milestones, gamma, lr, last epoch {getattr(scheduler, 'last_epoch', None)!r}) "
+                  f"does not match its epoch {epoch} and config.json")
+
+    try:
+        saved_world_size(ckpt["rng"])
+        set_rng_state(ckpt["rng"], train_generator, rank=rank)
+    except _MALFORMED as e:
+        raise bad(f"its RNG state is missing or malformed ({_why(e)})") from None
+    model.load_state_dict(saved, strict=True)  # last: every check above passed

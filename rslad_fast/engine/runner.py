@@ -430,7 +430,7 @@ def _run(prep: Prepared, run_dir, *, dist: Dist = Dist(), progress: bool = True,
             raise UserError(f"{run_dir / LAST} was written by a different configuration than "
                             f"{run_dir / CONFIG}; refusing to resume")
         restore(ckpt, model=module, optimizer=optimizer, scheduler=scheduler, train_generator=generator,
-                rank=dist.rank)
+                rank=dist.rank, path=run_dir / LAST, epochs=cfg.epochs)
         start, best_acc = int(ckpt["epoch"]), float(ckpt["best_acc"])
         saved_world = saved_world_size(ckpt["rng"])
         del ckpt
