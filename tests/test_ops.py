@@ -115,6 +115,24 @@ def test_pgd_step_under_torch_compile():
     assert torch.equal(x_adv, expected)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES_CPU, ids=str)
+def test_pgd_step_nan_matches_reference(device, dtype):
+    """NaN in x_nat or x_adv gives NaN, as torch.clamp/min/max propagate it; a NaN gradient steps by
+    sign(NaN) == 0, as torch.sign does."""
+    if device == "cuda" and dtype not in DTYPES_CUDA:
+        pytest.skip("no CUDA kernel for this dtype")
+    x_adv, grad, x_nat = make_pgd_inputs((4, 3, 8, 8), dtype, device)
+    x_nat.view(-1)[::7] = float("nan")
+    x_adv.view(-1)[3::11] = float("nan")
+    grad.view(-1)[5::13] = float("nan")
+    nan_in = x_nat.isnan() | x_adv.isnan()
+    expected = reference.pgd_step_(x_adv.clone(), grad, x_nat, 8 / 255, 2 / 255)
+    ops.pgd_step_(x_adv, grad, x_nat, 8 / 255, 2 / 255)
+    assert torch.equal(x_adv.isnan(), nan_in)
+    torch.testing.assert_close(x_adv, expected, atol=0, rtol=0, equal_nan=True)
+
+
 # ---------------------------------------------------------------- softmax_kl forward
 
 

@@ -25,15 +25,17 @@ RSLAD_HD T sign(T g) {
 
 template <typename T>
 RSLAD_HD T clamp(T v, T lo, T hi) {
-  // Same order as torch.clamp(v, lo, hi): max first, then min.
-  v = v < lo ? lo : v;
-  return v > hi ? hi : v;
+  // Same order as torch.clamp(v, lo, hi): max first, then min. A NaN in any argument gives NaN, as torch.clamp,
+  // torch.max and torch.min give: v < NaN is false, so a NaN bound (x_nat -/+ eps) needs its own test.
+  v = (v < lo || lo != lo) ? lo : v;
+  return (v > hi || hi != hi) ? hi : v;
 }
 
 // One PGD step for one element, in the accumulation type T:
 //   clamp(clamp(x_adv + alpha*sign(grad), x_nat - eps, x_nat + eps), lo, hi)
 // The projection is computed as min/max against x_nat -/+ eps, exactly as the official RSLAD, TRADES and
-// ARD codes write it, so float32 results are bitwise equal to the eager composite.
+// ARD codes write it, so float32 results are bitwise equal to the eager composite. NaN in x_adv or x_nat
+// gives NaN, as there; a NaN gradient steps by sign(NaN) == 0, as torch.sign.
 template <typename T>
 RSLAD_HD T pgd_step(T x_adv, T grad, T x_nat, T eps, T alpha, T lo, T hi) {
   T stepped = x_adv + alpha * sign(grad);
