@@ -112,6 +112,10 @@ def _attack_list(text: str):
     return [a for a in ATTACKS if a in names]  # the table's order, duplicates dropped
 
 
+class DefaultN(int):
+    """--n's default, told apart from the same number given on the command line (see the --n rule)."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     starts = ("uniform", "normal", "none")
     p = _Parser(prog="python -m rslad_fast.evaluate",
@@ -133,8 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("evaluation")
     g.add_argument("--attacks", type=_attack_list, default=list(ATTACKS),
                    help=f"comma-separated subset of {','.join(ATTACKS)} (default: all)")
-    g.add_argument("--n", type=_int(1), default=10000, help="evaluate the first N test images (default 10000; "
-                                                            "under torchrun: --n-images)")
+    g.add_argument("--n", type=_int(1), default=DefaultN(10000),
+                   help="evaluate the first N test images (default 10000, or the whole test set when it is "
+                        "smaller; an explicit N larger than the test set is an error; under torchrun: --n-images)")
     g.add_argument("--n-images", dest="n", type=_int(1), default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     g.add_argument("--batch-size", type=_int(1), default=250,
                    help="images per batch, for every attack (default 250, AutoAttack's default)")
@@ -503,6 +508,13 @@ def run(args, argv=None, dist=None) -> dict:
         for row in plan["rows"]:  # every checkpoint loads (or fails) before any attack runs
             models.append(load_checkpoint_into(build(row["arch"]), row["path"], row["arch"]).eval())
         images, labels = load_cifar10(args.data, train=False, download=False if args.no_download else "auto")
+        # the rule shared with train's --eval-n: the default shrinks to a smaller test set (and says so), a
+        # value the user gave must fit
+        if args.n > len(labels):
+            if not isinstance(args.n, DefaultN):
+                raise UserError(f"--n {args.n} exceeds the {len(labels)} test images in {args.data}")
+            plan["notes"].append(f"the test set in {args.data} holds {len(labels)} images, fewer than the default "
+                                 f"--n {args.n}: the whole test set is evaluated")
     except UserError as e:
         if not dist.active:
             raise

@@ -184,7 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-n", type=int, help="use the first N training images, for the student and a "
                                               "self-trained teacher (default: preset; paper all)")
     g.add_argument("--eval-n", type=int, help="held-out test images (the first N) evaluated with clean and "
-                                              "PGD-20 accuracy after every epoch (default: paper 1000, quick 200)")
+                                              "PGD-20 accuracy after every epoch (default: paper 1000, quick 200, "
+                                              "or the whole test set when it is smaller; an explicit N larger "
+                                              "than the test set is an error)")
     g.add_argument("--out", metavar="RUN_DIR", help="run directory (default runs/<method>-<student>-<preset>-seed<seed>)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     g.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt, with its "
@@ -335,7 +337,8 @@ def _main(args, dist) -> int:
             run_dir = Path(args.out or f"runs/{cfg.method}-{cfg.student}-{cfg.preset}-seed{cfg.seed}")
             check_out_dir(run_dir, args.overwrite)
         dist.device(cfg.device)  # torchrun: one GPU per local rank
-        prep = prepare(cfg, download=False if args.no_download else "auto")  # all checks; writes nothing
+        prep = prepare(cfg, download=False if args.no_download else "auto",  # all checks; writes nothing
+                       eval_n_given=bool(args.resume) or args.eval_n is not None)
     except UserError as e:
         error = " ".join(str(e).split())
     error = dist.first_error(error)
@@ -373,6 +376,8 @@ def _train(args, dist, run_dir, cfg, prep) -> int:
 
     try:
         if dist.is_main:
+            for note in prep.notes:
+                print(f"note: {note}")
             teacher = cfg.teacher and (cfg.teacher.get("path") or f"self-trained {cfg.teacher['arch']} (TRADES)")
             batch = f"batch {cfg.batch_size}"
             if dist.launched:

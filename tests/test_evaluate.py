@@ -300,3 +300,21 @@ def test_cli_with_autoattack_and_sanity(env, capsys):
     assert aa["apgd-t"]["n_target_classes"] == 9 and aa["square"]["n_queries"] == 5000
     assert report["pyautoattack"] == "0.2.0"
     assert "| Clean | AA | Worst (all ran) |" in out
+
+
+def test_n_default_uses_the_whole_smaller_test_set_and_an_explicit_n_too_large_is_an_error(env, capsys):
+    """One rule with train's --eval-n: the default (10000) on a 64-image test set evaluates all 64 and says
+    so; an explicit --n over 64 is an error (before: both clamped silently)."""
+    out_dir = env["root"] / "n_rule"
+    common = ["--ckpt", env["ckpt"], "--arch", "tiny", "--attacks", "clean", "--data", env["data"],
+              "--no-download", "--no-progress", "--out", out_dir]
+    rc, out, err = _main(common + ["--n", 65], capsys)
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and "--n 65" in lines[0] and "64" in lines[0], err
+    assert not out_dir.exists()
+    rc, out, err = _main(common, capsys)
+    assert rc == 0, err
+    report = json.loads((out_dir / "eval.json").read_text())
+    assert report["n"] == 64 and report["rows"][0]["correct"]["clean"] <= 64
+    assert any("64" in note and "whole test set" in note for note in report["notes"]), report["notes"]
+    assert "whole test set" in out

@@ -485,3 +485,28 @@ def test_an_unwritable_out_folder_fails_with_one_line(data, tmp_path, capsys):
         assert list(parent.iterdir()) == []
     finally:
         parent.chmod(0o700)
+
+
+def test_eval_n_default_larger_than_the_test_set_uses_all_of_it(data, tmp_path, capsys):
+    """The paper preset's 1000 held-out images on a 64-image test set: all 64, said on stdout and recorded;
+    the self-trained teacher's run (which takes the student's eval_n) the same, and a resume agrees with it
+    (before: '--eval-n 1000 exceeds the 64 test images', an option the user never gave). An explicit --eval-n
+    too large stays an error (test_more_bad_inputs_fail_cleanly)."""
+    run = tmp_path / "run"
+    args = ["--method", "natural", "--data", str(data), "--out", str(run), "--epochs", "1",
+            *[a for a in COMMON if a not in ("--eval-n", "32")]]
+    capsys.readouterr()
+    assert train.main(args) == 0
+    out = capsys.readouterr().out
+    assert "whole test set" in out and "64" in out
+    assert json.loads((run / "config.json").read_text())["eval_n"] == 64 and _records(run)[0]["eval_n"] == 64
+
+    run = tmp_path / "distilled"
+    args = ["--preset", "quick", "--method", "rslad", "--teacher-arch", "tiny", "--train-n", "128",
+            "--data", str(data), "--out", str(run), "--epochs", "1", "--steps", "1",
+            *[a for a in COMMON if a not in ("--eval-n", "32")]]
+    assert train.main(args) == 0
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["eval_n"] == cfg["teacher_run"]["eval_n"] == 64
+    assert json.loads((run / "teacher" / "config.json").read_text())["eval_n"] == 64
+    assert train.main(["--resume", str(run), "--no-progress"]) == 0  # complete: nothing retrained

@@ -40,7 +40,7 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -87,6 +87,7 @@ class Prepared:
     held: tuple             # the first eval_n test images and labels
     teacher_model: Optional[torch.nn.Module] = None   # --teacher PATH, loaded and frozen (CPU)
     teacher_prep: Optional["Prepared"] = None         # the self-trained teacher's run
+    notes: list = field(default_factory=list)         # what the checks adjusted, for the user to read
 
 
 # ---- phase 1: checks and loading, no writes --------------------------------------------------------------
@@ -97,27 +98,36 @@ def read_data(cfg: Config, download="auto") -> tuple:
             load_cifar10(cfg.data, train=False, download=download))
 
 
-def select_data(cfg: Config, full: tuple) -> tuple:
+def select_data(cfg: Config, full: tuple, *, eval_n_given: bool = True, notes: Optional[list] = None) -> tuple:
     """The run's training images (the first ``train_n``) and held-out images (the first ``eval_n`` of the
-    test set), checked against what ``full`` holds."""
+    test set), checked against what ``full`` holds.
+
+    The rule shared with ``evaluate --n``: an ``eval_n`` the user gave (``eval_n_given``; a resumed run's
+    config.json counts as given) that exceeds the test set is an error; the preset's default shrinks to the
+    whole test set (``cfg.eval_n`` is set to it, so config.json records what runs), said in ``notes``."""
     (train_x, train_y), (test_x, test_y) = full
     if cfg.train_n is not None:
         if cfg.train_n > len(train_x):
             raise UserError(f"--train-n {cfg.train_n} exceeds the {len(train_x)} training images in {cfg.data}")
         train_x, train_y = train_x[:cfg.train_n], train_y[:cfg.train_n]
     if cfg.eval_n > len(test_x):
-        raise UserError(f"--eval-n {cfg.eval_n} exceeds the {len(test_x)} test images in {cfg.data}")
+        if eval_n_given:
+            raise UserError(f"--eval-n {cfg.eval_n} exceeds the {len(test_x)} test images in {cfg.data}")
+        if notes is not None:
+            notes.append(f"the test set in {cfg.data} holds {len(test_x)} images, fewer than the preset's "
+                         f"{cfg.eval_n} held-out images: the whole test set ({len(test_x)}) is evaluated per epoch")
+        cfg.eval_n = len(test_x)
     if cfg.batch_size > len(train_x):
         raise UserError(f"--batch-size {cfg.batch_size} exceeds the {len(train_x)} training images")
     return (train_x, train_y), (test_x[:cfg.eval_n], test_y[:cfg.eval_n])
 
 
-def prepare(cfg: Config, *, download="auto", full=None) -> Prepared:
+def prepare(cfg: Config, *, download="auto", full=None, eval_n_given: bool = True) -> Prepared:
     """All checks that can fail on user input, and the loading they need. Writes nothing.
 
     ``full``: CIFAR-10 as :func:`read_data` returns it, when already read (the self-trained teacher reuses
     the student's copy and takes its own ``train_n`` of it). A teacher file's sha256 is added to
-    ``cfg.teacher`` (new run) or checked against it (resume)."""
+    ``cfg.teacher`` (new run) or checked against it (resume). ``eval_n_given``: see :func:`select_data`."""
     check_ops_device(cfg.device)  # new run and resume alike (the build may have changed in between)
     if cfg.loader == "dali":
         if not torch.device(cfg.device).type == "cuda":
@@ -126,8 +136,9 @@ def prepare(cfg: Config, *, download="auto", full=None) -> Prepared:
             raise UserError("--loader dali needs NVIDIA DALI, which is not importable; install "
                             "nvidia-dali-cuda130 or use --loader torch")
     full = full if full is not None else read_data(cfg, download)
-    train, held = select_data(cfg, full)
-    prep = Prepared(cfg=cfg, train=train, held=held)
+    notes = []
+    train, held = select_data(cfg, full, eval_n_given=eval_n_given, notes=notes)
+    prep = Prepared(cfg=cfg, train=train, held=held, notes=notes)
     if cfg.teacher is not None:
         if cfg.teacher["source"] == "file":
             prep.teacher_model = load_teacher(cfg.teacher["path"], cfg.teacher["arch"], "cpu")
@@ -139,9 +150,11 @@ def prepare(cfg: Config, *, download="auto", full=None) -> Prepared:
                                 f"{digest[:12]}... vs {cfg.teacher['sha256'][:12]}... in config.json)")
         else:
             try:
-                prep.teacher_prep = prepare(Config.from_dict(cfg.teacher_run), download=download, full=full)
+                prep.teacher_prep = prepare(Config.from_dict(cfg.teacher_run), download=download, full=full,
+                                            eval_n_given=eval_n_given)
             except UserError as e:  # its settings come partly from the preset: say whose they are
                 raise UserError(f"self-trained teacher ({cfg.teacher['arch']}, TRADES): {e}") from None
+            cfg.teacher_run["eval_n"] = prep.teacher_prep.cfg.eval_n  # as shrunk: what a resume compares
     return prep
 
 
