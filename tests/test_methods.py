@@ -475,3 +475,28 @@ def test_other_methods_have_one_setting_for_every_architecture():
     for name in ("trades", "ard", "rslad"):
         a, b = _resolve(name, "resnet18"), _resolve(name, "wrn34-10")
         assert (a.hparams, a.lr, a.weight_decay, a.epochs) == (b.hparams, b.lr, b.weight_decay, b.epochs)
+
+
+def test_fused_kl_pgd_says_what_it_expects():
+    """A model returning a tuple (logits, features) got "'tuple' object has no attribute 'float'", and a NaN,
+    inf or negative init_std ran (a NaN start); now one clear error each."""
+    from rslad_fast.attacks.pgd import fused_kl_pgd
+
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = tiny(0)
+
+        def forward(self, x):
+            return self.net(x), x.mean()
+
+    x, _ = batch()
+    t = torch.randn(B, C)
+    with pytest.raises(TypeError, match=r"\[batch, classes\].*tuple"):
+        fused_kl_pgd(Pair(), x, t, steps=1)
+    with pytest.raises(ValueError, match=r"\[batch, classes\]"):
+        fused_kl_pgd(tiny(0), x, torch.randn(B, C + 1), steps=1)  # logits of another class count
+    for bad in (float("nan"), float("inf"), -0.1):
+        with pytest.raises(ValueError, match="init_std"):
+            fused_kl_pgd(tiny(0), x, t, steps=1, init_std=bad)
+    assert fused_kl_pgd(tiny(0), x, t, steps=1, init_std=0.0).shape == x.shape

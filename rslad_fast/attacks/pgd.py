@@ -5,6 +5,8 @@ ever computed or accumulated) and moves with the fused `pgd_step_` op: sign step
 l_inf ball around x_nat, clamp to [lo, hi], in one pass.
 """
 import contextlib
+import math
+import numbers
 from typing import Callable, Optional
 
 import torch
@@ -87,6 +89,20 @@ def pgd(model: torch.nn.Module, x_nat: torch.Tensor, loss_fn: Callable[[torch.Te
     return x_adv
 
 
+def check_logits(logits, target: torch.Tensor) -> torch.Tensor:
+    """``logits`` if the model's output is a [batch, classes] tensor shaped like ``target`` (the teacher's
+    logits); else one clear error instead of an AttributeError deep in the loss (a model returning a tuple
+    or a dict of outputs, a head of another class count)."""
+    if not torch.is_tensor(logits):
+        raise TypeError(f"fused_kl_pgd expects the model to return logits [batch, classes] = {list(target.shape)}, "
+                        f"got a {type(logits).__name__}; wrap a model that returns several outputs so that it "
+                        f"returns the logits alone")
+    if logits.shape != target.shape:
+        raise ValueError(f"fused_kl_pgd expects the model to return logits [batch, classes] = {list(target.shape)} "
+                         f"(the teacher logits' shape), got {list(logits.shape)}")
+    return logits
+
+
 def fused_kl_pgd(model: torch.nn.Module, x_nat: torch.Tensor, teacher_logits: torch.Tensor, *,
                  eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10, init_std: float = 0.001,
                  cuda_graph="auto", generator: Optional[torch.Generator] = None,
@@ -109,6 +125,9 @@ def fused_kl_pgd(model: torch.nn.Module, x_nat: torch.Tensor, teacher_logits: to
     if teacher_logits.dim() != 2 or teacher_logits.shape[0] != x_nat.shape[0]:
         raise ValueError(f"teacher_logits must be [batch, classes] with batch {x_nat.shape[0]}, got "
                          f"{list(teacher_logits.shape)}")
+    if isinstance(init_std, bool) or not isinstance(init_std, numbers.Real) or not math.isfinite(init_std) \
+            or init_std < 0:
+        raise ValueError(f"init_std must be a finite number >= 0, got {init_std!r}")
     target = teacher_logits.detach()
     use_graph = x_nat.is_cuda and cuda_graph in ("auto", True)
     if use_graph:
@@ -121,6 +140,7 @@ def fused_kl_pgd(model: torch.nn.Module, x_nat: torch.Tensor, teacher_logits: to
         def forward(x):
             with torch.autocast(x.device.type, dtype=amp_dtype):
                 return model(x)
-    return pgd(model, x_nat, lambda logits: ops.softmax_kl(logits.float(), target, reduction="sum"),
+    return pgd(model, x_nat, lambda logits: ops.softmax_kl(check_logits(logits, target).float(), target,
+                                                           reduction="sum"),
                eps=eps, alpha=alpha, steps=steps, start="normal", init_std=init_std, mode="eval",
                generator=generator, forward=forward)
