@@ -1,99 +1,192 @@
 #!/usr/bin/env bash
-# One command for the lent GPU machine (see DEVELOPERS.md): build the CUDA ops, run the CUDA tests and the
-# benchmarks, and write a JSON + Markdown summary under $OUT.
+# The GPU check: one run of at most 9 minutes on a bare GPU machine (DEVELOPERS.md: the device tool gives a
+# session 15 minutes in all, machine start included, and a machine rarely stays warm for a second call).
 #
-#   here, once:  bash scripts/gpu_wheelhouse.sh; mkdir -p shared_data && cp ../shared/data/* shared_data/
-#   device tool, call 1:  STAGES="build tests" bash scripts/gpu_check.sh   carry: ["wheelhouse"]
-#   device tool, call 2:  STAGES=bench bash scripts/gpu_check.sh           (a call runs at most 600 s)
-#   device tool, call 3:  STAGES=quick bash scripts/gpu_check.sh           carry: ["shared_data"]
-# The calls must follow each other while the machine stays warm (it keeps the installed wheels and the
-# in-place build); a cold machine needs call 1 again.
+#   here, once:    bash scripts/gpu_wheels.sh      # .whl/site: torchattacks and pyautoattack, unpacked, nothing else
+#   device tool:   run(command="GPU_CHECK_COMMIT=<sha> bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=600)
+#   optional second run, also on a bare machine: GPU_CHECK_MODE=full (the benchmarks at full size, then the
+#                  quick preset in fp32 and bf16 on CIFAR-10), carry ["shared_data"] after
+#                  `mkdir -p shared_data && cp ../shared/data/* shared_data/` here
+#   CPU dry run:   GPU_CHECK_ALLOW_CPU=1 bash scripts/gpu_check.sh   (CI runs it: the script's whole logic at tiny
+#                  sizes on the build CI already made, a few minutes)
 #
-# That machine has Python 3.12 and torch 2.11.0+cu130 but no internet and no DALI. What else the checks
-# import (pytest, pytest-benchmark, torchvision, tqdm, numpy, matplotlib, setuptools and ninja for the
-# build, ...) comes from ./wheelhouse (48 MiB), filled here beforehand by scripts/gpu_wheelhouse.sh and
-# carried along; the wheels stay installed while the machine stays warm. The CIFAR-10 archive and its
-# prepare script (../shared/data, 18 MiB) do not fit in the same call's 64 MiB: call 3 carries them as
-# ./shared_data (git-ignored). DALI's wheel is too big to carry in one call: the loader benchmark then
-# reports DALI as skipped.
+# The machine's image has Python 3.12, torch 2.11.0+cu130, torchvision, numpy, scipy, pytest, pytest-benchmark,
+# tqdm, matplotlib, ninja, setuptools, nvcc, compute-sanitizer and ncu; no DALI (its loader rows are skipped).
 #
-# Environment: OUT (default ./gpu_out), STAGES (default "build tests bench quick"), GPU_CHECK_ALLOW_CPU=1
-# to dry-run the script's logic on a machine without a GPU.
+# Stages, in this order (what matters first). Each has an estimate of its time on that machine (16 cores,
+# one H200), from its work, and runs only if the estimate still fits in what is left of GPU_CHECK_BUDGET_S
+# (default 540 s); it is stopped at twice its estimate (or the deadline) and then marked "timed out".
+#   stage           est. s  work
+#   build              90   in-place build for this GPU's architecture only, all cores: 3 C++ files (the CPU
+#                           softmax_kl kernels, AVX2 and baseline copies, are the slowest, ~60 s on one core)
+#                           and 2 .cu files for one architecture (~10 s each with nvcc 13.0, measured on the
+#                           CPU machine); then the backend must be "compiled" with CUDA kernels
+#   tests_cuda         45   pytest -m cuda over the ops, the DALI loader and the build: ~180 op cases of a few
+#                           ms each, float64 included, plus torch and CUDA start-up (~15 s)
+#   memcheck           60   compute-sanitizer memcheck over scripts/gpu_probes.py sweep: every op, dtype and
+#   racecheck          40   reduction at odd sizes (~160 cases, ~1,000 small kernels), 10-50x slower kernels
+#                           and a slower CUDA start under the sanitizer; racecheck has far fewer checks to do
+#   big_pgd            20   pgd_step_ on 2^31 + 4099 fp16 elements (4 x 4.3 GB), checked in 17 chunks
+#   graphs             45   replay == eager (contiguous, channels_last, caller's autocast, across optimizer
+#                           steps, load_state_dict and replaced parameters, a thread using CUDA during capture):
+#                           ~12 captures of tiny / MobileNetV2 loops
+#   smoke              90   scripts/gpu_smoke.py: 7 methods x fp32/bf16 + RSLAD graph off, each one epoch of 8
+#                           batches of 128 (ResNet-18) and a 256-image PGD-20, ~4 s each; torchrun (NCCL) ~25 s
+#   bench             120   the benchmarks' CUDA rows at reduced size: ops (~1 s a row, 24 rows), the inner loop
+#                           (16 rows, batch 128 and 512, 5 rounds), the epoch rows (4 batches x 2 rounds with the
+#                           WRN-34-10 teacher, ~12 rows)
+#   bench_compiled  (left)  the torch.compile rows (ops and the official step; max-autotune compiles for
+#                           minutes), only with what time is left
+# Full mode: bench_full (the benchmarks at full size, 400 s) then quick_fp32 / quick_bf16 (the quick preset on
+# CIFAR-10, ~90 s each on that machine) and their comparison.
+#
+# Every stage runs with RSLAD_FAST_REQUIRE=cuda (compiled in the dry run): importing rslad_fast fails
+# rather than fall back to the reference ops. Output: $OUT/summary.md (what passed, failed, timed out or was
+# skipped, every figure, with device, torch version and commit) and $OUT/gpu_check_logs.tar.gz (every log and
+# JSON), both rewritten after each stage so that even a killed run returns what it did.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-$PWD/gpu_out}
-STAGES=${STAGES:-build tests bench quick}
+ROOT=$PWD
+OUT=${OUT:-$ROOT/gpu_out}
+MODE=${GPU_CHECK_MODE:-quick}
+BUDGET=${GPU_CHECK_BUDGET_S:-540}
 PY=${PYTHON:-python3}
+START=$(date +%s)
+DEADLINE=$((START + BUDGET))
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
 mkdir -p "$OUT"
-log() { echo "[gpu_check $(date +%H:%M:%S)] $*" | tee -a "$OUT/gpu_check.log"; }
-status=0
-step() {  # step NAME COMMAND...: run, log, remember failures, keep going
-  local name=$1; shift
-  log "== $name: $*"
-  if "$@" >>"$OUT/$name.log" 2>&1; then log "   $name ok"; else log "   $name FAILED (see $name.log)"; status=1; fi
-  tail -n 30 "$OUT/$name.log"
+: >"$WORK/stages.tsv"
+case $MODE in quick|full) ;; *) echo "GPU_CHECK_MODE must be quick or full, got $MODE" >&2; exit 2 ;; esac
+
+log() { echo "[gpu_check +$(( $(date +%s) - START ))s] $*" | tee -a "$WORK/gpu_check.log"; }
+
+finalize() {  # summary + archive; after every stage, so a killed run still returns what it did
+  "$PY" scripts/gpu_summary.py "$WORK" --md "$OUT/summary.md" --json "$WORK/summary.json" >/dev/null 2>>"$WORK/gpu_check.log"
+  tar -czf "$OUT/gpu_check_logs.tar.gz" -C "$WORK" . 2>/dev/null
 }
 
-# 1. What machine this is.
-{ nvidia-smi || true; "$PY" -c "import sys, torch; print(sys.version); print('torch', torch.__version__, 'cuda', \
-torch.version.cuda, 'gpu', torch.cuda.is_available() and torch.cuda.get_device_name())"; git rev-parse HEAD; date -u; } \
-  >"$OUT/machine.txt" 2>&1
-cat "$OUT/machine.txt"
-if ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
-  if [ "${GPU_CHECK_ALLOW_CPU:-0}" != 1 ]; then log "no CUDA GPU visible: stopping"; exit 2; fi
-  log "no GPU: dry run of the script's logic (GPU_CHECK_ALLOW_CPU=1)"
+stage() {  # stage NAME ESTIMATE_S COMMAND...: run it if it fits, stop it at 2 x ESTIMATE_S or the deadline
+  local name=$1 est=$2; shift 2
+  local now left cap t0 rc status
+  now=$(date +%s); left=$((DEADLINE - now))
+  if [ "$left" -lt "$est" ]; then
+    log "-- $name skipped: ${left}s left, needs ~${est}s"
+    printf '%s\tskipped\t0\t%s\t%s\n' "$name" "$est" "${left}s left" >>"$WORK/stages.tsv"
+    finalize; return 0
+  fi
+  cap=$((2 * est)); [ "$cap" -gt "$left" ] && cap=$left
+  log "== $name (estimate ${est}s, stopped after ${cap}s): $*"
+  t0=$(date +%s)
+  timeout --kill-after=10 "$cap" "$@" >"$WORK/$name.log" 2>&1
+  rc=$?
+  case $rc in 0) status=passed ;; 124|137) status="timed out" ;; *) status=failed ;; esac
+  [ "$status" = passed ] || FAILED=1
+  printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$status" "$(( $(date +%s) - t0 ))" "$est" "rc $rc" >>"$WORK/stages.tsv"
+  log "   $name $status in $(( $(date +%s) - t0 ))s (rc $rc)"
+  tail -n 15 "$WORK/$name.log"
+  finalize
+}
+FAILED=0
+
+# ---- what machine this is -----------------------------------------------------------------------------------
+GPU=0
+"$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" && GPU=1
+COMMIT=${GPU_CHECK_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo "unknown (set GPU_CHECK_COMMIT)")}
+{ echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"; echo "commit: $COMMIT"; echo "mode: $MODE"
+  echo "dry_run: $([ $GPU = 1 ] && echo no || echo yes)"
+  "$PY" -c "import sys, torch; print('python:', sys.version.split()[0]); print('torch:', torch.__version__, \
+'cuda', torch.version.cuda); print('gpu:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none')"
+  echo "cores: $(nproc)"; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null; } \
+  >"$WORK/machine.txt" 2>&1
+cat "$WORK/machine.txt"
+if [ $GPU = 0 ] && [ "${GPU_CHECK_ALLOW_CPU:-0}" != 1 ]; then
+  log "no CUDA GPU visible: stopping (GPU_CHECK_ALLOW_CPU=1 dry-runs the logic on the CPU)"; finalize; exit 2
 fi
 
-# 2. Python packages from the carried wheelhouse (offline); a missing one makes its stage fail loudly.
-if [ -d wheelhouse ]; then
-  step wheels "$PY" -m pip install --no-index --find-links wheelhouse --no-deps wheelhouse/*.whl
+export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1
+export RSLAD_FAST_BENCH_OUT=$WORK/bench_results
+[ -d .whl/site ] && export PYTHONPATH=$PYTHONPATH:$ROOT/.whl/site  # torchattacks, pyautoattack (gpu_wheels.sh)
+
+# ---- 1. build -------------------------------------------------------------------------------------------------
+if [ $GPU = 1 ]; then
+  export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+  ARCH=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+  stage build 90 env TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS="$(nproc)" RSLAD_FAST_CUDA=1 \
+    "$PY" setup.py build_ext --inplace
+  export RSLAD_FAST_REQUIRE=cuda
+else
+  log "-- build skipped: dry run, using the build that is here"
+  printf 'build\tskipped\t0\t90\tdry run: the existing build\n' >>"$WORK/stages.tsv"
+  export RSLAD_FAST_REQUIRE=compiled
 fi
+stage backend 15 "$PY" -c "import rslad_fast as r; print('ops backend', r.ops.backend(), '| CUDA kernels', \
+r.ops.cuda_kernels_available())"
 
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-export RSLAD_FAST_BENCH_OUT=$OUT/bench_results
-export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+PYTEST=("$PY" -m pytest -q -p no:cacheprovider -rs)
+if [ "$MODE" = quick ]; then
+  # ---- 2. the CUDA tests ------------------------------------------------------------------------------------
+  stage tests_cuda 45 "${PYTEST[@]}" -m cuda tests/test_ops.py tests/test_dali.py tests/test_cuda_build.py \
+    --junitxml="$WORK/tests_cuda.xml"
 
-# 3. Build the op library in place (no pip: pip would try to resolve dependencies online). The CUDA kernels
-#    must build: RSLAD_FAST_CUDA=1 fails otherwise. Architecture: the GPU's own (detected).
-if [[ " $STAGES " == *" build "* ]]; then
-  cuda_flag=1; [ "${GPU_CHECK_ALLOW_CPU:-0}" = 1 ] && ! "$PY" -c "import torch,sys; sys.exit(not torch.cuda.is_available())" && cuda_flag=auto
-  step build env RSLAD_FAST_CUDA=$cuda_flag MAX_JOBS=${MAX_JOBS:-16} "$PY" setup.py build_ext --inplace
-  step backend "$PY" -c "import rslad_fast as r; print(r.ops.backend(), r.ops.cuda_kernels_available()); \
-assert r.ops.backend() == 'compiled'"
-fi
+  # ---- 3. sanitizers, then pgd_step_ past 2^31 elements -------------------------------------------------------
+  if [ $GPU = 1 ] && command -v compute-sanitizer >/dev/null; then
+    SAN=(compute-sanitizer --error-exitcode 1 --print-limit 20)
+    stage memcheck 60 "${SAN[@]}" --tool memcheck "$PY" scripts/gpu_probes.py sweep --json "$WORK/memcheck.json"
+    stage racecheck 40 "${SAN[@]}" --tool racecheck "$PY" scripts/gpu_probes.py sweep --json "$WORK/racecheck.json"
+    stage big_pgd 20 "$PY" scripts/gpu_probes.py big-pgd --json "$WORK/big_pgd.json"
+  else  # the dry run: the same probes, without the sanitizer, at CPU sizes
+    stage sweep 30 "$PY" scripts/gpu_probes.py sweep --large-rows 70000 --json "$WORK/sweep.json"
+    stage big_pgd 20 "$PY" scripts/gpu_probes.py big-pgd --numel $((4 * 1024 * 1024 + 3)) --chunk 1000003 \
+      --json "$WORK/big_pgd.json"
+  fi
 
-# 4. The CUDA tests (ops, CUDA graph, loaders), then the whole suite for anything that differs on this machine.
-if [[ " $STAGES " == *" tests "* ]]; then
-  step tests_cuda "$PY" -m pytest tests -m cuda -q -p no:cacheprovider -rs --junitxml="$OUT/tests_cuda.xml"
-  step tests_all "$PY" -m pytest tests -q -p no:cacheprovider -x -rs --junitxml="$OUT/tests_all.xml"
-fi
+  # ---- 4. CUDA-graph probes ----------------------------------------------------------------------------------
+  stage graphs 45 "${PYTEST[@]}" -m cuda tests/test_graphed.py tests/test_fast_path.py --junitxml="$WORK/graphs.xml"
 
-# 5. The benchmarks at full size, with their JSON.
-if [[ " $STAGES " == *" bench "* ]]; then
-  step bench "$PY" -m pytest benchmarks --benchmark-only -q -p no:cacheprovider \
-    --benchmark-json="$OUT/benchmarks.json" --benchmark-columns=median,iqr,rounds
-  step summary "$PY" scripts/bench_summary.py "$OUT/benchmarks.json" --json "$OUT/summary.json" --md "$OUT/summary.md"
-  [ -f "$OUT/summary.md" ] && cat "$OUT/summary.md"
-fi
+  # ---- 5. training smoke: every method, fp32 and bf16, graph on and off, then torchrun -------------------------
+  if [ $GPU = 1 ]; then
+    stage smoke 90 "$PY" scripts/gpu_smoke.py --out "$WORK/smoke"
+  else
+    stage smoke 90 "$PY" scripts/gpu_smoke.py --out "$WORK/smoke" --tiny
+  fi
 
-# 6. Accuracy target: the quick preset in fp32 and in bf16, side by side, on real CIFAR-10 when it is here.
-if [[ " $STAGES " == *" quick "* ]]; then
+  # ---- 6. benchmarks at reduced size (CUDA rows; compiled rows last, with what is left) -------------------------
+  if [ $GPU = 1 ]; then
+    BENCH=(env RSLAD_FAST_BENCH_SIZE=reduced "$PY" -m pytest benchmarks -q -p no:cacheprovider --benchmark-only
+           --benchmark-max-time=0.25 --benchmark-columns=median,iqr,rounds)
+    stage bench 120 "${BENCH[@]}" -k "cuda and not compile" --benchmark-json="$WORK/bench.json"
+    left=$((DEADLINE - $(date +%s) - 5))
+    [ "$left" -gt 30 ] && stage bench_compiled "$left" "${BENCH[@]}" -k "cuda and compile" \
+      --benchmark-json="$WORK/bench_compiled.json"
+  else  # dry run: the same plumbing, a few CPU rows, timed (a JSON to summarise)
+    stage bench 60 "$PY" -m pytest benchmarks/test_inner_loop_bench.py benchmarks/test_ops_bench.py -q \
+      -p no:cacheprovider --benchmark-only --benchmark-max-time=0.05 \
+      -k "(cpu-mnv2-16 and not backward) or (test_pgd_step and not compiled)" --benchmark-json="$WORK/bench.json"
+  fi
+else
+  # ---- full mode: the benchmarks at full size, then the quick preset fp32 vs bf16 on CIFAR-10 -----------------
+  stage bench_full 400 "$PY" -m pytest benchmarks -q -p no:cacheprovider --benchmark-only \
+    $([ $GPU = 1 ] && echo "-k cuda") --benchmark-columns=median,iqr,rounds --benchmark-json="$WORK/bench.json"
   data=${DATA:-data}
-  for src in shared_data ../shared/data; do  # carried copy first, then a checkout's sibling
+  for src in shared_data ../shared/data; do
     if [ ! -d "$data/cifar-10-batches-py" ] && [ -f "$src/prepare_cifar10.py" ]; then
-      step prepare "$PY" "$src/prepare_cifar10.py" "$data"
+      stage prepare 40 "$PY" "$src/prepare_cifar10.py" "$data"
     fi
   done
   if [ -d "$data/cifar-10-batches-py" ]; then
     for amp in fp32 bf16; do
-      step "quick_$amp" "$PY" -m rslad_fast.train --preset quick --student mnv2 --data "$data" \
-        --out "$OUT/quick_$amp" --amp "$amp" --device cuda --overwrite
+      stage "quick_$amp" 120 "$PY" -m rslad_fast.train --preset quick --student mnv2 --data "$data" \
+        --out "$WORK/quick_$amp" --amp "$amp" --overwrite --no-progress
     done
-    step quick_compare "$PY" scripts/compare_runs.py "$OUT/quick_fp32" "$OUT/quick_bf16" --md "$OUT/quick_compare.md"
+    stage quick_compare 10 "$PY" scripts/compare_runs.py "$WORK/quick_fp32" "$WORK/quick_bf16" \
+      --md "$WORK/quick_compare.md"
   else
-    log "no CIFAR-10 here: the bf16-vs-fp32 accuracy check is skipped"
+    log "no CIFAR-10 here (carry shared_data): the fp32-vs-bf16 accuracy comparison is skipped"
   fi
 fi
 
-log "done, status $status; results under $OUT"
-exit $status
+log "done in $(( $(date +%s) - START ))s; $([ $FAILED = 0 ] && echo 'every stage that ran passed' || echo 'some stages failed')"
+finalize
+cat "$OUT/summary.md"
+exit $FAILED

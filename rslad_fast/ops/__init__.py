@@ -3,6 +3,7 @@
 They run the compiled kernels of rslad_fast._C (csrc/) when the library is built, and the pure-PyTorch
 reference (rslad_fast.ops.reference) otherwise. `backend()` says which; the fallback warns once, at import.
 """
+import os
 import warnings
 
 import torch
@@ -43,6 +44,19 @@ NO_CUDA_KERNELS = ("rslad_fast: the compiled op library was built without CUDA k
 def cuda_kernels_available() -> bool:
     """Whether the compiled library holds CUDA kernels (it was built with nvcc)."""
     return _CUDA_KERNELS
+
+
+# RSLAD_FAST_REQUIRE=compiled | cuda: fail at import instead of falling back (`compiled`: the compiled
+# library must load; `cuda`: it must also hold CUDA kernels). scripts/gpu_check.sh sets `cuda` for every
+# stage, so no figure or test result can silently come from the reference ops.
+_REQUIRE = os.environ.get("RSLAD_FAST_REQUIRE", "")
+if _REQUIRE not in ("", "compiled", "cuda"):
+    raise ImportError(f"RSLAD_FAST_REQUIRE must be 'compiled' or 'cuda', got {_REQUIRE!r}")
+if _REQUIRE and _BACKEND != "compiled":
+    raise ImportError(f"RSLAD_FAST_REQUIRE={_REQUIRE}: the compiled op library did not load "
+                      f"({_IMPORT_ERROR}); {BUILD_HINT}")
+if _REQUIRE == "cuda" and not _CUDA_KERNELS:
+    raise ImportError(f"RSLAD_FAST_REQUIRE=cuda: {NO_CUDA_KERNELS}")
 
 
 def check_device(device) -> None:

@@ -1,0 +1,171 @@
+"""Training smoke for scripts/gpu_check.sh: every method, one short epoch, through the real CLI.
+
+    python scripts/gpu_smoke.py --out DIR [--device cuda] [--tiny]
+
+On generated CIFAR-shaped data (rslad_fast.data.write_fake_cifar10), in one process (the CLI's `main`, so
+imports and CUDA start-up are paid once):
+- each of the seven methods in fp32 and in bf16 (a distillation method distils from a saved random ResNet-8
+  teacher file: the smoke is about the code paths, not accuracy);
+- RSLAD with the CUDA-graph attack on and off, fp32 and bf16: the graph replays the eager loop's kernels, so
+  the two runs must give the same epoch loss (relative difference printed; a tolerance of 1e-4 allows for
+  cuDNN choosing other algorithms between capture and eager);
+- `python -m rslad_fast.evaluate` of the RSLAD fp32 run on this device, all six attacks (AutoAttack from the
+  carried pyautoattack);
+- then `torchrun --nproc_per_node=1` of an RSLAD run (NCCL on CUDA, gloo on the CPU).
+Writes DIR/smoke.json and DIR/smoke.md; exit status 1 when any run failed or a graph pair disagreed.
+`--tiny`: the 5k-parameter model and a handful of images (the CPU dry run).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from rslad_fast import methods, train  # noqa: E402
+from rslad_fast.data import write_fake_cifar10  # noqa: E402
+from rslad_fast.models import build  # noqa: E402
+
+GRAPH_RTOL = 1e-4
+
+
+def _one(args, data, teacher, out, method, amp, graph):
+    run_dir = out / f"{method}-{amp}-{'graph' if graph else 'eager'}"
+    argv = ["--method", method, "--student", args.student, "--data", str(data), "--out", str(run_dir),
+            "--epochs", "1", "--batch-size", str(args.batch_size), "--train-n", str(args.train_n),
+            "--eval-n", str(args.eval_n), "--device", args.device, "--amp", amp, "--no-progress", "--overwrite"]
+    if methods.get(method).needs_teacher:
+        argv += ["--teacher", str(teacher), "--teacher-arch", args.teacher_arch]
+    if method == "rslad":  # on: required on CUDA (an error if it cannot be used), auto (eager) on the CPU dry run
+        argv += ["--cuda-graph", ("true" if args.device.startswith("cuda") else "auto") if graph else "false"]
+    t0 = time.perf_counter()
+    try:
+        rc = train.main(argv)
+    except Exception as e:  # noqa: BLE001  (recorded: the smoke reports every run)
+        rc, error = 1, f"{type(e).__name__}: {e}"
+    else:
+        error = None
+    row = {"method": method, "amp": amp, "graph": graph, "rc": rc, "error": error,
+           "seconds": round(time.perf_counter() - t0, 2)}
+    metrics = run_dir / "metrics.jsonl"
+    if rc == 0 and metrics.is_file():
+        rec = json.loads(metrics.read_text().splitlines()[-1])
+        row.update(train_loss=rec["train_loss"], clean_acc=rec["clean_acc"], pgd20_acc=rec["pgd20_acc"],
+                   images_per_s=rec.get("images_per_s"))
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def _torchrun(args, data, teacher, out):
+    run_dir = out / "torchrun-rslad"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--standalone", "-m",
+           "rslad_fast.train", "--method", "rslad", "--student", args.student, "--data", str(data),
+           "--out", str(run_dir), "--epochs", "1", "--batch-size", str(args.batch_size),
+           "--train-n", str(args.train_n), "--eval-n", str(args.eval_n), "--device", args.device,
+           "--teacher", str(teacher), "--teacher-arch", args.teacher_arch, "--no-progress", "--overwrite"]
+    t0 = time.perf_counter()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]) + os.pathsep +
+           os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.torchrun_timeout, env=env)
+    row = {"method": "rslad (torchrun, 1 process)", "amp": "fp32", "graph": True, "rc": done.returncode,
+           "error": done.stderr[-1500:] if done.returncode else None, "seconds": round(time.perf_counter() - t0, 2)}
+    metrics = run_dir / "metrics.jsonl"
+    if done.returncode == 0 and metrics.is_file():
+        rec = json.loads(metrics.read_text().splitlines()[-1])
+        row.update(train_loss=rec["train_loss"], clean_acc=rec["clean_acc"], pgd20_acc=rec["pgd20_acc"],
+                   world_size=rec.get("world_size"))
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def _evaluate(args, data, out):
+    from rslad_fast import evaluate
+
+    run_dir = out / "rslad-fp32-graph"
+    t0 = time.perf_counter()
+    try:
+        rc = evaluate.main(["--run", str(run_dir), "--data", str(data), "--no-download", "--n", str(args.eval_n),
+                            "--device", args.device, "--no-progress"])
+    except Exception as e:  # noqa: BLE001
+        rc, error = 1, f"{type(e).__name__}: {e}"
+    else:
+        error = None
+    row = {"method": "evaluate rslad fp32 (6 attacks)", "amp": "fp32", "graph": False, "rc": rc, "error": error,
+           "seconds": round(time.perf_counter() - t0, 2)}
+    report = run_dir / "eval.json"
+    if rc == 0 and report.is_file():
+        r = json.loads(report.read_text())["rows"][-1]
+        row["accuracy"] = r["accuracy"]
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def _markdown(rows, pairs):
+    lines = ["| method | amp | graph | rc | train loss | clean | PGD-20 | img/s | s |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        f = lambda k, fmt: (fmt % r[k]) if r.get(k) is not None else "-"  # noqa: E731
+        lines.append(f"| {r['method']} | {r['amp']} | {'on' if r['graph'] else 'off'} | {r['rc']} | "
+                     f"{f('train_loss', '%.5f')} | {f('clean_acc', '%.3f')} | {f('pgd20_acc', '%.3f')} | "
+                     f"{f('images_per_s', '%.0f')} | {r['seconds']} |")
+    lines += ["", "| RSLAD graph on vs off | loss on | loss off | rel. difference | within 1e-4 |", "|---|---|---|---|---|"]
+    for p in pairs:
+        lines.append(f"| {p['amp']} | {p['on']} | {p['off']} | {p['rel_diff']} | {p['ok']} |")
+    for r in rows:
+        if r.get("accuracy"):
+            lines += ["", f"{r['method']}: " + ", ".join(f"{k} {v:.2f}" for k, v in r["accuracy"].items())]
+    errors = [f"- {r['method']} {r['amp']}: {r['error']}" for r in rows if r.get("error")]
+    return "\n".join(lines + ([""] + errors if errors else [])) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tiny", action="store_true", help="tiny model and data (the CPU dry run)")
+    p.add_argument("--no-torchrun", action="store_true")
+    p.add_argument("--torchrun-timeout", type=int, default=180)
+    args = p.parse_args(argv)
+    args.student, args.teacher_arch = ("tiny", "tiny") if args.tiny else ("resnet18", "resnet8")
+    args.batch_size, args.train_n, args.eval_n = (16, 32, 16) if args.tiny else (128, 1024, 256)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = out / "data"
+    write_fake_cifar10(data, n_train=args.train_n, n_test=max(args.eval_n, 16), seed=0)
+    torch.manual_seed(0)
+    teacher = out / "teacher.pt"
+    torch.save(build(args.teacher_arch).state_dict(), teacher)
+
+    rows = []
+    for method in methods.names():
+        for amp in ("fp32", "bf16"):
+            rows.append(_one(args, data, teacher, out, method, amp, graph=True))
+            if method == "rslad":
+                rows.append(_one(args, data, teacher, out, method, amp, graph=False))
+    pairs = []
+    for amp in ("fp32", "bf16"):
+        on, off = (next((r for r in rows if r["method"] == "rslad" and r["amp"] == amp and r["graph"] == g), {})
+                   for g in (True, False))
+        if "train_loss" in on and "train_loss" in off:
+            rel = abs(on["train_loss"] - off["train_loss"]) / max(abs(off["train_loss"]), 1e-12)
+            pairs.append({"amp": amp, "on": on["train_loss"], "off": off["train_loss"], "rel_diff": f"{rel:.2e}",
+                          "ok": rel <= GRAPH_RTOL})
+        else:
+            pairs.append({"amp": amp, "on": None, "off": None, "rel_diff": "-", "ok": False})
+    rows.append(_evaluate(args, data, out))
+    if not args.no_torchrun:
+        rows.append(_torchrun(args, data, teacher, out))
+    result = {"device": args.device, "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+              "torch": torch.__version__, "rows": rows, "graph_pairs": pairs}
+    (out / "smoke.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "smoke.md").write_text(_markdown(rows, pairs))
+    print(_markdown(rows, pairs))
+    failed = [r for r in rows if r["rc"] != 0] + [q for q in pairs if not q["ok"]]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
