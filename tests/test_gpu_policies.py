@@ -126,3 +126,31 @@ def test_training_and_evaluate_fail_at_start_without_cuda_kernels(data, tmp_path
     if torch.cuda.is_available():
         with pytest.raises(UserError, match="built without CUDA kernels"):
             evaluate._device("cuda")
+
+
+@pytest.mark.parametrize("require,ok", [("compiled", True), ("cuda", None), ("bogus", False)])
+def test_require_env_refuses_a_fallback_at_import(require, ok):
+    """RSLAD_FAST_REQUIRE (set by the GPU check for every stage) turns a fallback into an import error."""
+    import os
+    import subprocess
+    import sys
+
+    if ok is None:  # "cuda": passes exactly when this build has CUDA kernels
+        ok = ops.cuda_kernels_available()
+    if ops.backend() != "compiled":
+        ok = False
+    done = subprocess.run([sys.executable, "-c", "import rslad_fast"], capture_output=True, text=True,
+                          env={**os.environ, "RSLAD_FAST_REQUIRE": require}, timeout=120)
+    assert (done.returncode == 0) == ok, done.stderr[-2000:]
+    if not ok:
+        assert "RSLAD_FAST_REQUIRE" in done.stderr
+
+
+def test_cuda_graph_true_on_the_cpu_is_one_clear_error(data, tmp_path, capsys):
+    """It raised a ValueError traceback from the first attack; now the config check refuses it."""
+    rc = train.main(["--method", "rslad", "--student", "tiny", "--teacher-arch", "tiny", "--data", str(data),
+                     "--out", str(tmp_path / "r"), "--device", "cpu", "--cuda-graph", "true", "--epochs", "1",
+                     "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--cuda-graph true needs a CUDA device" in err[0]
+    assert not (tmp_path / "r").exists()

@@ -289,6 +289,9 @@ def validate(cfg: Config) -> None:
     _check(cfg.amp in ("fp32", "bf16"), f"--amp must be fp32 or bf16, got {cfg.amp!r}")
     _check(isinstance(cfg.channels_last, bool), f"channels_last must be true or false, got {cfg.channels_last!r}")
     _check(isinstance(cfg.allow_tf32, bool), f"allow_tf32 must be true or false, got {cfg.allow_tf32!r}")
+    _check(cfg.hparams.get("cuda_graph") is not True or cfg.device.startswith("cuda"),
+           f"--cuda-graph true needs a CUDA device (the graph captures CUDA kernels) but the device is "
+           f"{cfg.device}; use --cuda-graph auto (a graph on CUDA, eager elsewhere) or false")
     _check(isinstance(cfg.sync_bn, bool), f"sync_bn must be true or false, got {cfg.sync_bn!r}")
     _check(not cfg.sync_bn or cfg.device.startswith("cuda"),
            f"--sync-bn needs CUDA devices (torch's SyncBatchNorm does not run on the CPU) but the device is "
