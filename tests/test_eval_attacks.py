@@ -299,3 +299,19 @@ def test_autoattack_end_to_end(trained):
     assert any("running apgd-ce" in line for line in lines) and all(line.startswith("[autoattack]")
                                                                     for line in lines)
     assert attack.last_config["eps"] == 0.25
+
+
+@pytest.mark.parametrize("bad", [{"alpha": float("nan")}, {"alpha": float("inf")}, {"init_std": float("inf")},
+                                 {"init_std": float("nan")}])
+def test_non_finite_step_and_start_are_refused(bad):
+    """NaN slipped through `alpha < 0` / `not init_std >= 0`-style checks (inf passed the latter)."""
+    from rslad_fast.attacks import eval_attacks
+    from rslad_fast.attacks.pgd import check_budget
+    from rslad_fast.errors import UserError
+
+    kw = {**dict(eps=8 / 255, alpha=2 / 255, steps=2, start="normal", init_std=0.001), **bad}
+    with pytest.raises(UserError, match="finite"):
+        eval_attacks.PGD(**kw)
+    if "alpha" in bad:
+        with pytest.raises(ValueError, match="finite"):
+            check_budget(8 / 255, bad["alpha"], 2)

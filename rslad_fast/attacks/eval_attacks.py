@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from typing import Dict, Optional
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -36,14 +38,14 @@ def _check(eps: float, alpha: float, steps, start: str, init_std: float) -> None
     """Same rules as pgd.check_budget, as UserError (bad flags are user input)."""
     if not (isinstance(eps, (int, float)) and 0 <= eps <= 1):
         raise UserError(f"eps must be in [0, 1] for inputs in [0, 1], got {eps}")
-    if not (isinstance(alpha, (int, float)) and alpha >= 0):
-        raise UserError(f"step size (alpha) must be >= 0, got {alpha}")
+    if not (isinstance(alpha, (int, float)) and 0 <= alpha < math.inf):  # NaN and inf fail too
+        raise UserError(f"step size (alpha) must be a finite number >= 0, got {alpha}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise UserError(f"steps must be a non-negative integer, got {steps!r}")
     if start not in STARTS:
         raise UserError(f"start must be one of {', '.join(STARTS)}, got {start!r}")
-    if not init_std >= 0:
-        raise UserError(f"init_std must be >= 0, got {init_std}")
+    if not 0 <= init_std < math.inf:
+        raise UserError(f"init_std must be a finite number >= 0, got {init_std}")
 
 
 def ce_loss(y: torch.Tensor):

@@ -31,7 +31,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import ops
-from .pgd import check_budget, model_mode
+from .pgd import check_budget, check_logits, model_mode
 
 
 def tensor_signature(model: torch.nn.Module) -> tuple:
@@ -122,7 +122,7 @@ class _GraphedLoop:
             for _ in range(self.steps):
                 x = self.x_adv.detach().requires_grad_(True)
                 with self._autocast():
-                    logits = model(x)
+                    logits = check_logits(model(x), self.target)  # raises in the eager warm-up, before capture
                 loss = ops.softmax_kl(logits.float(), self.target, reduction="sum")
                 (grad,) = torch.autograd.grad(loss, x)
                 # In place on the static buffer: the backward that read x has finished.

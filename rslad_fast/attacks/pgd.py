@@ -56,8 +56,8 @@ def random_start(x_nat: torch.Tensor, start: str, eps: float, init_std: float,
 def check_budget(eps: float, alpha: float, steps: int) -> None:
     if not 0 <= eps <= 1:
         raise ValueError(f"eps must be in [0, 1] for inputs in [0, 1], got {eps}")
-    if alpha < 0:
-        raise ValueError(f"alpha (step size) must be >= 0, got {alpha}")
+    if not 0 <= alpha < float("inf"):  # written so that NaN fails too
+        raise ValueError(f"alpha (step size) must be a finite number >= 0, got {alpha}")
     if int(steps) != steps or steps < 0:
         raise ValueError(f"steps must be a non-negative integer, got {steps}")
 
