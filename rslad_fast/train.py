@@ -153,6 +153,16 @@ def _method_hparams() -> dict:
     return union
 
 
+def _default_text(method: str, key: str, hp) -> str:
+    """A hyperparameter's default as help text; per student family where the official code has two
+    settings (MART: train_resnet.py for ResNet-style students, train_wideresnet.py for the wide ResNets)."""
+    from rslad_fast import methods
+
+    cls = methods.get(method)
+    small, wide = (cls.official_setting(s)[1].get(key, hp.default) for s in ("resnet18", "wrn34-10"))
+    return _fmt(small) if small == wide else f"{_fmt(small)} ({_fmt(wide)} for WRN students)"
+
+
 def _fmt(v) -> str:
     if isinstance(v, float):
         if 0 < v < 1 and abs(v * 255 - round(v * 255)) < 1e-9:
@@ -172,8 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--student", help=f"architecture to train: {', '.join(ARCHS)} (default resnet18)")
     g.add_argument("--method", help=f"training method: {', '.join(methods.names())} (default rslad)")
     g.add_argument("--teacher", metavar="PATH",
-                   help="teacher checkpoint for distillation methods (a state dict, {'state_dict': ...} or "
-                        "{'model': ...}, e.g. TRADES' model_cifar_wrn.pt or a run's last.pt). Without it the "
+                   help="teacher checkpoint for distillation methods (a state dict, or one inside {'state_dict': "
+                        "...}, {'model': ...}, {'net': ...} (ARD) or {'model_state_dict': ...}, e.g. TRADES' model_cifar_wrn.pt or a run's last.pt). Without it the "
                         "run first trains its own teacher with TRADES in RUN_DIR/teacher/")
     g.add_argument("--teacher-arch", help="the teacher's architecture (default wrn34-10; for a self-trained "
                                           "teacher the preset's: paper wrn34-10, quick resnet8)")
@@ -228,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     for key, per_method in _method_hparams().items():
         defaults = [hp.default for hp in per_method.values()]
         first = per_method.get("rslad") or next(iter(per_method.values()))
-        values = ", ".join(f"{m} {_fmt(hp.default)}" for m, hp in per_method.items())
+        values = ", ".join(f"{m} {_default_text(m, key, hp)}" for m, hp in per_method.items())
         help_text = f"{first.help} [default: {values}]".replace("%", "%%")
         flag = "--" + key.replace("_", "-")
         if all(isinstance(d, bool) for d in defaults):
