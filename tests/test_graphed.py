@@ -122,10 +122,16 @@ def test_a_channels_last_noise_buffer_would_differ():
 
 # ---- on a GPU: capture under concurrent CUDA work, device guard, stale parameters -------------------------
 
-def _pair_cuda(arch="tiny", seed=0):
-    torch.manual_seed(seed)
-    student, teacher = build(arch).cuda(), build(arch).cuda().eval()
-    return student, teacher
+def _setup(arch="tiny", batch=16, device="cuda"):
+    """A fresh cache, deterministic cuDNN (replay == eager bitwise), a student, a batch and its targets."""
+    graphed.clear_cache()
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    torch.manual_seed(0)
+    student, teacher = build(arch).to(device), build(arch).to(device).eval()
+    x = torch.rand(batch, 3, 32, 32, device=device)
+    with torch.no_grad():
+        t = teacher(x)
+    return student, x, t
 
 
 def _eager_and_graph(student, x, t, seed=0, **kw):
@@ -139,12 +145,7 @@ def _eager_and_graph(student, x, t, seed=0, **kw):
 @cuda
 @pytest.mark.cuda
 def test_capture_while_another_thread_uses_cuda():
-    graphed.clear_cache()
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    student, teacher = _pair_cuda()
-    x = torch.rand(32, 3, 32, 32, device="cuda")
-    with torch.no_grad():
-        t = teacher(x)
+    student, x, t = _setup(batch=32)
     stop, errors = threading.Event(), []
 
     def busy():  # what DALI's prefetch threads do: allocate and copy on a stream of their own
@@ -172,12 +173,7 @@ def test_capture_while_another_thread_uses_cuda():
 @cuda
 @pytest.mark.cuda
 def test_replacing_parameters_recaptures_instead_of_reading_freed_memory():
-    graphed.clear_cache()
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    student, teacher = _pair_cuda()
-    x = torch.rand(16, 3, 32, 32, device="cuda")
-    with torch.no_grad():
-        t = teacher(x)
+    student, x, t = _setup()
     _eager_and_graph(student, x, t)
     student.load_state_dict(build("tiny").state_dict())  # in place: same graph, new values
     eager, graph = _eager_and_graph(student, x, t, seed=1)
@@ -195,12 +191,7 @@ def test_replacing_parameters_recaptures_instead_of_reading_freed_memory():
 @cuda
 @pytest.mark.cuda
 def test_graph_under_the_callers_autocast_equals_eager_under_it():
-    graphed.clear_cache()
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    student, teacher = _pair_cuda("mnv2")
-    x = torch.rand(32, 3, 32, 32, device="cuda")
-    with torch.no_grad():
-        t = teacher(x)
+    student, x, t = _setup("mnv2", batch=32)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         eager, graph = _eager_and_graph(student, x, t)
     torch.testing.assert_close(graph, eager, rtol=0, atol=0)
@@ -209,13 +200,7 @@ def test_graph_under_the_callers_autocast_equals_eager_under_it():
 @pytest.mark.cuda
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 def test_model_on_a_device_that_is_not_the_current_one():
-    graphed.clear_cache()
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    torch.manual_seed(0)
-    student, teacher = build("tiny").to("cuda:1"), build("tiny").to("cuda:1").eval()
-    x = torch.rand(16, 3, 32, 32, device="cuda:1")
-    with torch.no_grad():
-        t = teacher(x)
+    student, x, t = _setup(device="cuda:1")
     with torch.cuda.device(0):
         eager, graph = _eager_and_graph(student, x, t)
         assert torch.cuda.current_device() == 0
