@@ -34,7 +34,7 @@ use_cuda = cuda_possible and want_cuda != "0"
 if use_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
     os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
 
-sources = sorted(glob.glob("csrc/ops/*.cpp") + glob.glob("csrc/ops/cpu/*.cpp"))
+sources = sorted(f for folder in ("", "cpu/", "autocast/") for f in glob.glob(f"csrc/ops/{folder}*.cpp"))
 # OpenMP: without it at::parallel_for runs on one thread.
 extra = {"cxx": ["-O3", "-fopenmp"]}
 if use_cuda:

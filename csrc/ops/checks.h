@@ -1,5 +1,6 @@
 // Argument checks shared by every backend, so a bad call fails with a message naming the argument
 // (TORCH_CHECK_VALUE / TORCH_CHECK_TYPE surface in Python as ValueError / TypeError), never a crash.
+// rslad_fast/ops/_checks.py repeats them, word for word, for the pure-PyTorch fallback alone.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -11,17 +12,23 @@
 
 namespace rslad_fast {
 
+// A dtype as Python spells it ("torch.float32", not the C++ "Float"): the messages read the same from
+// either backend.
+inline std::string dtype_name(at::ScalarType t) {
+  return "torch." + std::string(c10::getDtypeNames(t).first);
+}
+
 inline void check_floating(const at::Tensor& t, const char* name) {
   TORCH_CHECK_TYPE(t.is_floating_point(), "rslad_fast: ", name,
                    " must be a floating-point tensor (float32, float16, bfloat16 or float64), got ",
-                   t.scalar_type());
+                   dtype_name(t.scalar_type()));
 }
 
 inline void check_like(const at::Tensor& t, const at::Tensor& ref, const char* name, const char* ref_name) {
   TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), "rslad_fast: ", name, " must have the shape of ", ref_name,
                     " ", ref.sizes(), ", got ", t.sizes());
   TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), "rslad_fast: ", name, " must have the dtype of ",
-                   ref_name, " (", ref.scalar_type(), "), got ", t.scalar_type());
+                   ref_name, " (", dtype_name(ref.scalar_type()), "), got ", dtype_name(t.scalar_type()));
   TORCH_CHECK_VALUE(t.device() == ref.device(), "rslad_fast: ", name, " must be on the device of ", ref_name,
                     " (", ref.device(), "), got ", t.device());
 }

@@ -9,7 +9,7 @@ import warnings
 import torch
 
 from . import reference
-from ._checks import REDUCTIONS, check_kl_args, check_pgd_args
+from ._checks import REDUCTIONS, check_is_tensor, check_kl_args, check_pgd_args
 
 BUILD_HINT = "build it with `pip install --no-build-isolation -e .` in the rslad_fast source tree"
 
@@ -72,13 +72,24 @@ def pgd_step_(x_adv, grad, x_nat, eps, alpha, lo=0.0, hi=1.0):
 
     sign(0) = 0 as in torch.sign. All three tensors share shape, dtype and device. Returns x_adv.
     """
-    check_pgd_args(x_adv, grad, x_nat, eps, alpha, lo, hi)
-    if x_adv.is_cuda and not _CUDA_KERNELS:
-        check_device(x_adv.device)
     if _BACKEND == "compiled":
+        for t, name in ((x_adv, "x_adv"), (grad, "grad"), (x_nat, "x_nat")):
+            check_is_tensor(t, name)  # the rest is checked in C++ (csrc/ops/checks.h)
+        if x_adv.is_cuda and not _CUDA_KERNELS:
+            check_device(x_adv.device)
         torch.ops.rslad_fast.pgd_step_(x_adv, grad, x_nat, float(eps), float(alpha), float(lo), float(hi))
         return x_adv
+    check_pgd_args(x_adv, grad, x_nat, eps, alpha, lo, hi)
     return reference.pgd_step_(x_adv, grad, x_nat, eps, alpha, lo, hi)
+
+
+def _autocast_to_float(t):
+    """What the compiled op's Autocast kernels do (csrc/ops/autocast/), for the reference fallback: under
+    torch.autocast on t's device type, float16 and bfloat16 logits become float32."""
+    if isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16) \
+            and torch.is_autocast_enabled(t.device.type):
+        return t.float()
+    return t
 
 
 def softmax_kl(student_logits, teacher_logits, temperature=1.0, reduction="batchmean"):
@@ -87,12 +98,20 @@ def softmax_kl(student_logits, teacher_logits, temperature=1.0, reduction="batch
     The official RSLAD code's `KLDivLoss(log_softmax(S), softmax(T))`. reduction: "none" ([B]), "sum",
     "batchmean" (sum/B) or "mean" (sum/(B*C), the official RSLAD convention). No T^2 factor: callers apply
     it. Differentiable in both arguments (TRADES and IAD backpropagate through their target).
+
+    Both arguments share shape, dtype and device; the result has their dtype. Under torch.autocast the op
+    follows torch's float32 policy (that of log_softmax and kl_div): float16 and bfloat16 logits are taken
+    as float32, so a student's bf16 logits and a float32 target mix, and the result is float32; float32 and
+    float64 logits are used as they are, outside autocast too.
     """
-    check_kl_args(student_logits, teacher_logits, temperature, reduction)
-    if student_logits.is_cuda and not _CUDA_KERNELS:
-        check_device(student_logits.device)
     if _BACKEND == "compiled":
+        check_is_tensor(student_logits, "student_logits")  # the rest is checked in C++ (csrc/ops/checks.h)
+        check_is_tensor(teacher_logits, "teacher_logits")
+        if student_logits.is_cuda and not _CUDA_KERNELS:
+            check_device(student_logits.device)
         return torch.ops.rslad_fast.softmax_kl(student_logits, teacher_logits, float(temperature), reduction)
+    student_logits, teacher_logits = _autocast_to_float(student_logits), _autocast_to_float(teacher_logits)
+    check_kl_args(student_logits, teacher_logits, temperature, reduction)
     return reference.softmax_kl(student_logits, teacher_logits, temperature, reduction)
 
 

@@ -1,20 +1,25 @@
-"""Argument checks run before either backend, so the reference fallback rejects bad input with the same
-messages as the compiled ops (csrc/ops/checks.h)."""
+"""The argument checks of csrc/ops/checks.h, for the pure-PyTorch fallback: with the compiled library the
+C++ checks run (and these do not), so both backends reject bad input with the same words."""
 import torch
 
 REDUCTIONS = ("none", "sum", "batchmean", "mean")
 
 
-def _check_tensor(t, name):
+def check_is_tensor(t, name):
+    """The one check C++ cannot make: the dispatcher itself answers a non-tensor with a schema dump."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"rslad_fast: {name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _check_floating(t, name):
+    check_is_tensor(t, name)
     if not t.is_floating_point():
         raise TypeError(f"rslad_fast: {name} must be a floating-point tensor (float32, float16, bfloat16 or "
                         f"float64), got {t.dtype}")
 
 
 def _check_like(t, ref, name, ref_name):
-    _check_tensor(t, name)
+    check_is_tensor(t, name)
     if t.shape != ref.shape:
         raise ValueError(f"rslad_fast: {name} must have the shape of {ref_name} {list(ref.shape)}, got "
                          f"{list(t.shape)}")
@@ -25,20 +30,21 @@ def _check_like(t, ref, name, ref_name):
                          f"{t.device}")
 
 
+# Numbers as C++ streams print them (6 significant digits: 1 for 1.0, 1e-05), as checks.h's messages show them.
 def check_pgd_args(x_adv, grad, x_nat, eps, alpha, lo, hi):
-    _check_tensor(x_adv, "x_adv")
+    _check_floating(x_adv, "x_adv")
     _check_like(grad, x_adv, "grad", "x_adv")
     _check_like(x_nat, x_adv, "x_nat", "x_adv")
     if not eps >= 0:
-        raise ValueError(f"rslad_fast: eps must be >= 0, got {eps}")
+        raise ValueError(f"rslad_fast: eps must be >= 0, got {eps:g}")
     if not alpha >= 0:
-        raise ValueError(f"rslad_fast: alpha must be >= 0, got {alpha}")
+        raise ValueError(f"rslad_fast: alpha must be >= 0, got {alpha:g}")
     if not lo <= hi:
-        raise ValueError(f"rslad_fast: lo must be <= hi, got lo={lo} hi={hi}")
+        raise ValueError(f"rslad_fast: lo must be <= hi, got lo={lo:g} hi={hi:g}")
 
 
 def check_kl_args(student_logits, teacher_logits, temperature, reduction):
-    _check_tensor(student_logits, "student_logits")
+    _check_floating(student_logits, "student_logits")
     if student_logits.dim() != 2:
         raise ValueError(f"rslad_fast: student_logits must be 2-D [batch, classes], got "
                          f"{student_logits.dim()}-D with shape {list(student_logits.shape)}")
@@ -46,6 +52,7 @@ def check_kl_args(student_logits, teacher_logits, temperature, reduction):
     if student_logits.shape[1] < 1:
         raise ValueError("rslad_fast: student_logits must have at least one class")
     if not temperature > 0:
-        raise ValueError(f"rslad_fast: temperature must be > 0, got {temperature}")
+        raise ValueError(f"rslad_fast: temperature must be > 0, got {temperature:g}")
     if reduction not in REDUCTIONS:
-        raise ValueError(f"rslad_fast: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        raise ValueError(f"rslad_fast: reduction must be one of {', '.join(map(repr, REDUCTIONS))}, got "
+                         f"{reduction!r}")

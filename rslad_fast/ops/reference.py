@@ -10,7 +10,7 @@ the oracle is at least as accurate as the op it checks.
 import torch
 import torch.nn.functional as F
 
-_REDUCTIONS = ("none", "sum", "batchmean", "mean")
+from ._checks import REDUCTIONS
 
 
 def _upcast(t: torch.Tensor) -> torch.Tensor:
@@ -57,5 +57,5 @@ def softmax_kl(student_logits, teacher_logits, temperature=1.0, reduction="batch
     elif reduction == "mean":
         out = per_row.sum() / max(rows * classes, 1)
     else:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     return out.to(student_logits.dtype)
