@@ -2,7 +2,7 @@
 
     python scripts/gpu_smoke.py --out DIR [--device cuda] [--tiny]
 
-On generated CIFAR-shaped data (rslad_fast.data.write_fake_cifar10), in one process (the CLI's `main`, so
+On generated CIFAR-shaped data (tests/fake_cifar.py), in one process (the CLI's `main`, so
 imports and CUDA start-up are paid once):
 - each of the seven methods in fp32 and in bf16 (a distillation method distils from a saved random ResNet-8
   teacher file: the smoke is about the code paths, not accuracy);
@@ -26,8 +26,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "tests"))  # the test data writer, fake_cifar
+from fake_cifar import write_fake_cifar10  # noqa: E402
+
 from rslad_fast import methods, train  # noqa: E402
-from rslad_fast.data import write_fake_cifar10  # noqa: E402
 from rslad_fast.models import build  # noqa: E402
 
 GRAPH_RTOL = 1e-4

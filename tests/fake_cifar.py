@@ -1,4 +1,4 @@
-"""A tiny, learnable fake CIFAR-10 written in the official python layout, for tests across the project.
+"""A tiny, learnable fake CIFAR-10 written in the official python layout, for the tests and the GPU smoke run.
 
 Why: tests must run without the real data (users run the suite without it) and in seconds on 2 CPU
 cores. The files go through the very same reader as the real ones (``load_cifar10``), pickled the way
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cifar import FOLDER, TEST_FILES, TRAIN_FILES
+from rslad_fast.data.cifar import FOLDER, TEST_FILES, TRAIN_FILES
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 

@@ -4,7 +4,9 @@ import torch
 
 pytest.importorskip("nvidia.dali")
 
-from rslad_fast.data import TensorLoader, infer_crop_flip_params, make_loader  # noqa: E402
+from crop_flip import infer_crop_flip_params  # noqa: E402
+
+from rslad_fast.data import TensorLoader, make_loader  # noqa: E402
 from rslad_fast.data.dali import DaliLoader  # noqa: E402
 from rslad_fast.errors import UserError  # noqa: E402
 
@@ -104,7 +106,6 @@ def test_shard_coverage_and_epoch_jumps():
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
 def test_gpu_pipeline_batches_arrive_without_a_host_sync():
     """Images and labels leave the GPU pipeline on the GPU: no blocking pageable copy per batch (torch's
     sync debug mode turns any synchronising torch call in the loop into an error)."""

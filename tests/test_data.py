@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from crop_flip import infer_crop_flip_params
+from fake_cifar import write_fake_cifar10
 
-from rslad_fast.data import (TensorLoader, apply_crop_flip, epoch_indices, infer_crop_flip_params, load_cifar10,
-                             make_loader, random_crop_flip, sample_crop_flip_params, write_fake_cifar10)
+from rslad_fast.data import (TensorLoader, apply_crop_flip, epoch_indices, load_cifar10, make_loader, random_crop_flip,
+                             sample_crop_flip_params)
 from rslad_fast.data import cifar
 from rslad_fast.errors import UserError
 
@@ -22,10 +24,8 @@ def chi2_uniform(values: torch.Tensor, k: int) -> float:
 
 
 @pytest.fixture(scope="module")
-def fake(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cifar")
-    write_fake_cifar10(root, n_train=50, n_test=20, seed=0)
-    return root
+def fake(fake_cifar10):
+    return fake_cifar10(n_train=50, n_test=20, seed=0)
 
 
 # ---- reader ---------------------------------------------------------------------------------------------

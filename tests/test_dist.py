@@ -23,7 +23,6 @@ import pytest
 import torch
 
 from rslad_fast import train
-from rslad_fast.data import write_fake_cifar10
 from rslad_fast.engine import runner
 from rslad_fast.engine.dist import Dist
 from rslad_fast.models import build
@@ -104,10 +103,8 @@ def _no_traceback_of_ours(output):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cifar")
-    write_fake_cifar10(root, n_train=128, n_test=16, seed=2)
-    return root
+def data(fake_cifar10):
+    return fake_cifar10(n_train=128, n_test=16, seed=2)
 
 
 @pytest.fixture(scope="module")
@@ -282,16 +279,13 @@ def test_evaluation_shards_cover_every_image_once(n, world):
 
 
 @pytest.fixture
-def one_rank_group():
+def one_rank_group(one_thread):
     """A gloo process group of one process, in this process (DDP needs one), torn down afterwards; one
     thread (tiny tensors on 2 shared cores: threads only contend)."""
     import torch.distributed as tdist
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     tdist.init_process_group("gloo", store=tdist.HashStore(), rank=0, world_size=1)
     yield
     tdist.destroy_process_group()
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("method", ["natural", "sat", "trades", "mart", "ard", "iad", "rslad"])

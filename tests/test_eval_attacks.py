@@ -14,22 +14,13 @@ import torch
 import torch.nn.functional as F
 
 from rslad_fast.attacks.eval_attacks import EPS, FGSM, PGD, PRESETS, CWInf, cw_loss, pgd20_sat, pgd20_trades
-from rslad_fast.data import load_cifar10, write_fake_cifar10
+from rslad_fast.data import load_cifar10
 from rslad_fast.errors import UserError
 from rslad_fast.models import build
 
 SIZE = 16
 N_TEST = 200
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: these ops are tiny, and on a shared 2-core machine a second thread mostly
-    spin-waits (measured: ~9 s for this file with 1 thread, ~50 s with 2 under load)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _prep(root, train, seed):
@@ -41,9 +32,8 @@ def _prep(root, train, seed):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cifar")
-    write_fake_cifar10(root, n_train=500, n_test=N_TEST, seed=0)
+def trained(fake_cifar10):
+    root = fake_cifar10(n_train=500, n_test=N_TEST, seed=0)
     xtr, ytr = _prep(root, True, 1)
     xte, yte = _prep(root, False, 2)
     torch.manual_seed(0)

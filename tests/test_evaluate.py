@@ -16,27 +16,17 @@ import torch.nn.functional as F
 
 from rslad_fast import evaluate as ev
 from rslad_fast.attacks.eval_attacks import PRESETS, PGD
-from rslad_fast.data import load_cifar10, write_fake_cifar10
+from rslad_fast.data import load_cifar10
 from rslad_fast.models import build
 
 N = 16
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: these ops are tiny, and on a shared 2-core machine a second thread mostly
-    spin-waits (measured: ~9 s for this file with 1 thread, ~50 s with 2 under load)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, fake_cifar10):
     root = tmp_path_factory.mktemp("evaluate")
-    data = root / "data"
-    write_fake_cifar10(data, n_train=200, n_test=64, seed=0)
+    data = fake_cifar10(n_train=200, n_test=64, seed=0)
     x, y = load_cifar10(data, train=True, download=False)
     x = x.float() / 255
     torch.manual_seed(0)
@@ -272,7 +262,7 @@ class _Masked(torch.nn.Module):
 
 def test_sanity_check_flags_a_broken_attack(env):
     x, y = load_cifar10(env["data"], train=False, download=False)
-    sanity = PGD(eps=1.0, alpha=0.1, steps=5, name="sanity", column="sanity")
+    sanity = PGD(eps=1.0, alpha=0.1, steps=5, name="sanity")
     good = ev.evaluate_model(env["model"], x[:N], y[:N], {}, batch_size=N, device="cpu", sanity=sanity)
     entry, warning = ev.sanity_check(sanity, good["sanity"]["accuracy"], 10)
     assert entry["ok"] and warning is None and entry["accuracy"] <= 10.0

@@ -10,12 +10,8 @@ import pytest
 import torch
 
 from rslad_fast import fused_kl_pgd, methods, train
-from rslad_fast.data import write_fake_cifar10
 from rslad_fast.engine.step import AMP_DTYPES, teacher_logits, train_step
 from rslad_fast.models import build
-
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
-
 
 def _pair(seed=0, arch="tiny"):
     torch.manual_seed(seed)
@@ -105,10 +101,8 @@ def test_channels_last_step_matches_the_contiguous_step(arch):
 # ---- the command line ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cifar")
-    write_fake_cifar10(root, n_train=128, n_test=32, seed=0)
-    return root
+def data(fake_cifar10):
+    return fake_cifar10(n_train=128, n_test=32, seed=0)
 
 
 def test_cli_trains_with_bf16_and_channels_last(data, tmp_path, monkeypatch):
@@ -167,7 +161,6 @@ def test_bad_amp_and_resume_overrides_fail_cleanly(data, tmp_path, capsys):
 
 # ---- CUDA graphs: replay computes what eager computes (GPU only) ------------------------------------------
 
-@cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("arch", ["tiny", "mnv2"])
 @pytest.mark.parametrize("batch", [128, 37])
@@ -200,7 +193,6 @@ def test_cuda_graph_replay_equals_eager(arch, batch, channels_last):
         opt.zero_grad(set_to_none=True)
 
 
-@cuda
 @pytest.mark.cuda
 def test_cuda_graph_bf16_replay_equals_eager_bf16():
     from rslad_fast.attacks import graphed

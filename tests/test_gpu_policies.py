@@ -7,17 +7,14 @@ import torch
 
 import rslad_fast
 from rslad_fast import evaluate, ops, train
-from rslad_fast.data import write_fake_cifar10
 from rslad_fast.engine import config as engine_config
 from rslad_fast.engine import runner
 from rslad_fast.errors import UserError
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cifar")
-    write_fake_cifar10(root, n_train=64, n_test=16, seed=0)
-    return root
+def data(fake_cifar10):
+    return fake_cifar10(n_train=64, n_test=16, seed=0)
 
 
 def _flags():

@@ -13,9 +13,6 @@ from rslad_fast.attacks import graphed
 from rslad_fast.attacks.pgd import random_start
 from rslad_fast.models import build
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
-
-
 class _Built:
     """A stand-in for a captured loop: counts how often the cache had to build one."""
     count = 0
@@ -142,7 +139,6 @@ def _eager_and_graph(student, x, t, seed=0, **kw):
     return eager, graph
 
 
-@cuda
 @pytest.mark.cuda
 def test_capture_while_another_thread_uses_cuda():
     student, x, t = _setup(batch=32)
@@ -170,7 +166,6 @@ def test_capture_while_another_thread_uses_cuda():
     torch.testing.assert_close(graph, eager, rtol=0, atol=0)
 
 
-@cuda
 @pytest.mark.cuda
 def test_replacing_parameters_recaptures_instead_of_reading_freed_memory():
     student, x, t = _setup()
@@ -188,7 +183,6 @@ def test_replacing_parameters_recaptures_instead_of_reading_freed_memory():
     torch.testing.assert_close(graph, eager, rtol=0, atol=0)
 
 
-@cuda
 @pytest.mark.cuda
 def test_graph_under_the_callers_autocast_equals_eager_under_it():
     student, x, t = _setup("mnv2", batch=32)

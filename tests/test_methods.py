@@ -20,6 +20,7 @@ from rslad_fast.methods import sat as sat_module, trades as trades_module
 B, C = 8, 10
 ADVERSARIAL = ["sat", "trades", "mart", "ard", "iad", "rslad"]
 ATTACK_MODE = {"sat": False, "trades": False, "mart": False, "rslad": False, "ard": True, "iad": True}
+pytestmark = pytest.mark.usefixtures("one_thread")  # the test machine's cores are shared
 
 
 def tiny(seed):
@@ -44,15 +45,6 @@ def context(method, student, x, y, teacher=None, epoch=0, seed=0):
             t_logits = teacher(x)
     return Context(student=student, x=x, y=y, teacher=teacher, teacher_logits=t_logits, epoch=epoch,
                    generator=torch.Generator().manual_seed(seed))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The test machine's cores are shared: one intra-op thread is several times faster than contending."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from rslad_fast import train
-from rslad_fast.data import write_fake_cifar10
 from rslad_fast.engine import create_run_dir, prepare, run
 from rslad_fast.engine.checkpoint import atomic_save, atomic_write_bytes, load_checkpoint
 
@@ -24,17 +23,13 @@ COMMON = ["--student", "tiny", "--threads", "1", "--eval-n", "16", "--batch-size
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cifar")
-    write_fake_cifar10(root, n_train=192, n_test=16, seed=1)
-    return root
+def data(fake_cifar10):
+    return fake_cifar10(n_train=192, n_test=16, seed=1)
 
 
 @pytest.fixture(scope="module")
-def teacher_ckpt(data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("teacher") / "run"
-    assert train.main(["--method", "natural", "--data", str(data), "--out", str(out), *COMMON]) == 0
-    return out / "last.pt"
+def teacher_ckpt(data, natural_teacher):
+    return natural_teacher(data, *COMMON)
 
 
 def _args(method, data, out, teacher_ckpt):

@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from rslad_fast import methods, train
-from rslad_fast.data import write_fake_cifar10
 from rslad_fast.engine.config import Config
 from rslad_fast.models import build
 
@@ -22,19 +21,14 @@ COMMON = ["--student", "tiny", "--threads", "1", "--eval-n", "32", "--batch-size
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cifar")
-    write_fake_cifar10(root, n_train=256, n_test=64, seed=0)
-    return root
+def data(fake_cifar10):
+    return fake_cifar10(n_train=256, n_test=64, seed=0)
 
 
 @pytest.fixture(scope="module")
-def teacher_ckpt(data, tmp_path_factory):
+def teacher_ckpt(data, natural_teacher):
     """A naturally trained tiny model: the teacher of the distillation runs (our own last.pt format)."""
-    out = tmp_path_factory.mktemp("teacher") / "run"
-    assert train.main(["--method", "natural", "--data", str(data), "--out", str(out), "--epochs", "3",
-                       *COMMON]) == 0
-    return out / "last.pt"
+    return natural_teacher(data, "--epochs", "3", *COMMON)
 
 
 def _records(run_dir):

@@ -1,14 +1,12 @@
-"""CIFAR-10 data layer: reader of the official files, synthetic stand-in, GPU-resident loaders.
+"""CIFAR-10 data layer: reader of the official files, train-time augmentation, GPU-resident loaders.
 
 DALI (``rslad_fast.data.dali``) is imported lazily by :func:`make_loader`, never here.
 """
-from .augment import CropFlipParams, apply_crop_flip, infer_crop_flip_params, random_crop_flip, sample_crop_flip_params
+from .augment import CropFlipParams, apply_crop_flip, random_crop_flip, sample_crop_flip_params
 from .cifar import load_cifar10
 from .loaders import KINDS, TensorLoader, dali_available, epoch_indices, make_loader
-from .synthetic import write_fake_cifar10
 
 __all__ = [
     "CropFlipParams", "KINDS", "TensorLoader", "apply_crop_flip", "dali_available", "epoch_indices",
-    "infer_crop_flip_params", "load_cifar10", "make_loader", "random_crop_flip", "sample_crop_flip_params",
-    "write_fake_cifar10",
+    "load_cifar10", "make_loader", "random_crop_flip", "sample_crop_flip_params",
 ]
