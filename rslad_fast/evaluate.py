@@ -42,16 +42,18 @@ import zlib
 from fractions import Fraction
 from pathlib import Path
 
+from rslad_fast.attacks.eval_attacks import EVAL_ATTACKS, INIT_STD, Clean
+from rslad_fast.attacks.pgd import STARTS
+from rslad_fast.cli import fmt_value
 from rslad_fast.errors import UserError
 
 # attack name on the command line -> column of the paper's Table 2, in the table's order
-COLUMNS = {"clean": "Clean", "fgsm": "FGSM", "pgd20-sat": "PGD_SAT", "pgd20-trades": "PGD_TRADES", "cw": "CW∞",
-           "aa": "AA"}
+COLUMNS = {name: e.column for name, e in EVAL_ATTACKS.items()}
 ATTACKS = tuple(COLUMNS)
 WORST = "worst"
 WORST_LABEL = "Worst (all ran)"
 # Clean >= FGSM >= PGD (both) >= AA: an attack at a higher level must not leave a higher accuracy
-LEVELS = {"clean": 0, "fgsm": 1, "pgd20-sat": 2, "pgd20-trades": 2, "aa": 3}
+LEVELS = {name: e.level for name, e in EVAL_ATTACKS.items() if e.level is not None}
 RUN_CHECKPOINTS = ("best.pt", "last.pt")
 FORMAT = "rslad_fast.eval/1"
 
@@ -116,8 +118,14 @@ class DefaultN(int):
     """--n's default, told apart from the same number given on the command line (see the --n rule)."""
 
 
+def _flag_dest(entry, hparam: str) -> str:
+    return f"{entry.flag_prefix}_{hparam}".replace("-", "_")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    starts = ("uniform", "normal", "none")
+    # how an attack's own hyperparameter is parsed, and what --help calls it
+    hparam_flags = {"steps": ({"type": _int(0)}, "steps"), "alpha": ({"type": _nonneg}, "step size"),
+                    "kappa": ({"type": _nonneg}, "confidence kappa"), "start": ({"choices": STARTS}, "start")}
     p = _Parser(prog="python -m rslad_fast.evaluate",
                 description="Robustness evaluation of CIFAR-10 checkpoints: the RSLAD paper's Table 2 row "
                             "(Clean, FGSM, PGD_SAT, PGD_TRADES, CW-inf, AutoAttack) per checkpoint.")
@@ -161,19 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--verbose", action="store_true", help="print AutoAttack's progress lines")
 
     a = p.add_argument_group("attack hyperparameters (defaults: the official evaluation codes)")
-    a.add_argument("--pgd-sat-steps", type=_int(0), default=20, help="PGD_SAT steps (20; IAD eval_robust)")
-    a.add_argument("--pgd-sat-alpha", type=_nonneg, default=2 / 255, help="PGD_SAT step size (2/255)")
-    a.add_argument("--pgd-sat-start", choices=starts, default="uniform", help="PGD_SAT start (uniform)")
-    a.add_argument("--pgd-trades-steps", type=_int(0), default=20,
-                   help="PGD_TRADES steps (20; TRADES pgd_attack_cifar10)")
-    a.add_argument("--pgd-trades-alpha", type=_nonneg, default=0.003, help="PGD_TRADES step size (0.003)")
-    a.add_argument("--pgd-trades-start", choices=starts, default="uniform", help="PGD_TRADES start (uniform)")
-    a.add_argument("--cw-steps", type=_int(0), default=30, help="CW-inf steps (30; IAD eval_robust)")
-    a.add_argument("--cw-alpha", type=_nonneg, default=2 / 255, help="CW-inf step size (2/255)")
-    a.add_argument("--cw-kappa", type=_nonneg, default=50.0, help="CW-inf confidence kappa (50; IAD cwloss)")
-    a.add_argument("--cw-start", choices=starts, default="uniform", help="CW-inf start (uniform)")
-    a.add_argument("--init-std", type=_nonneg, default=0.001,
-                   help="std of a 'normal' start, x + init_std*N(0,1) (0.001, TRADES/RSLAD)")
+    for e in EVAL_ATTACKS.values():
+        for hp in e.flags:
+            kind, what = hparam_flags[hp]
+            a.add_argument(f"--{e.flag_prefix}-{hp}", dest=_flag_dest(e, hp), default=e.default(hp), **kind,
+                           help=f"{e.column} {what} ({fmt_value(e.default(hp))}; {e.source})")
+    a.add_argument("--init-std", type=_nonneg, default=INIT_STD,
+                   help=f"std of a 'normal' start, x + init_std*N(0,1) ({fmt_value(INIT_STD)}, TRADES/RSLAD)")
 
     s = p.add_argument_group("sanity check")
     s.add_argument("--sanity", action="store_true",
@@ -248,27 +250,15 @@ def make_plan(args) -> dict:
 
 
 def build_attacks(args, log=None) -> dict:
-    """name -> attack object for the names in --attacks ('clean' -> None)."""
-    from rslad_fast.attacks.eval_attacks import FGSM, CWInf, pgd20_sat, pgd20_trades
+    """name -> attack object for the names in --attacks, with the flags' hyperparameters."""
+    settings = {"eps": args.eps, "init_std": args.init_std, "seed": args.seed, "batch_size": args.batch_size,
+                "log": log, "verbose": args.verbose}
     made = {}
     for name in args.attacks:
-        if name == "clean":
-            made[name] = None
-        elif name == "fgsm":
-            made[name] = FGSM(eps=args.eps)
-        elif name == "pgd20-sat":
-            made[name] = pgd20_sat(eps=args.eps, alpha=args.pgd_sat_alpha, steps=args.pgd_sat_steps,
-                                   start=args.pgd_sat_start, init_std=args.init_std)
-        elif name == "pgd20-trades":
-            made[name] = pgd20_trades(eps=args.eps, alpha=args.pgd_trades_alpha, steps=args.pgd_trades_steps,
-                                      start=args.pgd_trades_start, init_std=args.init_std)
-        elif name == "cw":
-            made[name] = CWInf(eps=args.eps, alpha=args.cw_alpha, steps=args.cw_steps, kappa=args.cw_kappa,
-                               start=args.cw_start, init_std=args.init_std)
-        elif name == "aa":
-            from rslad_fast.attacks.autoattack import AutoAttack  # UserError here if pyautoattack is missing
-            made[name] = AutoAttack(eps=args.eps, seed=args.seed, batch_size=args.batch_size, log=log,
-                                    verbose=args.verbose)
+        e = EVAL_ATTACKS[name]
+        own = {hp: getattr(args, _flag_dest(e, hp)) for hp in e.flags}
+        # AutoAttack: a UserError here if pyautoattack is missing, before any work
+        made[name] = e.make(**own, **{k: settings[k] for k in e.takes})
     return made
 
 
@@ -306,7 +296,7 @@ def _attack_seed(seed: int, name: str) -> int:
 
 def evaluate_model(model, images, labels, attacks: dict, *, batch_size: int, device, seed: int = 0,
                    bar=None, sanity=None, label: str = "", dist=None) -> dict:
-    """Run clean + ``attacks`` (name -> attack, 'clean' -> None) on uint8 ``images`` [N,3,32,32].
+    """Run clean + ``attacks`` (name -> :class:`~rslad_fast.attacks.EvalAttack`) on uint8 ``images`` [N,3,32,32].
 
     Returns per attack the per-image correctness (bool CPU tensor), the accuracy in %, seconds and the
     largest l_inf perturbation seen; plus 'worst' (AND over clean and every attack) and the sanity run.
@@ -315,7 +305,6 @@ def evaluate_model(model, images, labels, attacks: dict, *, batch_size: int, dev
     per-image results of all ranks are gathered, so every rank returns the whole set's.
     """
     import torch
-    from rslad_fast.attacks.pgd import model_mode
     from rslad_fast.data.loaders import mix_seed
 
     n = len(labels)
@@ -324,12 +313,8 @@ def evaluate_model(model, images, labels, attacks: dict, *, batch_size: int, dev
     device = torch.device(device)
     model = model.to(device)
 
-    def predict(x):
-        with torch.no_grad(), model_mode(model, "eval"):
-            return model(x).argmax(1)
-
     todo = dict(attacks)
-    todo.setdefault("clean", None)  # always: "worst" includes it, and so do the ordering checks
+    todo.setdefault("clean", Clean())  # always: "worst" includes it, and so do the ordering checks
     if sanity is not None:
         todo["sanity"] = sanity
     results = {}
@@ -346,19 +331,11 @@ def evaluate_model(model, images, labels, attacks: dict, *, batch_size: int, dev
             stop = min(start + batch_size, hi)
             x = images[start:stop].to(device).float().div_(255)
             y = labels[start:stop].to(device)
-            if attack is None:
-                pred = predict(x)
-            else:
-                if name == "aa":
-                    x_adv, pred = attack.run(model, x, y)
-                else:
-                    x_adv = attack(model, x, y, generator=gen)
-                    pred = predict(x_adv)
-                max_linf = max(max_linf, (x_adv - x).abs().max().item())
-                eps = attack.eps
-                if max_linf > eps + 1e-6 or x_adv.min().item() < 0 or x_adv.max().item() > 1:
-                    raise RuntimeError(f"attack {name} left the threat model: |x_adv - x|_inf = {max_linf} "
-                                       f"(eps {eps}), range [{x_adv.min().item()}, {x_adv.max().item()}]")
+            x_adv, pred = attack.run(model, x, y, generator=gen)
+            max_linf = max(max_linf, (x_adv - x).abs().max().item())
+            if max_linf > attack.eps + 1e-6 or x_adv.min().item() < 0 or x_adv.max().item() > 1:
+                raise RuntimeError(f"attack {name} left the threat model: |x_adv - x|_inf = {max_linf} "
+                                   f"(eps {attack.eps}), range [{x_adv.min().item()}, {x_adv.max().item()}]")
             ok[start - lo:stop - lo] = (pred == y).cpu()
             if bar is not None:
                 bar.set_postfix(acc=f"{_percent(ok[:stop - lo]):.2f}")
@@ -502,7 +479,7 @@ def run(args, argv=None, dist=None) -> dict:
         if args.sanity:
             from rslad_fast.attacks.eval_attacks import PGD
             sanity = PGD(eps=args.sanity_eps, alpha=args.sanity_alpha, steps=args.sanity_steps, start="uniform",
-                         name="sanity", column="sanity")
+                         name="sanity")
 
         models = []
         for row in plan["rows"]:  # every checkpoint loads (or fails) before any attack runs
@@ -575,7 +552,7 @@ def run(args, argv=None, dist=None) -> dict:
         bar_holder.pop("bar", None)
 
     config = {k: v for k, v in vars(args).items()}
-    config["attacks"] = {name: (a.hparams() if a is not None else {}) for name, a in attacks.items()}
+    config["attacks"] = {name: a.hparams() for name, a in attacks.items()}
     if sanity is not None:
         config["sanity_attack"] = sanity.hparams()
     if "aa" in attacks and attacks["aa"].last_config is not None:

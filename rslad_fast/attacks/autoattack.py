@@ -38,6 +38,8 @@ LOGGER_NAME = "auto-attack"
 
 
 def _require_pyautoattack():
+    """pyautoattack's ``AutoAttack`` class, imported when an adversary is made (``rslad_fast.attacks`` loads
+    without it): a missing or other version is one clear UserError, never a bare ImportError."""
     try:
         found = metadata.version("pyautoattack")
     except metadata.PackageNotFoundError:
@@ -54,8 +56,6 @@ def _require_pyautoattack():
                         f"({type(e).__name__}: {e})") from None
     return _AA
 
-
-_PyAutoAttack = _require_pyautoattack()  # checked at import: a clear UserError, never a bare ImportError
 
 # The standard version's configuration (fra31/auto-attack autoattack.py, `_set_version('standard')` for
 # Linf, and the attack constructors in `AutoAttack.__init__`). `standard_config` must report exactly this.
@@ -76,8 +76,8 @@ def build_adversary(model: torch.nn.Module, *, eps: float, device, seed: int):
     """pyautoattack's ``AutoAttack`` in the standard Linf version, device, eps and seed explicit."""
     if not 0 <= eps <= 1:
         raise UserError(f"eps must be in [0, 1] for inputs in [0, 1], got {eps}")
-    return _PyAutoAttack(model, norm="Linf", eps=float(eps), version="standard", device=torch.device(device),
-                         seed=int(seed))
+    return _require_pyautoattack()(model, norm="Linf", eps=float(eps), version="standard",
+                                   device=torch.device(device), seed=int(seed))
 
 
 def standard_config(adversary) -> Dict[str, object]:
@@ -130,10 +130,11 @@ class AutoAttack(EvalAttack):
     pyautoattack accumulate in ``self.warnings`` (deduplicated, in order).
     """
 
-    name, column = "aa", "AA"
+    name = "aa"
 
     def __init__(self, eps: float = EPS, seed: int = 0, batch_size: int = 250,
                  log: Optional[Callable[[str], None]] = None, verbose: bool = False):
+        _require_pyautoattack()  # a clear UserError when it is made, before any attack runs
         if not 0 <= eps <= 1:
             raise UserError(f"eps must be in [0, 1] for inputs in [0, 1], got {eps}")
         if batch_size < 1:
@@ -147,8 +148,10 @@ class AutoAttack(EvalAttack):
         return {"eps": self.eps, "version": "standard", "norm": "Linf", "seed": self.seed,
                 "package": f"pyautoattack=={PYAUTOATTACK_VERSION}"}
 
-    def run(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
-        """(x_adv, y_adv): AutoAttack's adversarial images and its predictions on them."""
+    def run(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+            generator: Optional[torch.Generator] = None):
+        """(x_adv, y_adv): AutoAttack's adversarial images and its predictions on them (``seed`` draws its
+        random starts, not ``generator``)."""
         adversary = build_adversary(model, eps=self.eps, device=x.device, seed=self.seed)
         self.last_config = standard_config(adversary)
         logger = logging.getLogger(LOGGER_NAME)

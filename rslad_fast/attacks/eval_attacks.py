@@ -1,10 +1,17 @@
-"""The evaluation attacks of the paper's Table 2 (FGSM, PGD_SAT, PGD_TRADES, CW-inf), torchattacks-style.
+"""The evaluation attacks of the paper's Table 2 (FGSM, PGD_SAT, PGD_TRADES, CW-inf), torchattacks-style, and the
+registry ``python -m rslad_fast.evaluate`` is built from.
 
 Each attack is a small class: hyperparameters in ``__init__`` (defaults cited next to each value),
-``__call__(model, x, y) -> x_adv``. All of them run on the one shared PGD engine (``pgd.pgd``, the same code
-as the training attacks), in fp32, on inputs in [0, 1], with the model in ``eval()`` mode during the attack
-and its own modes restored afterwards (``pgd(..., mode="eval")`` does that). eps is 8/255 for every attack
-by default (issue 4), AutoAttack included (``autoattack.py``).
+``__call__(model, x, y) -> x_adv``, and ``run(model, x, y) -> (x_adv, the model's predictions on it)``. All of
+them run on the one shared PGD engine (``pgd.pgd``, the same code as the training attacks and the held-out
+evaluation after every training epoch), in fp32, on inputs in [0, 1], with the model in ``eval()`` mode during
+the attack and its own modes restored afterwards (``pgd(..., mode="eval")`` does that). eps is 8/255 for every
+attack by default, AutoAttack included (``autoattack.py``).
+
+:data:`EVAL_ATTACKS` lists them in the table's order, with the natural images first and AutoAttack last: per
+attack its name on the command line, its column, its place in the chain Clean >= FGSM >= PGD >= AA that the
+report checks, and the hyperparameters that get a flag; ``evaluate`` derives its columns, checks and flags
+(with these defaults) from it.
 
 Sources of the settings:
 - TRADES ``pgd_attack_cifar10.py`` (``_pgd_whitebox``): PGD-20, step 0.003, uniform(-eps, eps) start, CE
@@ -21,17 +28,19 @@ only where the first gradient is taken differs, for pixels within eps of 0 or 1.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
-
+import inspect
 import math
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from .pgd import STARTS, pgd
+from .pgd import STARTS, model_mode, pgd
 
-EPS = 8 / 255  # issue 4: every attack at eps 8/255 unless --eps; RSLAD/IAD/ARD/SAT evaluate at 8/255
+EPS = 8 / 255  # every attack at eps 8/255 unless --eps; RSLAD/IAD/ARD/SAT evaluate at 8/255
+INIT_STD = 0.001  # std of a "normal" start, x + init_std * N(0, 1) (TRADES, RSLAD); the defaults start uniform
 
 
 def _check(eps: float, alpha: float, steps, start: str, init_std: float) -> None:
@@ -70,10 +79,11 @@ def cw_loss(y: torch.Tensor, kappa: float = 50.0, num_classes: Optional[int] = N
 
 
 class EvalAttack:
-    """Base class: ``name`` (the table column), ``hparams()`` for the report, ``__call__`` for x_adv."""
+    """Base class: ``name``, ``eps`` (the threat model the evaluator checks), ``hparams()`` for the report,
+    ``__call__`` for x_adv, ``run`` for x_adv and the predictions the accuracy is counted from."""
 
     name = ""
-    column = ""
+    eps = 0.0
 
     def hparams(self) -> Dict[str, object]:
         raise NotImplementedError
@@ -82,9 +92,28 @@ class EvalAttack:
                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
         raise NotImplementedError
 
+    def run(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+            generator: Optional[torch.Generator] = None):
+        """(x_adv, the model's predicted classes on x_adv), the model in eval mode."""
+        x_adv = self(model, x, y, generator=generator)
+        with torch.no_grad(), model_mode(model, "eval"):
+            return x_adv, model(x_adv).argmax(1)
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.hparams().items())
         return f"{type(self).__name__}({args})"
+
+
+class Clean(EvalAttack):
+    """The natural images themselves: the Clean column, and the first link of the ordering chain."""
+
+    name = "clean"
+
+    def hparams(self):
+        return {}
+
+    def __call__(self, model, x, y, generator=None):
+        return x.detach()
 
 
 class FGSM(EvalAttack):
@@ -95,7 +124,7 @@ class FGSM(EvalAttack):
     step_size=8/255, random=True)``, printed as "FGSM without Random Start"); like every attack here, the
     start is not clamped to [0, 1] before the gradient (IAD's is)."""
 
-    name, column = "fgsm", "FGSM"
+    name = "fgsm"
 
     def __init__(self, eps: float = EPS, random_start: bool = False):
         if not isinstance(random_start, bool):
@@ -117,16 +146,17 @@ class FGSM(EvalAttack):
 
 class PGD(EvalAttack):
     """PGD on CE (Madry et al.). Defaults are "pgd20-sat": 20 steps of 2/255 from a uniform(-eps, eps) start
-    (IAD ``eval_robust``); :func:`pgd20_trades` gives TRADES' 20 steps of 0.003."""
+    (IAD ``eval_robust``); :func:`pgd20_trades` gives TRADES' 20 steps of 0.003. Also the held-out
+    evaluation after every training epoch (``train.EVAL_ATTACK``: RSLAD's PGD-20)."""
 
-    name, column = "pgd", "PGD"
+    name = "pgd"
 
     def __init__(self, eps: float = EPS, alpha: float = 2 / 255, steps: int = 20, start: str = "uniform",
-                 init_std: float = 0.001, *, name: str = "pgd", column: str = "PGD"):
+                 init_std: float = INIT_STD, *, name: str = "pgd"):
         _check(eps, alpha, steps, start, init_std)
         self.eps, self.alpha, self.steps = float(eps), float(alpha), int(steps)
         self.start, self.init_std = start, float(init_std)
-        self.name, self.column = name, column
+        self.name = name
 
     def hparams(self):
         out = {"eps": self.eps, "alpha": self.alpha, "steps": self.steps, "start": self.start, "loss": "ce"}
@@ -140,26 +170,26 @@ class PGD(EvalAttack):
 
 
 def pgd20_sat(eps: float = EPS, alpha: float = 2 / 255, steps: int = 20, start: str = "uniform",
-              init_std: float = 0.001) -> PGD:
+              init_std: float = INIT_STD) -> PGD:
     """PGD_SAT: 20 steps of 2/255, uniform start, CE (IAD ``eval_robust``; Madry et al.'s PGD)."""
-    return PGD(eps, alpha, steps, start, init_std, name="pgd20-sat", column="PGD_SAT")
+    return PGD(eps, alpha, steps, start, init_std, name="pgd20-sat")
 
 
 def pgd20_trades(eps: float = EPS, alpha: float = 0.003, steps: int = 20, start: str = "uniform",
-                 init_std: float = 0.001) -> PGD:
+                 init_std: float = INIT_STD) -> PGD:
     """PGD_TRADES: 20 steps of 0.003, uniform(-eps, eps) start, CE (TRADES ``pgd_attack_cifar10.py``,
     ``--num-steps 20 --step-size 0.003 --random``; TRADES' eps 0.031, ours 8/255 by default)."""
-    return PGD(eps, alpha, steps, start, init_std, name="pgd20-trades", column="PGD_TRADES")
+    return PGD(eps, alpha, steps, start, init_std, name="pgd20-trades")
 
 
 class CWInf(EvalAttack):
     """CW-inf: PGD on the CW margin loss with confidence kappa = 50, 30 steps of 2/255, uniform start
     (IAD ``eval_robust``: ``pgd(..., loss_fn="cw", num_steps=30, step_size=2/255, rand_init=True)``)."""
 
-    name, column = "cw", "CW∞"
+    name = "cw"
 
     def __init__(self, eps: float = EPS, alpha: float = 2 / 255, steps: int = 30, kappa: float = 50.0,
-                 start: str = "uniform", init_std: float = 0.001):
+                 start: str = "uniform", init_std: float = INIT_STD):
         _check(eps, alpha, steps, start, init_std)
         if not kappa >= 0:
             raise UserError(f"CW confidence kappa must be >= 0, got {kappa}")
@@ -178,8 +208,46 @@ class CWInf(EvalAttack):
                    start=self.start, init_std=self.init_std, mode="eval", generator=generator)
 
 
-__all__ = ["EPS", "EvalAttack", "FGSM", "PGD", "CWInf", "pgd20_sat", "pgd20_trades", "ce_loss", "cw_loss"]
+def _autoattack(**settings) -> EvalAttack:
+    # imported on use: autoattack.py imports this module, and pyautoattack is needed only for the AA column
+    from .autoattack import AutoAttack
+    return AutoAttack(**settings)
 
-# name on the command line -> factory taking the hyperparameters as keywords
-PRESETS = {"fgsm": FGSM, "pgd20-sat": pgd20_sat, "pgd20-trades": pgd20_trades, "cw": CWInf}
-__all__.append("PRESETS")
+
+@dataclass(frozen=True)
+class Entry:
+    """One attack as ``python -m rslad_fast.evaluate`` offers it."""
+
+    name: str                         # in --attacks and in eval.json
+    column: str                       # the paper's Table 2 column
+    level: Optional[int]              # place in Clean >= FGSM >= PGD >= AA (equal: unordered); None: outside it
+    make: Callable[..., EvalAttack]   # keyword hyperparameters, defaulting to the official values -> attack
+    takes: Tuple[str, ...] = ("eps",)  # evaluation-wide settings passed on (--eps, --init-std, --seed, ...)
+    flag_prefix: str = ""             # its own hyperparameters' flags: --<flag_prefix>-<hyperparameter>
+    flags: Tuple[str, ...] = ()       # ... for these hyperparameters of ``make``
+    source: str = ""                  # the code its defaults come from (for the flags' help)
+
+    def default(self, hparam: str):
+        """The official value of one of ``make``'s hyperparameters (its keyword's default)."""
+        return inspect.signature(self.make).parameters[hparam].default
+
+
+_PGD_SETTINGS = ("eps", "init_std")
+_REGISTERED = (
+    Entry("clean", "Clean", 0, Clean, takes=()),
+    Entry("fgsm", "FGSM", 1, FGSM),
+    Entry("pgd20-sat", "PGD_SAT", 2, pgd20_sat, _PGD_SETTINGS, "pgd-sat", ("steps", "alpha", "start"),
+               "IAD eval_robust"),
+    Entry("pgd20-trades", "PGD_TRADES", 2, pgd20_trades, _PGD_SETTINGS, "pgd-trades",
+               ("steps", "alpha", "start"), "TRADES pgd_attack_cifar10"),
+    Entry("cw", "CW∞", None, CWInf, _PGD_SETTINGS, "cw", ("steps", "alpha", "kappa", "start"),
+               "IAD eval_robust, cwloss"),
+    Entry("aa", "AA", 3, _autoattack, ("eps", "seed", "batch_size", "log", "verbose")),
+)
+# name -> entry, in the table's order
+EVAL_ATTACKS: Dict[str, Entry] = {r.name: r for r in _REGISTERED}
+# the attacks of the shared PGD engine at their official settings: name -> factory
+PRESETS = {name: r.make for name, r in EVAL_ATTACKS.items() if name not in ("clean", "aa")}
+
+__all__ = ["EPS", "INIT_STD", "EVAL_ATTACKS", "PRESETS", "Entry", "EvalAttack", "Clean", "FGSM", "PGD", "CWInf",
+           "pgd20_sat", "pgd20_trades", "ce_loss", "cw_loss"]

@@ -17,9 +17,9 @@ import math
 import time
 
 import torch
-import torch.nn.functional as F
 
-from rslad_fast.attacks.pgd import model_mode, pgd
+from rslad_fast.attacks.eval_attacks import PGD
+from rslad_fast.attacks.pgd import model_mode
 
 from .step import train_step
 
@@ -117,15 +117,16 @@ def evaluate(model, images_uint8: torch.Tensor, labels: torch.Tensor, *, attack:
     """Clean and PGD accuracy (fractions) of ``model`` on a fixed set, the model in eval mode.
 
     ``images_uint8`` [N, 3, H, W] uint8 and ``labels`` live on the model's device. ``attack``: eps, alpha,
-    steps, start (``train.EVAL_ATTACK``); the attack is ``attacks.pgd.pgd`` on the mean cross-entropy, its
-    random start drawn from ``generator`` so evaluation never consumes the training RNG streams. The
-    model's train/eval modes are restored afterwards.
+    steps, start (``train.EVAL_ATTACK``, as config.json records it) of the evaluation attack
+    ``attacks.PGD`` (cross-entropy), its random start drawn from ``generator`` so evaluation never consumes
+    the training RNG streams. The model's train/eval modes are restored afterwards.
 
     ``dist`` (an active ``engine.dist.Dist``; ``model`` the plain module, never the DDP wrapper, whose
     forward would expect a backward): this rank evaluates its contiguous slice of the set, with its own
     ``generator``, and the correct counts are summed over the ranks, so every image counts exactly once and
     every rank returns the same figures.
     """
+    pgd_attack = PGD(**attack)
     n_total = len(images_uint8)
     if dist is not None and dist.active:
         lo, hi = dist.shard(n_total)
@@ -141,9 +142,7 @@ def evaluate(model, images_uint8: torch.Tensor, labels: torch.Tensor, *, attack:
             y = labels[i:i + batch_size]
             with torch.no_grad():
                 correct_clean += (model(x).argmax(1) == y).sum()
-            x_adv = pgd(model, x, lambda logits: F.cross_entropy(logits, y), eps=attack["eps"],
-                        alpha=attack["alpha"], steps=attack["steps"], start=attack["start"], mode="eval",
-                        generator=generator)
+            x_adv = pgd_attack(model, x, y, generator=generator)
             with torch.no_grad():
                 correct_adv += (model(x_adv).argmax(1) == y).sum()
     if dist is not None and dist.active:
