@@ -13,7 +13,7 @@ time it implies for the 50,000-image training set. Rows of one group ran side by
 - the "ours" rows go through rslad_fast.engine.step.train_step, the step the training engine runs.
 
 Sizes: on CUDA, batch 128 with the WRN-34-10 teacher, 30 batches a round (RSLAD_FAST_BENCH_SIZE=reduced:
-4 batches, 2 rounds). On the CPU (2 cores here) the same code runs at batch 8 for 1 batch with a ResNet-18
+4 batches, 2 rounds). On the CPU (2 cores here) the same code runs at batch 32 for 1 batch with a ResNet-18
 standing in for the WRN-34-10 teacher, whose forward alone would take seconds per batch; the CPU rows show
 the code paths work and what they cost there. Compiling takes minutes on 2 cores: a run with timing off
 (`--benchmark-disable`, CI's one-round smoke run) skips the compiled row and says so.
@@ -31,7 +31,7 @@ from rslad_fast.engine.step import train_step
 from rslad_fast.methods import get
 from rslad_fast.models import build
 
-SIZES = {"cpu": dict(batch=8, batches=1, teacher="resnet18", rounds=2),
+SIZES = {"cpu": dict(batch=32, batches=1, teacher="resnet18", rounds=3),
          "cuda": dict(batch=128, batches=4 if REDUCED else 30, teacher="wrn34-10", rounds=2 if REDUCED else 3)}
 TRAIN_SET = 50000
 
