@@ -31,7 +31,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import ops
-from .pgd import check_budget, check_logits, model_mode
+from .pgd import check_budget, kl_objective, model_mode
 
 
 def tensor_signature(model: torch.nn.Module) -> tuple:
@@ -96,6 +96,7 @@ class _GraphedLoop:
         buffers = static_buffers(x_nat, target, init_std)
         self.x_nat, self.noise, self.x_adv, self.target = (buffers[k] for k in ("x_nat", "noise", "x_adv", "target"))
         self.eps, self.alpha, self.steps, self.init_std, self.amp_dtype = eps, alpha, steps, init_std, amp_dtype
+        self.objective = kl_objective(self.target)  # reads the static buffer at every replay
         self.x_nat.copy_(x_nat)
         self.target.copy_(target)
         self.noise.normal_()
@@ -122,8 +123,8 @@ class _GraphedLoop:
             for _ in range(self.steps):
                 x = self.x_adv.detach().requires_grad_(True)
                 with self._autocast():
-                    logits = check_logits(model(x), self.target)  # raises in the eager warm-up, before capture
-                loss = ops.softmax_kl(logits.float(), self.target, reduction="sum")
+                    logits = model(x)
+                loss = self.objective(logits)  # checks the logits: raises in the eager warm-up, before capture
                 (grad,) = torch.autograd.grad(loss, x)
                 # In place on the static buffer: the backward that read x has finished.
                 ops.pgd_step_(self.x_adv, grad, self.x_nat, self.eps, self.alpha)

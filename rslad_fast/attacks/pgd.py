@@ -103,6 +103,21 @@ def check_logits(logits, target: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+def kl_objective(teacher_logits: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """RSLAD's inner objective, that of `fused_kl_pgd` (eager and CUDA-graphed) and of `RSLAD`:
+    logits -> sum_i KL(T(x)_i || S(x')_i) against the teacher's logits, the official
+    sum(KLDivLoss(reduction='none')(log_softmax(S(x')), softmax(T(x)))).
+
+    In float32 whatever the student's dtype: under autocast softmax_kl itself takes bf16/fp16 logits as
+    float32; the cast here is for a float64 or float16 model run outside autocast."""
+    target = teacher_logits.detach().float()
+
+    def objective(logits):
+        return ops.softmax_kl(check_logits(logits, target).float(), target, reduction="sum")
+
+    return objective
+
+
 def fused_kl_pgd(model: torch.nn.Module, x_nat: torch.Tensor, teacher_logits: torch.Tensor, *,
                  eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10, init_std: float = 0.001,
                  cuda_graph="auto", generator: Optional[torch.Generator] = None,
@@ -134,13 +149,10 @@ def fused_kl_pgd(model: torch.nn.Module, x_nat: torch.Tensor, teacher_logits: to
         from .graphed import graphed_kl_pgd
         return graphed_kl_pgd(model, x_nat, target, eps=eps, alpha=alpha, steps=steps, init_std=init_std,
                               generator=generator, amp_dtype=amp_dtype)
-    target = target.float()
     forward = model
     if amp_dtype is not None:
         def forward(x):
             with torch.autocast(x.device.type, dtype=amp_dtype):
                 return model(x)
-    return pgd(model, x_nat, lambda logits: ops.softmax_kl(check_logits(logits, target).float(), target,
-                                                           reduction="sum"),
-               eps=eps, alpha=alpha, steps=steps, start="normal", init_std=init_std, mode="eval",
-               generator=generator, forward=forward)
+    return pgd(model, x_nat, kl_objective(target), eps=eps, alpha=alpha, steps=steps, start="normal",
+               init_std=init_std, mode="eval", generator=generator, forward=forward)

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from ..attacks.pgd import model_mode, pgd
+from ..attacks.pgd import pgd
 from .base import (Context, HParam, Method, Schedule, accuracy, check_attack, check_flag, check_range,
-                   preserved_buffers, register, teacher_logits, upcast)
+                   cross_entropy_objective, pgd_hparams, register, teacher_logits, upcast)
 
 
 @register
@@ -33,10 +33,11 @@ class ARD(Method):
 
     name = "ard"
     needs_teacher = True
+    attack_mode = "train"  # AttackPGD runs inside net.train()
     HPARAMS = {
-        "eps": HParam(8 / 255, "l_inf radius, inputs in [0, 1] (ARD main.py config 'epsilon': 8.0/255)"),
-        "step_size": HParam(2 / 255, "PGD step (ARD main.py config 'step_size': 2.0/255)"),
-        "steps": HParam(10, "PGD steps (ARD main.py config 'num_steps': 10)"),
+        **pgd_hparams(eps=(8 / 255, "ARD main.py config 'epsilon': 8.0/255"),
+                      step_size=(2 / 255, "ARD main.py config 'step_size': 2.0/255"),
+                      steps=(10, "ARD main.py config 'num_steps': 10")),
         "tau": HParam(30.0, "distillation temperature (ARD main.py --temp 30.0)"),
         "alpha": HParam(1.0, "weight of the KL term; 1-alpha weighs CE(S(x), y) (ARD main.py --alpha 1.0)"),
         "lr_bug": HParam(False, "True reproduces ARD main.py's adjust_learning_rate bug (always given the "
@@ -59,21 +60,15 @@ class ARD(Method):
         milestones = tuple(self.SCHEDULE.milestones)
         return milestones[:1] if self.lr_bug else milestones
 
-    def attack(self, ctx: Context) -> torch.Tensor:
-        y = ctx.y
-        return pgd(ctx.attack_model, ctx.x, lambda logits: F.cross_entropy(logits, y),
-                   eps=self.eps, alpha=self.step_size, steps=self.steps, start="uniform",
-                   mode="train", generator=ctx.generator)
+    def objective(self, ctx: Context):
+        return cross_entropy_objective(ctx)
 
-    def attack_objective(self, ctx: Context, x_adv: torch.Tensor) -> torch.Tensor:
-        # Train mode, as the attack; the BatchNorm running averages are put back afterwards.
-        with model_mode(ctx.attack_model, "train"), preserved_buffers(ctx.attack_model), torch.no_grad():
-            return F.cross_entropy(ctx.attack_model(x_adv), ctx.y)
+    def attack(self, ctx: Context) -> torch.Tensor:
+        return pgd(ctx.attack_model, ctx.x, self.objective(ctx), **self.pgd_settings(ctx))
 
     def _distill(self, logits_adv, t_logits, reduction):
         """tau^2 * KL(T^tau(x) || S^tau(x')) with the given reduction."""
-        s = upcast(logits_adv)
-        return self.tau ** 2 * ops.softmax_kl(s, t_logits.to(s.dtype), self.tau, reduction)
+        return self.tau ** 2 * ops.softmax_kl(logits_adv, t_logits, self.tau, reduction)
 
     def loss_at(self, ctx: Context, x_adv: torch.Tensor) -> torch.Tensor:
         t_logits = teacher_logits(ctx)

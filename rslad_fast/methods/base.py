@@ -1,18 +1,21 @@
 """The interface every training method implements, and the registry that holds them.
 
 A method is a small class: its hyperparameters (with the official code's defaults, cited next to each
-value), its inner maximization (`attack`), the objective that attack maximizes (`attack_objective`, so tests
-can check the attack raises it), and its outer loss (`loss`, or `loss_at` for a given x'). The training
-engine knows nothing else about a method: it builds SGD from `SCHEDULE` (via `official_setting(student)`,
-which for MART picks the official setting of the student's architecture), decays the lr at `milestones()`,
-calls `loss` once per batch and steps the optimizer.
+value), the objective of its inner maximization (`objective`, defined once: `attack` climbs it and
+`attack_objective` evaluates it, so tests can check the attack raises it), the attack (`attack`) and its
+outer loss (`loss`, or `loss_at` for a given x'). The training engine knows nothing else about a method: it
+builds SGD from `SCHEDULE` (via `official_setting(student)`, which for MART picks the official setting of
+the student's architecture), decays the lr at `milestones()`, calls `loss` once per batch and steps the
+optimizer.
 """
 import math
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
+from ..attacks.pgd import model_mode
 from ..errors import UserError
 
 
@@ -63,7 +66,7 @@ class Context:
     teacher_logits: Optional[torch.Tensor] = None
     epoch: int = 0
     generator: Optional[torch.Generator] = None
-    stats: Dict[str, float] = field(default_factory=dict)
+    stats: Dict[str, torch.Tensor] = field(default_factory=dict)
     attack_model: Optional[torch.nn.Module] = None
 
     def __post_init__(self):
@@ -72,8 +75,8 @@ class Context:
 
 
 class Method:
-    """Base class. Subclasses set `name`, `needs_teacher`, `HPARAMS`, `SCHEDULE` and implement the three
-    methods below. Hyperparameters are attributes (`self.beta`, `self.eps`, ...)."""
+    """Base class. Subclasses set `name`, `needs_teacher`, `HPARAMS`, `SCHEDULE` and implement `objective`,
+    `attack` and `loss_at`. Hyperparameters are attributes (`self.beta`, `self.eps`, ...)."""
 
     name: str = ""
     needs_teacher: bool = False
@@ -82,6 +85,11 @@ class Method:
     LOSS_PER_ELEMENT: bool = False
     HPARAMS: Dict[str, HParam] = {}
     SCHEDULE: Schedule = Schedule(epochs=1, lr=0.1, milestones=())
+    # How the attack runs (attacks.pgd.pgd's `mode` and `start`): the model's mode during the attack and
+    # `attack_objective` ("eval", or "train" as in ARD's code; SAT makes it a hyperparameter), and the random
+    # start ("uniform" in the eps ball, or "normal": x + init_std*N(0,1), with the method's `init_std`).
+    attack_mode: str = "eval"
+    attack_start: str = "uniform"
 
     def __init__(self, **overrides):
         unknown = set(overrides) - set(self.HPARAMS)
@@ -106,15 +114,32 @@ class Method:
     def hparams(self) -> Dict[str, object]:
         return {key: getattr(self, key) for key in self.HPARAMS}
 
+    def objective(self, ctx: Context) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The scalar function of the attacked model's logits that `attack` maximizes for this batch."""
+        raise NotImplementedError
+
     def attack(self, ctx: Context) -> Optional[torch.Tensor]:
-        """The inner maximization: x' for this batch (None for methods without one)."""
+        """The inner maximization: x' for this batch (None for methods without one). PGD methods call
+        `pgd(ctx.attack_model, ctx.x, self.objective(ctx), **self.pgd_settings(ctx))`."""
         return None
 
+    def pgd_settings(self, ctx: Context) -> Dict[str, object]:
+        """attacks.pgd.pgd's keyword arguments for this method's attack: its budget, start and mode, and the
+        batch's generator."""
+        settings = dict(eps=self.eps, alpha=self.step_size, steps=self.steps, start=self.attack_start,
+                        mode=self.attack_mode, generator=ctx.generator)
+        if self.attack_start == "normal":
+            settings["init_std"] = self.init_std
+        return settings
+
     def attack_objective(self, ctx: Context, x_adv: torch.Tensor) -> torch.Tensor:
-        """The scalar `attack` maximizes, evaluated at x_adv (with the model in the attack's mode).
+        """`objective` evaluated at x_adv, with the model in the attack's mode; it leaves no trace (a
+        train-mode forward's BatchNorm statistics are put back).
 
         Both run on `ctx.attack_model`; the training forwards of `loss_at` on `ctx.student`."""
-        raise NotImplementedError
+        model = ctx.attack_model
+        with model_mode(model, self.attack_mode), preserved_buffers(model), torch.no_grad():
+            return self.objective(ctx)(model(x_adv))
 
     def loss(self, ctx: Context) -> torch.Tensor:
         """The outer loss for this batch, attack included. The student is in train mode on entry.
@@ -137,6 +162,17 @@ class Method:
         """The lr of epoch `epoch` (from 0) under `milestones()`: base_lr * gamma**(milestones <= epoch)."""
         lr = self.SCHEDULE.lr if base_lr is None else base_lr
         return lr * self.SCHEDULE.gamma ** sum(1 for m in self.milestones() if epoch >= m)
+
+
+def pgd_hparams(eps, step_size, steps, init_std=None) -> Dict[str, HParam]:
+    """The attack budget's hyperparameters, each given as (default, where the official code sets it);
+    `init_std` for the methods whose attack starts at x + init_std*N(0,1)."""
+    out = {"eps": HParam(eps[0], f"l_inf radius, inputs in [0, 1] ({eps[1]})"),
+           "step_size": HParam(step_size[0], f"PGD step ({step_size[1]})"),
+           "steps": HParam(steps[0], f"PGD steps ({steps[1]})")}
+    if init_std is not None:
+        out["init_std"] = HParam(init_std[0], f"std of the Gaussian start x + init_std*N(0,1) ({init_std[1]})")
+    return out
 
 
 # Hyperparameter checks for `validate()`: each returns the value coerced to its type (numeric strings
@@ -184,10 +220,13 @@ def check_flag(method: str, name: str, value) -> bool:
 
 
 def check_attack(method: Method) -> None:
-    """The common attack hyperparameters `eps`, `step_size`, `steps` (inputs live in [0, 1])."""
+    """The attack hyperparameters of `pgd_hparams`: `eps`, `step_size`, `steps` (inputs live in [0, 1]) and
+    `init_std` where the method has it."""
     method.eps = check_range(method.name, "eps", method.eps, 0.0, 1.0)
     method.step_size = check_range(method.name, "step_size", method.step_size, 0.0)
     method.steps = check_count(method.name, "steps", method.steps)
+    if "init_std" in method.HPARAMS:
+        method.init_std = check_range(method.name, "init_std", method.init_std, 0.0)
 
 
 REGISTRY: Dict[str, type] = {}
@@ -218,13 +257,19 @@ def teacher_logits(ctx: Context) -> torch.Tensor:
         return ctx.teacher_logits.detach()
     if ctx.teacher is None:
         raise ValueError("this method needs the teacher: the Context has neither teacher_logits nor teacher")
-    from ..attacks.pgd import model_mode
     with model_mode(ctx.teacher, "eval"), torch.no_grad():
         return ctx.teacher(ctx.x)
 
 
+def cross_entropy_objective(ctx: Context) -> Callable[[torch.Tensor], torch.Tensor]:
+    """CE(logits, y) on the batch's labels: the objective of SAT's, MART's and ARD's (IAD's) attacks."""
+    y = ctx.y
+    return lambda logits: F.cross_entropy(logits, y)
+
+
 def upcast(t: torch.Tensor) -> torch.Tensor:
-    """float16/bfloat16 logits to float32 for the loss arithmetic (autocast); other dtypes unchanged."""
+    """float16/bfloat16 logits (autocast) to float32 for the loss arithmetic around softmax_kl, which takes
+    them as they are (it casts under autocast itself); other dtypes unchanged."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 

@@ -24,13 +24,15 @@ from `ARD`).
   running statistics, which eval mode uses, move fewer times and so differ slightly (as TRADES' note says
   of its doubled f(x)). tests/test_methods.py checks both.
 """
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
 from .. import ops
 from ..attacks.pgd import model_mode
 from .ard import ARD
-from .base import (Context, HParam, Schedule, accuracy, check_count, check_flag, check_range, register,
+from .base import (Context, HParam, accuracy, check_count, check_flag, check_range, pgd_hparams, register,
                    teacher_logits, upcast)
 
 
@@ -41,9 +43,9 @@ class IAD(ARD):
     name = "iad"
     needs_teacher = True
     HPARAMS = {
-        "eps": HParam(8 / 255, "l_inf radius, inputs in [0, 1] (IAD IAD-I.py config_train 'epsilon': 8/255)"),
-        "step_size": HParam(2 / 255, "PGD step (IAD IAD-I.py config_train 'step_size': 2/255)"),
-        "steps": HParam(10, "PGD steps (IAD IAD-I.py config_train 'num_steps': 10)"),
+        **pgd_hparams(eps=(8 / 255, "IAD IAD-I.py config_train 'epsilon': 8/255"),
+                      step_size=(2 / 255, "IAD IAD-I.py config_train 'step_size': 2/255"),
+                      steps=(10, "IAD IAD-I.py config_train 'num_steps': 10")),
         "tau": HParam(1.0, "distillation temperature of the teacher term (IAD IAD-I.py --temp 1.0)"),
         "alpha": HParam(1.0, "weight of the KL terms; 1-alpha weighs CE(S(x), y) (IAD IAD-I.py --alpha 1.0)"),
         "beta": HParam(0.1, "exponent of the teacher's reliability A_i = softmax(T(x'))[i, y_i]^beta "
@@ -56,10 +58,9 @@ class IAD(ARD):
                                 "(the decay at epoch 150 never happens; the lr stays 0.01); False (default) "
                                 "applies both decays"),
     }
-    SCHEDULE = Schedule(
-        epochs=200, lr=0.1, milestones=(100, 150), weight_decay=2e-4, batch_size=128,
-        source="IAD IAD-I.py: --lr 0.1, --lr_schedule 100 150 (epochs from 0), --lr_factor 0.1, --epochs 200, "
-               "SGD momentum 0.9, weight_decay 2e-4, batch 128")
+    SCHEDULE = dataclasses.replace(  # ARD's numbers
+        ARD.SCHEDULE, source="IAD IAD-I.py: --lr 0.1, --lr_schedule 100 150 (epochs from 0), --lr_factor 0.1, "
+                             "--epochs 200, SGD momentum 0.9, weight_decay 2e-4, batch 128")
 
     def validate(self) -> None:
         super().validate()
@@ -92,7 +93,7 @@ class IAD(ARD):
             a = self.reliability(ctx, x_adv)
             if self.table1_form:
                 kl_teacher = a * kl_teacher
-            kl_self = ops.softmax_kl(upcast(logits_adv), upcast(logits_nat), reduction="none")  # S(x) || S(x')
+            kl_self = ops.softmax_kl(logits_adv, logits_nat, reduction="none")  # KL(S(x) || S(x'))
             loss_kl = kl_teacher.sum() / batch
             loss_self = ((1.0 - a) * kl_self).sum() / batch
             loss = self.alpha * (loss_kl + loss_self) + (1.0 - self.alpha) * loss_nat

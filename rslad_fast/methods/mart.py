@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from ..attacks.pgd import model_mode, pgd
-from .base import Context, HParam, Method, Schedule, accuracy, check_attack, check_range, register, upcast
+from ..attacks.pgd import pgd
+from .base import (Context, HParam, Method, Schedule, accuracy, check_attack, check_range, cross_entropy_objective,
+                   pgd_hparams, register, upcast)
 
 
 @register
@@ -34,13 +35,12 @@ class MART(Method):
 
     name = "mart"
     needs_teacher = False
+    attack_start = "normal"  # x + init_std*N(0,1) (mart.py)
     HPARAMS = {
-        "eps": HParam(0.031, "l_inf radius, inputs in [0, 1]; 0.031 ~ 8/255 (MART train_wideresnet.py "
-                             "--epsilon 0.031)"),
-        "step_size": HParam(0.007, "PGD step (MART train_wideresnet.py --step-size 0.007)"),
-        "steps": HParam(10, "PGD steps (MART train_wideresnet.py --num-steps 10)"),
-        "init_std": HParam(0.001, "std of the Gaussian start x + init_std*N(0,1) (MART mart.py "
-                                  "`0.001 * torch.randn`)"),
+        **pgd_hparams(eps=(0.031, "0.031 ~ 8/255; MART train_wideresnet.py --epsilon 0.031"),
+                      step_size=(0.007, "MART train_wideresnet.py --step-size 0.007"),
+                      steps=(10, "MART train_wideresnet.py --num-steps 10"),
+                      init_std=(0.001, "MART mart.py `0.001 * torch.randn`")),
         "beta": HParam(6.0, "weight of the misclassification-aware KL term (MART train_wideresnet.py --beta "
                             "6.0 for WRN students; train_resnet.py --beta 5.0 for ResNet-18, the default of "
                             "every non-WRN student)"),
@@ -67,18 +67,13 @@ class MART(Method):
 
     def validate(self) -> None:
         check_attack(self)
-        self.init_std = check_range(self.name, "init_std", self.init_std, 0.0)
         self.beta = check_range(self.name, "beta", self.beta, 0.0)
 
-    def attack(self, ctx: Context) -> torch.Tensor:
-        y = ctx.y
-        return pgd(ctx.attack_model, ctx.x, lambda logits: F.cross_entropy(logits, y),
-                   eps=self.eps, alpha=self.step_size, steps=self.steps, start="normal",
-                   init_std=self.init_std, mode="eval", generator=ctx.generator)
+    def objective(self, ctx: Context):
+        return cross_entropy_objective(ctx)
 
-    def attack_objective(self, ctx: Context, x_adv: torch.Tensor) -> torch.Tensor:
-        with model_mode(ctx.attack_model, "eval"), torch.no_grad():
-            return F.cross_entropy(ctx.attack_model(x_adv), ctx.y)
+    def attack(self, ctx: Context) -> torch.Tensor:
+        return pgd(ctx.attack_model, ctx.x, self.objective(ctx), **self.pgd_settings(ctx))
 
     def loss_at(self, ctx: Context, x_adv: torch.Tensor) -> torch.Tensor:
         y = ctx.y

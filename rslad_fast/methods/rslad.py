@@ -18,10 +18,10 @@ Official code: zibojia/RSLAD, `rslad_loss.py` (`rslad_inner_loss`) and `resnet18
 import torch
 
 from .. import ops
-from ..attacks.pgd import fused_kl_pgd, model_mode
+from ..attacks.pgd import fused_kl_pgd, kl_objective
 from ..errors import UserError
-from .base import (Context, HParam, Method, Schedule, accuracy, check_attack, check_range, register,
-                   teacher_logits, upcast)
+from .base import (Context, HParam, Method, Schedule, accuracy, check_attack, check_range, pgd_hparams, register,
+                   teacher_logits)
 
 
 @register
@@ -30,16 +30,13 @@ class RSLAD(Method):
 
     name = "rslad"
     needs_teacher = True
+    attack_start = "normal"  # x + init_std*N(0,1) (rslad_loss.py), drawn inside fused_kl_pgd
     LOSS_PER_ELEMENT = True  # the KL terms are means over B*C elements (rslad_loss.py), see loss_at
     HPARAMS = {
-        "eps": HParam(8 / 255, "l_inf radius, inputs in [0, 1] (RSLAD resnet18_rslad_cifar10.py epsilon = "
-                               "8/255)"),
-        "step_size": HParam(2 / 255, "PGD step (RSLAD resnet18_rslad_cifar10.py rslad_inner_loss(..., "
-                                     "step_size=2/255.0))"),
-        "steps": HParam(10, "PGD steps (RSLAD resnet18_rslad_cifar10.py rslad_inner_loss(..., "
-                            "perturb_steps=10))"),
-        "init_std": HParam(0.001, "std of the Gaussian start x + init_std*N(0,1) (RSLAD rslad_loss.py "
-                                  "`0.001 * torch.randn`)"),
+        **pgd_hparams(eps=(8 / 255, "RSLAD resnet18_rslad_cifar10.py epsilon = 8/255"),
+                      step_size=(2 / 255, "RSLAD resnet18_rslad_cifar10.py rslad_inner_loss(..., step_size=2/255.0)"),
+                      steps=(10, "RSLAD resnet18_rslad_cifar10.py rslad_inner_loss(..., perturb_steps=10)"),
+                      init_std=(0.001, "RSLAD rslad_loss.py `0.001 * torch.randn`")),
         "alpha": HParam(5 / 6, "weight of the adversarial KL term; 1-alpha weighs the natural one (RSLAD "
                                "resnet18_rslad_cifar10.py `5/6.0*kl_Loss1 + 1/6.0*kl_Loss2`)"),
         "cuda_graph": HParam("auto", "implementation switch, not from the paper: fused_kl_pgd's cuda_graph "
@@ -52,7 +49,6 @@ class RSLAD(Method):
 
     def validate(self) -> None:
         check_attack(self)
-        self.init_std = check_range(self.name, "init_std", self.init_std, 0.0)
         self.alpha = check_range(self.name, "alpha", self.alpha, 0.0, 1.0)
         value = self.cuda_graph
         if isinstance(value, str) and value.strip().lower() in ("auto", "true", "false"):
@@ -61,24 +57,20 @@ class RSLAD(Method):
             raise UserError(f"method 'rslad': cuda_graph must be 'auto', true or false, got {self.cuda_graph!r}")
         self.cuda_graph = value
 
+    def objective(self, ctx: Context):
+        return kl_objective(teacher_logits(ctx))  # what fused_kl_pgd maximizes
+
     def attack(self, ctx: Context) -> torch.Tensor:
         return fused_kl_pgd(ctx.attack_model, ctx.x, teacher_logits(ctx), eps=self.eps, alpha=self.step_size,
                             steps=self.steps, init_std=self.init_std, cuda_graph=self.cuda_graph,
                             generator=ctx.generator)
 
-    def attack_objective(self, ctx: Context, x_adv: torch.Tensor) -> torch.Tensor:
-        t_logits = teacher_logits(ctx)
-        with model_mode(ctx.attack_model, "eval"), torch.no_grad():
-            s = upcast(ctx.attack_model(x_adv))
-            return ops.softmax_kl(s, t_logits.to(s.dtype), reduction="sum")
-
     def loss_at(self, ctx: Context, x_adv: torch.Tensor) -> torch.Tensor:
         t_logits = teacher_logits(ctx)
         logits_adv = ctx.student(x_adv)
         logits_nat = ctx.student(ctx.x)
-        s_adv, s_nat = upcast(logits_adv), upcast(logits_nat)
-        loss_adv = ops.softmax_kl(s_adv, t_logits.to(s_adv.dtype), reduction="mean")
-        loss_nat = ops.softmax_kl(s_nat, t_logits.to(s_nat.dtype), reduction="mean")
+        loss_adv = ops.softmax_kl(logits_adv, t_logits, reduction="mean")
+        loss_nat = ops.softmax_kl(logits_nat, t_logits, reduction="mean")
         loss = self.alpha * loss_adv + (1.0 - self.alpha) * loss_nat
         ctx.stats.update(loss=loss.detach(), loss_adv=loss_adv.detach(), loss_nat=loss_nat.detach(),
                          acc_nat=accuracy(logits_nat, ctx.y), acc_adv=accuracy(logits_adv, ctx.y))

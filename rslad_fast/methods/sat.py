@@ -11,9 +11,10 @@ mode; `attack_mode="train"` reproduces that.
 import torch
 import torch.nn.functional as F
 
-from ..attacks.pgd import model_mode, pgd
+from ..attacks.pgd import pgd
 from ..errors import UserError
-from .base import Context, HParam, Method, Schedule, accuracy, check_attack, preserved_buffers, register
+from .base import (Context, HParam, Method, Schedule, accuracy, check_attack, cross_entropy_objective, pgd_hparams,
+                   register)
 
 
 @register
@@ -23,10 +24,9 @@ class SAT(Method):
     name = "sat"
     needs_teacher = False
     HPARAMS = {
-        "eps": HParam(8 / 255, "l_inf radius, inputs in [0, 1] (Madry cifar10_challenge config.json "
-                               "\"epsilon\": 8.0 on the 0-255 scale)"),
-        "step_size": HParam(2 / 255, "PGD step (Madry config.json \"step_size\": 2.0 on the 0-255 scale)"),
-        "steps": HParam(10, "PGD steps (Madry config.json \"num_steps\": 10)"),
+        **pgd_hparams(eps=(8 / 255, "Madry cifar10_challenge config.json \"epsilon\": 8.0 on the 0-255 scale"),
+                      step_size=(2 / 255, "Madry config.json \"step_size\": 2.0 on the 0-255 scale"),
+                      steps=(10, "Madry config.json \"num_steps\": 10")),
         "attack_mode": HParam("eval", "model mode during the attack: 'eval' (default; the PyTorch convention "
                                       "of TRADES/MART/RSLAD) or 'train' (Madry's TF train.py attacks "
                                       "Model(mode='train'): BatchNorm in training mode)"),
@@ -42,15 +42,11 @@ class SAT(Method):
         if self.attack_mode not in ("eval", "train"):
             raise UserError(f"method 'sat': attack_mode must be 'eval' or 'train', got {self.attack_mode!r}")
 
-    def attack(self, ctx: Context) -> torch.Tensor:
-        y = ctx.y
-        return pgd(ctx.attack_model, ctx.x, lambda logits: F.cross_entropy(logits, y),
-                   eps=self.eps, alpha=self.step_size, steps=self.steps, start="uniform",
-                   mode=self.attack_mode, generator=ctx.generator)
+    def objective(self, ctx: Context):
+        return cross_entropy_objective(ctx)
 
-    def attack_objective(self, ctx: Context, x_adv: torch.Tensor) -> torch.Tensor:
-        with model_mode(ctx.attack_model, self.attack_mode), preserved_buffers(ctx.attack_model), torch.no_grad():
-            return F.cross_entropy(ctx.attack_model(x_adv), ctx.y)
+    def attack(self, ctx: Context) -> torch.Tensor:
+        return pgd(ctx.attack_model, ctx.x, self.objective(ctx), **self.pgd_settings(ctx))
 
     def loss_at(self, ctx: Context, x_adv: torch.Tensor) -> torch.Tensor:
         logits_adv = ctx.student(x_adv)

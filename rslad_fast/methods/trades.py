@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..attacks.pgd import model_mode, pgd
-from .base import Context, HParam, Method, Schedule, accuracy, check_attack, check_range, register, upcast
+from .base import Context, HParam, Method, Schedule, accuracy, check_attack, check_range, pgd_hparams, register
 
 
 @register
@@ -24,13 +24,12 @@ class TRADES(Method):
 
     name = "trades"
     needs_teacher = False
+    attack_start = "normal"  # x + init_std*N(0,1) (trades.py)
     HPARAMS = {
-        "eps": HParam(0.031, "l_inf radius, inputs in [0, 1]; 0.031 ~ 8/255 (TRADES train_trades_cifar10.py "
-                             "--epsilon 0.031)"),
-        "step_size": HParam(0.007, "PGD step (TRADES train_trades_cifar10.py --step-size 0.007)"),
-        "steps": HParam(10, "PGD steps (TRADES train_trades_cifar10.py --num-steps 10)"),
-        "init_std": HParam(0.001, "std of the Gaussian start x + init_std*N(0,1) (TRADES trades.py "
-                                  "`0.001 * torch.randn`)"),
+        **pgd_hparams(eps=(0.031, "0.031 ~ 8/255; TRADES train_trades_cifar10.py --epsilon 0.031"),
+                      step_size=(0.007, "TRADES train_trades_cifar10.py --step-size 0.007"),
+                      steps=(10, "TRADES train_trades_cifar10.py --num-steps 10"),
+                      init_std=(0.001, "TRADES trades.py `0.001 * torch.randn`")),
         "beta": HParam(6.0, "weight of the KL term, 1/lambda (TRADES train_trades_cifar10.py --beta 6.0)"),
     }
     SCHEDULE = Schedule(
@@ -41,23 +40,19 @@ class TRADES(Method):
 
     def validate(self) -> None:
         check_attack(self)
-        self.init_std = check_range(self.name, "init_std", self.init_std, 0.0)
         self.beta = check_range(self.name, "beta", self.beta, 0.0)
 
     @staticmethod
     def _kl_sum(logits_adv, logits_nat):
-        return ops.softmax_kl(upcast(logits_adv), upcast(logits_nat), reduction="sum")
+        return ops.softmax_kl(logits_adv, logits_nat, reduction="sum")
 
-    def attack(self, ctx: Context) -> torch.Tensor:
+    def objective(self, ctx: Context):
         with model_mode(ctx.attack_model, "eval"), torch.no_grad():
             target = ctx.attack_model(ctx.x)  # f(x) in eval mode: a constant during the attack, as in trades.py
-        return pgd(ctx.attack_model, ctx.x, lambda logits: self._kl_sum(logits, target),
-                   eps=self.eps, alpha=self.step_size, steps=self.steps, start="normal",
-                   init_std=self.init_std, mode="eval", generator=ctx.generator)
+        return lambda logits: self._kl_sum(logits, target)
 
-    def attack_objective(self, ctx: Context, x_adv: torch.Tensor) -> torch.Tensor:
-        with model_mode(ctx.attack_model, "eval"), torch.no_grad():
-            return self._kl_sum(ctx.attack_model(x_adv), ctx.attack_model(ctx.x))
+    def attack(self, ctx: Context) -> torch.Tensor:
+        return pgd(ctx.attack_model, ctx.x, self.objective(ctx), **self.pgd_settings(ctx))
 
     def loss_at(self, ctx: Context, x_adv: torch.Tensor) -> torch.Tensor:
         logits_nat = ctx.student(ctx.x)
