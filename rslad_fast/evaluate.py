@@ -1,4 +1,6 @@
-"""Robustness evaluation: the paper's Table 2 row for each checkpoint (issue 4).
+"""Robustness evaluation: the paper's Table 2 row for each checkpoint. This module is the command line (flags,
+what to evaluate, printing); the evaluation of a model is ``evaluation/robustness.py``, the report
+``evaluation/report.py``, the attacks and their registry ``attacks/eval_attacks.py``.
 
     python -m rslad_fast.evaluate --run RUN_DIR                     # RUN_DIR/best.pt and RUN_DIR/last.pt
     python -m rslad_fast.evaluate --ckpt model_cifar_wrn.pt --arch wrn34-10
@@ -31,31 +33,23 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import math
 import os
-import platform
 import sys
 import time
-import zlib
 from fractions import Fraction
 from pathlib import Path
 
-from rslad_fast.attacks.eval_attacks import EVAL_ATTACKS, INIT_STD, Clean
+from rslad_fast.attacks.eval_attacks import EVAL_ATTACKS, INIT_STD, PGD
 from rslad_fast.attacks.pgd import STARTS
 from rslad_fast.cli import fmt_value
 from rslad_fast.errors import UserError
+from rslad_fast.evaluation import report as eval_report
+from rslad_fast.evaluation.report import WORST_LABEL, table
+from rslad_fast.evaluation.robustness import ATTACKS, evaluate_model, fingerprint, sanity_check, summarize
 
-# attack name on the command line -> column of the paper's Table 2, in the table's order
-COLUMNS = {name: e.column for name, e in EVAL_ATTACKS.items()}
-ATTACKS = tuple(COLUMNS)
-WORST = "worst"
-WORST_LABEL = "Worst (all ran)"
-# Clean >= FGSM >= PGD (both) >= AA: an attack at a higher level must not leave a higher accuracy
-LEVELS = {name: e.level for name, e in EVAL_ATTACKS.items() if e.level is not None}
 RUN_CHECKPOINTS = ("best.pt", "last.pt")
-FORMAT = "rslad_fast.eval/1"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -107,7 +101,7 @@ def _attack_list(text: str):
     names = [t.strip().lower() for t in text.split(",") if t.strip()]
     if not names:
         raise argparse.ArgumentTypeError("no attack given")
-    unknown = [n for n in names if n not in COLUMNS]
+    unknown = [n for n in names if n not in EVAL_ATTACKS]
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown attack(s) {', '.join(map(repr, unknown))}; choose from "
                                          f"{','.join(ATTACKS)}")
@@ -216,17 +210,6 @@ def _read_run(run_dir: Path, arch_flag):
     return [{"label": p.stem, "path": p, "arch": arch, "method": method} for p in ckpts], notes
 
 
-def _fingerprint(model) -> str:
-    """sha256 of every parameter and buffer, in order: equal for checkpoints holding the same weights."""
-    import torch
-
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def make_plan(args) -> dict:
     """Everything the run needs, validated; raises UserError before any work is done or file written."""
     from rslad_fast.models import canonical_name
@@ -282,173 +265,6 @@ def _device(name):
     return dev
 
 
-# ----------------------------------------------------------------------------- the evaluation itself
-
-def _percent(correct) -> float:
-    """Accuracy in %, from the exact count (no float32 mean)."""
-    return 100.0 * int(correct.sum()) / max(len(correct), 1)
-
-
-def _attack_seed(seed: int, name: str) -> int:
-    """A seed per (run seed, attack), so an attack's numbers do not depend on which others ran."""
-    return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 63)
-
-
-def evaluate_model(model, images, labels, attacks: dict, *, batch_size: int, device, seed: int = 0,
-                   bar=None, sanity=None, label: str = "", dist=None) -> dict:
-    """Run clean + ``attacks`` (name -> :class:`~rslad_fast.attacks.EvalAttack`) on uint8 ``images`` [N,3,32,32].
-
-    Returns per attack the per-image correctness (bool CPU tensor), the accuracy in %, seconds and the
-    largest l_inf perturbation seen; plus 'worst' (AND over clean and every attack) and the sanity run.
-
-    ``dist`` (an active ``engine.dist.Dist``): this rank attacks its contiguous slice of the images; the
-    per-image results of all ranks are gathered, so every rank returns the whole set's.
-    """
-    import torch
-    from rslad_fast.data.loaders import mix_seed
-
-    n = len(labels)
-    active = dist is not None and dist.active
-    lo, hi = dist.shard(n) if active else (0, n)
-    device = torch.device(device)
-    model = model.to(device)
-
-    todo = dict(attacks)
-    todo.setdefault("clean", Clean())  # always: "worst" includes it, and so do the ordering checks
-    if sanity is not None:
-        todo["sanity"] = sanity
-    results = {}
-    for name, attack in todo.items():
-        ok = torch.zeros(hi - lo, dtype=torch.bool)
-        attack_seed = _attack_seed(seed, name)  # rank 0: the single process's stream; others: their own
-        if active and dist.rank > 0:
-            attack_seed = mix_seed(attack_seed, dist.rank)
-        gen = torch.Generator(device=device).manual_seed(attack_seed)
-        max_linf, t0 = 0.0, time.perf_counter()
-        if bar is not None:
-            bar.set_description(f"{label} {name}".strip())
-        for start in range(lo, hi, batch_size):
-            stop = min(start + batch_size, hi)
-            x = images[start:stop].to(device).float().div_(255)
-            y = labels[start:stop].to(device)
-            x_adv, pred = attack.run(model, x, y, generator=gen)
-            max_linf = max(max_linf, (x_adv - x).abs().max().item())
-            if max_linf > attack.eps + 1e-6 or x_adv.min().item() < 0 or x_adv.max().item() > 1:
-                raise RuntimeError(f"attack {name} left the threat model: |x_adv - x|_inf = {max_linf} "
-                                   f"(eps {attack.eps}), range [{x_adv.min().item()}, {x_adv.max().item()}]")
-            ok[start - lo:stop - lo] = (pred == y).cpu()
-            if bar is not None:
-                bar.set_postfix(acc=f"{_percent(ok[:stop - lo]):.2f}")
-                bar.update(1)
-        if active:  # every rank's slice, in rank order: the whole set
-            ok = torch.cat(dist.all_gather_object(ok))
-            max_linf = max(dist.all_gather_object(max_linf))
-        results[name] = {"correct": ok, "accuracy": _percent(ok),
-                         "seconds": time.perf_counter() - t0, "max_linf": max_linf}
-    worst = torch.ones(n, dtype=torch.bool)
-    for name, r in results.items():
-        if name != "sanity":
-            worst &= r["correct"]
-    results[WORST] = {"correct": worst, "accuracy": _percent(worst)}
-    return results
-
-
-def ordering_warnings(acc: dict, tolerance: float) -> list:
-    """Pairs breaking Clean >= FGSM >= PGD_SAT, PGD_TRADES >= AA by more than ``tolerance`` points."""
-    out = []
-    ran = [a for a in LEVELS if a in acc]
-    for hi in ran:
-        for lo in ran:
-            if LEVELS[hi] < LEVELS[lo] and acc[lo] > acc[hi] + tolerance:
-                out.append(f"{COLUMNS[lo]} ({acc[lo]:.2f}) is above {COLUMNS[hi]} ({acc[hi]:.2f}) by more than "
-                           f"{tolerance:g} points: expected Clean >= FGSM >= PGD >= AA (a weak attack, or "
-                           f"gradient masking)")
-    return out
-
-
-def sanity_check(attack, accuracy: float, num_classes: int):
-    """(report entry, warning or None): an attack with eps ~ 1 must leave accuracy at or below chance."""
-    chance = 100.0 / num_classes
-    entry = {**attack.hparams(), "accuracy": accuracy, "chance": chance, "ok": accuracy <= chance}
-    warning = None
-    if accuracy > chance:
-        warning = (f"sanity: PGD with eps {attack.eps:g} leaves {accuracy:.2f}% accuracy, above chance "
-                   f"({chance:.2f}%): the attack is broken (wrong gradient sign?) or the model masks gradients")
-    return entry, warning
-
-
-def _pretty(v):
-    """Floats that are k/255 also shown as such (eps 8/255, step 2/255)."""
-    if isinstance(v, float) and 0 < v < 1 and abs(v * 255 - round(v * 255)) < 1e-6:
-        return f"{v:.6g} (={round(v * 255)}/255)"
-    return str(v)
-
-
-def _fmt(v):
-    return "—" if v is None else f"{v:.2f}"
-
-
-def table(rows: list, columns: list) -> str:
-    """Markdown table in the paper's layout: one row per checkpoint."""
-    head = ["checkpoint", "model", "method"] + [COLUMNS[c] for c in columns] + [WORST_LABEL]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(columns) + 1)) + "|"]
-    for r in rows:
-        cells = [r["label"], r["arch"], r["method"] or "—"] + [_fmt(r["accuracy"].get(c)) for c in columns]
-        cells.append(_fmt(r["accuracy"][WORST]))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _markdown(report: dict) -> str:
-    cfg = report["config"]
-    cols = report["columns"]
-    lines = [f"# Robustness evaluation ({report['data']['split']}, first {report['n']} images, "
-             f"eps = {cfg['eps']:.6g} = {cfg['eps'] * 255:.4g}/255)", "",
-             table(report["rows"], cols), "",
-             f"*{WORST_LABEL}*: per image, correct on the clean image AND under every attack that ran "
-             f"({', '.join(COLUMNS[c] for c in report['attacks_run'])}). "
-             f"AA is AutoAttack's own per-image worst case over its four attacks.", ""]
-    sanity_rows = [r for r in report["rows"] if r.get("sanity")]
-    if sanity_rows:
-        s = sanity_rows[0]["sanity"]
-        lines.append(f"Sanity (PGD-{s['steps']}, eps {s['eps']:g}, step {s['alpha']:g}; must be <= "
-                     f"{s['chance']:.2f}% chance): " + ", ".join(
-                         f"{r['label']} {r['sanity']['accuracy']:.2f}%" for r in sanity_rows))
-        lines.append("")
-    lines += [f"Note: {note}" for note in report["notes"]] + ([""] if report["notes"] else [])
-    lines.append("## Warnings")
-    warns = [f"- {r['label']}: {w}" for r in report["rows"] for w in r["warnings"]]
-    lines += (warns or ["none"]) + ["", "## Attacks"]
-    for name, hp in cfg["attacks"].items():
-        what = ", ".join(f"{k}={_pretty(v)}" for k, v in hp.items()) or "the natural images, no attack"
-        lines.append(f"- {COLUMNS.get(name, name)} (`{name}`): {what}")
-    if "autoattack" in cfg:
-        aa = cfg["autoattack"]
-        lines.append(f"- AutoAttack run configuration: {json.dumps(aa, sort_keys=False)}")
-    lines += ["", "## Setup",
-              "- checkpoints: " + ", ".join(f"`{r['checkpoint']}`" for r in report["rows"]),
-              f"- data: `{report['data']['root']}` ({report['data']['split']}, first {report['n']} images)",
-              f"- device: {report['device']} ({report['device_name']}), torch {report['torch']}, python "
-              f"{report['python']}, tf32 {'allowed' if cfg['allow_tf32'] else 'off'}",
-              f"- seed {report['seed']}, batch size {cfg['batch_size']}",
-              f"- started {report['time']['started']}, {report['time']['seconds']:.1f} s",
-              f"- command: `{report['command']}`", ""]
-    return "\n".join(lines)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError as e:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
-
-
 def run(args, argv=None, dist=None) -> dict:
     """Validate, load, evaluate; returns the report (not yet written).
 
@@ -477,7 +293,6 @@ def run(args, argv=None, dist=None) -> dict:
         attacks = build_attacks(args, log=log)
         sanity = None
         if args.sanity:
-            from rslad_fast.attacks.eval_attacks import PGD
             sanity = PGD(eps=args.sanity_eps, alpha=args.sanity_alpha, steps=args.sanity_steps, start="uniform",
                          name="sanity")
 
@@ -517,7 +332,7 @@ def run(args, argv=None, dist=None) -> dict:
             bar_holder["bar"] = bar
             done = {}  # weights fingerprint -> (label, results): best.pt is often last.pt, attacked once
             for row, model in zip(plan["rows"], models):
-                key = _fingerprint(model)
+                key = fingerprint(model)
                 if key in done:
                     first, res = done[key]
                     plan["notes"].append(f"{row['label']} holds the same weights as {first}: evaluated once")
@@ -527,78 +342,22 @@ def run(args, argv=None, dist=None) -> dict:
                                          device=device, seed=args.seed, bar=bar, sanity=sanity,
                                          label=row["label"], dist=dist)
                     done[key] = (row["label"], res)
-                acc = {name: r["accuracy"] for name, r in res.items() if name in attacks or name == WORST}
-                acc_all = {name: r["accuracy"] for name, r in res.items()}
-                warnings = ordering_warnings(acc_all, args.tolerance)
-                if "aa" in attacks:
-                    warnings += [f"autoattack: {w}" for w in attacks["aa"].warnings]
-                    attacks["aa"].warnings.clear()
                 entry = {"label": row["label"], "checkpoint": str(row["path"]), "arch": row["arch"],
-                         "method": row["method"], "accuracy": acc, "clean_accuracy": acc_all["clean"],
-                         "correct": {name: int(r["correct"].sum()) for name, r in res.items()},
-                         "seconds": {name: round(r["seconds"], 3) for name, r in res.items() if "seconds" in r},
-                         "max_linf": {name: r["max_linf"] for name, r in res.items()
-                                      if name not in ("clean", WORST, "sanity")},
-                         "warnings": warnings}
+                         "method": row["method"], **summarize(res, attacks, args.tolerance)}
                 if sanity is not None:
                     with torch.no_grad():
                         classes = model.eval()(images[:1].to(device).float().div(255)).shape[1]
                     entry["sanity"], warning = sanity_check(sanity, res["sanity"]["accuracy"], classes)
                     if warning:
-                        warnings.append(warning)
+                        entry["warnings"].append(warning)
                 rows.append(entry)
     finally:
         restore_tf32(saved_tf32)
         bar_holder.pop("bar", None)
 
-    config = {k: v for k, v in vars(args).items()}
-    config["attacks"] = {name: a.hparams() for name, a in attacks.items()}
-    if sanity is not None:
-        config["sanity_attack"] = sanity.hparams()
-    if "aa" in attacks and attacks["aa"].last_config is not None:
-        aa_cfg = dict(attacks["aa"].last_config)
-        aa_cfg.pop("device_per_attack", None)
-        config["autoattack"] = aa_cfg
-    try:
-        from importlib import metadata
-        aa_version = metadata.version("pyautoattack")
-    except Exception:
-        aa_version = None
-    return {
-        "format": FORMAT,
-        "columns": [c for c in ATTACKS if c in attacks],
-        "attacks_run": [c for c in ATTACKS if c in attacks or c == "clean"],
-        "column_names": {**COLUMNS, WORST: WORST_LABEL},
-        "rows": rows,
-        "n": n,
-        "n_requested": args.n,
-        "seed": args.seed,
-        "data": {"root": str(args.data), "split": "CIFAR-10 test"},
-        "config": config,
-        "device": str(device),
-        "world_size": dist.world_size,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-        or platform.machine(),
-        "torch": torch.__version__,
-        "pyautoattack": aa_version,
-        "python": platform.python_version(),
-        "command": " ".join(["python -m rslad_fast.evaluate"] + list(sys.argv[1:] if argv is None else argv)),
-        "time": {"started": started.isoformat(timespec="seconds"), "seconds": round(time.perf_counter() - t0, 3)},
-        "out": str(plan["out"]),
-        "notes": plan["notes"],
-    }
-
-
-def write_report(report: dict) -> tuple:
-    out = Path(report["out"])
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create --out {out}: {e.strerror or e}") from None
-    json_path, md_path = out / "eval.json", out / "eval.md"
-    _write_atomic(json_path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    _write_atomic(md_path, _markdown(report))
-    return json_path, md_path
+    return eval_report.build(args=args, argv=argv, attacks=attacks, sanity=sanity, rows=rows, n=n, device=device,
+                             world_size=dist.world_size, started=started, seconds=time.perf_counter() - t0,
+                             out=plan["out"], notes=plan["notes"])
 
 
 def main(argv=None) -> int:
@@ -622,7 +381,7 @@ def _main(args, argv, dist) -> int:
         report = run(args, argv, dist)
         if not dist.is_main:  # rank 0 alone writes and prints
             return 0
-        json_path, md_path = write_report(report)
+        json_path, md_path = eval_report.write(report)
     except UserError as e:
         if dist.is_main:  # under torchrun the ranks agreed on it: rank 0 says it
             print(f"error: {e}", file=sys.stderr)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from rslad_fast import evaluate as ev
 from rslad_fast.attacks.eval_attacks import PRESETS, PGD
 from rslad_fast.data import load_cifar10
+from rslad_fast.evaluation.robustness import ordering_warnings
 from rslad_fast.models import build
 
 N = 16
@@ -231,12 +232,12 @@ def test_worst_is_the_per_image_and(env):
 
 def test_ordering_warnings():
     ok = {"clean": 80.0, "fgsm": 55.0, "pgd20-sat": 50.0, "pgd20-trades": 51.0, "cw": 49.0, "aa": 47.0}
-    assert ev.ordering_warnings(ok, 0.5) == []
-    assert ev.ordering_warnings({**ok, "aa": 50.3}, 0.5) == []  # within tolerance
-    bad = ev.ordering_warnings({**ok, "aa": 53.0}, 0.5)
+    assert ordering_warnings(ok, 0.5) == []
+    assert ordering_warnings({**ok, "aa": 50.3}, 0.5) == []  # within tolerance
+    bad = ordering_warnings({**ok, "aa": 53.0}, 0.5)
     assert len(bad) == 2 and all(w.startswith("AA (53.00) is above PGD_") for w in bad)
-    assert ev.ordering_warnings({"clean": 40.0, "fgsm": 45.0}, 0.5)[0].startswith("FGSM (45.00) is above Clean")
-    assert ev.ordering_warnings({"clean": 80.0, "cw": 85.0}, 0.5) == []  # CW is not in the chain
+    assert ordering_warnings({"clean": 40.0, "fgsm": 45.0}, 0.5)[0].startswith("FGSM (45.00) is above Clean")
+    assert ordering_warnings({"clean": 80.0, "cw": 85.0}, 0.5) == []  # CW is not in the chain
 
 
 class _ReversedGradient(torch.autograd.Function):
