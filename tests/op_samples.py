@@ -47,24 +47,42 @@ def make_pgd_inputs(shape, dtype, device="cpu", seed=0, non_contiguous=False, ze
     return x_adv, grad, x_nat
 
 
-def kl_samples(device="cpu", dtypes=DTYPES_CPU, requires_grad=False):
-    """(args, kwargs) for softmax_kl over a compact grid of the parameters the tests sweep."""
-    out = []
-    grid = [((7, 10), 1.0, "batchmean"), ((128, 10), 1.0, "mean"), ((1, 2), 4.0, "sum"), ((513, 100), 0.5, "none"),
-            ((3, 1000), 30.0, "mean")]
-    for dtype, ((rows, classes), temp, red), nc in itertools.product(dtypes, grid, (False, True)):
-        s = make_logits(rows, classes, dtype, device, seed=1, non_contiguous=nc)
-        t = make_logits(rows, classes, dtype, device, seed=2, non_contiguous=nc)
-        if requires_grad:
-            s.requires_grad_(True)
-            t.requires_grad_(True)
-        out.append(((s, t), {"temperature": temp, "reduction": red}))
-    return out
+# A sample is named by a spec (plain values: a test can be parametrized by them before any device is touched)
+# and built on the device the test runs on.
+KL_GRID = (((7, 10), 1.0, "batchmean"), ((128, 10), 1.0, "mean"), ((1, 2), 4.0, "sum"), ((513, 100), 0.5, "none"),
+           ((3, 1000), 30.0, "mean"))
 
 
-def pgd_samples(device="cpu", dtypes=DTYPES_CPU):
-    out = []
-    for dtype, shape, nc in itertools.product(dtypes, IMAGE_SHAPES[:3], (False, True)):
-        x_adv, grad, x_nat = make_pgd_inputs(shape, dtype, device, non_contiguous=nc)
-        out.append(((x_adv, grad, x_nat), {"eps": 8 / 255, "alpha": 2 / 255, "lo": 0.0, "hi": 1.0}))
-    return out
+def kl_specs(dtypes=DTYPES_CPU):
+    """(dtype, rows, classes, temperature, reduction, non_contiguous) over a compact grid of what the tests sweep."""
+    return [(dtype, *shape, temp, red, nc) for dtype, (shape, temp, red), nc in
+            itertools.product(dtypes, KL_GRID, (False, True))]
+
+
+def kl_sample(spec, device="cpu", requires_grad=False):
+    """(args, kwargs) of softmax_kl for one of `kl_specs`."""
+    dtype, rows, classes, temp, red, nc = spec
+    s = make_logits(rows, classes, dtype, device, seed=1, non_contiguous=nc)
+    t = make_logits(rows, classes, dtype, device, seed=2, non_contiguous=nc)
+    if requires_grad:
+        s.requires_grad_(True)
+        t.requires_grad_(True)
+    return (s, t), {"temperature": temp, "reduction": red}
+
+
+def pgd_specs(dtypes=DTYPES_CPU):
+    """(dtype, shape, non_contiguous)."""
+    return list(itertools.product(dtypes, IMAGE_SHAPES[:3], (False, True)))
+
+
+def pgd_sample(spec, device="cpu"):
+    """(args, kwargs) of pgd_step_ for one of `pgd_specs`."""
+    dtype, shape, nc = spec
+    x_adv, grad, x_nat = make_pgd_inputs(shape, dtype, device, non_contiguous=nc)
+    return (x_adv, grad, x_nat), {"eps": 8 / 255, "alpha": 2 / 255, "lo": 0.0, "hi": 1.0}
+
+
+def spec_id(spec):
+    """A readable test id for a spec: its values joined, dtypes without the `torch.` prefix."""
+    words = {False: "contiguous", True: "strided"}
+    return "-".join(str(v).removeprefix("torch.") if not isinstance(v, bool) else words[v] for v in spec)

@@ -1,7 +1,8 @@
 """The fused ops against their pure-PyTorch reference, their gradients, their registration and bad input.
 
 These run against the compiled kernels: a missing build fails `test_compiled_ops_are_in_use` instead of
-quietly testing the fallback.
+quietly testing the fallback. A test with a `device` parameter runs on the CPU and, marked `cuda`, on a GPU;
+its inputs come from op_samples.py.
 """
 import itertools
 import os
@@ -10,8 +11,8 @@ import sys
 
 import pytest
 import torch
-from op_samples import (DTYPES_CPU, DTYPES_CUDA, IMAGE_SHAPES, KL_BATCHES, KL_CLASSES, TOL, kl_samples,
-                        make_logits, make_pgd_inputs, pgd_samples)
+from op_samples import (DTYPES_CPU, DTYPES_CUDA, IMAGE_SHAPES, KL_BATCHES, KL_CLASSES, TOL, kl_sample, kl_specs,
+                        make_logits, make_pgd_inputs, pgd_sample, pgd_specs, spec_id)
 
 from rslad_fast import ops
 from rslad_fast.ops import reference
@@ -19,8 +20,18 @@ from rslad_fast.ops import reference
 REDUCTIONS = ("none", "sum", "batchmean", "mean")
 TEMPERATURES = (1.0, 4.0, 30.0)
 compiled = pytest.mark.skipif(ops.backend() != "compiled", reason="the compiled op library is not built")
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
-DEVICES = ("cpu", pytest.param("cuda", marks=(pytest.mark.cuda, cuda, compiled)))
+ON_CUDA = (pytest.mark.cuda, compiled)  # conftest.py skips `cuda` tests where no GPU is visible
+DEVICES = ("cpu", pytest.param("cuda", marks=ON_CUDA))
+
+
+def per_device(cpu_cases, cuda_cases):
+    """(device, *case) parameters where the two devices sweep different cases."""
+    return [("cpu", *c) for c in cpu_cases] + [pytest.param("cuda", *c, marks=ON_CUDA) for c in cuda_cases]
+
+
+def _skip_without_kernel(device, dtype):
+    if device == "cuda" and dtype not in DTYPES_CUDA:
+        pytest.skip("no CUDA kernel for this dtype")
 
 
 def test_compiled_ops_are_in_use():
@@ -39,11 +50,13 @@ def _assert_close(actual, expected, dtype, scale=1.0):
 # ---------------------------------------------------------------- pgd_step_
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES_CPU, ids=str)
 @pytest.mark.parametrize("shape", IMAGE_SHAPES, ids=str)
 @pytest.mark.parametrize("non_contiguous", (False, True), ids=("contiguous", "strided"))
-def test_pgd_step_matches_reference_exactly(dtype, shape, non_contiguous):
-    x_adv, grad, x_nat = make_pgd_inputs(shape, dtype, non_contiguous=non_contiguous)
+def test_pgd_step_matches_reference_exactly(device, dtype, shape, non_contiguous):
+    _skip_without_kernel(device, dtype)
+    x_adv, grad, x_nat = make_pgd_inputs(shape, dtype, device, non_contiguous=non_contiguous)
     expected = reference.pgd_step_(x_adv.clone(), grad, x_nat, 8 / 255, 2 / 255)
     out = ops.pgd_step_(x_adv, grad, x_nat, 8 / 255, 2 / 255)
     assert out is x_adv, "pgd_step_ must return its first argument, updated in place"
@@ -120,8 +133,7 @@ def test_pgd_step_under_torch_compile():
 def test_pgd_step_nan_matches_reference(device, dtype):
     """NaN in x_nat or x_adv gives NaN, as torch.clamp/min/max propagate it; a NaN gradient steps by
     sign(NaN) == 0, as torch.sign does."""
-    if device == "cuda" and dtype not in DTYPES_CUDA:
-        pytest.skip("no CUDA kernel for this dtype")
+    _skip_without_kernel(device, dtype)
     x_adv, grad, x_nat = make_pgd_inputs((4, 3, 8, 8), dtype, device)
     x_nat.view(-1)[::7] = float("nan")
     x_adv.view(-1)[3::11] = float("nan")
@@ -136,12 +148,14 @@ def test_pgd_step_nan_matches_reference(device, dtype):
 # ---------------------------------------------------------------- softmax_kl forward
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES_CPU, ids=str)
 @pytest.mark.parametrize("rows,classes", list(itertools.product(KL_BATCHES, KL_CLASSES)), ids=str)
 @pytest.mark.parametrize("non_contiguous", (False, True), ids=("contiguous", "strided"))
-def test_softmax_kl_matches_reference(dtype, rows, classes, non_contiguous):
-    s = make_logits(rows, classes, dtype, seed=1, non_contiguous=non_contiguous)
-    t = make_logits(rows, classes, dtype, seed=2, non_contiguous=non_contiguous)
+def test_softmax_kl_matches_reference(device, dtype, rows, classes, non_contiguous):
+    _skip_without_kernel(device, dtype)
+    s = make_logits(rows, classes, dtype, device, seed=1, non_contiguous=non_contiguous)
+    t = make_logits(rows, classes, dtype, device, seed=2, non_contiguous=non_contiguous)
     for reduction, temperature in itertools.product(REDUCTIONS, TEMPERATURES):
         out = ops.softmax_kl(s, t, temperature, reduction)
         expected = reference.softmax_kl(s.double(), t.double(), temperature, reduction)
@@ -159,10 +173,12 @@ def test_softmax_kl_matches_torch_kl_div():
     torch.testing.assert_close(ops.softmax_kl(s, t, reduction="sum"), kl.sum())
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64, torch.bfloat16), ids=str)
-def test_softmax_kl_huge_logits_stay_finite(dtype):
-    s = make_logits(64, 10, torch.float64, scale=1e4, seed=5).to(dtype)
-    t = make_logits(64, 10, torch.float64, scale=1e4, seed=6).to(dtype).requires_grad_(True)
+def test_softmax_kl_huge_logits_stay_finite(device, dtype):
+    _skip_without_kernel(device, dtype)
+    s = make_logits(64, 10, torch.float64, device, scale=1e4, seed=5).to(dtype)
+    t = make_logits(64, 10, torch.float64, device, scale=1e4, seed=6).to(dtype).requires_grad_(True)
     s.requires_grad_(True)
     for reduction in REDUCTIONS:
         out = ops.softmax_kl(s, t, 1.0, reduction)
@@ -189,10 +205,11 @@ def test_softmax_kl_identical_inputs_is_zero():
     assert torch.all(ops.softmax_kl(s, s.clone(), reduction="none") == 0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_softmax_kl_empty_batch(reduction):
-    s = torch.empty(0, 10, requires_grad=True)
-    t = torch.empty(0, 10)
+def test_softmax_kl_empty_batch(device, reduction):
+    s = torch.empty(0, 10, device=device, requires_grad=True)
+    t = torch.empty(0, 10, device=device)
     out = ops.softmax_kl(s, t, 1.0, reduction)
     if reduction == "none":
         assert out.shape == (0,)
@@ -205,19 +222,24 @@ def test_softmax_kl_empty_batch(reduction):
 # ---------------------------------------------------------------- softmax_kl backward
 
 
+# The CUDA kernels choose their launch shape by rows and classes: there every shape of the forward sweep.
+@pytest.mark.parametrize("device,rows,classes",
+                         per_device([(1, 2), (7, 10), (128, 10), (513, 100), (5, 1000)],
+                                    itertools.product(KL_BATCHES, KL_CLASSES)), ids=str)
 @pytest.mark.parametrize("dtype", DTYPES_CPU, ids=str)
-@pytest.mark.parametrize("rows,classes", [(1, 2), (7, 10), (128, 10), (513, 100), (5, 1000)], ids=str)
 @pytest.mark.parametrize("non_contiguous", (False, True), ids=("contiguous", "strided"))
-def test_softmax_kl_backward_matches_reference(dtype, rows, classes, non_contiguous):
-    s0 = make_logits(rows, classes, dtype, seed=7, non_contiguous=non_contiguous)
-    t0 = make_logits(rows, classes, dtype, seed=8, non_contiguous=non_contiguous)
+def test_softmax_kl_backward_matches_reference(device, rows, classes, dtype, non_contiguous):
+    _skip_without_kernel(device, dtype)
+    s0 = make_logits(rows, classes, dtype, device, seed=7, non_contiguous=non_contiguous)
+    t0 = make_logits(rows, classes, dtype, device, seed=8, non_contiguous=non_contiguous)
     for reduction, temperature in itertools.product(REDUCTIONS, TEMPERATURES):
         grads = []
         # The oracle runs in float64 on the same (rounded) inputs.
         for fn, dt in ((ops.softmax_kl, dtype), (reference.softmax_kl, torch.float64)):
             s, t = s0.to(dt).requires_grad_(True), t0.to(dt).requires_grad_(True)
             out = fn(s, t, temperature, reduction)
-            g = torch.linspace(-1.5, 2.0, rows, dtype=dt) if reduction == "none" else torch.tensor(0.7, dtype=dt)
+            g = (torch.linspace(-1.5, 2.0, rows, dtype=dt, device=device) if reduction == "none"
+                 else torch.tensor(0.7, dtype=dt, device=device))
             grads.append(torch.autograd.grad(out, (s, t), g))
         (gs, gt), (rs, rt) = grads
         # Gradients are scaled down by the reduction; tolerances follow the largest reference entry.
@@ -234,12 +256,16 @@ def test_softmax_kl_only_student_grad():
     torch.testing.assert_close(s.grad, expected)
 
 
+# On CUDA, float64 reductions run the 1024-thread kernel whose register use once exceeded a block's on sm_90.
+@pytest.mark.parametrize("device,rows,classes,temperature",
+                         per_device([(5, 7, 1.0), (5, 7, 3.0)], [(33, 31, 2.0)]), ids=str)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("temperature", (1.0, 3.0))
-def test_softmax_kl_gradcheck(reduction, temperature):
-    s = make_logits(5, 7, torch.float64, seed=9).requires_grad_(True)
-    t = make_logits(5, 7, torch.float64, seed=10).requires_grad_(True)
+def test_softmax_kl_gradcheck_and_opcheck(device, rows, classes, temperature, reduction):
+    s = make_logits(rows, classes, torch.float64, device, seed=9).requires_grad_(True)
+    t = make_logits(rows, classes, torch.float64, device, seed=10).requires_grad_(True)
     assert torch.autograd.gradcheck(lambda a, b: ops.softmax_kl(a, b, temperature, reduction), (s, t))
+    torch.library.opcheck(torch.ops.rslad_fast.softmax_kl.default, (s, t),
+                          {"temperature": temperature, "reduction": reduction})
 
 
 # ---------------------------------------------------------------- softmax_kl on non-finite logits
@@ -385,10 +411,10 @@ def test_nonfinite_on_the_baseline_cpu_kernels():
 
 
 @compiled
-@pytest.mark.parametrize("sample", kl_samples(dtypes=(torch.float32, torch.float64), requires_grad=True),
-                         ids=lambda s: f"{list(s[0][0].shape)}-{s[1]['reduction']}-{s[0][0].dtype}")
-def test_opcheck_softmax_kl(sample):
-    args, kwargs = sample
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("spec", kl_specs((torch.float32, torch.float64)), ids=spec_id)
+def test_opcheck_softmax_kl(device, spec):
+    args, kwargs = kl_sample(spec, device, requires_grad=True)
     torch.library.opcheck(torch.ops.rslad_fast.softmax_kl.default, args, kwargs)
 
 
@@ -401,10 +427,11 @@ def test_opcheck_softmax_kl_backward(reduction):
 
 
 @compiled
-@pytest.mark.parametrize("sample", pgd_samples(dtypes=(torch.float32, torch.float16)),
-                         ids=lambda s: f"{list(s[0][0].shape)}-{s[0][0].dtype}-{s[0][0].is_contiguous()}")
-def test_opcheck_pgd_step(sample):
-    args, kwargs = sample
+@pytest.mark.parametrize("device,spec", per_device([(s,) for s in pgd_specs((torch.float32, torch.float16))],
+                                                   [(s,) for s in pgd_specs((torch.float32, torch.float16, torch.float64))]),
+                         ids=lambda v: v if isinstance(v, str) else spec_id(v))
+def test_opcheck_pgd_step(device, spec):
+    args, kwargs = pgd_sample(spec, device)
     torch.library.opcheck(torch.ops.rslad_fast.pgd_step_.default, args, kwargs)
 
 
@@ -450,38 +477,36 @@ def _pgd_bad_cases():
     ]
 
 
+# The Python op, and the raw torch.ops one: the C++ checks hold for callers that go straight to torch.ops
+# (and for C++ users).
+RAW = (False, pytest.param(True, marks=compiled))
+
+
+@pytest.mark.parametrize("raw", RAW, ids=("op", "raw_op"))
 @pytest.mark.parametrize("case", _kl_bad_cases(), ids=lambda c: c[3])
-def test_softmax_kl_bad_input(case):
+def test_softmax_kl_bad_input(case, raw):
     args, kwargs, exc, words = case
+    kw = {"temperature": 1.0, "reduction": "batchmean", **kwargs}
+    fn = torch.ops.rslad_fast.softmax_kl if raw else ops.softmax_kl
     with pytest.raises(exc, match=words):
-        ops.softmax_kl(*args, **kwargs)
+        fn(*args, kw["temperature"], kw["reduction"])
 
 
-@compiled
-@pytest.mark.parametrize("case", _kl_bad_cases(), ids=lambda c: c[3])
-def test_softmax_kl_bad_input_raw_op(case):
-    """The C++ checks hold for callers that go straight to torch.ops (and for C++ users)."""
-    args, kwargs, exc, words = case
-    kwargs = {"temperature": 1.0, "reduction": "batchmean", **kwargs}
-    with pytest.raises(exc, match=words):
-        torch.ops.rslad_fast.softmax_kl(*args, kwargs["temperature"], kwargs["reduction"])
-
-
+@pytest.mark.parametrize("raw", RAW, ids=("op", "raw_op"))
 @pytest.mark.parametrize("case", _pgd_bad_cases(), ids=lambda c: c[3])
-def test_pgd_step_bad_input(case):
-    args, kwargs, exc, words = case
-    kwargs = {"eps": 0.03, "alpha": 0.01, **kwargs}
-    with pytest.raises(exc, match=words):
-        ops.pgd_step_(*args, **kwargs)
-
-
-@compiled
-@pytest.mark.parametrize("case", _pgd_bad_cases(), ids=lambda c: c[3])
-def test_pgd_step_bad_input_raw_op(case):
+def test_pgd_step_bad_input(case, raw):
     args, kwargs, exc, words = case
     kw = {"eps": 0.03, "alpha": 0.01, "lo": 0.0, "hi": 1.0, **kwargs}
+    fn = torch.ops.rslad_fast.pgd_step_ if raw else ops.pgd_step_
     with pytest.raises(exc, match=words):
-        torch.ops.rslad_fast.pgd_step_(*args, kw["eps"], kw["alpha"], kw["lo"], kw["hi"])
+        fn(*args, kw["eps"], kw["alpha"], kw["lo"], kw["hi"])
+
+
+@pytest.mark.cuda
+@compiled
+def test_softmax_kl_refuses_inputs_on_two_devices():
+    with pytest.raises(ValueError, match="device"):
+        ops.softmax_kl(torch.randn(2, 3, device="cuda"), torch.randn(2, 3))
 
 
 @compiled
@@ -503,83 +528,3 @@ def test_fallback_announces_itself():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["reference", "True", "True"]
 
-
-# ---------------------------------------------------------------- CUDA
-
-
-@pytest.mark.cuda
-@cuda
-@compiled
-@pytest.mark.parametrize("dtype", DTYPES_CUDA, ids=str)
-@pytest.mark.parametrize("shape", IMAGE_SHAPES, ids=str)
-@pytest.mark.parametrize("non_contiguous", (False, True), ids=("contiguous", "strided"))
-def test_cuda_pgd_step_matches_reference(dtype, shape, non_contiguous):
-    x_adv, grad, x_nat = make_pgd_inputs(shape, dtype, "cuda", non_contiguous=non_contiguous)
-    expected = reference.pgd_step_(x_adv.clone(), grad, x_nat, 8 / 255, 2 / 255)
-    ops.pgd_step_(x_adv, grad, x_nat, 8 / 255, 2 / 255)
-    assert torch.equal(x_adv, expected)
-
-
-@pytest.mark.cuda
-@cuda
-@compiled
-@pytest.mark.parametrize("dtype", DTYPES_CUDA, ids=str)
-@pytest.mark.parametrize("rows,classes", list(itertools.product(KL_BATCHES, KL_CLASSES)), ids=str)
-@pytest.mark.parametrize("non_contiguous", (False, True), ids=("contiguous", "strided"))
-def test_cuda_softmax_kl_matches_reference(dtype, rows, classes, non_contiguous):
-    s0 = make_logits(rows, classes, dtype, "cuda", seed=1, non_contiguous=non_contiguous)
-    t0 = make_logits(rows, classes, dtype, "cuda", seed=2, non_contiguous=non_contiguous)
-    for reduction, temperature in itertools.product(REDUCTIONS, TEMPERATURES):
-        grads, outs = [], []
-        for fn in (ops.softmax_kl, reference.softmax_kl):
-            s, t = s0.clone().requires_grad_(True), t0.clone().requires_grad_(True)
-            out = fn(s, t, temperature, reduction)
-            g = (torch.linspace(-1.5, 2.0, rows, dtype=dtype, device="cuda") if reduction == "none"
-                 else torch.tensor(0.7, dtype=dtype, device="cuda"))
-            grads.append(torch.autograd.grad(out, (s, t), g))
-            outs.append(out.detach())
-        _assert_close(outs[0], outs[1], dtype)
-        (gs, gt), (rs, rt) = grads
-        scale = max(rs.abs().max().item(), rt.abs().max().item(), 1e-12)
-        _assert_close(gs, rs, dtype, scale)
-        _assert_close(gt, rt, dtype, scale)
-
-
-@pytest.mark.cuda
-@cuda
-@compiled
-def test_cuda_softmax_kl_huge_logits_and_empty():
-    s = make_logits(64, 10, torch.float32, "cuda", scale=1e4, seed=5).requires_grad_(True)
-    t = make_logits(64, 10, torch.float32, "cuda", scale=1e4, seed=6)
-    out = ops.softmax_kl(s, t, reduction="sum")
-    out.backward()
-    assert torch.isfinite(out) and torch.isfinite(s.grad).all()
-    e = torch.empty(0, 10, device="cuda")
-    assert ops.softmax_kl(e, e, reduction="mean").item() == 0.0
-    assert ops.softmax_kl(e, e, reduction="none").shape == (0,)
-
-
-@pytest.mark.cuda
-@cuda
-@compiled
-def test_cuda_opcheck_and_device_mismatch():
-    for (args, kwargs) in kl_samples("cuda", dtypes=(torch.float32,), requires_grad=True)[:4]:
-        torch.library.opcheck(torch.ops.rslad_fast.softmax_kl.default, args, kwargs)
-    for (args, kwargs) in pgd_samples("cuda", dtypes=(torch.float32,))[:2]:
-        torch.library.opcheck(torch.ops.rslad_fast.pgd_step_.default, args, kwargs)
-    with pytest.raises(ValueError, match="device"):
-        ops.softmax_kl(torch.randn(2, 3, device="cuda"), torch.randn(2, 3))
-
-
-@pytest.mark.cuda
-@cuda
-@compiled
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_cuda_float64_gradcheck_and_opcheck(reduction):
-    # float64 reductions run the 1024-thread kernel whose register use once exceeded a block's on sm_90.
-    s = make_logits(33, 31, torch.float64, "cuda", seed=9).requires_grad_(True)
-    t = make_logits(33, 31, torch.float64, "cuda", seed=10).requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda a, b: ops.softmax_kl(a, b, 2.0, reduction), (s, t))
-    torch.library.opcheck(torch.ops.rslad_fast.softmax_kl.default, (s, t), {"temperature": 2.0, "reduction": reduction})
-    for (args, kwargs) in pgd_samples("cuda", dtypes=(torch.float64,))[:2]:
-        torch.library.opcheck(torch.ops.rslad_fast.pgd_step_.default, args, kwargs)
