@@ -7,7 +7,7 @@ time it implies for the 50,000-image training set. Rows of one group ran side by
 - "official" is benchmarks/reference_rslad.py: the official code's eager fp32 step, its attack gradient by
   `torch.autograd.grad` as `rslad_inner_loss` takes it, with a DataLoader. The headline ratios are against it.
 - "official + torch.compile" is the same step with the student under `torch.compile` (inductor; on CUDA
-  `mode="max-autotune"`): the speed a user gets without this project.
+  `mode="max-autotune"`, inductor's default in the reduced run): the speed a user gets without this project.
 - "backward() loop" (ablation only) is the same step with the attack gradient by `loss.backward()`, as
   ARD's and TRADES-style loops and much user code take it.
 - the "ours" rows go through rslad_fast.engine.step.train_step, the step the training engine runs.
@@ -101,7 +101,8 @@ def _run(benchmark, provenance, device, student_arch, variant, group):
     optimizer = ref.sgd(student)
     model = student
     if variant.compiled:  # parameters shared with `student`: the optimizer steps the compiled model's weights
-        model = torch.compile(student, mode="max-autotune" if device == "cuda" else None)
+        # max-autotune on CUDA (minutes of autotuning), inductor's default on the CPU and in the reduced run
+        model = torch.compile(student, mode="max-autotune" if device == "cuda" and not REDUCED else None)
     n = size["batch"] * size["batches"]
     images, labels = ref.random_cifar(n)
     loader = _loader(variant, images, labels, size["batch"], device)

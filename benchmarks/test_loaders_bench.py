@@ -3,16 +3,16 @@
 
 All do the same augmentation (random crop 32 with 4-pixel zero padding, horizontal flip, to float in [0,1])
 and deliver batches of 128 on the training device. Sizes: the full 50,000-image set on CUDA, 5,120 images
-on the CPU.
+on the CPU (RSLAD_FAST_BENCH_SIZE=reduced: 10,240 on CUDA).
 """
 import pytest
 import torch
-from bench_utils import DEVICES, median_s, run_synced, save_result
+from bench_utils import DEVICES, REDUCED, median_s, run_synced, save_result
 
 from rslad_fast.data import TensorLoader, dali_available
 from reference_rslad import make_dataloader, random_cifar
 
-N_IMAGES = {"cpu": 5120, "cuda": 50000}
+N_IMAGES = {"cpu": 5120, "cuda": 10240 if REDUCED else 50000}
 BATCH = 128
 
 

@@ -4,11 +4,12 @@
 
 On generated CIFAR-shaped data (tests/fake_cifar.py), in one process (the CLI's `main`, so
 imports and CUDA start-up are paid once):
-- each of the seven methods in fp32 and in bf16 (a distillation method distils from a saved random ResNet-8
-  teacher file: the smoke is about the code paths, not accuracy);
+- each of the seven methods in fp32 and in bf16, MobileNetV2 students (a distillation method distils from a
+  saved random ResNet-8 teacher file: the smoke is about the code paths, not accuracy);
 - RSLAD with the CUDA-graph attack on and off, fp32 and bf16: the graph replays the eager loop's kernels, so
-  the two runs must give the same epoch loss (relative difference printed; a tolerance of 1e-4 allows for
-  cuDNN choosing other algorithms between capture and eager);
+  the two runs must give the same epoch loss. cuDNN runs deterministic algorithms here (the engine's
+  cudnn.benchmark alone may pick non-deterministic weight-gradient kernels, whose rounding SGD then
+  carries); the tolerance (GRAPH_RTOL) still allows for the rounding of bf16 passes;
 - `python -m rslad_fast.evaluate` of the RSLAD fp32 run on this device, all six attacks (AutoAttack from the
   carried pyautoattack);
 - then `torchrun --nproc_per_node=1` of an RSLAD run (NCCL on CUDA, gloo on the CPU).
@@ -32,7 +33,7 @@ from fake_cifar import write_fake_cifar10  # noqa: E402
 from rslad_fast import methods, train  # noqa: E402
 from rslad_fast.models import build  # noqa: E402
 
-GRAPH_RTOL = 1e-4
+GRAPH_RTOL = {"fp32": 1e-4, "bf16": 1e-3}
 
 
 def _one(args, data, teacher, out, method, amp, graph):
@@ -113,7 +114,7 @@ def _markdown(rows, pairs):
         lines.append(f"| {r['method']} | {r['amp']} | {'on' if r['graph'] else 'off'} | {r['rc']} | "
                      f"{f('train_loss', '%.5f')} | {f('clean_acc', '%.3f')} | {f('pgd20_acc', '%.3f')} | "
                      f"{f('images_per_s', '%.0f')} | {r['seconds']} |")
-    lines += ["", "| RSLAD graph on vs off | loss on | loss off | rel. difference | within 1e-4 |", "|---|---|---|---|---|"]
+    lines += ["", "| RSLAD graph on vs off | loss on | loss off | rel. difference | within GRAPH_RTOL |", "|---|---|---|---|---|"]
     for p in pairs:
         lines.append(f"| {p['amp']} | {p['on']} | {p['off']} | {p['rel_diff']} | {p['ok']} |")
     for r in rows:
@@ -131,8 +132,9 @@ def main(argv=None):
     p.add_argument("--no-torchrun", action="store_true")
     p.add_argument("--torchrun-timeout", type=int, default=180)
     args = p.parse_args(argv)
-    args.student, args.teacher_arch = ("tiny", "tiny") if args.tiny else ("resnet18", "resnet8")
-    args.batch_size, args.train_n, args.eval_n = (16, 32, 16) if args.tiny else (128, 1024, 256)
+    args.student, args.teacher_arch = ("tiny", "tiny") if args.tiny else ("mnv2", "resnet8")
+    args.batch_size, args.train_n, args.eval_n = (16, 32, 16) if args.tiny else (128, 512, 128)
+    torch.backends.cudnn.deterministic = True  # see the module doc: graph on vs off must be comparable
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = out / "data"
@@ -154,7 +156,7 @@ def main(argv=None):
         if "train_loss" in on and "train_loss" in off:
             rel = abs(on["train_loss"] - off["train_loss"]) / max(abs(off["train_loss"]), 1e-12)
             pairs.append({"amp": amp, "on": on["train_loss"], "off": off["train_loss"], "rel_diff": f"{rel:.2e}",
-                          "ok": rel <= GRAPH_RTOL})
+                          "ok": rel <= GRAPH_RTOL[amp]})
         else:
             pairs.append({"amp": amp, "on": None, "off": None, "rel_diff": "-", "ok": False})
     rows.append(_evaluate(args, data, out))

@@ -60,7 +60,8 @@ def summarise(work: Path) -> dict:
             out["tests"][name] = j
     for name in ("memcheck", "racecheck"):
         text = _read(work / f"{name}.log")
-        m = re.search(r"ERROR SUMMARY: (\d+) error", text)
+        # memcheck ends with "ERROR SUMMARY: N errors", racecheck with "RACECHECK SUMMARY: N hazards displayed"
+        m = re.search(r"(?:ERROR|RACECHECK) SUMMARY: (\d+) (?:error|hazard)", text)
         if text:
             out["sanitizer"][name] = {"errors": int(m.group(1)) if m else None,
                                       "probe": _json(work / f"{name}.json")}
@@ -70,8 +71,12 @@ def summarise(work: Path) -> dict:
             out["probes"][name] = j
     out["smoke"] = _json(work / "smoke" / "smoke.json")
     out["bench"] = {}
-    for name in ("bench", "bench_compiled"):
+    for name in ("bench_ops", "bench_inner", "bench_epoch", "bench_full"):
         data = _json(work / f"{name}.json")
+        compiled = _json(work / f"{name}_compiled.json")  # its rows join their groups: ratios against eager
+        if compiled and compiled.get("benchmarks"):
+            data = data or {"benchmarks": [], **{k: v for k, v in compiled.items() if k != "benchmarks"}}
+            data["benchmarks"] = data["benchmarks"] + compiled["benchmarks"]
         if data and data.get("benchmarks"):
             out["bench"][name] = bench_summarise(data)
     out["quick_compare"] = _read(work / "quick_compare.md") or None

@@ -102,6 +102,7 @@ def _fatbin_entries(data: bytes) -> list:
     return entries
 
 
+@pytest.mark.ptx
 @pytest.mark.skipif(not rslad_fast.ops.cuda_kernels_available(), reason="the op library was built without CUDA")
 def test_the_library_embeds_ptx_for_its_newest_architecture():
     import rslad_fast._C as lib

@@ -99,7 +99,7 @@ class _GraphedLoop:
         self.objective = kl_objective(self.target)  # reads the static buffer at every replay
         self.x_nat.copy_(x_nat)
         self.target.copy_(target)
-        self.noise.normal_()
+        self.noise.zero_()  # any values do for the warm-up and capture; a draw would move the global RNG
 
         side = torch.cuda.Stream(device=x_nat.device)
         side.wait_stream(torch.cuda.current_stream())
@@ -108,7 +108,9 @@ class _GraphedLoop:
                 self._body(model)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+        # On the input's device's own side stream (torch's default capture stream is made once, on whichever
+        # device was current at its first use).
+        with torch.cuda.graph(self.graph, stream=side, capture_error_mode="thread_local"):
             self._body(model)
 
     def _autocast(self):
