@@ -1,9 +1,10 @@
 """What several test files share: a fake CIFAR-10 folder, a naturally trained tiny teacher, one intra-op
-thread, and the `cuda` mark's skip where no GPU is visible."""
+thread, a tiny model trained on given images, and the `cuda` mark's skip where no GPU is visible."""
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from fake_cifar import write_fake_cifar10
 
 HERE = Path(__file__).resolve().parent
@@ -42,6 +43,27 @@ def natural_teacher(tmp_path_factory):
         assert train.main(["--method", "natural", "--data", str(data), "--out", str(out), *train_args]) == 0
         return out / "last.pt"
     return make
+
+
+@pytest.fixture(scope="session")
+def train_tiny():
+    """``train_tiny(x, y, steps, batch, lr)``: the tiny model (seed 0) after ``steps`` SGD steps of cross-entropy
+    on seeded random batches of (x, y), and its optimizer."""
+    def train(x, y, steps, batch, lr):
+        from rslad_fast.models import build
+
+        torch.manual_seed(0)
+        model = build("tiny")
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(steps):
+            idx = torch.randint(0, len(y), (batch,), generator=g)
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return model, opt
+    return train
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from rslad_fast.attacks.eval_attacks import EPS, FGSM, PGD, PRESETS, CWInf, cw_loss, pgd20_sat, pgd20_trades
 from rslad_fast.data import load_cifar10
 from rslad_fast.errors import UserError
-from rslad_fast.models import build
 
 SIZE = 16
 N_TEST = 200
@@ -32,20 +31,11 @@ def _prep(root, train, seed):
 
 
 @pytest.fixture(scope="module")
-def trained(fake_cifar10):
+def trained(fake_cifar10, train_tiny):
     root = fake_cifar10(n_train=500, n_test=N_TEST, seed=0)
     xtr, ytr = _prep(root, True, 1)
     xte, yte = _prep(root, False, 2)
-    torch.manual_seed(0)
-    model = build("tiny")
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(100):
-        idx = torch.randint(0, len(ytr), (64,), generator=g)
-        loss = F.cross_entropy(model(xtr[idx]), ytr[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    model, _ = train_tiny(xtr, ytr, steps=100, batch=64, lr=0.1)
     model.zero_grad(set_to_none=True)  # attacks must not leave parameter gradients: start from none
     return model.eval(), xte, yte
 

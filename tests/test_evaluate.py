@@ -12,34 +12,22 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from rslad_fast import evaluate as ev
 from rslad_fast.attacks.eval_attacks import PRESETS, PGD
 from rslad_fast.data import load_cifar10
 from rslad_fast.evaluation.robustness import ordering_warnings
-from rslad_fast.models import build
 
 N = 16
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory, fake_cifar10):
+def env(tmp_path_factory, fake_cifar10, train_tiny):
     root = tmp_path_factory.mktemp("evaluate")
     data = fake_cifar10(n_train=200, n_test=64, seed=0)
     x, y = load_cifar10(data, train=True, download=False)
-    x = x.float() / 255
-    torch.manual_seed(0)
-    model = build("tiny")
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(40):
-        idx = torch.randint(0, len(y), (32,), generator=g)
-        loss = F.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    model, opt = train_tiny(x.float() / 255, y, steps=40, batch=32, lr=0.05)
     sd = model.state_dict()
     (root / "ck").mkdir()
     ckpt = root / "ck" / "student.pt"
