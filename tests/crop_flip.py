@@ -1,8 +1,17 @@
-"""A test-only matcher that recovers the crop/flip drawn for each image, to compare augmentation pipelines."""
+"""Test-only checks of a crop/flip augmentation: a matcher that recovers the crop/flip drawn for each image,
+and a chi-square test of the drawn offsets against the uniform distribution."""
 import torch
 import torch.nn.functional as F
 
 from rslad_fast.data import CropFlipParams, apply_crop_flip
+
+CHI2_DF8_P001 = 26.12  # chi-square critical value, 8 degrees of freedom, p = 0.001
+
+
+def chi2_uniform(values: torch.Tensor, k: int) -> float:
+    counts = torch.bincount(values, minlength=k).double()
+    expected = values.numel() / k
+    return float(((counts - expected) ** 2 / expected).sum())
 
 
 def infer_crop_flip_params(outputs: torch.Tensor, sources: torch.Tensor, padding: int = 4) -> CropFlipParams:

@@ -4,19 +4,11 @@ import torch
 
 pytest.importorskip("nvidia.dali")
 
-from crop_flip import infer_crop_flip_params  # noqa: E402
+from crop_flip import CHI2_DF8_P001, chi2_uniform, infer_crop_flip_params  # noqa: E402
 
 from rslad_fast.data import TensorLoader, make_loader  # noqa: E402
 from rslad_fast.data.dali import DaliLoader  # noqa: E402
 from rslad_fast.errors import UserError  # noqa: E402
-
-CHI2_DF8_P001 = 26.12
-
-
-def chi2_uniform(values, k):
-    counts = torch.bincount(values, minlength=k).double()
-    e = values.numel() / k
-    return float(((counts - e) ** 2 / e).sum())
 
 
 def _noise(n, seed=0):

@@ -6,21 +6,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from crop_flip import infer_crop_flip_params
+from crop_flip import CHI2_DF8_P001, chi2_uniform, infer_crop_flip_params
 from fake_cifar import write_fake_cifar10
 
 from rslad_fast.data import (TensorLoader, apply_crop_flip, epoch_indices, load_cifar10, make_loader, random_crop_flip,
                              sample_crop_flip_params)
 from rslad_fast.data import cifar
 from rslad_fast.errors import UserError
-
-CHI2_DF8_P001 = 26.12  # chi-square critical value, 8 degrees of freedom, p = 0.001
-
-
-def chi2_uniform(values: torch.Tensor, k: int) -> float:
-    counts = torch.bincount(values, minlength=k).double()
-    expected = values.numel() / k
-    return float(((counts - expected) ** 2 / expected).sum())
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ per rank: off), and the attack's random start (RSLAD with init_std = 0: x' start
 """
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path

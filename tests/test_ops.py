@@ -426,9 +426,12 @@ def test_opcheck_softmax_kl_backward(reduction):
     torch.library.opcheck(torch.ops.rslad_fast._softmax_kl_backward.default, (g, s, t, 2.0, reduction))
 
 
+PGD_OPCHECK_CPU = pgd_specs((torch.float32, torch.float16))
+PGD_OPCHECK_CUDA = pgd_specs((torch.float32, torch.float16, torch.float64))
+
+
 @compiled
-@pytest.mark.parametrize("device,spec", per_device([(s,) for s in pgd_specs((torch.float32, torch.float16))],
-                                                   [(s,) for s in pgd_specs((torch.float32, torch.float16, torch.float64))]),
+@pytest.mark.parametrize("device,spec", per_device([(s,) for s in PGD_OPCHECK_CPU], [(s,) for s in PGD_OPCHECK_CUDA]),
                          ids=lambda v: v if isinstance(v, str) else spec_id(v))
 def test_opcheck_pgd_step(device, spec):
     args, kwargs = pgd_sample(spec, device)
