@@ -1,5 +1,85 @@
-"""What the two command lines, ``python -m rslad_fast.train`` and ``python -m rslad_fast.evaluate``, share."""
+"""What the two command lines, ``python -m rslad_fast.train`` and ``python -m rslad_fast.evaluate``, share: the
+parser whose bad flag is one ``error: ...`` line, the parsing of numbers, the error line itself, and the
+torchrun frame around a main (join the process group, leave it, agree on failed checks)."""
 from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from typing import Callable, Optional, TypeVar
+
+from rslad_fast.errors import UserError
+
+T = TypeVar("T")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag gives the one-line ``error: ...`` of every other bad input (status 2)."""
+
+    def error(self, message):
+        # under torchrun every process of a node parses the same command line: one of them says it
+        self.exit(2, f"error: {message} (see --help)\n" if os.environ.get("LOCAL_RANK", "0") == "0" else None)
+
+
+def print_error(message) -> None:
+    """``error: <message>`` on stderr, on one line whatever the message holds."""
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+
+
+def number(text: str) -> float:
+    """A finite float, also written as a fraction: ``0.031``, ``8/255``, ``2e-4``."""
+    s = str(text).strip()
+    try:
+        if "/" in s:
+            num, den = s.split("/", 1)
+            value = float(num) / float(den)
+        else:
+            value = float(s)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"not a number: {text!r} (a float or a fraction such as 8/255)") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A number in [0, 1] (eps: inputs are in [0, 1])."""
+    value = number(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1] (inputs are in [0, 1]), got {text}")
+    return value
+
+
+def nonneg(text: str) -> float:
+    value = number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def integer(minimum: int):
+    """An integer >= ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+def milestones(text: str) -> list:
+    """``"100,150"`` -> [100, 150]; ``"none"`` or ``""`` -> [] (no decay)."""
+    s = str(text).strip().lower()
+    if s in ("", "none"):
+        return []
+    try:
+        return [int(v) for v in s.replace(" ", "").split(",") if v != ""]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"milestones must be comma-separated integers, got {text!r}") from None
 
 
 def fmt_value(v) -> str:
@@ -9,3 +89,35 @@ def fmt_value(v) -> str:
             return f"{round(v * 255)}/255"
         return f"{v:g}"
     return str(v)
+
+
+def torchrun_main(body: Callable[..., int]) -> int:
+    """``body(dist)`` between joining torchrun's process group and leaving it (a single process: plain
+    ``body(Dist())``); a broken torchrun environment is one error line and status 2."""
+    from rslad_fast.engine.dist import Dist
+
+    try:
+        dist = Dist.from_env()
+    except UserError as e:
+        print_error(e)
+        return 2
+    dist.init()
+    try:
+        return body(dist)
+    finally:
+        dist.close()
+
+
+def agreed(dist, check: Callable[[], T]) -> T:
+    """``check()`` on every rank; where it raises UserError on any rank, every rank raises the first rank's
+    error (one collective), so that all of them stop together and none waits in a later collective."""
+    error: Optional[str] = None
+    result = None
+    try:
+        result = check()
+    except UserError as e:
+        error = str(e)
+    error = dist.first_error(error)
+    if error is not None:
+        raise UserError(error)
+    return result

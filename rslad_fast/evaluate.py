@@ -33,68 +33,25 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
-import os
 import sys
 import time
-from fractions import Fraction
 from pathlib import Path
+
+import torch
 
 from rslad_fast.attacks.eval_attacks import EVAL_ATTACKS, INIT_STD, PGD
 from rslad_fast.attacks.pgd import STARTS
-from rslad_fast.cli import fmt_value
+from rslad_fast.cli import Parser, agreed, fmt_value, fraction, integer, nonneg, print_error, torchrun_main
+from rslad_fast.engine.config import check_ops_device, read_config_file, resolve_device
+from rslad_fast.engine.runner import BEST, CONFIG, LAST
 from rslad_fast.errors import UserError
 from rslad_fast.evaluation import report as eval_report
 from rslad_fast.evaluation.report import WORST_LABEL, table
 from rslad_fast.evaluation.robustness import ATTACKS, evaluate_model, fingerprint, sanity_check, summarize
+from rslad_fast.models import ARCHS, canonical_name
 
-RUN_CHECKPOINTS = ("best.pt", "last.pt")
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag gives the one-line ``error: ...`` of every other bad input (status 2)."""
-
-    def error(self, message):
-        # under torchrun every process of a node parses the same command line: one of them says it
-        self.exit(2, f"error: {message} (see --help)\n" if os.environ.get("LOCAL_RANK", "0") == "0" else None)
-
-
-def _number(text: str) -> float:
-    """A float, or a fraction such as 8/255."""
-    try:
-        value = float(Fraction(text.strip())) if "/" in text else float(text)
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"not a number: {text!r} (a float or a fraction such as 8/255)")
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = _number(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1] (inputs are in [0, 1]), got {text}")
-    return value
-
-
-def _nonneg(text: str) -> float:
-    value = _number(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _int(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}")
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-    return parse
+RUN_CHECKPOINTS = (BEST, LAST)
 
 
 def _attack_list(text: str):
@@ -118,9 +75,9 @@ def _flag_dest(entry, hparam: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     # how an attack's own hyperparameter is parsed, and what --help calls it
-    hparam_flags = {"steps": ({"type": _int(0)}, "steps"), "alpha": ({"type": _nonneg}, "step size"),
-                    "kappa": ({"type": _nonneg}, "confidence kappa"), "start": ({"choices": STARTS}, "start")}
-    p = _Parser(prog="python -m rslad_fast.evaluate",
+    hparam_flags = {"steps": ({"type": integer(0)}, "steps"), "alpha": ({"type": nonneg}, "step size"),
+                    "kappa": ({"type": nonneg}, "confidence kappa"), "start": ({"choices": STARTS}, "start")}
+    p = Parser(prog="python -m rslad_fast.evaluate",
                 description="Robustness evaluation of CIFAR-10 checkpoints: the RSLAD paper's Table 2 row "
                             "(Clean, FGSM, PGD_SAT, PGD_TRADES, CW-inf, AutoAttack) per checkpoint.")
     src = p.add_argument_group("what to evaluate (one of)")
@@ -133,27 +90,27 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--run-dir", dest="run", metavar="RUN_DIR", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     what.add_argument("--ckpt", metavar="PATH", help="one checkpoint file (needs --arch), e.g. TRADES' "
                                                      "model_cifar_wrn.pt with --arch wrn34-10")
-    src.add_argument("--arch", help="architecture of --ckpt (resnet18, mnv2, wrn34-10, wrn70-16, tiny); with "
+    src.add_argument("--arch", help=f"architecture of --ckpt ({', '.join(ARCHS)}); with "
                                     "--run it must agree with config.json")
 
     g = p.add_argument_group("evaluation")
     g.add_argument("--attacks", type=_attack_list, default=list(ATTACKS),
                    help=f"comma-separated subset of {','.join(ATTACKS)} (default: all)")
-    g.add_argument("--n", type=_int(1), default=DefaultN(10000),
+    g.add_argument("--n", type=integer(1), default=DefaultN(10000),
                    help="evaluate the first N test images (default 10000, or the whole test set when it is "
                         "smaller; an explicit N larger than the test set is an error; under torchrun: --n-images)")
-    g.add_argument("--n-images", dest="n", type=_int(1), default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    g.add_argument("--batch-size", type=_int(1), default=250,
+    g.add_argument("--n-images", dest="n", type=integer(1), default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    g.add_argument("--batch-size", type=integer(1), default=250,
                    help="images per batch, for every attack (default 250, AutoAttack's default)")
-    g.add_argument("--device", default=None, help="cuda if available, else cpu")
-    g.add_argument("--seed", type=_int(0), default=0, help="seed of every random start and of AutoAttack")
+    g.add_argument("--device", default=None, help="auto (default: cuda if available), cpu, cuda, cuda:N")
+    g.add_argument("--seed", type=integer(0), default=0, help="seed of every random start and of AutoAttack")
     g.add_argument("--data", default="./data", help="folder holding cifar-10-batches-py/ (default ./data)")
     g.add_argument("--no-download", action="store_true", help="never try to download CIFAR-10")
-    g.add_argument("--eps", type=_fraction, default=8 / 255,
+    g.add_argument("--eps", type=fraction, default=8 / 255,
                    help="l_inf radius of every attack, in [0, 1]; fractions like 8/255 accepted (default 8/255)")
     g.add_argument("--out", help="folder for eval.json and eval.md (default: the run dir, or the checkpoint's "
                                  "folder)")
-    g.add_argument("--tolerance", type=_nonneg, default=0.5,
+    g.add_argument("--tolerance", type=nonneg, default=0.5,
                    help="accuracy points by which Clean >= FGSM >= PGD >= AA may be broken before it is "
                         "flagged (default 0.5)")
     g.add_argument("--allow-tf32", action="store_true",
@@ -168,36 +125,34 @@ def build_parser() -> argparse.ArgumentParser:
             kind, what = hparam_flags[hp]
             a.add_argument(f"--{e.flag_prefix}-{hp}", dest=_flag_dest(e, hp), default=e.default(hp), **kind,
                            help=f"{e.column} {what} ({fmt_value(e.default(hp))}; {e.source})")
-    a.add_argument("--init-std", type=_nonneg, default=INIT_STD,
+    a.add_argument("--init-std", type=nonneg, default=INIT_STD,
                    help=f"std of a 'normal' start, x + init_std*N(0,1) ({fmt_value(INIT_STD)}, TRADES/RSLAD)")
 
     s = p.add_argument_group("sanity check")
     s.add_argument("--sanity", action="store_true",
                    help="also run PGD with a huge eps, which must leave accuracy at or below chance")
-    s.add_argument("--sanity-eps", type=_fraction, default=1.0, help="its eps (1.0)")
-    s.add_argument("--sanity-alpha", type=_nonneg, default=0.1, help="its step size (0.1)")
-    s.add_argument("--sanity-steps", type=_int(1), default=20, help="its steps (20)")
+    s.add_argument("--sanity-eps", type=fraction, default=1.0, help="its eps (1.0)")
+    s.add_argument("--sanity-alpha", type=nonneg, default=0.1, help="its step size (0.1)")
+    s.add_argument("--sanity-steps", type=integer(1), default=20, help="its steps (20)")
     return p
 
 
 # ----------------------------------------------------------------------------- plan: validate, no work yet
 
 def _read_run(run_dir: Path, arch_flag):
+    """A training run's checkpoints (rows of the table) and notes on those missing; only the keys of
+    config.json that name the architecture and method are read, so older or partial runs still evaluate."""
     if not run_dir.exists():
         raise UserError(f"run dir {run_dir}: no such directory")
     if not run_dir.is_dir():
         raise UserError(f"run dir {run_dir}: not a directory")
-    cfg_path = run_dir / "config.json"
+    cfg_path = run_dir / CONFIG
     if not cfg_path.is_file():
-        raise UserError(f"run dir {run_dir}: no config.json (the training run's resolved config); pass the "
+        raise UserError(f"run dir {run_dir}: no {CONFIG} (the training run's resolved config); pass the "
                         f"checkpoint with --ckpt PATH --arch NAME instead")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{cfg_path}: not readable JSON ({type(e).__name__}: {e})") from None
-    if not isinstance(config, dict) or not isinstance(config.get("student"), str):
+    config = read_config_file(cfg_path)
+    if not isinstance(config.get("student"), str):
         raise UserError(f"{cfg_path}: no 'student' architecture name in it")
-    from rslad_fast.models import canonical_name
     arch = canonical_name(config["student"])
     if arch_flag is not None and canonical_name(arch_flag) != arch:
         raise UserError(f"--arch {arch_flag} disagrees with {cfg_path}, which says student {config['student']!r}")
@@ -211,14 +166,13 @@ def _read_run(run_dir: Path, arch_flag):
 
 
 def make_plan(args) -> dict:
-    """Everything the run needs, validated; raises UserError before any work is done or file written."""
-    from rslad_fast.models import canonical_name
+    """What to evaluate and where the report goes, validated; UserError before any work or file written."""
     if args.run is not None:
         rows, notes = _read_run(Path(args.run), args.arch)
         out = Path(args.out) if args.out else Path(args.run)
     else:
         if args.arch is None:
-            raise UserError("--ckpt needs --arch (resnet18, mnv2, wrn34-10, wrn70-16 or tiny)")
+            raise UserError(f"--ckpt needs --arch ({', '.join(ARCHS)})")
         arch = canonical_name(args.arch)
         ckpt = Path(args.ckpt)
         if not ckpt.exists():
@@ -246,23 +200,38 @@ def build_attacks(args, log=None) -> dict:
 
 
 def _device(name):
-    import torch
+    """--device (None: cuda if available) for the evaluation, on which the compiled ops must run: one error
+    line now (a library built without CUDA kernels, say) instead of a traceback from the first attack."""
+    device = resolve_device(name)
+    check_ops_device(device)
+    return torch.device(device)
 
-    from rslad_fast.engine.config import check_ops_device
 
-    if name is None:
-        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        try:
-            dev = torch.device(name)
-        except (RuntimeError, ValueError) as e:
-            raise UserError(f"--device {name!r}: not a device ({e})") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise UserError(f"--device {name}: CUDA is not available on this machine")
-        if dev.type not in ("cpu", "cuda"):
-            raise UserError(f"--device {name}: only cpu and cuda are supported")
-    check_ops_device(dev)  # a library built without CUDA kernels: one line now, not a traceback later
-    return dev
+def _load(args, log, dist):
+    """Every check that can fail on user input, in order, before any attack runs: (plan, device, attacks,
+    sanity attack, models, test images, labels)."""
+    from rslad_fast.data import load_cifar10
+    from rslad_fast.models import build
+    from rslad_fast.models.loading import load_checkpoint_into
+
+    plan = make_plan(args)
+    device = dist.device(str(_device(args.device)))  # torchrun: cuda:LOCAL_RANK
+    attacks = build_attacks(args, log=log)
+    sanity = None
+    if args.sanity:
+        sanity = PGD(eps=args.sanity_eps, alpha=args.sanity_alpha, steps=args.sanity_steps, start="uniform",
+                     name="sanity")
+    # every checkpoint loads (or fails) before any attack runs
+    models = [load_checkpoint_into(build(row["arch"]), row["path"], row["arch"]).eval() for row in plan["rows"]]
+    images, labels = load_cifar10(args.data, train=False, download=False if args.no_download else "auto")
+    # the rule shared with train's --eval-n: the default shrinks to a smaller test set (and says so), a
+    # value the user gave must fit
+    if args.n > len(labels):
+        if not isinstance(args.n, DefaultN):
+            raise UserError(f"--n {args.n} exceeds the {len(labels)} test images in {args.data}")
+        plan["notes"].append(f"the test set in {args.data} holds {len(labels)} images, fewer than the default "
+                             f"--n {args.n}: the whole test set is evaluated")
+    return plan, device, attacks, sanity, models, images, labels
 
 
 def run(args, argv=None, dist=None) -> dict:
@@ -270,14 +239,10 @@ def run(args, argv=None, dist=None) -> dict:
 
     ``dist`` (``engine.dist.Dist``, torchrun): every rank runs this; the checks are agreed on (all ranks
     fail together), then each rank evaluates its slice (see :func:`evaluate_model`)."""
-    import torch
     from tqdm import tqdm
 
-    from rslad_fast.data import load_cifar10
     from rslad_fast.engine.dist import Dist
     from rslad_fast.engine.precision import restore_tf32, set_tf32
-    from rslad_fast.models import build
-    from rslad_fast.models.loading import load_checkpoint_into
 
     dist = Dist() if dist is None else dist
     bar_holder = {}
@@ -286,34 +251,7 @@ def run(args, argv=None, dist=None) -> dict:
         bar = bar_holder.get("bar")
         (bar.write if bar is not None else print)(line, file=sys.stderr)
 
-    error = None
-    try:
-        plan = make_plan(args)
-        device = dist.device(str(_device(args.device)))
-        attacks = build_attacks(args, log=log)
-        sanity = None
-        if args.sanity:
-            sanity = PGD(eps=args.sanity_eps, alpha=args.sanity_alpha, steps=args.sanity_steps, start="uniform",
-                         name="sanity")
-
-        models = []
-        for row in plan["rows"]:  # every checkpoint loads (or fails) before any attack runs
-            models.append(load_checkpoint_into(build(row["arch"]), row["path"], row["arch"]).eval())
-        images, labels = load_cifar10(args.data, train=False, download=False if args.no_download else "auto")
-        # the rule shared with train's --eval-n: the default shrinks to a smaller test set (and says so), a
-        # value the user gave must fit
-        if args.n > len(labels):
-            if not isinstance(args.n, DefaultN):
-                raise UserError(f"--n {args.n} exceeds the {len(labels)} test images in {args.data}")
-            plan["notes"].append(f"the test set in {args.data} holds {len(labels)} images, fewer than the default "
-                                 f"--n {args.n}: the whole test set is evaluated")
-    except UserError as e:
-        if not dist.active:
-            raise
-        error = str(e)
-    error = dist.first_error(error)  # torchrun: all ranks stop together, none waits in a collective
-    if error is not None:
-        raise UserError(error)
+    plan, device, attacks, sanity, models, images, labels = agreed(dist, lambda: _load(args, log, dist))
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
     n = min(args.n, len(labels))
@@ -361,19 +299,8 @@ def run(args, argv=None, dist=None) -> dict:
 
 
 def main(argv=None) -> int:
-    from rslad_fast.engine.dist import Dist
-
     args = build_parser().parse_args(argv)
-    try:
-        dist = Dist.from_env()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    dist.init()  # torchrun: join the process group (a single process: nothing)
-    try:
-        return _main(args, argv, dist)
-    finally:
-        dist.close()
+    return torchrun_main(lambda dist: _main(args, argv, dist))
 
 
 def _main(args, argv, dist) -> int:
@@ -384,11 +311,11 @@ def _main(args, argv, dist) -> int:
         json_path, md_path = eval_report.write(report)
     except UserError as e:
         if dist.is_main:  # under torchrun the ranks agreed on it: rank 0 says it
-            print(f"error: {e}", file=sys.stderr)
+            print_error(e)
         return 2
     except KeyboardInterrupt:
         if dist.is_main:
-            print("error: interrupted, nothing written", file=sys.stderr)
+            print_error("interrupted, nothing written")
         return 130
     print(table(report["rows"], report["columns"]))
     print(f"{WORST_LABEL}: per image, correct under clean and every attack that ran.")

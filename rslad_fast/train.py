@@ -35,11 +35,12 @@ documented once, next to it.
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import threading
 from pathlib import Path
+
+from rslad_fast.cli import Parser, agreed, fmt_value, milestones, number, print_error, torchrun_main
 
 # ---- 1. Evaluation after every epoch -------------------------------------------------------------------
 # RSLAD's only evaluation (resnet18_rslad_cifar10.py, `attack_pgd` in rslad_loss.py): PGD-20 on CE, the
@@ -118,30 +119,6 @@ ENGINE_FLAGS = ("student", "method", "teacher", "teacher_arch", "data", "epochs"
                 "train_n", "eval_n", "preset", "out", "overwrite")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, "error: ...", exit 2 (argparse would print the usage too)
-        # under torchrun every process of a node parses the same command line: one of them says it
-        if os.environ.get("LOCAL_RANK", "0") == "0":
-            print(f"error: {message} (see --help)", file=sys.stderr)
-        raise SystemExit(2)
-
-
-def _number(text):
-    from rslad_fast.engine.config import parse_number
-    return parse_number(text)
-
-
-_number.__name__ = "number"  # argparse says "invalid number value: 'x'"
-
-
-def _milestones(text):
-    from rslad_fast.engine.config import parse_milestones
-    return parse_milestones(text)
-
-
-_milestones.__name__ = "milestones"
-
-
 def _method_hparams() -> dict:
     """name -> {method name: HParam} over every registered method."""
     from rslad_fast import methods
@@ -160,22 +137,14 @@ def _default_text(method: str, key: str, hp) -> str:
 
     cls = methods.get(method)
     small, wide = (cls.official_setting(s)[1].get(key, hp.default) for s in ("resnet18", "wrn34-10"))
-    return _fmt(small) if small == wide else f"{_fmt(small)} ({_fmt(wide)} for WRN students)"
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        if 0 < v < 1 and abs(v * 255 - round(v * 255)) < 1e-9:
-            return f"{round(v * 255)}/255"
-        return f"{v:g}"
-    return str(v)
+    return fmt_value(small) if small == wide else f"{fmt_value(small)} ({fmt_value(wide)} for WRN students)"
 
 
 def build_parser() -> argparse.ArgumentParser:
     from rslad_fast import methods
     from rslad_fast.models import ARCHS
 
-    p = _Parser(prog="python -m rslad_fast.train", description=__doc__.split("\n\n")[0],
+    p = Parser(prog="python -m rslad_fast.train", description=__doc__.split("\n\n")[0],
                 epilog="Examples:\n" + __doc__.split("\n\n", 1)[1].split("\n\nData:")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("what to train")
@@ -206,13 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int, help="training epochs")
     g.add_argument("--batch-size", type=int, help="images per SGD step and process: under torchrun the global "
                                                   "batch is this x WORLD_SIZE")
-    g.add_argument("--lr", type=_number, help="initial learning rate, used as given whatever the number of "
+    g.add_argument("--lr", type=number, help="initial learning rate, used as given whatever the number of "
                                               "processes (not scaled with the global batch)")
-    g.add_argument("--momentum", type=_number, help="SGD momentum")
-    g.add_argument("--weight-decay", type=_number, help="L2 weight decay (SGD weight_decay)")
-    g.add_argument("--milestones", type=_milestones, help="comma-separated 0-based epochs at which lr *= gamma "
+    g.add_argument("--momentum", type=number, help="SGD momentum")
+    g.add_argument("--weight-decay", type=number, help="L2 weight decay (SGD weight_decay)")
+    g.add_argument("--milestones", type=milestones, help="comma-separated 0-based epochs at which lr *= gamma "
                                                           "(MultiStepLR), or 'none'")
-    g.add_argument("--gamma", type=_number, help="lr decay factor at each milestone")
+    g.add_argument("--gamma", type=number, help="lr decay factor at each milestone")
     g = p.add_argument_group("execution")
     g.add_argument("--seed", type=int, help="seed of every random stream (default 0)")
     g.add_argument("--device", help="auto (default: cuda if available), cpu, cuda, cuda:N")
@@ -246,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
         elif all(isinstance(d, int) and not isinstance(d, bool) for d in defaults):
             g.add_argument(flag, dest=f"hp_{key}", type=int, metavar="N", help=help_text)
         elif all(isinstance(d, (int, float)) and not isinstance(d, bool) for d in defaults):
-            g.add_argument(flag, dest=f"hp_{key}", type=_number, metavar="X", help=help_text)
+            g.add_argument(flag, dest=f"hp_{key}", type=number, metavar="X", help=help_text)
         else:
             g.add_argument(flag, dest=f"hp_{key}", metavar="VALUE", help=help_text)
     return p
@@ -298,79 +267,70 @@ def _stop_status(e: KeyboardInterrupt) -> tuple:
 
 
 def main(argv=None) -> int:
-    from rslad_fast.engine import Dist
-    from rslad_fast.errors import UserError
+    args = build_parser().parse_args(argv)
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        dist = Dist.from_env()
-    except UserError as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+    def body(dist):
+        try:
+            return _main(args, dist)
+        except KeyboardInterrupt as e:  # during the checks: nothing written, nothing to continue
+            what, status = _stop_status(e)
+            if dist.is_main:
+                print(f"\n{what}", file=sys.stderr)
+            return status
+
     in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
-    dist.init()  # torchrun: join the process group (a single process: nothing)
     try:
-        return _main(args, dist)
-    except KeyboardInterrupt as e:  # during the checks: nothing written, nothing to continue
-        what, status = _stop_status(e)
-        if dist.is_main:
-            print(f"\n{what}", file=sys.stderr)
-        return status
+        return torchrun_main(body)
     finally:
-        dist.close()
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
+def _check(args, dist):
+    """Phase 1, on every rank: every check that can fail on user input; nothing is written. Returns
+    (run_dir, cfg, prep)."""
+    from rslad_fast.engine import check_out_dir, prepare, read_config
+    from rslad_fast.errors import UserError
+
+    if args.resume:
+        given = [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
+                 if (k in ENGINE_FLAGS or k.startswith("hp_"))
+                 and (v not in (None, False) or (k == "channels_last" and v is not None))]
+        if given:
+            raise UserError(f"--resume takes every setting from RUN_DIR/config.json; drop {', '.join(given)}")
+        run_dir = Path(args.resume)
+        cfg = read_config(run_dir)
+    else:
+        cfg = resolve_config(args)
+        run_dir = Path(args.out or f"runs/{cfg.method}-{cfg.student}-{cfg.preset}-seed{cfg.seed}")
+        check_out_dir(run_dir, args.overwrite)
+    dist.device(cfg.device)  # torchrun: one GPU per local rank
+    prep = prepare(cfg, download=False if args.no_download else "auto",  # all checks; writes nothing
+                   eval_n_given=bool(args.resume) or args.eval_n is not None)
+    return run_dir, cfg, prep
+
+
 def _main(args, dist) -> int:
-    from rslad_fast.engine import check_out_dir, create_run_dir, prepare, read_config
+    from rslad_fast.engine import create_run_dir
     from rslad_fast.engine.runner import RunLock
     from rslad_fast.errors import UserError
 
-    run_dir = args.resume or args.out or "RUN_DIR"
-    # Phase 1, on every rank: every check that can fail on user input; nothing is written. The ranks then
-    # agree (one collective): if any failed, rank 0 prints the first error and all of them exit, none waits.
-    error = None
-    try:
-        if args.resume:
-            given = [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
-                     if (k in ENGINE_FLAGS or k.startswith("hp_"))
-                     and (v not in (None, False) or (k == "channels_last" and v is not None))]
-            if given:
-                raise UserError(f"--resume takes every setting from RUN_DIR/config.json; drop {', '.join(given)}")
-            run_dir = Path(args.resume)
-            cfg = read_config(run_dir)
-        else:
-            cfg = resolve_config(args)
-            run_dir = Path(args.out or f"runs/{cfg.method}-{cfg.student}-{cfg.preset}-seed{cfg.seed}")
-            check_out_dir(run_dir, args.overwrite)
-        dist.device(cfg.device)  # torchrun: one GPU per local rank
-        prep = prepare(cfg, download=False if args.no_download else "auto",  # all checks; writes nothing
-                       eval_n_given=bool(args.resume) or args.eval_n is not None)
-    except UserError as e:
-        error = " ".join(str(e).split())
-    error = dist.first_error(error)
-    if error is not None:
-        if dist.is_main:
-            print(f"error: {error}", file=sys.stderr)
-        return 2
+    def lock_run_dir():
+        if not dist.is_main:
+            return None
+        return RunLock(run_dir) if args.resume else create_run_dir(run_dir, cfg, overwrite=args.overwrite, dist=dist)
 
-    # Rank 0 locks the run directory for the whole run (a new run: creates or empties it under the lock). The
-    # ranks agree once more, so that a directory in use stops all of them; this collective also means that
+    # After each phase the ranks agree (one collective): if any failed, rank 0 prints the first error and all
+    # of them exit, none waits. Rank 0 locks the run directory for the whole run (a new run: creates or empties
+    # it under the lock); agreeing on that too stops every rank when the directory is in use, and means that
     # rank 0 has created the run directory before any rank looks into it.
-    lock = None
     try:
-        if dist.is_main:
-            lock = RunLock(run_dir) if args.resume else \
-                create_run_dir(run_dir, cfg, overwrite=args.overwrite, dist=dist)
+        run_dir, cfg, prep = agreed(dist, lambda: _check(args, dist))
+        lock = agreed(dist, lock_run_dir)
     except UserError as e:
-        error = " ".join(str(e).split())
-    error = dist.first_error(error)
-    if error is not None:
         if dist.is_main:
-            print(f"error: {error}", file=sys.stderr)
+            print_error(e)
         return 2
     try:
         return _train(args, dist, run_dir, cfg, prep)
@@ -401,13 +361,12 @@ def _train(args, dist, run_dir, cfg, prep) -> int:
                   + (f", teacher {teacher}" if teacher else ""), flush=True)
         summary = run(prep, run_dir, dist=dist, progress=not args.no_progress)
     except WriteError as e:  # disk full, a folder turned read-only: rank 0's writes; torchrun stops the others
-        print(f"error: {' '.join(str(e).split())}; once that is fixed, continue with: python -m rslad_fast.train "
-              f"--resume {run_dir}", file=sys.stderr)
+        print_error(f"{e}; once that is fixed, continue with: python -m rslad_fast.train --resume {run_dir}")
         return 2
     except UserError as e:
         # after the agreement: a broken checkpoint or a changed run directory, seen by the rank(s) reading
         # it; torchrun stops the others
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        print_error(e)
         return 2
     except OSError as e:  # any other file-system failure (every checkpoint write is atomic: nothing is torn)
         print(f"error: {e.filename or run_dir}: {e.strerror or e}; once that is fixed, continue with: "

@@ -79,30 +79,16 @@ class Config:
         return cls(**d)
 
 
-# ---- parsing helpers for command-line values -------------------------------------------------------------
-
-def parse_number(text: str) -> float:
-    """A float, also written as a fraction: ``0.031``, ``8/255``, ``2e-4``."""
-    s = str(text).strip()
+def read_config_file(path) -> dict:
+    """A run directory's config.json as a dict (before any check of its keys): the one reader of it, for
+    ``--resume`` (:meth:`Config.from_dict` then) and ``evaluate --run`` (which needs only a few keys)."""
     try:
-        if "/" in s:
-            num, den = s.split("/", 1)
-            return float(num) / float(den)
-        return float(s)
-    except (ValueError, ZeroDivisionError):
-        raise ValueError(f"not a number: {text!r}") from None
-
-
-def parse_milestones(text: str) -> list:
-    """``"100,150"`` -> [100, 150]; ``"none"`` or ``""`` -> [] (no decay)."""
-    s = str(text).strip().lower()
-    if s in ("", "none"):
-        return []
-    try:
-        out = [int(v) for v in s.replace(" ", "").split(",") if v != ""]
-    except ValueError:
-        raise ValueError(f"milestones must be comma-separated integers, got {text!r}") from None
-    return out
+        d = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not readable JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(d, dict):
+        raise UserError(f"{path}: not a JSON object")
+    return d
 
 
 # ---- versions --------------------------------------------------------------------------------------------
@@ -135,6 +121,7 @@ def _pick(*values):
 
 
 def resolve_device(name: Optional[str]) -> str:
+    """``--device`` (None: auto) as a torch device string, checked against the CUDA devices there are."""
     name = (name or "auto").strip().lower()
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
