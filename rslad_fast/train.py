@@ -41,6 +41,7 @@ import threading
 from pathlib import Path
 
 from rslad_fast.cli import Parser, agreed, fmt_value, milestones, number, print_error, torchrun_main
+from rslad_fast.engine.config import Preset
 
 # ---- 1. Evaluation after every epoch -------------------------------------------------------------------
 # RSLAD's only evaluation (resnet18_rslad_cifar10.py, `attack_pgd` in rslad_loss.py): PGD-20 on CE, the
@@ -69,13 +70,13 @@ EVAL_ATTACK = dict(
 #   one (see `per_image_loss_lr`). Evaluation stays PGD-20. Everything else (momentum, loss, eps, and the
 #   lr and weight decay of every other method) is official.
 PRESETS = {
-    "paper": dict(
+    "paper": Preset(
         train_n=None,              # training images: None = all 50,000
         eval_n=1000,               # held-out test images (the first ones of the test set) evaluated per epoch
         eval_batch_size=500,       # images per evaluation batch (memory only; results do not depend on it)
         teacher_arch="wrn34-10",   # self-trained teacher (no --teacher): TRADES' WRN-34-10, the RSLAD teacher
     ),
-    "quick": dict(
+    "quick": Preset(
         # Sized on this 2-core CPU (measured 2026-11-25, 2 threads, channels_last, batch 64, nothing else
         # running). A run this short is limited by its number of SGD steps, so the costly pieces are cut or
         # swapped for cheap ones and the steps kept. Per training image: TRADES ResNet-8 ~2.5 ms, RSLAD
@@ -240,10 +241,12 @@ def resolve_config(args: argparse.Namespace):
         # execution settings and seed are shared with the student.
         # A preset may size the teacher's run apart from the student's (quick: a cheap teacher, more images);
         # an explicit --train-n applies to both.
-        train_n = cfg.train_n if args.train_n is not None else preset.get("teacher_train_n", cfg.train_n)
+        train_n = cfg.train_n
+        if args.train_n is None and preset.teacher_train_n is not None:
+            train_n = preset.teacher_train_n
         tcli = dict(student=cfg.teacher["arch"], method="trades", hparams={}, data=cfg.data, seed=cfg.seed,
                     device=cfg.device, loader=cfg.loader, threads=cfg.threads, train_n=train_n,
-                    epochs=preset.get("teacher_epochs"),
+                    epochs=preset.teacher_epochs,
                     eval_n=cfg.eval_n, amp=cfg.amp, channels_last=cfg.channels_last, allow_tf32=cfg.allow_tf32,
                     sync_bn=cfg.sync_bn)
         cfg.teacher_run = resolve(tcli, preset_name, preset, EVAL_ATTACK).to_dict()

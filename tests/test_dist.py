@@ -168,7 +168,7 @@ def test_torchrun_end_to_end_rank_zero_writes_once(data, tmp_path):
     assert sorted(p.name for p in (run / "teacher").iterdir()) == ["best.pt", "config.json", "curves.png",
                                                                    "last.pt", "metrics.jsonl"]
     assert [r["epoch"] for r in _records(run)] == [1, 2]  # one line per epoch: one writer
-    teacher_epochs = train.PRESETS["quick"]["teacher_epochs"]  # the teacher's run is sized by the preset
+    teacher_epochs = train.PRESETS["quick"].teacher_epochs  # the teacher's run is sized by the preset
     assert [r["epoch"] for r in _records(run / "teacher")] == list(range(1, teacher_epochs + 1))
     assert all(r["world_size"] == 2 for r in _records(run) + _records(run / "teacher"))
     ck = torch.load(run / "last.pt", weights_only=True)

@@ -111,19 +111,19 @@ def test_self_trained_teacher_then_distillation_and_reuse(data, tmp_path):
     tcfg = json.loads((tdir / "config.json").read_text())
     assert tcfg["method"] == "trades" and tcfg["student"] == "tiny" and tcfg["preset"] == "quick"
     quick = train.PRESETS["quick"]
-    assert tcfg["epochs"] == quick["teacher_epochs"] and len(_records(tdir)) == quick["teacher_epochs"]
+    assert tcfg["epochs"] == quick.teacher_epochs and len(_records(tdir)) == quick.teacher_epochs
     assert tcfg["train_n"] == 256  # an explicit --train-n sizes the teacher's run too
     # RSLAD's loss is a mean over B*C logits: the quick preset's lr x C, weight decay / C (see the next
     # test); the teacher's TRADES keeps the official 0.1 and 2e-4.
     cfg = json.loads((run / "config.json").read_text())
     assert (cfg["lr"], cfg["weight_decay"]) == (pytest.approx(1.0), pytest.approx(2e-5))
     assert (tcfg["lr"], tcfg["weight_decay"]) == (pytest.approx(0.1), pytest.approx(2e-4))
-    assert tcfg["hparams"]["steps"] == quick["attack_steps"]
-    assert tcfg["hparams"]["step_size"] == pytest.approx(0.007 * 10 / quick["attack_steps"])
+    assert tcfg["hparams"]["steps"] == quick.attack_steps
+    assert tcfg["hparams"]["step_size"] == pytest.approx(0.007 * 10 / quick.attack_steps)
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["teacher"] == {"source": "trained", "arch": "tiny", "dir": "teacher"}
     assert cfg["teacher_run"] == tcfg and len(_records(run)) == 2
-    assert cfg["milestones"] == [1] and tcfg["milestones"] == [quick["teacher_epochs"] - 1]  # last epoch x0.1
+    assert cfg["milestones"] == [1] and tcfg["milestones"] == [quick.teacher_epochs - 1]  # last epoch x0.1
 
     stamp = (tdir / "last.pt").stat().st_mtime_ns, (run / "last.pt").stat().st_mtime_ns
     assert train.main(["--resume", str(run), "--no-progress"]) == 0  # finished: nothing retrained
@@ -276,9 +276,9 @@ def test_hyperparameter_flags_cover_every_method():
     cfg = train.resolve_config(parser.parse_args(["--method", "iad", "--student", "tiny", "--preset", "quick",
                                                   "--epochs", "10"]))
     assert cfg.hparams["begin"] == 3 and cfg.milestones == [9]  # 60 of 200 epochs -> 3 of 10
-    k = train.PRESETS["quick"]["attack_steps"]  # IAD: 10 steps of 2/255, the travel kept: k steps of 20/k /255
+    k = train.PRESETS["quick"].attack_steps  # IAD: 10 steps of 2/255, the travel kept: k steps of 20/k /255
     assert cfg.hparams["steps"] == k and cfg.hparams["step_size"] == pytest.approx(10 * 2 / 255 / k)
-    assert cfg.teacher == {"source": "trained", "arch": train.PRESETS["quick"]["teacher_arch"], "dir": "teacher"}
+    assert cfg.teacher == {"source": "trained", "arch": train.PRESETS["quick"].teacher_arch, "dir": "teacher"}
 
 
 # ---- divergence: stop before any non-finite checkpoint is written -------------------------------------------

@@ -1,9 +1,9 @@
 """The resolved configuration of one training run: every value the run uses, validated, JSON-serializable.
 
 Resolution order for each setting: explicit command-line value > preset > the method's official value
-(``Method.HPARAMS`` defaults and ``Method.SCHEDULE``, cited in each method's module). The preset tables
-themselves live in ``rslad_fast/train.py``, next to the documentation of every value; this module only
-applies them (:func:`resolve`) and checks ranges (:func:`validate`). ``config.json`` is
+(``Method.HPARAMS`` defaults and ``Method.SCHEDULE``, cited in each method's module). A preset is a
+:class:`Preset`; the presets themselves live in ``rslad_fast/train.py``, next to the documentation of every
+value; this module only applies them (:func:`resolve`) and checks ranges (:func:`validate`). ``config.json`` is
 ``Config.to_dict()``; a resumed run is rebuilt from it with :meth:`Config.from_dict`.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import platform
 import subprocess
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -24,6 +24,29 @@ from rslad_fast.models import canonical_name
 
 CONFIG_FORMAT = 1
 NUM_CLASSES = 10  # CIFAR-10, the engine's dataset
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Settings between the command line and the method's official values (``train.PRESETS``, where each
+    value is explained). None, False and (): the official value, untouched."""
+
+    eval_n: int                              # held-out test images (the first ones) evaluated after every epoch
+    eval_batch_size: int                     # images per evaluation batch (memory only)
+    teacher_arch: str                        # a self-trained teacher's architecture (no --teacher)
+    train_n: Optional[int] = None            # training images, the first ones (None: all 50,000)
+    epochs: Optional[int] = None             # the student's epochs
+    batch_size: Optional[int] = None         # images per SGD step and process
+    attack_steps: Optional[int] = None       # training attack cut to this many PGD steps, the step size scaled
+                                             # so that steps * step_size stays the official
+    final_decay: bool = False                # lr milestones [epochs - 1]: one decay, for the last epoch
+    scale_epoch_hparams: bool = False        # `epoch_hparams` scaled by epochs / official epochs
+    epoch_hparams: Tuple[str, ...] = ()      # method hyperparameters counted in epochs
+    channels_last: Optional[bool] = None     # channels_last memory format (None: off)
+    per_image_loss_lr: bool = False          # a per-logit-mean loss (Method.LOSS_PER_ELEMENT): lr x C, weight
+                                             # decay / C, i.e. SGD on its per-image form at the official values
+    teacher_train_n: Optional[int] = None    # a self-trained teacher's training images (None: train_n)
+    teacher_epochs: Optional[int] = None     # a self-trained teacher's epochs (None: its official ones)
 
 
 @dataclass
@@ -150,7 +173,7 @@ def check_ops_device(device) -> None:
         raise UserError(str(e)) from None
 
 
-def resolve(cli: dict, preset_name: str, preset: dict, eval_attack: dict) -> Config:
+def resolve(cli: dict, preset_name: str, preset: Preset, eval_attack: dict) -> Config:
     """Turn command-line values (None = not given) and a preset into a validated :class:`Config`.
 
     ``cli`` keys: student, method, hparams (dict of explicitly given method hyperparameters), teacher,
@@ -171,17 +194,16 @@ def resolve(cli: dict, preset_name: str, preset: dict, eval_attack: dict) -> Con
         has = ", ".join("--" + k.replace("_", "-") for k in method_cls.HPARAMS) or "none"
         raise UserError(f"{flags}: not a hyperparameter of method '{method_cls.name}' (its hyperparameters: {has})")
 
-    epochs = _pick(cli.get("epochs"), preset.get("epochs"), sch.epochs)
-    scale = preset.get("scale_epoch_hparams", False)  # quick: epoch-valued hparams x epochs / official epochs
+    epochs = _pick(cli.get("epochs"), preset.epochs, sch.epochs)
     hp = {**defaults, **given}
-    k = preset.get("attack_steps")
+    k = preset.attack_steps
     if k is not None and "steps" in defaults and "steps" not in given and defaults["steps"] > k:
         hp["steps"] = k
         if "step_size" in defaults and "step_size" not in given:
             # keep the official total travel steps * step_size (e.g. RSLAD 10 x 2/255 -> 2 x 10/255)
             hp["step_size"] = defaults["step_size"] * defaults["steps"] / k
-    if scale and isinstance(epochs, int) and epochs > 0:
-        for name in preset.get("epoch_hparams", ()):
+    if preset.scale_epoch_hparams and isinstance(epochs, int) and epochs > 0:
+        for name in preset.epoch_hparams:
             if name in defaults and name not in given:
                 hp[name] = int(round(defaults[name] * epochs / sch.epochs))
     method = method_cls(**hp)  # validates (UserError on eps outside [0, 1], negative steps, ...)
@@ -191,7 +213,7 @@ def resolve(cli: dict, preset_name: str, preset: dict, eval_attack: dict) -> Con
 
     if cli.get("milestones") is not None:
         milestones = list(cli["milestones"])
-    elif preset.get("final_decay") and isinstance(epochs, int):
+    elif preset.final_decay and isinstance(epochs, int):
         milestones = [epochs - 1] if epochs > 1 else []  # quick: one decay, for the last epoch
     else:
         milestones = list(method.milestones())  # the decays the official code really applies (lr_bug)
@@ -202,7 +224,7 @@ def resolve(cli: dict, preset_name: str, preset: dict, eval_attack: dict) -> Con
             teacher = {"source": "file", "path": str(Path(cli["teacher"]).expanduser().resolve()),
                        "arch": canonical_name(cli.get("teacher_arch") or "wrn34-10")}
         else:
-            teacher = {"source": "trained", "arch": canonical_name(cli.get("teacher_arch") or preset["teacher_arch"]),
+            teacher = {"source": "trained", "arch": canonical_name(cli.get("teacher_arch") or preset.teacher_arch),
                        "dir": "teacher"}
     elif cli.get("teacher") or cli.get("teacher_arch"):
         raise UserError(f"method '{method_cls.name}' trains without a teacher; drop --teacher/--teacher-arch "
@@ -210,7 +232,7 @@ def resolve(cli: dict, preset_name: str, preset: dict, eval_attack: dict) -> Con
                         f"{', '.join(n for n, c in sorted(methods.REGISTRY.items()) if c.needs_teacher)})")
 
     lr, weight_decay = sch.lr, sch.weight_decay
-    if preset.get("per_image_loss_lr") and method_cls.LOSS_PER_ELEMENT:
+    if preset.per_image_loss_lr and method_cls.LOSS_PER_ELEMENT:
         # A loss averaged over the B*C logits (RSLAD) has 1/C the gradient of the same loss averaged per
         # image. lr x C with weight decay / C is exactly SGD on the per-image loss at the official lr and
         # weight decay (momentum included): a preset too short to absorb the factor C uses it.
@@ -221,21 +243,21 @@ def resolve(cli: dict, preset_name: str, preset: dict, eval_attack: dict) -> Con
         student=student, method=method_cls.name, hparams=hparams, preset=preset_name,
         seed=_pick(cli.get("seed"), 0),
         data=str(Path(_pick(cli.get("data"), "./data")).expanduser().resolve()),
-        train_n=_pick(cli.get("train_n"), preset.get("train_n")),
-        eval_n=_pick(cli.get("eval_n"), preset.get("eval_n")),
+        train_n=_pick(cli.get("train_n"), preset.train_n),
+        eval_n=_pick(cli.get("eval_n"), preset.eval_n),
         epochs=epochs,
-        batch_size=_pick(cli.get("batch_size"), preset.get("batch_size"), sch.batch_size),
-        lr=_pick(cli.get("lr"), preset.get("lr"), lr),
+        batch_size=_pick(cli.get("batch_size"), preset.batch_size, sch.batch_size),
+        lr=_pick(cli.get("lr"), lr),
         momentum=_pick(cli.get("momentum"), sch.momentum),
         weight_decay=_pick(cli.get("weight_decay"), weight_decay),
         milestones=milestones,
         gamma=_pick(cli.get("gamma"), sch.gamma),
         device=device, loader=_pick(cli.get("loader"), "torch"), threads=threads,
-        amp=_pick(cli.get("amp"), preset.get("amp"), "fp32"),
-        channels_last=bool(_pick(cli.get("channels_last"), preset.get("channels_last"), False)),
+        amp=_pick(cli.get("amp"), "fp32"),
+        channels_last=bool(_pick(cli.get("channels_last"), preset.channels_last, False)),
         allow_tf32=bool(cli.get("allow_tf32") or False),
         sync_bn=bool(cli.get("sync_bn") or False),
-        eval_attack=dict(eval_attack), eval_batch_size=int(preset.get("eval_batch_size", 500)),
+        eval_attack=dict(eval_attack), eval_batch_size=preset.eval_batch_size,
         teacher=teacher, schedule_source=sch.source, versions=versions(),
     )
     validate(cfg)
