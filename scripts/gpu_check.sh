@@ -23,7 +23,7 @@
 #                           of the CPU machine) and 2 .cu files for one architecture (~10 s each with nvcc 13.0,
 #                           measured on the CPU machine); the backend must then be "compiled" with CUDA kernels
 #   backend            10   import check (RSLAD_FAST_REQUIRE=cuda)
-#   tests_cuda         40   every cuda-marked test but the graph ones (~400 op cases of a few ms each, float64
+#   tests_cuda         40   every cuda-marked test but the graph ones (~600 op cases of a few ms each, float64
 #                           included, autocast, DALI skipped) and the build's PTX check; torch start-up ~15 s
 #   memcheck           60   compute-sanitizer memcheck over scripts/gpu_probes.py sweep: every op, dtype and
 #   racecheck          30   reduction at odd sizes (~160 cases), only our kernels instrumented where the tool can
@@ -197,9 +197,9 @@ if [ "$MODE" = quick ]; then
     stage bench_epoch_compiled 90 "${BENCH[@]}" benchmarks/test_epoch_bench.py -k "cuda and compile" \
       --benchmark-json="$WORK/bench_epoch_compiled.json"
   else  # dry run: the same plumbing, a few CPU rows, timed (a JSON to summarise)
-    stage bench_inner 60 "$PY" -m pytest benchmarks/test_inner_loop_bench.py benchmarks/test_ops_bench.py -q \
-      -p no:cacheprovider --benchmark-only --benchmark-max-time=0.05 \
-      -k "(cpu-mnv2-16 and not backward) or (test_pgd_step and not compiled)" --benchmark-json="$WORK/bench_inner.json"
+    stage bench_ops 60 "$PY" -m pytest benchmarks/test_ops_bench.py -q -p no:cacheprovider --benchmark-only \
+      --benchmark-max-time=0.05 -k "cpu and not compiled and not backward" \
+      --benchmark-json="$WORK/bench_ops.json"
   fi
 else
   # ---- full mode: the benchmarks at full size, then the quick preset fp32 vs bf16 on CIFAR-10 -----------------
