@@ -80,10 +80,57 @@ inline void check_kl_grad_output(const at::Tensor& grad_output, const at::Tensor
   }
 }
 
-// The kernels work on dense memory. Inputs that already share x_adv's dense layout (contiguous or
-// channels_last) are used as they are; anything else is copied once into a contiguous tensor.
+// ---- the tensors as the kernels of both backends read them: checked, and in dense memory
+
+// softmax_kl's logits in row-major [rows, classes] (a strided view is copied once).
+struct KLInputs {
+  int reduction;
+  int64_t rows, classes;
+  at::Tensor s, t;  // student and teacher logits, contiguous
+};
+
+inline KLInputs kl_inputs(const at::Tensor& student, const at::Tensor& teacher, double temperature,
+                          c10::string_view reduction) {
+  const int parsed = check_kl_args(student, teacher, temperature, reduction);
+  return {parsed, student.size(0), student.size(1), student.contiguous(), teacher.contiguous()};
+}
+
+// The backward's: the logits, grad_output, and the gradients to fill, contiguous like the logits.
+struct KLBackwardInputs : KLInputs {
+  at::Tensor grad_output, grad_s, grad_t;
+};
+
+inline KLBackwardInputs kl_backward_inputs(const at::Tensor& grad_output, const at::Tensor& student,
+                                           const at::Tensor& teacher, double temperature,
+                                           c10::string_view reduction) {
+  KLBackwardInputs in{kl_inputs(student, teacher, temperature, reduction)};
+  check_kl_grad_output(grad_output, student, in.reduction);
+  in.grad_output = grad_output.contiguous();
+  in.grad_s = at::empty_like(in.s, at::MemoryFormat::Contiguous);
+  in.grad_t = at::empty_like(in.t, at::MemoryFormat::Contiguous);
+  return in;
+}
+
 inline bool same_dense_layout(const at::Tensor& a, const at::Tensor& b) {
   return a.is_non_overlapping_and_dense() && b.strides() == a.strides();
+}
+
+// pgd_step_'s three images in one dense layout: x_adv's own when it is dense (contiguous or channels_last),
+// so that the usual calls copy nothing; plain contiguous copies otherwise. `x_adv` is x_adv itself or a
+// copy, which the kernel then writes back.
+struct PGDInputs {
+  at::Tensor x_adv, grad, x_nat;
+};
+
+inline PGDInputs dense_pgd_inputs(const at::Tensor& x_adv, const at::Tensor& grad, const at::Tensor& x_nat) {
+  const at::Tensor out = x_adv.is_non_overlapping_and_dense() ? x_adv : x_adv.contiguous();
+  const at::Tensor g = same_dense_layout(out, grad) ? grad : grad.contiguous(out.suggest_memory_format());
+  const at::Tensor nat = same_dense_layout(out, x_nat) ? x_nat : x_nat.contiguous(out.suggest_memory_format());
+  if (!same_dense_layout(out, g) || !same_dense_layout(out, nat)) {
+    // Layouts still differ (e.g. x_adv dense with unusual strides): fall back to plain contiguous.
+    return {x_adv.contiguous(), grad.contiguous(), x_nat.contiguous()};
+  }
+  return {out, g, nat};
 }
 
 }  // namespace rslad_fast

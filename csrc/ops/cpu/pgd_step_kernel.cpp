@@ -30,22 +30,12 @@ void pgd_step_cpu(at::Tensor& x_adv, const at::Tensor& grad, const at::Tensor& x
   TORCH_CHECK_VALUE(x_adv.device().is_cpu(), "rslad_fast: x_adv must be a CPU tensor for the CPU kernel");
   if (x_adv.numel() == 0) return;
 
-  const bool dense = x_adv.is_non_overlapping_and_dense();
-  at::Tensor out = dense ? x_adv : x_adv.contiguous();
-  at::Tensor g = same_dense_layout(out, grad) ? grad : grad.contiguous(out.suggest_memory_format());
-  at::Tensor nat = same_dense_layout(out, x_nat) ? x_nat : x_nat.contiguous(out.suggest_memory_format());
-  if (!same_dense_layout(out, g) || !same_dense_layout(out, nat)) {
-    // Layouts still differ (e.g. x_adv dense with unusual strides): fall back to plain contiguous.
-    out = x_adv.contiguous();
-    g = grad.contiguous();
-    nat = x_nat.contiguous();
-  }
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "pgd_step_cpu", [&] {
-    pgd_step_loop<scalar_t>(out.data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
-                            nat.const_data_ptr<scalar_t>(), out.numel(), eps, alpha, lo, hi);
+  const PGDInputs in = dense_pgd_inputs(x_adv, grad, x_nat);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x_adv.scalar_type(), "pgd_step_cpu", [&] {
+    pgd_step_loop<scalar_t>(in.x_adv.data_ptr<scalar_t>(), in.grad.const_data_ptr<scalar_t>(),
+                            in.x_nat.const_data_ptr<scalar_t>(), in.x_adv.numel(), eps, alpha, lo, hi);
   });
-  if (!out.is_same(x_adv)) x_adv.copy_(out);
+  if (!in.x_adv.is_same(x_adv)) x_adv.copy_(in.x_adv);
 }
 
 }  // namespace

@@ -5,7 +5,8 @@
 // vector. The backward keeps the exponentials of pass 2 in its output buffers and forms the KL and both
 // gradients from them, so it evaluates 2 exponentials per class, like the forward. The vector code is
 // compiled twice, for AVX2+FMA and for the baseline ISA, and the AVX2 copy runs where the CPU has it
-// (and ATen's ATEN_CPU_CAPABILITY does not ask for "default").
+// (and ATen's ATEN_CPU_CAPABILITY does not ask for "default"). The vectors, their exp and the split of a
+// row into whole vectors and a tail are vec.h's; the rows, blocks and ops of softmax_kl are here.
 //
 // The per-row formulas are math.h's: the row's KLState (maxima, sums of exponentials, p-weighted sum
 // of a - b) gives the forward value through math::kl_value and the log-normalizers through
@@ -19,14 +20,11 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/Version.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <limits>
-#include <string>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -34,16 +32,7 @@
 #include "../checks.h"
 #include "../math.h"
 
-#if defined(__GNUC__)  // GCC and Clang: generic vector extensions
-#define RSLAD_CPU_VEC 1
-#define RSLAD_ALWAYS_INLINE inline __attribute__((always_inline))
-#if defined(__x86_64__) || defined(__i386__)
-#define RSLAD_CPU_AVX2 1
-#define RSLAD_TARGET_AVX2 __attribute__((target("avx2,fma")))
-#endif
-// 32-byte vectors passed between always-inlined helpers: the ABI note does not apply.
-#pragma GCC diagnostic ignored "-Wpsabi"
-#endif
+#include "vec.h"
 
 namespace rslad_fast {
 namespace {
@@ -121,116 +110,14 @@ void scalar_backward_block(const scalar_t* sp, const scalar_t* tp, const acc_t* 
 
 // ------------------------------------------------------------------ vectorized path (float32 math)
 #ifdef RSLAD_CPU_VEC
-namespace vec {
+// The softmax-KL rows in vec.h's vectors.
+namespace kl_vec {
 
-constexpr int kW = 8;  // floats per vector (one AVX2 register; two SSE or NEON registers elsewhere)
-typedef float f8 __attribute__((vector_size(32)));
-typedef int32_t i8 __attribute__((vector_size(32)));
-
-RSLAD_ALWAYS_INLINE f8 splat(float x) {
-  return f8{} + x;
-}
-RSLAD_ALWAYS_INLINE f8 load(const float* p) {
-  f8 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-RSLAD_ALWAYS_INLINE void store(float* p, f8 v) {
-  std::memcpy(p, &v, sizeof(v));
-}
-// The first n (< kW) floats of p, the other lanes set to fill.
-// (Written lane by lane over all kW lanes: a loop up to n would be compiled into a call to memcpy.)
-RSLAD_ALWAYS_INLINE f8 load_part(const float* p, int n, float fill) {
-  f8 v;
-#pragma GCC unroll 8
-  for (int i = 0; i < kW; ++i) v[i] = i < n ? p[i] : fill;
-  return v;
-}
-RSLAD_ALWAYS_INLINE void store_part(float* p, f8 v, int n) {
-#pragma GCC unroll 8
-  for (int i = 0; i < kW; ++i) {
-    if (i < n) p[i] = v[i];
-  }
-}
-RSLAD_ALWAYS_INLINE f8 vmax(f8 a, f8 b) {
-  return a > b ? a : b;
-}
-// math::weighted, lane by lane: w * d, and exactly 0 where the probability w is 0 (a teacher logit of -inf
-// gives w == 0 and d == -inf).
-RSLAD_ALWAYS_INLINE f8 vweighted(f8 w, f8 d) {
-  return w == splat(0.0f) ? splat(0.0f) : w * d;
-}
-// Lanes reduced as a tree (lane k with lane k+4, then k+2, then k+1), the order of the scalar path's merge.
-RSLAD_ALWAYS_INLINE float hsum(f8 v) {
-  return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
-}
-RSLAD_ALWAYS_INLINE float hmax(f8 v) {
-  float m = v[0];
-  for (int i = 1; i < kW; ++i) m = v[i] > m ? v[i] : m;
-  return m;
-}
-
-// exp(x), float32, for the arguments the kernels need (x <= 0: a logit minus its row maximum). Cephes'
-// expf: x = n ln2 + r with |r| <= ln2/2 (Cody-Waite split of ln2), a degree-6 polynomial for exp(r) (about
-// 1 ulp), and 2^n written into the exponent bits. Below log(FLT_MIN) the result is exactly 0, so a class
-// whose probability underflows contributes exactly 0; -inf gives 0 and NaN stays NaN.
-RSLAD_ALWAYS_INLINE f8 vexp(f8 x) {
-  const f8 magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  const f8 t = x * 1.44269504088896341f + magic;
-  const f8 n = t - magic;
-  f8 r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  f8 p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
-  i8 bits;
-  std::memcpy(&bits, &t, sizeof(bits));
-  bits = (bits - 0x4B400000 + 127) << 23;  // (n + 127) << 23: the float 2^n
-  f8 scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  const f8 y = p * scale;
-  return x < -87.33654475f ? splat(0.0f) : y;
-}
+using namespace vec;
 
 // A float row's maxima and exponential sums: the fields of math::KLState.
 struct RowExp {
   float max_a, sum_a, dot, max_b, sum_b;
-};
-
-// How a row of `classes` floats splits into vectors: `full` classes in whole vectors, then `rem` more.
-// Rows of at least kW classes take the last rem as the vector of the row's last kW classes, whose first
-// kW - rem lanes repeat classes already seen and are masked out of sums (`live`); shorter rows load their
-// rem classes into a padded vector.
-struct RowSplit {
-  int64_t full;
-  int rem;
-  bool overlap;
-  i8 live;
-
-  RSLAD_ALWAYS_INLINE explicit RowSplit(int64_t classes)
-      : full(classes - classes % kW), rem(static_cast<int>(classes % kW)), overlap(classes >= kW) {
-    const i8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
-    live = overlap ? lane >= kW - rem : lane < rem;
-  }
-  // The tail vector of row p (padding lanes, for short rows, set to fill).
-  RSLAD_ALWAYS_INLINE f8 tail(const float* p, int64_t classes, float fill) const {
-    return overlap ? load(p + classes - kW) : load_part(p + full, rem, fill);
-  }
-  // Writes the tail vector: the repeated lanes get the values the whole vectors wrote there.
-  RSLAD_ALWAYS_INLINE void store_tail(float* p, int64_t classes, f8 v) const {
-    if (overlap) {
-      store(p + classes - kW, v);
-    } else {
-      store_part(p + full, v, rem);
-    }
-  }
-  RSLAD_ALWAYS_INLINE f8 mask(f8 v) const {
-    return live ? v : splat(0.0f);
-  }
 };
 
 // Two passes over a row of teacher logits t and student logits s (a = t/T, b = s/T): the maxima, then
@@ -416,22 +303,7 @@ RSLAD_TARGET_AVX2 void backward_block_avx2(const scalar_t* sp, const scalar_t* t
 }
 #endif
 
-// Whether to run the AVX2 copy: the CPU has AVX2 and FMA, and ATen runs at AVX2 or above (so
-// ATEN_CPU_CAPABILITY=default also selects the baseline copy here).
-bool use_avx2() {
-#ifdef RSLAD_CPU_AVX2
-  static const bool yes = [] {
-    __builtin_cpu_init();
-    const std::string cap = at::get_cpu_capability();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && (cap == "AVX2" || cap == "AVX512");
-  }();
-  return yes;
-#else
-  return false;
-#endif
-}
-
-}  // namespace vec
+}  // namespace kl_vec
 #endif  // RSLAD_CPU_VEC
 
 // Sum of the KL values of rows [begin, end) (acc_t), each also written to out[r] when out is given.
@@ -441,9 +313,9 @@ acc_t forward_rows(const scalar_t* sp, const scalar_t* tp, int64_t classes, acc_
 #ifdef RSLAD_CPU_VEC
   if constexpr (std::is_same_v<acc_t, float>) {
 #ifdef RSLAD_CPU_AVX2
-    if (vec::use_avx2()) return vec::forward_block_avx2<scalar_t>(sp, tp, classes, inv_temp, begin, end, out);
+    if (vec::use_avx2()) return kl_vec::forward_block_avx2<scalar_t>(sp, tp, classes, inv_temp, begin, end, out);
 #endif
-    return vec::forward_block_base<scalar_t>(sp, tp, classes, inv_temp, begin, end, out);
+    return kl_vec::forward_block_base<scalar_t>(sp, tp, classes, inv_temp, begin, end, out);
   }
 #endif
   return scalar_forward_block<scalar_t, acc_t>(sp, tp, classes, inv_temp, begin, end, out);
@@ -456,11 +328,11 @@ void backward_rows(const scalar_t* sp, const scalar_t* tp, const acc_t* g, int64
   if constexpr (std::is_same_v<acc_t, float>) {
 #ifdef RSLAD_CPU_AVX2
     if (vec::use_avx2()) {
-      vec::backward_block_avx2<scalar_t>(sp, tp, g, g_stride, classes, inv_temp, begin, end, gsp, gtp);
+      kl_vec::backward_block_avx2<scalar_t>(sp, tp, g, g_stride, classes, inv_temp, begin, end, gsp, gtp);
       return;
     }
 #endif
-    vec::backward_block_base<scalar_t>(sp, tp, g, g_stride, classes, inv_temp, begin, end, gsp, gtp);
+    kl_vec::backward_block_base<scalar_t>(sp, tp, g, g_stride, classes, inv_temp, begin, end, gsp, gtp);
     return;
   }
 #endif
@@ -471,9 +343,9 @@ void backward_rows(const scalar_t* sp, const scalar_t* tp, const acc_t* g, int64
 
 at::Tensor softmax_kl_cpu(const at::Tensor& student, const at::Tensor& teacher, double temperature,
                           c10::string_view reduction_name) {
-  const int reduction = check_kl_args(student, teacher, temperature, reduction_name);
-  const int64_t rows = student.size(0), classes = student.size(1);
-  const at::Tensor s = student.contiguous(), t = teacher.contiguous();
+  const KLInputs in = kl_inputs(student, teacher, temperature, reduction_name);
+  const int64_t rows = in.rows, classes = in.classes;
+  const at::Tensor &s = in.s, &t = in.t;
   at::Tensor out;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "softmax_kl_cpu", [&] {
@@ -482,7 +354,7 @@ at::Tensor softmax_kl_cpu(const at::Tensor& student, const at::Tensor& teacher, 
     const scalar_t* sp = s.const_data_ptr<scalar_t>();
     const scalar_t* tp = t.const_data_ptr<scalar_t>();
     const int64_t grain = row_grain(classes);
-    if (reduction == math::kNone) {
+    if (in.reduction == math::kNone) {
       out = at::empty({rows}, s.options());
       scalar_t* op = out.data_ptr<scalar_t>();
       at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
@@ -506,7 +378,7 @@ at::Tensor softmax_kl_cpu(const at::Tensor& student, const at::Tensor& teacher, 
       });
       for (acc_t p : partial) total += p;
     }
-    total *= math::reduction_scale<acc_t>(reduction, rows, classes);
+    total *= math::reduction_scale<acc_t>(in.reduction, rows, classes);
     out = at::scalar_tensor(static_cast<double>(total), s.options());
   });
   return out;
@@ -515,30 +387,25 @@ at::Tensor softmax_kl_cpu(const at::Tensor& student, const at::Tensor& teacher, 
 std::tuple<at::Tensor, at::Tensor> softmax_kl_backward_cpu(const at::Tensor& grad_output,
                                                            const at::Tensor& student, const at::Tensor& teacher,
                                                            double temperature, c10::string_view reduction_name) {
-  const int reduction = check_kl_args(student, teacher, temperature, reduction_name);
-  check_kl_grad_output(grad_output, student, reduction);
-  const int64_t rows = student.size(0), classes = student.size(1);
-  const at::Tensor s = student.contiguous(), t = teacher.contiguous();
-  at::Tensor grad_s = at::empty_like(s, at::MemoryFormat::Contiguous);
-  at::Tensor grad_t = at::empty_like(t, at::MemoryFormat::Contiguous);
-  if (rows == 0) return {grad_s, grad_t};
-  const at::Tensor go = grad_output.contiguous();
+  const KLBackwardInputs in = kl_backward_inputs(grad_output, student, teacher, temperature, reduction_name);
+  const int64_t rows = in.rows, classes = in.classes;
+  if (rows == 0) return {in.grad_s, in.grad_t};
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "softmax_kl_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.s.scalar_type(), "softmax_kl_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t inv_temp = acc_t(1) / static_cast<acc_t>(temperature);
-    const scalar_t* sp = s.const_data_ptr<scalar_t>();
-    const scalar_t* tp = t.const_data_ptr<scalar_t>();
-    const scalar_t* gop = go.const_data_ptr<scalar_t>();
-    scalar_t* gsp = grad_s.data_ptr<scalar_t>();
-    scalar_t* gtp = grad_t.data_ptr<scalar_t>();
+    const scalar_t* sp = in.s.const_data_ptr<scalar_t>();
+    const scalar_t* tp = in.t.const_data_ptr<scalar_t>();
+    const scalar_t* gop = in.grad_output.const_data_ptr<scalar_t>();
+    scalar_t* gsp = in.grad_s.data_ptr<scalar_t>();
+    scalar_t* gtp = in.grad_t.data_ptr<scalar_t>();
     // Each row's factor scale / T: grad_output[r] / T for "none", grad_output * reduction scale / T else.
-    const acc_t reduced_scale = math::reduction_scale<acc_t>(reduction, rows, classes);
+    const acc_t reduced_scale = math::reduction_scale<acc_t>(in.reduction, rows, classes);
     std::vector<acc_t> factors;
     acc_t factor = 0;
     const acc_t* g = &factor;
     int64_t g_stride = 0;
-    if (reduction == math::kNone) {
+    if (in.reduction == math::kNone) {
       factors.resize(rows);
       for (int64_t r = 0; r < rows; ++r) factors[r] = static_cast<acc_t>(gop[r]) * acc_t(1) * inv_temp;
       g = factors.data();
@@ -550,7 +417,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_kl_backward_cpu(const at::Tensor& gra
       backward_rows<scalar_t, acc_t>(sp, tp, g, g_stride, classes, inv_temp, begin, end, gsp, gtp);
     });
   });
-  return {grad_s, grad_t};
+  return {in.grad_s, in.grad_t};
 }
 
 }  // namespace

@@ -32,28 +32,20 @@ void pgd_step_cuda(at::Tensor& x_adv, const at::Tensor& grad, const at::Tensor& 
   if (x_adv.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(x_adv.device());
 
-  at::Tensor out = x_adv.is_non_overlapping_and_dense() ? x_adv : x_adv.contiguous();
-  at::Tensor g = same_dense_layout(out, grad) ? grad : grad.contiguous(out.suggest_memory_format());
-  at::Tensor nat = same_dense_layout(out, x_nat) ? x_nat : x_nat.contiguous(out.suggest_memory_format());
-  if (!same_dense_layout(out, g) || !same_dense_layout(out, nat)) {
-    out = x_adv.contiguous();
-    g = grad.contiguous();
-    nat = x_nat.contiguous();
-  }
-
-  const int64_t n = out.numel();
+  const PGDInputs in = dense_pgd_inputs(x_adv, grad, x_nat);
+  const int64_t n = in.x_adv.numel();
   const int threads = kThreads;
   // Enough blocks to fill the GPU; the grid-stride loop covers the rest.
   const int64_t blocks = std::min<int64_t>(cuda::ceil_div(n, threads), 65535LL * 8);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "pgd_step_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x_adv.scalar_type(), "pgd_step_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     pgd_step_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
-        out.data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(), nat.const_data_ptr<scalar_t>(), n,
+        in.x_adv.data_ptr<scalar_t>(), in.grad.const_data_ptr<scalar_t>(), in.x_nat.const_data_ptr<scalar_t>(), n,
         static_cast<acc_t>(eps), static_cast<acc_t>(alpha), static_cast<acc_t>(lo), static_cast<acc_t>(hi));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  if (!out.is_same(x_adv)) x_adv.copy_(out);
+  if (!in.x_adv.is_same(x_adv)) x_adv.copy_(in.x_adv);
 }
 
 }  // namespace

@@ -134,12 +134,12 @@ int64_t row_blocks(int64_t rows) {
 
 at::Tensor softmax_kl_cuda(const at::Tensor& student, const at::Tensor& teacher, double temperature,
                            c10::string_view reduction_name) {
-  const int reduction = check_kl_args(student, teacher, temperature, reduction_name);
   TORCH_CHECK_VALUE(student.is_cuda(), "rslad_fast: student_logits must be a CUDA tensor for the CUDA kernel");
   const c10::cuda::CUDAGuard guard(student.device());
-  const int64_t rows = student.size(0), classes = student.size(1);
-  const at::Tensor s = student.contiguous(), t = teacher.contiguous();
-  if (reduction == math::kNone) {
+  const KLInputs in = kl_inputs(student, teacher, temperature, reduction_name);
+  const int64_t rows = in.rows, classes = in.classes;
+  const at::Tensor &s = in.s, &t = in.t;
+  if (in.reduction == math::kNone) {
     at::Tensor out = at::empty({rows}, s.options());
     if (rows == 0) return out;
     cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -159,7 +159,7 @@ at::Tensor softmax_kl_cuda(const at::Tensor& student, const at::Tensor& teacher,
     using acc_t = at::opmath_type<scalar_t>;
     kl_reduce_kernel<scalar_t><<<1, kReduceThreads, 0, stream>>>(
         s.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), rows, classes,
-        acc_t(1) / static_cast<acc_t>(temperature), math::reduction_scale<acc_t>(reduction, rows, classes));
+        acc_t(1) / static_cast<acc_t>(temperature), math::reduction_scale<acc_t>(in.reduction, rows, classes));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -168,27 +168,22 @@ at::Tensor softmax_kl_cuda(const at::Tensor& student, const at::Tensor& teacher,
 std::tuple<at::Tensor, at::Tensor> softmax_kl_backward_cuda(const at::Tensor& grad_output,
                                                             const at::Tensor& student, const at::Tensor& teacher,
                                                             double temperature, c10::string_view reduction_name) {
-  const int reduction = check_kl_args(student, teacher, temperature, reduction_name);
-  check_kl_grad_output(grad_output, student, reduction);
   TORCH_CHECK_VALUE(student.is_cuda(), "rslad_fast: student_logits must be a CUDA tensor for the CUDA kernel");
   const c10::cuda::CUDAGuard guard(student.device());
-  const int64_t rows = student.size(0), classes = student.size(1);
-  const at::Tensor s = student.contiguous(), t = teacher.contiguous();
-  at::Tensor grad_s = at::empty_like(s, at::MemoryFormat::Contiguous);
-  at::Tensor grad_t = at::empty_like(t, at::MemoryFormat::Contiguous);
-  if (rows == 0) return {grad_s, grad_t};
-  const at::Tensor go = grad_output.contiguous();
+  const KLBackwardInputs in = kl_backward_inputs(grad_output, student, teacher, temperature, reduction_name);
+  const int64_t rows = in.rows, classes = in.classes;
+  if (rows == 0) return {in.grad_s, in.grad_t};
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "softmax_kl_backward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.s.scalar_type(), "softmax_kl_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     kl_backward_kernel<scalar_t><<<row_blocks(rows), kRowThreads, 0, stream>>>(
-        go.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(),
-        grad_s.data_ptr<scalar_t>(), grad_t.data_ptr<scalar_t>(), rows, classes,
-        acc_t(1) / static_cast<acc_t>(temperature), math::reduction_scale<acc_t>(reduction, rows, classes),
-        reduction == math::kNone);
+        in.grad_output.const_data_ptr<scalar_t>(), in.s.const_data_ptr<scalar_t>(), in.t.const_data_ptr<scalar_t>(),
+        in.grad_s.data_ptr<scalar_t>(), in.grad_t.data_ptr<scalar_t>(), rows, classes,
+        acc_t(1) / static_cast<acc_t>(temperature), math::reduction_scale<acc_t>(in.reduction, rows, classes),
+        in.reduction == math::kNone);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {grad_s, grad_t};
+  return {in.grad_s, in.grad_t};
 }
 
 }  // namespace
