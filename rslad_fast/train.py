@@ -114,10 +114,9 @@ PRESETS = {
 
 # ---- 3. The command line -------------------------------------------------------------------------------
 
-ENGINE_FLAGS = ("student", "method", "teacher", "teacher_arch", "data", "epochs", "batch_size", "lr",
-                "momentum", "weight_decay", "milestones", "gamma", "seed", "device", "loader", "threads", "amp",
-                "channels_last", "allow_tf32", "sync_bn",
-                "train_n", "eval_n", "preset", "out", "overwrite")
+# options of the invocation, not settings of the run: with --resume (every setting from config.json) the only
+# flags allowed
+RUN_OPTIONS = ("resume", "no_download", "no_progress")
 
 
 def _method_hparams() -> dict:
@@ -229,12 +228,7 @@ def resolve_config(args: argparse.Namespace):
     preset_name = args.preset or "paper"
     preset = PRESETS[preset_name]
     hparams = {k[3:]: v for k, v in vars(args).items() if k.startswith("hp_") and v is not None}
-    cli = dict(student=args.student or "resnet18", method=args.method or "rslad", hparams=hparams,
-               teacher=args.teacher, teacher_arch=args.teacher_arch, data=args.data, epochs=args.epochs,
-               batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-               milestones=args.milestones, gamma=args.gamma, seed=args.seed, device=args.device,
-               loader=args.loader, threads=args.threads, train_n=args.train_n, eval_n=args.eval_n,
-               amp=args.amp, channels_last=args.channels_last, allow_tf32=args.allow_tf32, sync_bn=args.sync_bn)
+    cli = {**vars(args), "student": args.student or "resnet18", "method": args.method or "rslad", "hparams": hparams}
     cfg = resolve(cli, preset_name, preset, EVAL_ATTACK)
     if cfg.teacher is not None and cfg.teacher["source"] == "trained":
         # The teacher: TRADES on the teacher architecture with the preset's settings; only the data,
@@ -269,12 +263,20 @@ def _stop_status(e: KeyboardInterrupt) -> tuple:
         ("interrupted", 128 + signal.SIGINT)
 
 
+def _settings_given(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list:
+    """The flags of run settings that the command line gave (any value but the flag's default)."""
+    return [a.option_strings[0] for a in parser._actions
+            if a.option_strings and a.dest not in RUN_OPTIONS and getattr(args, a.dest, a.default) != a.default]
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    given = _settings_given(parser, args)
 
     def body(dist):
         try:
-            return _main(args, dist)
+            return _main(args, dist, given)
         except KeyboardInterrupt as e:  # during the checks: nothing written, nothing to continue
             what, status = _stop_status(e)
             if dist.is_main:
@@ -290,16 +292,13 @@ def main(argv=None) -> int:
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
-def _check(args, dist):
+def _check(args, dist, given):
     """Phase 1, on every rank: every check that can fail on user input; nothing is written. Returns
-    (run_dir, cfg, prep)."""
+    (run_dir, cfg, prep). ``given``: the run settings on the command line."""
     from rslad_fast.engine import check_out_dir, prepare, read_config
     from rslad_fast.errors import UserError
 
     if args.resume:
-        given = [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
-                 if (k in ENGINE_FLAGS or k.startswith("hp_"))
-                 and (v not in (None, False) or (k == "channels_last" and v is not None))]
         if given:
             raise UserError(f"--resume takes every setting from RUN_DIR/config.json; drop {', '.join(given)}")
         run_dir = Path(args.resume)
@@ -314,7 +313,7 @@ def _check(args, dist):
     return run_dir, cfg, prep
 
 
-def _main(args, dist) -> int:
+def _main(args, dist, given) -> int:
     from rslad_fast.engine import create_run_dir
     from rslad_fast.engine.runner import RunLock
     from rslad_fast.errors import UserError
@@ -329,7 +328,7 @@ def _main(args, dist) -> int:
     # it under the lock); agreeing on that too stops every rank when the directory is in use, and means that
     # rank 0 has created the run directory before any rank looks into it.
     try:
-        run_dir, cfg, prep = agreed(dist, lambda: _check(args, dist))
+        run_dir, cfg, prep = agreed(dist, lambda: _check(args, dist, given))
         lock = agreed(dist, lock_run_dir)
     except UserError as e:
         if dist.is_main:

@@ -261,6 +261,19 @@ def test_resume_refuses_other_settings(data, tmp_path, capsys):
     assert "--epochs" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("extra, flag", [(["--seed", "0"], "--seed"), (["--no-lr-bug"], "--lr-bug"),
+                                         (["--train-n", "0"], "--train-n")])
+def test_resume_refuses_a_setting_given_as_zero_or_false(data, tmp_path, capsys, extra, flag):
+    """A setting is refused with --resume whatever its value (before: 0 and False passed as not given, and
+    were silently ignored)."""
+    run = tmp_path / "run"
+    assert train.main(["--method", "natural", "--data", str(data), "--out", str(run), "--epochs", "1", *COMMON]) == 0
+    capsys.readouterr()
+    assert train.main(["--resume", str(run), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --resume") and f"drop {flag}" in err[0], err
+
+
 def test_hyperparameter_flags_cover_every_method():
     parser = train.build_parser()
     flags = {a.dest for a in parser._actions}
