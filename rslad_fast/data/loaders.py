@@ -28,6 +28,13 @@ from .augment import random_crop_flip
 
 KINDS = ("torch", "dali")
 
+# mix_seed's last part for each random stream a run draws from its one --seed, so that no two streams are
+# the same numbers (the values are arbitrary; changing one changes every run's results).
+SALT_SHUFFLE = 0x5EED  # the epoch's shuffle (epoch_indices)
+SALT_AUGMENT = 0xA06   # the torch loader's crops and flips
+SALT_ATTACK = 0x7EA1   # the training attacks' random starts (engine.runner)
+SALT_EVAL = 0xE7A1     # the per-epoch held-out PGD-20's random starts (engine.runner)
+
 
 def mix_seed(*parts: int) -> int:
     """A well-mixed 63-bit seed from integers (so (seed=0, epoch=1) and (seed=1, epoch=0) differ)."""
@@ -45,7 +52,7 @@ def epoch_indices(n: int, *, epoch: int, seed: int, shuffle: bool, rank: int = 0
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} not in [0, {world_size})")
     if shuffle:
-        g = torch.Generator().manual_seed(mix_seed(seed, epoch, 0x5EED))
+        g = torch.Generator().manual_seed(mix_seed(seed, epoch, SALT_SHUFFLE))
         perm = torch.randperm(n, generator=g)
     else:
         perm = torch.arange(n)
@@ -102,7 +109,8 @@ class TensorLoader:
         idx = self.indices()
         gen = None
         if self.train and self.augment:
-            gen = torch.Generator(device=self.device).manual_seed(mix_seed(self.seed, self.epoch, self.rank, 0xA06))
+            seed = mix_seed(self.seed, self.epoch, self.rank, SALT_AUGMENT)
+            gen = torch.Generator(device=self.device).manual_seed(seed)
         for b in range(len(self)):
             sel = idx[b * self.batch_size:(b + 1) * self.batch_size]
             x = self.images[sel]

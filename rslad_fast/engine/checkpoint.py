@@ -106,7 +106,7 @@ def rng_state(train_generator: torch.Generator | None, *, loader_seed: int, next
     """Every random stream the training loop touches, as weights_only-loadable values.
 
     The loader's shuffle and augmentation are pure functions of ``(seed, epoch, rank)`` (see
-    ``data.loaders``), so its "state" is just the seed and the next epoch; they are recorded for checking.
+    ``data.loaders``), so nothing of it needs restoring; its seed and next epoch are a record for the reader.
     ``train_generators``: every rank's generator state (default: ``[train_generator]``'s).
     """
     if train_generators is None:
@@ -119,7 +119,6 @@ def rng_state(train_generator: torch.Generator | None, *, loader_seed: int, next
                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "python": random.getstate(),
         "train_generator": None if train_generator is None else train_generator.get_state(),
-        "train_generator_device": None if train_generator is None else str(train_generator.device),
         "loader": {"seed": int(loader_seed), "next_epoch": int(next_epoch)},
         "world_size": int(world_size),
         "train_generators": list(train_generators),

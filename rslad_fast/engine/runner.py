@@ -54,7 +54,7 @@ except ImportError:  # not POSIX
 
 from rslad_fast import methods
 from rslad_fast.data import load_cifar10, make_loader
-from rslad_fast.data.loaders import dali_available, mix_seed
+from rslad_fast.data.loaders import SALT_ATTACK, SALT_EVAL, dali_available, mix_seed
 from rslad_fast.errors import UserError
 from rslad_fast.models import build
 from rslad_fast.models.loading import load_checkpoint_into
@@ -75,7 +75,6 @@ METRICS = "metrics.jsonl"
 CURVES = "curves.png"
 LAST = "last.pt"
 BEST = "best.pt"
-ARTIFACTS = (CONFIG, METRICS, CURVES, LAST, BEST)
 LOCK = ".lock"  # flock'ed for the life of a run (RunLock)
 
 
@@ -379,14 +378,8 @@ def _log(msg: str, dist: Dist) -> None:
 
 def run(prep: Prepared, run_dir, *, dist: Dist = Dist(), progress: bool = True, tag: str = "",
         stop_after: Optional[int] = None) -> dict:
-    """:func:`_run` under the run's TF32 policy (engine/precision.py), restored afterwards."""
-    with tf32(prep.cfg.allow_tf32):
-        return _run(prep, run_dir, dist=dist, progress=progress, tag=tag, stop_after=stop_after)
-
-
-def _run(prep: Prepared, run_dir, *, dist: Dist = Dist(), progress: bool = True, tag: str = "",
-         stop_after: Optional[int] = None) -> dict:
-    """Train (or continue training) the run in ``run_dir``, whose config.json must already exist.
+    """Train (or continue training) the run in ``run_dir``, whose config.json must already exist, under the
+    run's TF32 policy (engine/precision.py, restored afterwards).
 
     Returns the last epoch's metrics record plus ``best_acc``. ``stop_after`` (tests) returns after that
     many completed epochs, as if the process had been killed right after the checkpoint.
@@ -395,10 +388,71 @@ def _run(prep: Prepared, run_dir, *, dist: Dist = Dist(), progress: bool = True,
     ``run``; the student trains under DDP, the attacks on the plain module, the teacher is replicated in eval
     mode without a wrapper; rank 0 writes; every rank returns the same record.
     """
+    tag = tag or f"{prep.cfg.method}/{prep.cfg.student}"
+    with tf32(prep.cfg.allow_tf32):
+        return _run(prep, Path(run_dir), dist=dist, progress=progress, tag=tag, stop_after=stop_after)
+
+
+def _run(prep: Prepared, run_dir: Path, *, dist: Dist, progress: bool, tag: str, stop_after: Optional[int]) -> dict:
+    """:func:`run`'s steps: build, resume, then train and close each epoch."""
     from tqdm import tqdm
 
-    cfg, run_dir = prep.cfg, Path(run_dir)
-    tag = tag or f"{cfg.method}/{cfg.student}"
+    cfg = prep.cfg
+    r = _build(prep, run_dir, dist=dist, progress=progress)
+    start, best_acc, records = _resume(r, dist=dist, tag=tag)
+    if start >= cfg.epochs:
+        _log(f"[{tag}] already complete ({start}/{cfg.epochs} epochs) in {run_dir}", dist)
+        dist.barrier()
+        return {**(records[-1] if records else {}), "best_acc": best_acc}
+    student = dist.wrap(r.module, r.device)  # after the restore: every rank starts from the same weights
+
+    steps = len(r.loader)
+    bar = tqdm(total=cfg.epochs * steps, initial=start * steps, desc=tag, unit="batch", dynamic_ncols=True,
+               smoothing=0, disable=not (progress and dist.is_main), file=sys.stderr)
+    record = {}
+    try:
+        for epoch in range(start, cfg.epochs):
+            lr = r.optimizer.param_groups[0]["lr"]
+            bar.set_description(f"{tag} ep {epoch + 1}/{cfg.epochs}")
+            try:
+                train_stats = train_one_epoch(student=student, method=r.method, loader=r.loader,
+                                              optimizer=r.optimizer, epoch=epoch, teacher=r.teacher,
+                                              generator=r.generator, bar=bar, amp_dtype=AMP_DTYPES[cfg.amp],
+                                              channels_last=cfg.channels_last, dist=dist)
+            except Diverged as e:
+                raise Diverged(f"{e}; {_kept(r, epoch)}; a lower --lr may help") from None
+            record, best_acc = _end_of_epoch(r, epoch, lr, train_stats, best_acc, records, dist=dist, tag=tag)
+            records.append(record)
+            if stop_after is not None and epoch + 1 >= stop_after:
+                break
+    finally:
+        bar.close()
+    dist.barrier()  # rank 0's files of this run are complete before any rank goes on (and reads them)
+    return {**record, "best_acc": best_acc}
+
+
+@dataclass
+class _Training:
+    """What :func:`_run` trains with, as :func:`_build` makes it (``module``: the plain student)."""
+    cfg: Config
+    run_dir: Path
+    device: torch.device
+    teacher: Optional[torch.nn.Module]
+    module: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.MultiStepLR
+    generator: torch.Generator  # the attacks' random starts
+    method: methods.Method
+    loader: object
+    held: tuple                 # the held-out images and labels, on the device
+    log: MetricsLog
+
+
+def _build(prep: Prepared, run_dir: Path, *, dist: Dist, progress: bool) -> _Training:
+    """The device set up, the teacher ready (trained first when self-trained), and the seeded student with
+    its optimizer, schedule, attack generator, method and loaders: what a new run starts from and a resumed
+    one restores into."""
+    cfg = prep.cfg
     device = dist.device(cfg.device)
     torch.set_num_threads(cfg.threads)
     keep_freed_memory()  # CPU: ~2x faster steps on glibc (see allocator.py)
@@ -425,14 +479,22 @@ def _run(prep: Prepared, run_dir, *, dist: Dist = Dist(), progress: bool = True,
     optimizer = torch.optim.SGD(module.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.milestones), gamma=cfg.gamma)
-    generator = torch.Generator(device=device).manual_seed(mix_seed(cfg.seed, dist.rank, 0x7EA1))
+    generator = torch.Generator(device=device).manual_seed(mix_seed(cfg.seed, dist.rank, SALT_ATTACK))
     method = methods.get(cfg.method)(**cfg.hparams)
     loader = make_loader(cfg.loader, *prep.train, cfg.batch_size, train=True, device=device, seed=cfg.seed,
                          rank=dist.rank, world_size=dist.world_size)
-    held_x, held_y = prep.held[0].to(device), prep.held[1].to(device)
+    held = (prep.held[0].to(device), prep.held[1].to(device))
+    return _Training(cfg=cfg, run_dir=run_dir, device=device, teacher=teacher, module=module, optimizer=optimizer,
+                     scheduler=scheduler, generator=generator, method=method, loader=loader, held=held,
+                     log=MetricsLog(run_dir / METRICS))
 
+
+def _resume(r: _Training, *, dist: Dist, tag: str) -> tuple:
+    """Continue from ``last.pt`` when the run directory holds one: model, optimizer, schedule and RNG states
+    restored, the metrics lines after it dropped. Returns (completed epochs, best PGD-20 accuracy so far,
+    the metrics records kept: rank 0's, [] on the other ranks)."""
+    cfg, run_dir = r.cfg, r.run_dir
     start, best_acc = 0, -1.0
-    log = MetricsLog(run_dir / METRICS)
     if dist.is_main:
         for stale in run_dir.glob(".*.tmp-*"):  # left by a process killed mid-write (see checkpoint.py)
             stale.unlink()
@@ -442,98 +504,81 @@ def _run(prep: Prepared, run_dir, *, dist: Dist = Dist(), progress: bool = True,
         if not _same_run(ckpt["config"], cfg.to_dict()):
             raise UserError(f"{run_dir / LAST} was written by a different configuration than "
                             f"{run_dir / CONFIG}; refusing to resume")
-        restore(ckpt, model=module, optimizer=optimizer, scheduler=scheduler, train_generator=generator,
+        restore(ckpt, model=r.module, optimizer=r.optimizer, scheduler=r.scheduler, train_generator=r.generator,
                 rank=dist.rank, path=run_dir / LAST, epochs=cfg.epochs)
         start, best_acc = int(ckpt["epoch"]), float(ckpt["best_acc"])
         saved_world = saved_world_size(ckpt["rng"])
         del ckpt
-    records = log.truncate_after(start) if dist.is_main else []
-    if start >= cfg.epochs:
-        _log(f"[{tag}] already complete ({start}/{cfg.epochs} epochs) in {run_dir}", dist)
-        out = dict(records[-1]) if records else {}
-        out["best_acc"] = best_acc
-        dist.barrier()
-        return out
-    if start:
+    records = r.log.truncate_after(start) if dist.is_main else []
+    if 0 < start < cfg.epochs:
         _log(f"[{tag}] resuming {run_dir} after epoch {start}/{cfg.epochs}", dist)
-    if saved_world != dist.world_size:
+    if start < cfg.epochs and saved_world != dist.world_size:
         # The shards, per-rank batches and gradient averaging change with the world size, so this cannot be
         # bitwise any uninterrupted run; the attack streams are re-derived per (seed, rank, epoch) rather
         # than handing one saved rank's stream to several ranks.
-        generator.manual_seed(mix_seed(cfg.seed, dist.rank, 0x7EA1, start))
+        r.generator.manual_seed(mix_seed(cfg.seed, dist.rank, SALT_ATTACK, start))
         _log(f"[{tag}] last.pt was written by {saved_world} process(es), resuming with {dist.world_size}: model, "
              f"optimizer, lr schedule and epoch continue; not bitwise an uninterrupted run", dist)
-    student = dist.wrap(module, device)  # after the restore: every rank starts from the same weights
+    return start, best_acc, list(records)
 
-    steps = len(loader)
-    bar = tqdm(total=cfg.epochs * steps, initial=start * steps, desc=tag, unit="batch", dynamic_ncols=True,
-               smoothing=0, disable=not (progress and dist.is_main), file=sys.stderr)
-    record = {}
-    try:
-        for epoch in range(start, cfg.epochs):
-            lr = optimizer.param_groups[0]["lr"]
-            bar.set_description(f"{tag} ep {epoch + 1}/{cfg.epochs}")
-            kept_ckpt = f"{run_dir / LAST} of epoch {epoch} is kept" if epoch else "no checkpoint was written"
-            kept = kept_ckpt + "; a lower --lr may help"
-            try:
-                train_stats = train_one_epoch(student=student, method=method, loader=loader, optimizer=optimizer,
-                                              epoch=epoch, teacher=teacher, generator=generator, bar=bar,
-                                              amp_dtype=AMP_DTYPES[cfg.amp], channels_last=cfg.channels_last,
-                                              dist=dist)
-            except Diverged as e:
-                raise Diverged(f"{e}; {kept}") from None
-            dist.broadcast_buffers(module)  # per-rank BN statistics -> rank 0's: the model that is saved
-            # the loss can stay finite while a weight or a BatchNorm statistic does not (train mode normalizes
-            # with the batch's statistics): nothing non-finite is ever evaluated or saved. The same on every
-            # rank (DDP's weights, rank 0's buffers), so all ranks stop together.
-            bad = first_non_finite(module)
-            if bad is not None:
-                raise Diverged(f"training diverged in epoch {epoch + 1}: {bad} is not finite after its "
-                               f"{train_stats['batches']} batches; {kept}")
-            # rank 0 draws the single-process stream; the other ranks, their own (seed, epoch, rank) streams
-            eval_seed = mix_seed(cfg.seed, epoch, 0xE7A1) if dist.rank == 0 else \
-                mix_seed(cfg.seed, epoch, 0xE7A1, dist.rank)
-            eval_gen = torch.Generator(device=device).manual_seed(eval_seed)
-            ev = evaluate(module, held_x, held_y, attack=cfg.eval_attack, batch_size=cfg.eval_batch_size,
-                          generator=eval_gen, dist=dist)
-            scheduler.step()
-            is_best = ev["pgd20_acc"] > best_acc
-            best_acc = max(best_acc, ev["pgd20_acc"])
-            record = {"epoch": epoch + 1, "lr": lr, **{k: v for k, v in train_stats.items() if k != "batches"},
-                      **ev, "best": is_best}
-            record["world_size"] = dist.world_size  # trained this epoch (global batch: batch_size x this)
-            generators = dist.all_gather_object(generator.get_state())  # every rank's, for the checkpoint
-            if dist.is_main:
-                save = dict(model=module, optimizer=optimizer, scheduler=scheduler, epoch=epoch + 1,
-                            best_acc=best_acc, config=cfg.to_dict(), train_generator=generator,
-                            loader_seed=cfg.seed, train_generators=generators, world_size=dist.world_size)
-                logged = log.path.stat().st_size if log.path.exists() else 0
-                try:
-                    if is_best:
-                        save_checkpoint(run_dir / BEST, **save)
-                    log.append(record)
-                    save_checkpoint(run_dir / LAST, **save)
-                except (OSError, WriteError) as e:
-                    # no metrics line without its last.pt (truncating needs no free space); a best.pt of
-                    # this epoch is redone on resume, as after a kill between the two writes
-                    with contextlib.suppress(OSError):
-                        os.truncate(log.path, logged)
-                    what = str(e) if isinstance(e, WriteError) else f"cannot write {e.filename}: {e.strerror}"
-                    raise WriteError(f"epoch {epoch + 1}: {what}; {kept_ckpt}") from None
-                records = records + [record]
-                plot_curves(records, run_dir / CURVES, title=f"{cfg.method} {cfg.student} ({cfg.preset}, seed {cfg.seed})")
-                _log(f"[{tag}] epoch {epoch + 1}/{cfg.epochs}  lr {lr:.4g}  loss {record['train_loss']:.4f}  "
-                     f"clean {100 * ev['clean_acc']:.2f}%  PGD-20 {100 * ev['pgd20_acc']:.2f}%  "
-                     f"({record['epoch_time_s']:.0f}s train, {ev['eval_time_s']:.0f}s eval, "
-                     f"{record['images_per_s']:.0f} img/s)", dist)
-            if stop_after is not None and epoch + 1 >= stop_after:
-                break
-    finally:
-        bar.close()
-    dist.barrier()  # rank 0's files of this run are complete before any rank goes on (and reads them)
-    out = dict(record)
-    out["best_acc"] = best_acc
-    return out
+
+def _kept(r: _Training, epoch: int) -> str:
+    """What a failure in epoch ``epoch`` (from 0) leaves to resume from."""
+    return f"{r.run_dir / LAST} of epoch {epoch} is kept" if epoch else "no checkpoint was written"
+
+
+def _end_of_epoch(r: _Training, epoch: int, lr: float, train_stats: dict, best_acc: float, records: list, *,
+                  dist: Dist, tag: str) -> tuple:
+    """After epoch ``epoch``'s training: the non-finite check, the held-out evaluation, the lr step, and
+    (rank 0) best.pt, the metrics line, last.pt, the curves and the log line, in that order. Returns (the
+    epoch's record, the best PGD-20 accuracy so far)."""
+    cfg, run_dir, module = r.cfg, r.run_dir, r.module
+    dist.broadcast_buffers(module)  # per-rank BN statistics -> rank 0's: the model that is saved
+    # the loss can stay finite while a weight or a BatchNorm statistic does not (train mode normalizes
+    # with the batch's statistics): nothing non-finite is ever evaluated or saved. The same on every
+    # rank (DDP's weights, rank 0's buffers), so all ranks stop together.
+    bad = first_non_finite(module)
+    if bad is not None:
+        raise Diverged(f"training diverged in epoch {epoch + 1}: {bad} is not finite after its "
+                       f"{train_stats['batches']} batches; {_kept(r, epoch)}; a lower --lr may help")
+    # rank 0 draws the single-process stream; the other ranks, their own (seed, epoch, rank) streams
+    eval_seed = mix_seed(cfg.seed, epoch, SALT_EVAL) if dist.rank == 0 else \
+        mix_seed(cfg.seed, epoch, SALT_EVAL, dist.rank)
+    eval_gen = torch.Generator(device=r.device).manual_seed(eval_seed)
+    ev = evaluate(module, *r.held, attack=cfg.eval_attack, batch_size=cfg.eval_batch_size, generator=eval_gen,
+                  dist=dist)
+    r.scheduler.step()
+    is_best = ev["pgd20_acc"] > best_acc
+    best_acc = max(best_acc, ev["pgd20_acc"])
+    record = {"epoch": epoch + 1, "lr": lr, **{k: v for k, v in train_stats.items() if k != "batches"},
+              **ev, "best": is_best}
+    record["world_size"] = dist.world_size  # trained this epoch (global batch: batch_size x this)
+    generators = dist.all_gather_object(r.generator.get_state())  # every rank's, for the checkpoint
+    if dist.is_main:
+        save = dict(model=module, optimizer=r.optimizer, scheduler=r.scheduler, epoch=epoch + 1,
+                    best_acc=best_acc, config=cfg.to_dict(), train_generator=r.generator,
+                    loader_seed=cfg.seed, train_generators=generators, world_size=dist.world_size)
+        log = r.log
+        logged = log.path.stat().st_size if log.path.exists() else 0
+        try:
+            if is_best:
+                save_checkpoint(run_dir / BEST, **save)
+            log.append(record)
+            save_checkpoint(run_dir / LAST, **save)
+        except (OSError, WriteError) as e:
+            # no metrics line without its last.pt (truncating needs no free space); a best.pt of
+            # this epoch is redone on resume, as after a kill between the two writes
+            with contextlib.suppress(OSError):
+                os.truncate(log.path, logged)
+            what = str(e) if isinstance(e, WriteError) else f"cannot write {e.filename}: {e.strerror}"
+            raise WriteError(f"epoch {epoch + 1}: {what}; {_kept(r, epoch)}") from None
+        plot_curves(records + [record], run_dir / CURVES,
+                    title=f"{cfg.method} {cfg.student} ({cfg.preset}, seed {cfg.seed})")
+        _log(f"[{tag}] epoch {epoch + 1}/{cfg.epochs}  lr {lr:.4g}  loss {record['train_loss']:.4f}  "
+             f"clean {100 * ev['clean_acc']:.2f}%  PGD-20 {100 * ev['pgd20_acc']:.2f}%  "
+             f"({record['epoch_time_s']:.0f}s train, {ev['eval_time_s']:.0f}s eval, "
+             f"{record['images_per_s']:.0f} img/s)", dist)
+    return record, best_acc
 
 
 def ensure_teacher(prep: Prepared, teacher_dir, *, dist: Dist, progress: bool) -> torch.nn.Module:

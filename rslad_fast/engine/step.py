@@ -18,7 +18,7 @@ import torch
 
 from ..methods.base import Context
 
-AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # config.amp -> the autocast dtype (None: no autocast)
 
 
 def autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
