@@ -45,9 +45,10 @@ from rslad_fast.engine.config import Preset
 
 # ---- 1. Evaluation after every epoch -------------------------------------------------------------------
 # RSLAD's only evaluation (resnet18_rslad_cifar10.py, `attack_pgd` in rslad_loss.py): PGD-20 on CE, the
-# model in eval mode, uniform start. Run through the shared engine attacks.pgd.pgd; one difference: RSLAD
-# clamps the uniform start to [0, 1] before the first gradient, pgd() clamps after the first step (the
-# first gradient is taken at most eps outside the image box; every later iterate is identical in form).
+# model in eval mode, uniform start: the settings of evaluate's pgd20-trades. Run by the same evaluation attack,
+# attacks.PGD, on the shared PGD engine; one difference: RSLAD clamps the uniform start to [0, 1] before the
+# first gradient, the engine clamps after the first step (the first gradient is taken at most eps outside the
+# image box; every later iterate is identical in form).
 EVAL_ATTACK = dict(
     eps=8 / 255,        # l_inf radius, inputs in [0, 1]                     (RSLAD: epsilon=8.0/255.0)
     alpha=0.003,        # step size per iteration, same unit                 (RSLAD: step_size=0.003)
@@ -140,6 +141,11 @@ def _default_text(method: str, key: str, hp) -> str:
     return fmt_value(small) if small == wide else f"{fmt_value(small)} ({fmt_value(wide)} for WRN students)"
 
 
+def _per_preset(field: str) -> str:
+    """A preset setting's value in each preset, for --help: "paper 1000, quick 200"."""
+    return ", ".join(f"{name} {getattr(preset, field)}" for name, preset in PRESETS.items())
+
+
 def build_parser() -> argparse.ArgumentParser:
     from rslad_fast import methods
     from rslad_fast.models import ARCHS
@@ -152,10 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--method", help=f"training method: {', '.join(methods.names())} (default rslad)")
     g.add_argument("--teacher", metavar="PATH",
                    help="teacher checkpoint for distillation methods (a state dict, or one inside {'state_dict': "
-                        "...}, {'model': ...}, {'net': ...} (ARD) or {'model_state_dict': ...}, e.g. TRADES' model_cifar_wrn.pt or a run's last.pt). Without it the "
-                        "run first trains its own teacher with TRADES in RUN_DIR/teacher/")
+                        "...}, {'model': ...}, {'net': ...} (ARD) or {'model_state_dict': ...}, e.g. TRADES' "
+                        "model_cifar_wrn.pt or a run's last.pt). Without it the run first trains its own teacher "
+                        "with TRADES in RUN_DIR/teacher/")
     g.add_argument("--teacher-arch", help="the teacher's architecture (default wrn34-10; for a self-trained "
-                                          "teacher the preset's: paper wrn34-10, quick resnet8)")
+                                          "teacher the preset's: " + _per_preset("teacher_arch") + ")")
     g.add_argument("--preset", choices=tuple(PRESETS), help="paper (default): the method's official settings; "
                                                             "quick: a CPU-sized run, see rslad_fast/train.py")
     g = p.add_argument_group("data and output")
@@ -163,10 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-n", type=int, help="use the first N training images, for the student and a "
                                               "self-trained teacher (default: preset; paper all)")
     g.add_argument("--eval-n", type=int, help="held-out test images (the first N) evaluated with clean and "
-                                              "PGD-20 accuracy after every epoch (default: paper 1000, quick 200, "
+                                              f"PGD-20 accuracy after every epoch (default: {_per_preset('eval_n')}, "
                                               "or the whole test set when it is smaller; an explicit N larger "
                                               "than the test set is an error)")
-    g.add_argument("--out", metavar="RUN_DIR", help="run directory (default runs/<method>-<student>-<preset>-seed<seed>)")
+    g.add_argument("--out", metavar="RUN_DIR",
+                   help="run directory (default runs/<method>-<student>-<preset>-seed<seed>)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     g.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt, with its "
                                                        "config.json (no other settings allowed)")
@@ -371,12 +379,12 @@ def _train(args, dist, run_dir, cfg, prep) -> int:
         print_error(e)
         return 2
     except OSError as e:  # any other file-system failure (every checkpoint write is atomic: nothing is torn)
-        print(f"error: {e.filename or run_dir}: {e.strerror or e}; once that is fixed, continue with: "
-              f"python -m rslad_fast.train --resume {run_dir}", file=sys.stderr)
+        print_error(f"{e.filename or run_dir}: {e.strerror or e}; once that is fixed, continue with: "
+                    f"python -m rslad_fast.train --resume {run_dir}")
         return 2
     except Diverged as e:  # the epoch's loss is all-reduced: every rank diverges together; one says it
         if dist.is_main:
-            print(f"error: {e}", file=sys.stderr)
+            print_error(e)
         return 1
     except KeyboardInterrupt as e:
         what, status = _stop_status(e)

@@ -150,6 +150,7 @@ class PGD(EvalAttack):
     evaluation after every training epoch (``train.EVAL_ATTACK``: RSLAD's PGD-20)."""
 
     name = "pgd"
+    loss = "ce"
 
     def __init__(self, eps: float = EPS, alpha: float = 2 / 255, steps: int = 20, start: str = "uniform",
                  init_std: float = INIT_STD, *, name: str = "pgd"):
@@ -158,15 +159,19 @@ class PGD(EvalAttack):
         self.start, self.init_std = start, float(init_std)
         self.name = name
 
+    def objective(self, y: torch.Tensor):
+        """The loss PGD climbs, logits -> scalar."""
+        return ce_loss(y)
+
     def hparams(self):
-        out = {"eps": self.eps, "alpha": self.alpha, "steps": self.steps, "start": self.start, "loss": "ce"}
+        out = {"eps": self.eps, "alpha": self.alpha, "steps": self.steps, "start": self.start, "loss": self.loss}
         if self.start == "normal":
             out["init_std"] = self.init_std
         return out
 
     def __call__(self, model, x, y, generator=None):
-        return pgd(model, x, ce_loss(y), eps=self.eps, alpha=self.alpha, steps=self.steps, start=self.start,
-                   init_std=self.init_std, mode="eval", generator=generator)
+        return pgd(model, x, self.objective(y), eps=self.eps, alpha=self.alpha, steps=self.steps,
+                   start=self.start, init_std=self.init_std, mode="eval", generator=generator)
 
 
 def pgd20_sat(eps: float = EPS, alpha: float = 2 / 255, steps: int = 20, start: str = "uniform",
@@ -182,30 +187,25 @@ def pgd20_trades(eps: float = EPS, alpha: float = 0.003, steps: int = 20, start:
     return PGD(eps, alpha, steps, start, init_std, name="pgd20-trades")
 
 
-class CWInf(EvalAttack):
+class CWInf(PGD):
     """CW-inf: PGD on the CW margin loss with confidence kappa = 50, 30 steps of 2/255, uniform start
     (IAD ``eval_robust``: ``pgd(..., loss_fn="cw", num_steps=30, step_size=2/255, rand_init=True)``)."""
 
     name = "cw"
+    loss = "cw"
 
     def __init__(self, eps: float = EPS, alpha: float = 2 / 255, steps: int = 30, kappa: float = 50.0,
                  start: str = "uniform", init_std: float = INIT_STD):
-        _check(eps, alpha, steps, start, init_std)
+        super().__init__(eps, alpha, steps, start, init_std, name="cw")
         if not kappa >= 0:
             raise UserError(f"CW confidence kappa must be >= 0, got {kappa}")
-        self.eps, self.alpha, self.steps, self.kappa = float(eps), float(alpha), int(steps), float(kappa)
-        self.start, self.init_std = start, float(init_std)
+        self.kappa = float(kappa)
+
+    def objective(self, y):
+        return cw_loss(y, self.kappa)
 
     def hparams(self):
-        out = {"eps": self.eps, "alpha": self.alpha, "steps": self.steps, "kappa": self.kappa,
-               "start": self.start, "loss": "cw"}
-        if self.start == "normal":
-            out["init_std"] = self.init_std
-        return out
-
-    def __call__(self, model, x, y, generator=None):
-        return pgd(model, x, cw_loss(y, self.kappa), eps=self.eps, alpha=self.alpha, steps=self.steps,
-                   start=self.start, init_std=self.init_std, mode="eval", generator=generator)
+        return {**super().hparams(), "kappa": self.kappa}
 
 
 def _autoattack(**settings) -> EvalAttack:
