@@ -20,8 +20,8 @@ int main() {
   at::Tensor x_nat = torch::rand({2, 3, 8, 8}), grad = torch::randn({2, 3, 8, 8});
   at::Tensor x_adv = x_nat.clone();
   pgd_step.call(x_adv, grad, x_nat, 8.0 / 255, 2.0 / 255, 0.0, 1.0);
-  at::Tensor want = torch::clamp(torch::min(torch::max(x_nat + (2.0 / 255) * torch::sign(grad), x_nat - 8.0 / 255),
-                                            x_nat + 8.0 / 255), 0.0, 1.0);
+  at::Tensor want = torch::clamp(
+      torch::min(torch::max(x_nat + (2.0 / 255) * torch::sign(grad), x_nat - 8.0 / 255), x_nat + 8.0 / 255), 0.0, 1.0);
   const bool pgd_ok = torch::equal(x_adv, want);
 
   std::cout << "softmax_kl |err| = " << kl_err << ", pgd_step_ exact = " << pgd_ok << std::endl;

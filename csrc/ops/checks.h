@@ -14,9 +14,7 @@ namespace rslad_fast {
 
 // A dtype as Python spells it ("torch.float32", not the C++ "Float"): the messages read the same from
 // either backend.
-inline std::string dtype_name(at::ScalarType t) {
-  return "torch." + std::string(c10::getDtypeNames(t).first);
-}
+inline std::string dtype_name(at::ScalarType t) { return "torch." + std::string(c10::getDtypeNames(t).first); }
 
 inline void check_floating(const at::Tensor& t, const char* name) {
   TORCH_CHECK_TYPE(t.is_floating_point(), "rslad_fast: ", name,
@@ -25,16 +23,16 @@ inline void check_floating(const at::Tensor& t, const char* name) {
 }
 
 inline void check_like(const at::Tensor& t, const at::Tensor& ref, const char* name, const char* ref_name) {
-  TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), "rslad_fast: ", name, " must have the shape of ", ref_name,
-                    " ", ref.sizes(), ", got ", t.sizes());
-  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), "rslad_fast: ", name, " must have the dtype of ",
-                   ref_name, " (", dtype_name(ref.scalar_type()), "), got ", dtype_name(t.scalar_type()));
-  TORCH_CHECK_VALUE(t.device() == ref.device(), "rslad_fast: ", name, " must be on the device of ", ref_name,
-                    " (", ref.device(), "), got ", t.device());
+  TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), "rslad_fast: ", name, " must have the shape of ", ref_name, " ",
+                    ref.sizes(), ", got ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), "rslad_fast: ", name, " must have the dtype of ", ref_name,
+                   " (", dtype_name(ref.scalar_type()), "), got ", dtype_name(t.scalar_type()));
+  TORCH_CHECK_VALUE(t.device() == ref.device(), "rslad_fast: ", name, " must be on the device of ", ref_name, " (",
+                    ref.device(), "), got ", t.device());
 }
 
-inline void check_pgd_args(const at::Tensor& x_adv, const at::Tensor& grad, const at::Tensor& x_nat,
-                           double eps, double alpha, double lo, double hi) {
+inline void check_pgd_args(const at::Tensor& x_adv, const at::Tensor& grad, const at::Tensor& x_nat, double eps,
+                           double alpha, double lo, double hi) {
   check_floating(x_adv, "x_adv");
   check_like(grad, x_adv, "grad", "x_adv");
   check_like(x_nat, x_adv, "x_nat", "x_adv");
@@ -57,8 +55,8 @@ inline int parse_reduction(c10::string_view reduction) {
 inline int check_kl_args(const at::Tensor& student, const at::Tensor& teacher, double temperature,
                          c10::string_view reduction) {
   check_floating(student, "student_logits");
-  TORCH_CHECK_VALUE(student.dim() == 2, "rslad_fast: student_logits must be 2-D [batch, classes], got ",
-                    student.dim(), "-D with shape ", student.sizes());
+  TORCH_CHECK_VALUE(student.dim() == 2, "rslad_fast: student_logits must be 2-D [batch, classes], got ", student.dim(),
+                    "-D with shape ", student.sizes());
   check_like(teacher, student, "teacher_logits", "student_logits");
   TORCH_CHECK_VALUE(student.size(1) >= 1, "rslad_fast: student_logits must have at least one class");
   TORCH_CHECK_VALUE(temperature > 0.0, "rslad_fast: temperature must be > 0, got ", temperature);
@@ -101,8 +99,7 @@ struct KLBackwardInputs : KLInputs {
 };
 
 inline KLBackwardInputs kl_backward_inputs(const at::Tensor& grad_output, const at::Tensor& student,
-                                           const at::Tensor& teacher, double temperature,
-                                           c10::string_view reduction) {
+                                           const at::Tensor& teacher, double temperature, c10::string_view reduction) {
   KLBackwardInputs in{kl_inputs(student, teacher, temperature, reduction)};
   check_kl_grad_output(grad_output, student, in.reduction);
   in.grad_output = grad_output.contiguous();

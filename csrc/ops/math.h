@@ -170,8 +170,7 @@ RSLAD_HD T kl_term(T a, T b, T lse_a_, T lse_b_) {
 //   d/d teacher_c = scale/T * p_c * ((log p_c - log q_c) - KL)
 // log p and log q are formed in log space, and a class of p_c == 0 gets an exact 0, never 0 * inf.
 template <typename T>
-RSLAD_HD void kl_grad(T a, T b, T lse_a_, T lse_b_, T kl, T scale_over_temp, T* grad_student,
-                      T* grad_teacher) {
+RSLAD_HD void kl_grad(T a, T b, T lse_a_, T lse_b_, T kl, T scale_over_temp, T* grad_student, T* grad_teacher) {
   T log_p = a - lse_a_;
   T log_q = b - lse_b_;
   T p = exp_(log_p);

@@ -11,21 +11,21 @@ namespace rslad_fast {
 namespace {
 
 template <typename scalar_t>
-void pgd_step_loop(scalar_t* x_adv, const scalar_t* grad, const scalar_t* x_nat, int64_t n, double eps,
-                   double alpha, double lo, double hi) {
+void pgd_step_loop(scalar_t* x_adv, const scalar_t* grad, const scalar_t* x_nat, int64_t n, double eps, double alpha,
+                   double lo, double hi) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t e = eps, a = alpha, l = lo, h = hi;
   // 32K elements per task: large enough that thread start-up is amortised.
   at::parallel_for(0, n, 32768, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      x_adv[i] = static_cast<scalar_t>(math::pgd_step<acc_t>(
-          static_cast<acc_t>(x_adv[i]), static_cast<acc_t>(grad[i]), static_cast<acc_t>(x_nat[i]), e, a, l, h));
+      x_adv[i] = static_cast<scalar_t>(math::pgd_step<acc_t>(static_cast<acc_t>(x_adv[i]), static_cast<acc_t>(grad[i]),
+                                                             static_cast<acc_t>(x_nat[i]), e, a, l, h));
     }
   });
 }
 
-void pgd_step_cpu(at::Tensor& x_adv, const at::Tensor& grad, const at::Tensor& x_nat, double eps,
-                         double alpha, double lo, double hi) {
+void pgd_step_cpu(at::Tensor& x_adv, const at::Tensor& grad, const at::Tensor& x_nat, double eps, double alpha,
+                  double lo, double hi) {
   check_pgd_args(x_adv, grad, x_nat, eps, alpha, lo, hi);
   TORCH_CHECK_VALUE(x_adv.device().is_cpu(), "rslad_fast: x_adv must be a CPU tensor for the CPU kernel");
   if (x_adv.numel() == 0) return;
@@ -40,8 +40,6 @@ void pgd_step_cpu(at::Tensor& x_adv, const at::Tensor& grad, const at::Tensor& x
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(rslad_fast, CPU, m) {
-  m.impl("pgd_step_", &pgd_step_cpu);
-}
+TORCH_LIBRARY_IMPL(rslad_fast, CPU, m) { m.impl("pgd_step_", &pgd_step_cpu); }
 
 }  // namespace rslad_fast

@@ -38,9 +38,7 @@ namespace rslad_fast {
 namespace {
 
 // Rows per task: a [128, 10] batch is one task (threads would cost more than they save).
-int64_t row_grain(int64_t classes) {
-  return std::max<int64_t>(1, 16384 / std::max<int64_t>(classes, 1));
-}
+int64_t row_grain(int64_t classes) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(classes, 1)); }
 
 // ------------------------------------------------------------------ scalar path (float64)
 
@@ -66,7 +64,8 @@ template <typename scalar_t, typename acc_t>
 acc_t row_kl_sum(const scalar_t* s, const scalar_t* t, int64_t classes, acc_t inv_temp, acc_t la, acc_t lb) {
   acc_t part[kLanes] = {};
   for (int64_t c = 0; c < classes; ++c) {
-    part[c % kLanes] += math::kl_term<acc_t>(static_cast<acc_t>(t[c]) * inv_temp, static_cast<acc_t>(s[c]) * inv_temp, la, lb);
+    part[c % kLanes] +=
+        math::kl_term<acc_t>(static_cast<acc_t>(t[c]) * inv_temp, static_cast<acc_t>(s[c]) * inv_temp, la, lb);
   }
   for (int width = kLanes / 2; width > 0; width /= 2) {
     for (int k = 0; k < width; ++k) part[k] += part[k + width];
@@ -100,8 +99,8 @@ void scalar_backward_block(const scalar_t* sp, const scalar_t* tp, const acc_t* 
     const acc_t gr = g[r * g_stride];
     for (int64_t c = 0; c < classes; ++c) {
       acc_t gs, gt;
-      math::kl_grad<acc_t>(static_cast<acc_t>(trow[c]) * inv_temp, static_cast<acc_t>(srow[c]) * inv_temp, la, lb,
-                           kl, gr, &gs, &gt);
+      math::kl_grad<acc_t>(static_cast<acc_t>(trow[c]) * inv_temp, static_cast<acc_t>(srow[c]) * inv_temp, la, lb, kl,
+                           gr, &gs, &gt);
       gsp[r * classes + c] = static_cast<scalar_t>(gs);
       gtp[r * classes + c] = static_cast<scalar_t>(gt);
     }
@@ -186,8 +185,7 @@ RSLAD_ALWAYS_INLINE void row_backward(const float* s, const float* t, int64_t cl
   const float la = math::lse_a(st), lb = math::lse_b(st);
   const float inv_sum_a = 1.0f / st.sum_a, inv_sum_b = 1.0f / st.sum_b;
   const RowSplit split(classes);
-  const f8 vinv = splat(inv_temp), vla = splat(la), vlb = splat(lb), visa = splat(inv_sum_a),
-           visb = splat(inv_sum_b);
+  const f8 vinv = splat(inv_temp), vla = splat(la), vlb = splat(lb), visa = splat(inv_sum_a), visb = splat(inv_sum_b);
   // KL = sum_c p_c (log p_c - log q_c) (math::kl_term). Padding lanes of short rows: p = 0.
   f8 kl_lanes = splat(0.0f);
   for (int64_t c = 0; c < split.full; c += kW) {
@@ -308,8 +306,8 @@ RSLAD_TARGET_AVX2 void backward_block_avx2(const scalar_t* sp, const scalar_t* t
 
 // Sum of the KL values of rows [begin, end) (acc_t), each also written to out[r] when out is given.
 template <typename scalar_t, typename acc_t>
-acc_t forward_rows(const scalar_t* sp, const scalar_t* tp, int64_t classes, acc_t inv_temp, int64_t begin,
-                   int64_t end, scalar_t* out) {
+acc_t forward_rows(const scalar_t* sp, const scalar_t* tp, int64_t classes, acc_t inv_temp, int64_t begin, int64_t end,
+                   scalar_t* out) {
 #ifdef RSLAD_CPU_VEC
   if constexpr (std::is_same_v<acc_t, float>) {
 #ifdef RSLAD_CPU_AVX2
@@ -384,9 +382,9 @@ at::Tensor softmax_kl_cpu(const at::Tensor& student, const at::Tensor& teacher, 
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> softmax_kl_backward_cpu(const at::Tensor& grad_output,
-                                                           const at::Tensor& student, const at::Tensor& teacher,
-                                                           double temperature, c10::string_view reduction_name) {
+std::tuple<at::Tensor, at::Tensor> softmax_kl_backward_cpu(const at::Tensor& grad_output, const at::Tensor& student,
+                                                           const at::Tensor& teacher, double temperature,
+                                                           c10::string_view reduction_name) {
   const KLBackwardInputs in = kl_backward_inputs(grad_output, student, teacher, temperature, reduction_name);
   const int64_t rows = in.rows, classes = in.classes;
   if (rows == 0) return {in.grad_s, in.grad_t};

@@ -28,22 +28,17 @@
 namespace rslad_fast {
 namespace vec {
 
-
 constexpr int kW = 8;  // floats per vector (one AVX2 register; two SSE or NEON registers elsewhere)
 typedef float f8 __attribute__((vector_size(32)));
 typedef int32_t i8 __attribute__((vector_size(32)));
 
-RSLAD_ALWAYS_INLINE f8 splat(float x) {
-  return f8{} + x;
-}
+RSLAD_ALWAYS_INLINE f8 splat(float x) { return f8{} + x; }
 RSLAD_ALWAYS_INLINE f8 load(const float* p) {
   f8 v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
-RSLAD_ALWAYS_INLINE void store(float* p, f8 v) {
-  std::memcpy(p, &v, sizeof(v));
-}
+RSLAD_ALWAYS_INLINE void store(float* p, f8 v) { std::memcpy(p, &v, sizeof(v)); }
 // The first n (< kW) floats of p, the other lanes set to fill.
 // (Written lane by lane over all kW lanes: a loop up to n would be compiled into a call to memcpy.)
 RSLAD_ALWAYS_INLINE f8 load_part(const float* p, int n, float fill) {
@@ -58,18 +53,12 @@ RSLAD_ALWAYS_INLINE void store_part(float* p, f8 v, int n) {
     if (i < n) p[i] = v[i];
   }
 }
-RSLAD_ALWAYS_INLINE f8 vmax(f8 a, f8 b) {
-  return a > b ? a : b;
-}
+RSLAD_ALWAYS_INLINE f8 vmax(f8 a, f8 b) { return a > b ? a : b; }
 // math::weighted, lane by lane: w * d, and exactly 0 where the probability w is 0 (a teacher logit of -inf
 // gives w == 0 and d == -inf).
-RSLAD_ALWAYS_INLINE f8 vweighted(f8 w, f8 d) {
-  return w == splat(0.0f) ? splat(0.0f) : w * d;
-}
+RSLAD_ALWAYS_INLINE f8 vweighted(f8 w, f8 d) { return w == splat(0.0f) ? splat(0.0f) : w * d; }
 // Lanes reduced as a tree (lane k with lane k+4, then k+2, then k+1), the order of the scalar path's merge.
-RSLAD_ALWAYS_INLINE float hsum(f8 v) {
-  return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
-}
+RSLAD_ALWAYS_INLINE float hsum(f8 v) { return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7])); }
 RSLAD_ALWAYS_INLINE float hmax(f8 v) {
   float m = v[0];
   for (int i = 1; i < kW; ++i) m = v[i] > m ? v[i] : m;
@@ -129,9 +118,7 @@ struct RowSplit {
       store_part(p + full, v, rem);
     }
   }
-  RSLAD_ALWAYS_INLINE f8 mask(f8 v) const {
-    return live ? v : splat(0.0f);
-  }
+  RSLAD_ALWAYS_INLINE f8 mask(f8 v) const { return live ? v : splat(0.0f); }
 };
 
 // Whether to run the AVX2 copy: the CPU has AVX2 and FMA, and ATen runs at AVX2 or above (so

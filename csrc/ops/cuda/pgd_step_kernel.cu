@@ -14,19 +14,19 @@ namespace {
 constexpr int kThreads = 256;
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) pgd_step_kernel(scalar_t* __restrict__ x_adv, const scalar_t* __restrict__ grad,
-                                const scalar_t* __restrict__ x_nat, int64_t n, at::opmath_type<scalar_t> eps,
-                                at::opmath_type<scalar_t> alpha, at::opmath_type<scalar_t> lo,
-                                at::opmath_type<scalar_t> hi) {
+__global__ void __launch_bounds__(kThreads)
+    pgd_step_kernel(scalar_t* __restrict__ x_adv, const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x_nat,
+                    int64_t n, at::opmath_type<scalar_t> eps, at::opmath_type<scalar_t> alpha,
+                    at::opmath_type<scalar_t> lo, at::opmath_type<scalar_t> hi) {
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)blockDim.x * gridDim.x) {
-    x_adv[i] = static_cast<scalar_t>(math::pgd_step<acc_t>(
-        static_cast<acc_t>(x_adv[i]), static_cast<acc_t>(grad[i]), static_cast<acc_t>(x_nat[i]), eps, alpha, lo, hi));
+    x_adv[i] = static_cast<scalar_t>(math::pgd_step<acc_t>(static_cast<acc_t>(x_adv[i]), static_cast<acc_t>(grad[i]),
+                                                           static_cast<acc_t>(x_nat[i]), eps, alpha, lo, hi));
   }
 }
 
-void pgd_step_cuda(at::Tensor& x_adv, const at::Tensor& grad, const at::Tensor& x_nat, double eps,
-                          double alpha, double lo, double hi) {
+void pgd_step_cuda(at::Tensor& x_adv, const at::Tensor& grad, const at::Tensor& x_nat, double eps, double alpha,
+                   double lo, double hi) {
   check_pgd_args(x_adv, grad, x_nat, eps, alpha, lo, hi);
   TORCH_CHECK_VALUE(x_adv.is_cuda(), "rslad_fast: x_adv must be a CUDA tensor for the CUDA kernel");
   if (x_adv.numel() == 0) return;
@@ -50,8 +50,6 @@ void pgd_step_cuda(at::Tensor& x_adv, const at::Tensor& grad, const at::Tensor& 
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(rslad_fast, CUDA, m) {
-  m.impl("pgd_step_", &pgd_step_cuda);
-}
+TORCH_LIBRARY_IMPL(rslad_fast, CUDA, m) { m.impl("pgd_step_", &pgd_step_cuda); }
 
 }  // namespace rslad_fast

@@ -18,8 +18,8 @@
 namespace rslad_fast {
 namespace {
 
-constexpr int kWarpsPerBlock = 8;      // rows per block for per-row outputs
-constexpr int kReduceWarps = 32;       // warps of the single block that computes a reduced loss
+constexpr int kWarpsPerBlock = 8;  // rows per block for per-row outputs
+constexpr int kReduceWarps = 32;   // warps of the single block that computes a reduced loss
 constexpr int kRowThreads = kWarpsPerBlock * cuda::kWarp;
 constexpr int kReduceThreads = kReduceWarps * cuda::kWarp;
 // Every kernel declares the block size it is launched with: without the bound, ptxas gave the double
@@ -60,30 +60,33 @@ __device__ __forceinline__ math::KLState<acc_t> row_state(const scalar_t* __rest
 }
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kRowThreads) kl_rows_kernel(const scalar_t* __restrict__ s, const scalar_t* __restrict__ t,
-                               scalar_t* __restrict__ out, int64_t rows, int64_t classes,
-                               at::opmath_type<scalar_t> inv_temp) {
+__global__ void __launch_bounds__(kRowThreads)
+    kl_rows_kernel(const scalar_t* __restrict__ s, const scalar_t* __restrict__ t, scalar_t* __restrict__ out,
+                   int64_t rows, int64_t classes, at::opmath_type<scalar_t> inv_temp) {
   using acc_t = at::opmath_type<scalar_t>;
   const int lane = threadIdx.x % cuda::kWarp;
   const int64_t warp = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) / cuda::kWarp;
   const int64_t warps = (int64_t)gridDim.x * blockDim.x / cuda::kWarp;
   for (int64_t r = warp; r < rows; r += warps) {
-    const math::KLState<acc_t> st = row_state<scalar_t, acc_t>(s + r * classes, t + r * classes, classes, inv_temp, lane);
+    const math::KLState<acc_t> st =
+        row_state<scalar_t, acc_t>(s + r * classes, t + r * classes, classes, inv_temp, lane);
     if (lane == 0) out[r] = static_cast<scalar_t>(math::kl_value(st));
   }
 }
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kReduceThreads) kl_reduce_kernel(const scalar_t* __restrict__ s, const scalar_t* __restrict__ t,
-                                 scalar_t* __restrict__ out, int64_t rows, int64_t classes,
-                                 at::opmath_type<scalar_t> inv_temp, at::opmath_type<scalar_t> scale) {
+__global__ void __launch_bounds__(kReduceThreads)
+    kl_reduce_kernel(const scalar_t* __restrict__ s, const scalar_t* __restrict__ t, scalar_t* __restrict__ out,
+                     int64_t rows, int64_t classes, at::opmath_type<scalar_t> inv_temp,
+                     at::opmath_type<scalar_t> scale) {
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ acc_t partial[kReduceWarps];
   const int lane = threadIdx.x % cuda::kWarp;
   const int warp = threadIdx.x / cuda::kWarp;
   acc_t acc = 0;
   for (int64_t r = warp; r < rows; r += kReduceWarps) {
-    const math::KLState<acc_t> st = row_state<scalar_t, acc_t>(s + r * classes, t + r * classes, classes, inv_temp, lane);
+    const math::KLState<acc_t> st =
+        row_state<scalar_t, acc_t>(s + r * classes, t + r * classes, classes, inv_temp, lane);
     acc += math::kl_value(st);
   }
   if (lane == 0) partial[warp] = acc;
@@ -96,11 +99,11 @@ __global__ void __launch_bounds__(kReduceThreads) kl_reduce_kernel(const scalar_
 }
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kRowThreads) kl_backward_kernel(const scalar_t* __restrict__ grad_output, const scalar_t* __restrict__ s,
-                                   const scalar_t* __restrict__ t, scalar_t* __restrict__ grad_s,
-                                   scalar_t* __restrict__ grad_t, int64_t rows, int64_t classes,
-                                   at::opmath_type<scalar_t> inv_temp, at::opmath_type<scalar_t> reduced_scale,
-                                   bool per_row) {
+__global__ void __launch_bounds__(kRowThreads)
+    kl_backward_kernel(const scalar_t* __restrict__ grad_output, const scalar_t* __restrict__ s,
+                       const scalar_t* __restrict__ t, scalar_t* __restrict__ grad_s, scalar_t* __restrict__ grad_t,
+                       int64_t rows, int64_t classes, at::opmath_type<scalar_t> inv_temp,
+                       at::opmath_type<scalar_t> reduced_scale, bool per_row) {
   using acc_t = at::opmath_type<scalar_t>;
   const int lane = threadIdx.x % cuda::kWarp;
   const int64_t warp = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) / cuda::kWarp;
@@ -112,7 +115,8 @@ __global__ void __launch_bounds__(kRowThreads) kl_backward_kernel(const scalar_t
     const acc_t la = math::lse_a(st), lb = math::lse_b(st);
     acc_t kl = 0;
     for (int64_t c = lane; c < classes; c += cuda::kWarp) {
-      kl += math::kl_term<acc_t>(static_cast<acc_t>(trow[c]) * inv_temp, static_cast<acc_t>(srow[c]) * inv_temp, la, lb);
+      kl +=
+          math::kl_term<acc_t>(static_cast<acc_t>(trow[c]) * inv_temp, static_cast<acc_t>(srow[c]) * inv_temp, la, lb);
     }
     for (int offset = cuda::kWarp / 2; offset > 0; offset /= 2) kl += __shfl_xor_sync(0xffffffffu, kl, offset);
     // grad_output is read on the device: no host sync, graph-capturable.
@@ -120,8 +124,8 @@ __global__ void __launch_bounds__(kRowThreads) kl_backward_kernel(const scalar_t
                             : static_cast<acc_t>(grad_output[0]) * reduced_scale * inv_temp;
     for (int64_t c = lane; c < classes; c += cuda::kWarp) {
       acc_t gs, gt;
-      math::kl_grad<acc_t>(static_cast<acc_t>(trow[c]) * inv_temp, static_cast<acc_t>(srow[c]) * inv_temp, la, lb,
-                           kl, g, &gs, &gt);
+      math::kl_grad<acc_t>(static_cast<acc_t>(trow[c]) * inv_temp, static_cast<acc_t>(srow[c]) * inv_temp, la, lb, kl,
+                           g, &gs, &gt);
       grad_s[r * classes + c] = static_cast<scalar_t>(gs);
       grad_t[r * classes + c] = static_cast<scalar_t>(gt);
     }
@@ -165,9 +169,9 @@ at::Tensor softmax_kl_cuda(const at::Tensor& student, const at::Tensor& teacher,
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> softmax_kl_backward_cuda(const at::Tensor& grad_output,
-                                                            const at::Tensor& student, const at::Tensor& teacher,
-                                                            double temperature, c10::string_view reduction_name) {
+std::tuple<at::Tensor, at::Tensor> softmax_kl_backward_cuda(const at::Tensor& grad_output, const at::Tensor& student,
+                                                            const at::Tensor& teacher, double temperature,
+                                                            c10::string_view reduction_name) {
   TORCH_CHECK_VALUE(student.is_cuda(), "rslad_fast: student_logits must be a CUDA tensor for the CUDA kernel");
   const c10::cuda::CUDAGuard guard(student.device());
   const KLBackwardInputs in = kl_backward_inputs(grad_output, student, teacher, temperature, reduction_name);
