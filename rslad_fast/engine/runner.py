@@ -62,7 +62,7 @@ from rslad_fast.models.loading import load_checkpoint_into
 from .allocator import keep_freed_memory
 from .checkpoint import (WriteError, atomic_write_bytes, load_checkpoint, restore, save_checkpoint,
                          saved_world_size)
-from .config import Config, check_ops_device
+from .config import Config, check_ops_device, read_config_file
 from .dist import Dist
 from .loop import Diverged, evaluate, first_non_finite, train_one_epoch
 from .step import AMP_DTYPES
@@ -177,9 +177,9 @@ def read_config(run_dir) -> Config:
                             f"start the run again with --out {run_dir}")
         raise UserError(f"--resume {run_dir}: no {CONFIG} there, not a run directory")
     try:
-        d = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"--resume {run_dir}: {CONFIG} is unreadable ({type(e).__name__})") from None
+        d = read_config_file(path)  # the one reader of config.json, shared with evaluate --run
+    except UserError as e:
+        raise UserError(f"--resume {run_dir}: {e}") from None
     try:
         return Config.from_dict(d)
     except TypeError:
