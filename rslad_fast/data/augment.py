@@ -13,6 +13,10 @@ GPU-resident loader never round-trips through PIL or the host.
 
 Sampling and application are split (:func:`sample_crop_flip_params`, :func:`apply_crop_flip`) so tests can
 check the drawn offsets and the pixels against each other.
+
+A *view* is one of the ``(2p+1)^2 * 2`` outcomes of the augmentation of one image (162 for p = 4): the
+frozen teacher's logits are a function of (image, view) alone, which is what the teacher-logit cache
+(``engine/teacher_cache.py``) keys on. :func:`view_ids` numbers them, :func:`decode_views` inverts it.
 """
 from __future__ import annotations
 
@@ -74,3 +78,26 @@ def random_crop_flip(images: torch.Tensor, generator: torch.Generator, padding: 
     """``RandomCrop(H, padding)`` + ``RandomHorizontalFlip()`` for a whole batch (see module doc)."""
     params = sample_crop_flip_params(images.shape[0], generator, padding, images.device)
     return apply_crop_flip(images, params)
+
+
+def num_views(padding: int = 4) -> int:
+    """The distinct outcomes of one image's crop and flip: (2p+1)^2 offsets x 2 flips (162 for p = 4)."""
+    return (2 * padding + 1) ** 2 * 2
+
+
+def view_ids(index: torch.Tensor, params: CropFlipParams) -> torch.Tensor:
+    """int64 ids ``index * V + (top * (2p+1) + left) * 2 + flip`` (V = :func:`num_views`), on ``index``'s
+    device: one id per (dataset image, crop, flip), dense in [0, N * V)."""
+    k = 2 * params.padding + 1
+    dev = index.device
+    code = (params.top.to(dev) * k + params.left.to(dev)) * 2 + params.flip.to(dev, torch.int64)
+    return index.to(torch.int64) * num_views(params.padding) + code
+
+
+def decode_views(views: torch.Tensor, padding: int = 4) -> tuple[torch.Tensor, CropFlipParams]:
+    """(dataset index, crop/flip params) of each id of :func:`view_ids` (its inverse)."""
+    k = 2 * padding + 1
+    index, code = views.div(num_views(padding), rounding_mode="floor"), views.remainder(num_views(padding))
+    offset = code.div(2, rounding_mode="floor")
+    return index, CropFlipParams(top=offset.div(k, rounding_mode="floor"), left=offset.remainder(k),
+                                 flip=code.remainder(2).bool(), padding=padding)

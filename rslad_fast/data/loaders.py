@@ -24,7 +24,7 @@ import torch
 
 from rslad_fast.errors import UserError
 
-from .augment import random_crop_flip
+from .augment import apply_crop_flip, num_views, sample_crop_flip_params, view_ids
 
 KINDS = ("torch", "dali")
 
@@ -70,11 +70,15 @@ class TensorLoader:
     ``train=False`` keeps the file order and never augments. Note that, as with DistributedSampler,
     ``world_size > 1`` pads by wrapping, so a sharded eval counts a few samples twice.
     ``drop_last`` drops this rank's final incomplete batch. Call :meth:`set_epoch` before each epoch.
+
+    ``with_views=True`` yields ``(x, y, views)`` instead, ``views`` int64 [B] on ``device``: each image's
+    view id (``augment.view_ids``: dataset index and the crop/flip drawn; the index alone when nothing is
+    drawn), ``num_views`` per image. The images and every random draw are the same either way.
     """
 
     def __init__(self, images_uint8: torch.Tensor, labels: torch.Tensor, batch_size: int, *, train: bool,
                  device: torch.device | str = "cpu", seed: int = 0, drop_last: bool = False, rank: int = 0,
-                 world_size: int = 1, augment: bool = True, padding: int = 4):
+                 world_size: int = 1, augment: bool = True, padding: int = 4, with_views: bool = False):
         if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4:
             raise ValueError(f"images must be uint8 [N, C, H, W], got {images_uint8.dtype} {tuple(images_uint8.shape)}")
         if labels.shape != (images_uint8.shape[0],):
@@ -90,6 +94,8 @@ class TensorLoader:
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
         self.num_samples = math.ceil(len(self.images) / world_size)  # per rank, after padding
+        self.with_views = with_views
+        self.num_views = num_views(padding) if train and augment else 1
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose shuffle order and augmentation draws the next iteration uses."""
@@ -114,9 +120,15 @@ class TensorLoader:
         for b in range(len(self)):
             sel = idx[b * self.batch_size:(b + 1) * self.batch_size]
             x = self.images[sel]
-            if gen is not None:
-                x = random_crop_flip(x, gen, self.padding)
-            yield x.float().div_(255.0), self.labels[sel]
+            views = sel
+            if gen is not None:  # augment.random_crop_flip, its params kept for the view ids
+                params = sample_crop_flip_params(x.shape[0], gen, self.padding, x.device)
+                x = apply_crop_flip(x, params)
+                views = view_ids(sel, params) if self.with_views else None
+            if self.with_views:
+                yield x.float().div_(255.0), self.labels[sel], views
+            else:
+                yield x.float().div_(255.0), self.labels[sel]
 
 
 def dali_available() -> bool:
@@ -129,14 +141,15 @@ def dali_available() -> bool:
 
 def make_loader(kind: str, images_uint8: torch.Tensor, labels: torch.Tensor, batch_size: int, *, train: bool,
                 device: torch.device | str = "cpu", seed: int = 0, drop_last: bool = False, rank: int = 0,
-                world_size: int = 1, augment: bool = True):
+                world_size: int = 1, augment: bool = True, with_views: bool = False):
     """Build a loader by name: ``"torch"`` (:class:`TensorLoader`, any device) or ``"dali"`` (NVIDIA DALI).
 
     ``"dali"`` trains on CUDA devices only (on CPU the torch loader is the faster choice and the one we
     test for training); a DALI eval loader may run on CPU. Bad names or missing DALI raise UserError.
+    ``with_views``: batches are ``(x, y, views)`` (see :class:`TensorLoader`), for the teacher-logit cache.
     """
     kw = dict(train=train, device=device, seed=seed, drop_last=drop_last, rank=rank, world_size=world_size,
-              augment=augment)
+              augment=augment, with_views=with_views)
     if kind == "torch":
         return TensorLoader(images_uint8, labels, batch_size, **kw)
     if kind != "dali":
