@@ -41,11 +41,21 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def train_step(student, method, optimizer, x, y, *, teacher=None, epoch: int = 0,
-               generator: Optional[torch.Generator] = None, amp_dtype: Optional[torch.dtype] = None):
+               generator: Optional[torch.Generator] = None, amp_dtype: Optional[torch.dtype] = None,
+               cache=None, views: Optional[torch.Tensor] = None):
     """Runs one SGD step of `method` on (x, y); returns (detached loss, the method's Context with stats).
 
-    `student` may be a DDP wrapper; the attacks then run on the module inside it (see the module doc)."""
-    t_logits = teacher_logits(teacher, x, amp_dtype) if teacher is not None else None
+    `student` may be a DDP wrapper; the attacks then run on the module inside it (see the module doc).
+    `cache` (an engine.teacher_cache.TeacherCache) with the batch's `views` serves T(x), the teacher run on
+    its misses only; every other teacher call of the method (ctx.teacher) bypasses it."""
+    t_logits = None
+    if teacher is not None:
+        if cache is not None:
+            if views is None:
+                raise ValueError("train_step: a teacher cache needs the batch's view ids")
+            t_logits = cache.logits(teacher, x, views, amp_dtype)
+        else:
+            t_logits = teacher_logits(teacher, x, amp_dtype)
     ctx = Context(student=student, x=x, y=y, teacher=teacher, teacher_logits=t_logits, epoch=epoch,
                   generator=generator, attack_model=unwrap(student))
     student.train()
