@@ -208,6 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sync-bn", action="store_true", default=None,
                    help="under torchrun: SyncBatchNorm, batch statistics over all processes (CUDA only); default: "
                         "BatchNorm per process, as single-GPU training")
+    g.add_argument("--teacher-cache", choices=("auto", "on", "off"),
+                   help="distillation: keep the frozen teacher's fp32 logits of each augmented view (image x crop x "
+                        "flip, 162 per image) on the training device, so each view goes through the teacher once "
+                        "per run instead of once per epoch (the full set: 324 MB). auto (default): on for "
+                        + " and ".join(n for n in methods.names() if methods.get(n).TEACHER_CACHE_AUTO)
+                        + ", whose teacher sees only the natural batch, where it fits in memory; on: also for "
+                          "iad (its T(x) part; T(x') is never cached), an error where it does not fit")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     g = p.add_argument_group("method hyperparameters (default: the chosen method's official value; a flag the "

@@ -80,6 +80,9 @@ class Config:
     sync_bn: bool = False             # under torchrun: SyncBatchNorm (batch statistics over all ranks); False:
                                       # BatchNorm per rank, as single-GPU training (CUDA only: torch's
                                       # SyncBatchNorm does not run on the CPU)
+    teacher_cache: str = "off"        # --teacher-cache: "auto" (on for Method.TEACHER_CACHE_AUTO methods, off
+                                      # with a note when it does not fit), "on", "off" (engine/teacher_cache.py);
+                                      # "off" for runs written before the field existed, as they trained
     teacher: Optional[dict] = None    # {"source": "file", "path", "arch"} | {"source": "trained", "arch", "dir"}
     teacher_run: Optional[dict] = None  # the self-trained teacher's own Config, as a dict
     schedule_source: str = ""         # where the method's official schedule comes from
@@ -178,7 +181,7 @@ def resolve(cli: dict, preset_name: str, preset: Preset, eval_attack: dict) -> C
 
     ``cli`` keys: student, method, hparams (dict of explicitly given method hyperparameters), teacher,
     teacher_arch, data, epochs, batch_size, lr, momentum, weight_decay, milestones, gamma, seed, device,
-    loader, threads, train_n, eval_n, amp, channels_last, allow_tf32, sync_bn.
+    loader, threads, train_n, eval_n, amp, channels_last, allow_tf32, sync_bn, teacher_cache.
     """
     from rslad_fast import methods
 
@@ -231,6 +234,11 @@ def resolve(cli: dict, preset_name: str, preset: Preset, eval_attack: dict) -> C
                         f"(distillation methods: "
                         f"{', '.join(n for n, c in sorted(methods.REGISTRY.items()) if c.needs_teacher)})")
 
+    teacher_cache = cli.get("teacher_cache")
+    if not method_cls.needs_teacher:
+        if teacher_cache == "on":
+            raise UserError(f"--teacher-cache on: method '{method_cls.name}' trains without a teacher")
+        teacher_cache = "off"
     lr, weight_decay = sch.lr, sch.weight_decay
     if preset.per_image_loss_lr and method_cls.LOSS_PER_ELEMENT:
         # A loss averaged over the B*C logits (RSLAD) has 1/C the gradient of the same loss averaged per
@@ -257,6 +265,7 @@ def resolve(cli: dict, preset_name: str, preset: Preset, eval_attack: dict) -> C
         channels_last=bool(_pick(cli.get("channels_last"), preset.channels_last, False)),
         allow_tf32=bool(cli.get("allow_tf32") or False),
         sync_bn=bool(cli.get("sync_bn") or False),
+        teacher_cache=_pick(teacher_cache, "auto"),
         eval_attack=dict(eval_attack), eval_batch_size=preset.eval_batch_size,
         teacher=teacher, schedule_source=sch.source, versions=versions(),
     )
@@ -305,6 +314,10 @@ def validate(cfg: Config) -> None:
     _check(not cfg.sync_bn or cfg.device.startswith("cuda"),
            f"--sync-bn needs CUDA devices (torch's SyncBatchNorm does not run on the CPU) but the device is "
            f"{cfg.device}; drop --sync-bn (BatchNorm is then per rank) or train with --device cuda")
+    _check(cfg.teacher_cache in ("auto", "on", "off"),
+           f"--teacher-cache must be auto, on or off, got {cfg.teacher_cache!r}")
+    _check(cfg.teacher_cache != "on" or cfg.teacher is not None,
+           f"--teacher-cache on: method '{cfg.method}' trains without a teacher")
     _check(_is_int(cfg.eval_batch_size) and cfg.eval_batch_size >= 1, "eval batch size must be >= 1")
     ea = cfg.eval_attack
     _check(0 <= ea["eps"] <= 1, f"evaluation eps must be in [0, 1], got {ea['eps']}")

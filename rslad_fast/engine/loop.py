@@ -46,7 +46,7 @@ def _sync(device: torch.device) -> None:
 
 def train_one_epoch(*, student, method, loader, optimizer, epoch: int, teacher=None,
                     generator: torch.Generator | None = None, bar=None, amp_dtype: torch.dtype | None = None,
-                    channels_last: bool = False, dist=None) -> dict:
+                    channels_last: bool = False, dist=None, teacher_cache=None) -> dict:
     """Train ``student`` for one epoch (``epoch`` counts from 0); return the epoch's means and timings.
 
     ``amp_dtype`` (None: fp32, or torch.bfloat16) autocasts the student's and the teacher's passes;
@@ -58,6 +58,10 @@ def train_one_epoch(*, student, method, loader, optimizer, epoch: int, teacher=N
 
     ``dist`` (an active ``engine.dist.Dist``): the returned means are over every rank's batches and
     ``images_per_s`` counts every rank's images (the bar shows this rank's running numbers).
+
+    ``teacher_cache`` (an ``engine.teacher_cache.TeacherCache``; the loader then yields view ids): T(x) from
+    it, and the epoch's ``teacher_cache_hit_rate`` (fraction of the epoch's images whose T(x) was served)
+    and ``teacher_forwards_saved`` (those images: teacher forwards skipped), over every rank.
     """
     device = next(student.parameters()).device
     loader.set_epoch(epoch)
@@ -67,13 +71,15 @@ def train_one_epoch(*, student, method, loader, optimizer, epoch: int, teacher=N
     n_finite = torch.zeros((), device=device, dtype=torch.int64)
     stat_sums: dict = {}
     n_batches = n_images = 0
+    cache_start = teacher_cache.stats() if teacher_cache is not None else None
     _sync(device)
     t0 = time.perf_counter()
-    for x, y in loader:
+    for x, y, *views in loader:
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         loss, ctx = train_step(student, method, optimizer, x, y, teacher=teacher, epoch=epoch,
-                               generator=generator, amp_dtype=amp_dtype)
+                               generator=generator, amp_dtype=amp_dtype, cache=teacher_cache,
+                               views=views[0] if views else None)
         loss_sum += loss.double()
         n_finite += torch.isfinite(loss_sum)
         for key, value in ctx.stats.items():
@@ -94,6 +100,9 @@ def train_one_epoch(*, student, method, loader, optimizer, epoch: int, teacher=N
     keys = list(stat_sums)  # the same method on every rank: the same keys in the same order
     parts = [loss_sum.reshape(1)] + [torch.as_tensor(stat_sums[k], dtype=torch.float64, device=device).reshape(1)
                                      for k in keys]
+    if cache_start is not None:
+        hits, lookups = (now - then for now, then in zip(teacher_cache.stats(), cache_start))
+        parts.append(torch.tensor([hits, lookups], dtype=torch.float64, device=device))
     parts.append(torch.tensor([n_batches, n_images], dtype=torch.float64, device=device))
     sums = torch.cat(parts)
     if dist is not None and dist.active:
@@ -108,6 +117,9 @@ def train_one_epoch(*, student, method, loader, optimizer, epoch: int, teacher=N
         first = min(dist.all_gather_object(int(n_finite))) if dist is not None and dist.active else int(n_finite)
         raise Diverged(f"training diverged in epoch {epoch + 1}: the loss of batch {first + 1}/{n_batches} "
                        f"is not finite")
+    if cache_start is not None:
+        hits, lookups = total[-4], total[-3]
+        out.update(teacher_cache_hit_rate=hits / max(lookups, 1), teacher_forwards_saved=int(hits))
     out.update(epoch_time_s=dt, images_per_s=images / max(dt, 1e-9), batches=n_batches)
     return out
 

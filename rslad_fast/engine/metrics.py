@@ -13,6 +13,9 @@ checkpoint decision. Keys (see ``loop.py`` / ``runner.py`` for how each is measu
     epoch_time_s    wall time of the epoch's training part (s)
     eval_time_s     wall time of the evaluation (s)
     images_per_s    training throughput of the epoch (images/s, all processes together)
+    teacher_cache_hit_rate, teacher_forwards_saved
+                    with the teacher-logit cache (engine/teacher_cache.py): the fraction of the epoch's
+                    images whose T(x) was served from it, and how many (teacher forwards skipped)
     best            whether this epoch's weights became best.pt
     world_size      processes that trained the epoch (torchrun; 1 otherwise): the global batch is
                     batch_size x world_size, the train_* means and images_per_s are over all of them

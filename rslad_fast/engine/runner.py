@@ -53,7 +53,7 @@ except ImportError:  # not POSIX
     fcntl = None
 
 from rslad_fast import methods
-from rslad_fast.data import load_cifar10, make_loader
+from rslad_fast.data import load_cifar10, make_loader, num_views
 from rslad_fast.data.loaders import SALT_ATTACK, SALT_EVAL, dali_available, mix_seed
 from rslad_fast.errors import UserError
 from rslad_fast.models import build
@@ -62,13 +62,14 @@ from rslad_fast.models.loading import load_checkpoint_into
 from .allocator import keep_freed_memory
 from .checkpoint import (WriteError, atomic_write_bytes, load_checkpoint, restore, save_checkpoint,
                          saved_world_size)
-from .config import Config, check_ops_device, read_config_file
+from .config import NUM_CLASSES, Config, check_ops_device, read_config_file
 from .dist import Dist
 from .loop import Diverged, evaluate, first_non_finite, train_one_epoch
 from .step import AMP_DTYPES
 from .metrics import MetricsLog, plot_curves
 from .precision import tf32
 from .teacher import freeze, load_teacher
+from .teacher_cache import TeacherCache, check_fits
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -87,6 +88,7 @@ class Prepared:
     teacher_model: Optional[torch.nn.Module] = None   # --teacher PATH, loaded and frozen (CPU)
     teacher_prep: Optional["Prepared"] = None         # the self-trained teacher's run
     notes: list = field(default_factory=list)         # what the checks adjusted, for the user to read
+    teacher_cache: bool = False                       # cfg.teacher_cache resolved: the cache is used
 
 
 # ---- phase 1: checks and loading, no writes --------------------------------------------------------------
@@ -154,7 +156,27 @@ def prepare(cfg: Config, *, download="auto", full=None, eval_n_given: bool = Tru
             except UserError as e:  # its settings come partly from the preset: say whose they are
                 raise UserError(f"self-trained teacher ({cfg.teacher['arch']}, TRADES): {e}") from None
             cfg.teacher_run["eval_n"] = prep.teacher_prep.cfg.eval_n  # as shrunk: what a resume compares
+    prep.teacher_cache = use_teacher_cache(cfg, len(train[0]), notes)
     return prep
+
+
+def use_teacher_cache(cfg: Config, num_images: int, notes: list) -> bool:
+    """Whether the run uses the teacher-logit cache: ``on``, or ``auto`` for a Method.TEACHER_CACHE_AUTO
+    method, and it fits in memory. ``on`` that does not fit is a UserError; ``auto`` then trains uncached,
+    said in ``notes`` (as is the cache's size when used). Sized for the loaders' default crop padding."""
+    if cfg.teacher is None or cfg.teacher_cache == "off":
+        return False
+    if cfg.teacher_cache == "auto" and not methods.get(cfg.method).TEACHER_CACHE_AUTO:
+        return False
+    views = num_views()
+    processes = Dist.from_env().local_world_size if torch.device(cfg.device).type == "cpu" else 1
+    why = check_fits(num_images, views, NUM_CLASSES, cfg.device, processes)
+    if why is not None:
+        if cfg.teacher_cache == "on":
+            raise UserError(f"--teacher-cache on: {why}; train with --teacher-cache off")
+        notes.append(f"{why}: training without it (--teacher-cache auto)")
+        return False
+    return True
 
 
 def file_sha256(path) -> str:
@@ -400,6 +422,9 @@ def _run(prep: Prepared, run_dir: Path, *, dist: Dist, progress: bool, tag: str,
     cfg = prep.cfg
     r = _build(prep, run_dir, dist=dist, progress=progress)
     start, best_acc, records = _resume(r, dist=dist, tag=tag)
+    if r.teacher_cache is not None and start < cfg.epochs:
+        _log(f"[{tag}] teacher-logit cache: {r.teacher_cache.describe()}, filled as the views are drawn "
+             f"(each view's teacher forward runs once)", dist)
     if start >= cfg.epochs:
         _log(f"[{tag}] already complete ({start}/{cfg.epochs} epochs) in {run_dir}", dist)
         dist.barrier()
@@ -418,7 +443,8 @@ def _run(prep: Prepared, run_dir: Path, *, dist: Dist, progress: bool, tag: str,
                 train_stats = train_one_epoch(student=student, method=r.method, loader=r.loader,
                                               optimizer=r.optimizer, epoch=epoch, teacher=r.teacher,
                                               generator=r.generator, bar=bar, amp_dtype=AMP_DTYPES[cfg.amp],
-                                              channels_last=cfg.channels_last, dist=dist)
+                                              channels_last=cfg.channels_last, dist=dist,
+                                              teacher_cache=r.teacher_cache)
             except Diverged as e:
                 raise Diverged(f"{e}; {_kept(r, epoch)}; a lower --lr may help") from None
             record, best_acc = _end_of_epoch(r, epoch, lr, train_stats, best_acc, records, dist=dist, tag=tag)
@@ -446,6 +472,7 @@ class _Training:
     loader: object
     held: tuple                 # the held-out images and labels, on the device
     log: MetricsLog
+    teacher_cache: Optional[TeacherCache] = None  # derived state: never checkpointed, refilled after a resume
 
 
 def _build(prep: Prepared, run_dir: Path, *, dist: Dist, progress: bool) -> _Training:
@@ -481,12 +508,15 @@ def _build(prep: Prepared, run_dir: Path, *, dist: Dist, progress: bool) -> _Tra
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.milestones), gamma=cfg.gamma)
     generator = torch.Generator(device=device).manual_seed(mix_seed(cfg.seed, dist.rank, SALT_ATTACK))
     method = methods.get(cfg.method)(**cfg.hparams)
+    cached = prep.teacher_cache and teacher is not None
     loader = make_loader(cfg.loader, *prep.train, cfg.batch_size, train=True, device=device, seed=cfg.seed,
-                         rank=dist.rank, world_size=dist.world_size)
+                         rank=dist.rank, world_size=dist.world_size, with_views=cached)
+    # every rank caches the whole set: its shard changes every epoch
+    cache = TeacherCache(len(prep.train[0]), loader.num_views, NUM_CLASSES, device) if cached else None
     held = (prep.held[0].to(device), prep.held[1].to(device))
     return _Training(cfg=cfg, run_dir=run_dir, device=device, teacher=teacher, module=module, optimizer=optimizer,
                      scheduler=scheduler, generator=generator, method=method, loader=loader, held=held,
-                     log=MetricsLog(run_dir / METRICS))
+                     log=MetricsLog(run_dir / METRICS), teacher_cache=cache)
 
 
 def _resume(r: _Training, *, dist: Dist, tag: str) -> tuple:
@@ -577,7 +607,10 @@ def _end_of_epoch(r: _Training, epoch: int, lr: float, train_stats: dict, best_a
         _log(f"[{tag}] epoch {epoch + 1}/{cfg.epochs}  lr {lr:.4g}  loss {record['train_loss']:.4f}  "
              f"clean {100 * ev['clean_acc']:.2f}%  PGD-20 {100 * ev['pgd20_acc']:.2f}%  "
              f"({record['epoch_time_s']:.0f}s train, {ev['eval_time_s']:.0f}s eval, "
-             f"{record['images_per_s']:.0f} img/s)", dist)
+             f"{record['images_per_s']:.0f} img/s"
+             + (f", teacher cache {100 * record['teacher_cache_hit_rate']:.1f}% hits, "
+                f"{record['teacher_forwards_saved']} forwards saved" if "teacher_cache_hit_rate" in record else "")
+             + ")", dist)
     return record, best_acc
 
 

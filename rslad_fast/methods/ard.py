@@ -33,6 +33,7 @@ class ARD(Method):
 
     name = "ard"
     needs_teacher = True
+    TEACHER_CACHE_AUTO = True  # the teacher sees only x: T(x) is a function of the view (engine/teacher_cache.py)
     attack_mode = "train"  # AttackPGD runs inside net.train()
     HPARAMS = {
         **pgd_hparams(eps=(8 / 255, "ARD main.py config 'epsilon': 8.0/255"),

@@ -83,6 +83,11 @@ class Method:
     # True when the official loss is a mean over the B*C logits rather than over the B images (RSLAD's):
     # presets too short to absorb the resulting 1/C gradient scale compensate (engine.config.resolve).
     LOSS_PER_ELEMENT: bool = False
+    # True when the teacher sees nothing but the natural augmented batch (ctx.teacher_logits, T(x)): then
+    # --teacher-cache auto caches it (engine/teacher_cache.py). The cache only ever serves ctx.teacher_logits;
+    # a method that also calls ctx.teacher on other inputs (IAD's T(x')) leaves this False, and `on` still
+    # caches its T(x) part.
+    TEACHER_CACHE_AUTO: bool = False
     HPARAMS: Dict[str, HParam] = {}
     SCHEDULE: Schedule = Schedule(epochs=1, lr=0.1, milestones=())
     # How the attack runs (attacks.pgd.pgd's `mode` and `start`): the model's mode during the attack and

@@ -42,6 +42,9 @@ class IAD(ARD):
 
     name = "iad"
     needs_teacher = True
+    # its teacher also sees x' (reliability, through ctx.teacher, never cached): --teacher-cache auto leaves
+    # it off; `on` caches the T(x) part (ctx.teacher_logits) only
+    TEACHER_CACHE_AUTO = False
     HPARAMS = {
         **pgd_hparams(eps=(8 / 255, "IAD IAD-I.py config_train 'epsilon': 8/255"),
                       step_size=(2 / 255, "IAD IAD-I.py config_train 'step_size': 2/255"),

@@ -31,6 +31,7 @@ class RSLAD(Method):
     name = "rslad"
     needs_teacher = True
     attack_start = "normal"  # x + init_std*N(0,1) (rslad_loss.py), drawn inside fused_kl_pgd
+    TEACHER_CACHE_AUTO = True  # the teacher sees only x: T(x) is a function of the view (engine/teacher_cache.py)
     LOSS_PER_ELEMENT = True  # the KL terms are means over B*C elements (rslad_loss.py), see loss_at
     HPARAMS = {
         **pgd_hparams(eps=(8 / 255, "RSLAD resnet18_rslad_cifar10.py epsilon = 8/255"),
