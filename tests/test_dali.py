@@ -111,3 +111,48 @@ def test_gpu_pipeline_batches_arrive_without_a_host_sync():
         torch.cuda.set_sync_debug_mode("default")
     assert all(xb.is_cuda and yb.is_cuda and yb.dtype == torch.int64 for xb, yb in batches)
     assert torch.equal(torch.cat([b[1] for b in batches]).cpu(), y[dl.indices()])
+
+
+def test_views_name_the_crop_and_flip_of_each_image():
+    """with_views: the pipeline's own draws, as view ids, reproduce every image from its original
+    (apply_crop_flip of the decoded view), and asking for them changes no image."""
+    from rslad_fast.data import apply_crop_flip, decode_views
+
+    x, y = _noise(48, seed=3), torch.arange(48) % 10
+    plain = DaliLoader(x, y, 16, train=True, device="cpu", seed=4)
+    viewed = DaliLoader(x, y, 16, train=True, device="cpu", seed=4, with_views=True)
+    assert viewed.num_views == 162
+    codes = []
+    for e in (0, 1, 2):
+        plain.set_epoch(e), viewed.set_epoch(e)
+        # whole epochs (a zip would leave the longer iterator unfinished, which rebuilds its pipeline)
+        for (xa, ya), (xb, yb, views) in zip(list(plain), list(viewed)):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+            assert views.dtype == torch.int64 and views.shape == yb.shape
+            index, params = decode_views(views)
+            assert torch.equal(y[index], yb)
+            assert torch.equal(apply_crop_flip(x[index], params), (xb * 255).round().to(torch.uint8))
+            codes.append(views % 162)
+    codes = torch.cat(codes)
+    assert len(set(codes.tolist())) > 60  # the ids really vary with the draws (144 draws over 162 views)
+    flat = DaliLoader(x, y, 16, train=False, device="cpu", with_views=True)
+    assert flat.num_views == 1 and torch.equal(torch.cat([v for _, _, v in flat]), torch.arange(48))
+
+
+def test_teacher_cache_with_the_dali_loader():
+    from rslad_fast.engine.step import teacher_logits
+    from rslad_fast.engine.teacher_cache import TeacherCache
+    from rslad_fast.models import build
+
+    torch.manual_seed(0)
+    teacher = build("tiny").eval()
+    n = 32
+    dl = DaliLoader(_noise(n, seed=5), torch.zeros(n, dtype=torch.long), 16, train=True, device="cpu", seed=6,
+                    padding=1, with_views=True)  # 18 views: hits within a few epochs
+    cache = TeacherCache(n, dl.num_views, 10, "cpu")
+    for e in range(5):
+        dl.set_epoch(e)
+        for xb, _, views in dl:
+            torch.testing.assert_close(cache.logits(teacher, xb, views), teacher_logits(teacher, xb),
+                                       rtol=1e-5, atol=1e-6)
+    assert cache.lookups == 5 * n and cache.hits > 0

@@ -20,6 +20,11 @@ Augmentation, as the official RSLAD code (``RandomCrop(32, padding=4)``, ``Rando
 The random draws are DALI's (pipeline seed from ``(seed, start epoch, rank)``): deterministic for a given
 run and resume point, but not the same numbers as the torch loader. DALI is imported only here, so
 ``import rslad_fast`` never needs it.
+
+View ids (``with_views``, for the teacher-logit cache): the sample indices travel through
+``external_source`` with the images, and the pipeline turns them and its own draws into
+``augment.view_ids``' numbering (offset k = floor(crop_pos * 2p + 1/2), exact since crop_pos = k / 2p;
+flip = the mirror draw), a third output, so the ids are those of the very pixels of the batch.
 """
 from __future__ import annotations
 
@@ -29,18 +34,24 @@ import math
 import numpy as np
 import torch
 
+from .augment import num_views
 from .loaders import epoch_indices, mix_seed
 
 
 def _build_pipeline(source, *, batch_size: int, device: str, device_id, seed: int, augment: bool, padding: int,
-                    hw: tuple[int, int], num_threads: int, prefetch: int):
-    from nvidia.dali import fn, pipeline_def, types
+                    hw: tuple[int, int], num_threads: int, prefetch: int, with_views: bool = False):
+    from nvidia.dali import fn, math as dmath, pipeline_def, types
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
                   prefetch_queue_depth=prefetch)
     def pipe():
-        images, labels = fn.external_source(source=source, num_outputs=2, batch=True, layout=["HWC", ""],
-                                            dtype=[types.UINT8, types.INT64])
+        if with_views:
+            images, labels, index = fn.external_source(source=source, num_outputs=3, batch=True,
+                                                       layout=["HWC", "", ""],
+                                                       dtype=[types.UINT8, types.INT64, types.INT64])
+        else:
+            images, labels = fn.external_source(source=source, num_outputs=2, batch=True, layout=["HWC", ""],
+                                                dtype=[types.UINT8, types.INT64])
         if device == "gpu":
             # Labels go up with the images, inside the pipeline: a host label batch would be a pageable,
             # blocking host-to-device copy, a synchronisation per training batch.
@@ -54,7 +65,16 @@ def _build_pipeline(source, *, batch_size: int, device: str, device_id, seed: in
             kw = dict(crop=(h, w), crop_pos_x=fn.random.uniform(values=pos), crop_pos_y=fn.random.uniform(values=pos),
                       mirror=fn.random.coin_flip(probability=0.5))
         images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", mean=0.0, std=255.0, **kw)
-        return images, labels
+        if not with_views:
+            return images, labels
+        views = index
+        if augment:
+            def offset(pos):
+                return fn.cast(dmath.floor(pos * (2 * padding) + 0.5), dtype=types.INT64)
+            code = (offset(kw["crop_pos_y"]) * (2 * padding + 1) + offset(kw["crop_pos_x"])) * 2 + \
+                fn.cast(kw["mirror"], dtype=types.INT64)
+            views = index * num_views(padding) + code
+        return images, labels, views.gpu() if device == "gpu" else views
 
     p = pipe()
     p.build()
@@ -68,13 +88,14 @@ class DaliLoader:
     that GPU, and images and labels both come out of the pipeline on it, copied on the current stream. The source set is kept on the host as NHWC numpy (external_source feeds host batches; the
     GPU pipeline copies each batch up, 1.5 MB for 512 images). The pipeline streams batches epoch after
     epoch so its prefetching crosses epoch boundaries; ``set_epoch`` to anything but the next epoch, or
-    leaving an epoch early, rebuilds it.
+    leaving an epoch early, rebuilds it. ``with_views=True`` yields ``(x, y, views)`` as TensorLoader does
+    (see the module doc).
     """
 
     def __init__(self, images_uint8: torch.Tensor, labels: torch.Tensor, batch_size: int, *, train: bool,
                  device: torch.device | str = "cpu", seed: int = 0, drop_last: bool = False, rank: int = 0,
                  world_size: int = 1, augment: bool = True, padding: int = 4, num_threads: int = 2,
-                 prefetch: int = 2):
+                 prefetch: int = 2, with_views: bool = False):
         if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4:
             raise ValueError(f"images must be uint8 [N, C, H, W], got {images_uint8.dtype} {tuple(images_uint8.shape)}")
         if labels.shape != (images_uint8.shape[0],):
@@ -85,6 +106,8 @@ class DaliLoader:
         self.batch_size, self.train, self.augment, self.padding = batch_size, train, augment, padding
         self.seed, self.drop_last, self.rank, self.world_size = seed, drop_last, rank, world_size
         self.num_threads, self.prefetch = num_threads, prefetch
+        self.with_views = with_views
+        self.num_views = num_views(padding) if train and augment else 1
         self.epoch = 0
         self.num_samples = math.ceil(len(self._labels) / world_size)
         self._pipe = None
@@ -109,7 +132,7 @@ class DaliLoader:
             idx = self.indices(e).numpy()
             for b in range(len(self)):
                 sel = idx[b * self.batch_size:(b + 1) * self.batch_size]
-                yield self._nhwc[sel], self._labels[sel]
+                yield (self._nhwc[sel], self._labels[sel]) + ((sel,) if self.with_views else ())
 
     def _start(self) -> None:
         stream = self._stream(self.epoch)
@@ -120,7 +143,8 @@ class DaliLoader:
         self._pipe = _build_pipeline(lambda: next(stream), batch_size=self.batch_size, device="gpu" if gpu else "cpu",
                                      device_id=device_id, seed=mix_seed(self.seed, self.epoch, self.rank) % (2 ** 31),
                                      augment=self.train and self.augment, padding=self.padding,
-                                     hw=self._nhwc.shape[1:3], num_threads=self.num_threads, prefetch=self.prefetch)
+                                     hw=self._nhwc.shape[1:3], num_threads=self.num_threads, prefetch=self.prefetch,
+                                     with_views=self.with_views)
         self._next_epoch = self.epoch
 
     def _to_torch(self, tl, dtype: torch.dtype) -> torch.Tensor:
@@ -142,7 +166,8 @@ class DaliLoader:
         pipe, epoch = self._pipe, self.epoch
         self._next_epoch = None  # in progress: a second iterator started before this one ends must rebuild
         for _ in range(len(self)):
-            images, labels = pipe.run()
-            yield self._to_torch(images, torch.float32), self._to_torch(labels, torch.int64)
+            images, labels, *views = pipe.run()
+            out = self._to_torch(images, torch.float32), self._to_torch(labels, torch.int64)
+            yield out + tuple(self._to_torch(v, torch.int64) for v in views)
         if self._pipe is pipe:  # finished the epoch: the stream now stands at the next one
             self._next_epoch = epoch + 1
