@@ -151,6 +151,31 @@ def test_two_processes_match_one_process_with_the_combined_batch(data, teacher_c
     assert a["rng"]["world_size"] == 2 and len(a["rng"]["train_generators"]) == 2
 
 
+def test_two_processes_with_the_teacher_cache_match_one_uncached(data, teacher_ckpt, tmp_path, monkeypatch):
+    """Each rank keeps its own cache of the whole set (its shard changes every epoch): the cached 2-process run
+    trains as the uncached single process with the combined batch (rtol 1e-5: served logits are a fresh
+    forward's up to rounding, tests/test_teacher_cache.py)."""
+    method = ["--method", "rslad", "--student", "tiny", "--teacher", str(teacher_ckpt), "--teacher-arch", "tiny",
+              "--init-std", "0", "--steps", "1", "--data", str(data), "--epochs", "3", "--milestones", "2", *COMMON]
+    two, one = tmp_path / "two", tmp_path / "one"
+    res = _torchrun([str(HERE), "--no-bn", "--no-augment", "--", *method, "--teacher-cache", "on",
+                     "--batch-size", "16", "--out", str(two)])
+    assert res.returncode == 0, res.stdout + res.stderr
+
+    _patch(monkeypatch.setattr, no_bn=True, no_augment=True)
+    assert train.main([*method, "--teacher-cache", "off", "--batch-size", "32", "--out", str(one)]) == 0
+    a, b = (torch.load(d / "last.pt", weights_only=True) for d in (two, one))
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-5, atol=1e-6, msg=key)
+    ra = _records(two)
+    rates = [r["teacher_cache_hit_rate"] for r in ra]
+    # no augmentation: one view per image; a rank's shard in epoch e+1 overlaps what it saw before
+    assert rates[0] == 0.0 and 0.0 < rates[1] < rates[2] <= 1.0, rates
+    assert [r["teacher_forwards_saved"] for r in ra] == [round(r * 128) for r in rates]  # both ranks' images
+    for x, y in zip(ra, _records(one)):
+        assert x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-5)
+
+
 # ---- the real command line under torchrun ----------------------------------------------------------------
 
 def test_torchrun_end_to_end_rank_zero_writes_once(data, tmp_path):
