@@ -17,6 +17,13 @@ Sizes: on CUDA, batch 128 with the WRN-34-10 teacher, 30 batches a round (RSLAD_
 standing in for the WRN-34-10 teacher, whose forward alone would take seconds per batch; the CPU rows show
 the code paths work and what they cost there. Compiling takes minutes on 2 cores: a run with timing off
 (`--benchmark-disable`, CI's one-round smoke run) skips the compiled row and says so.
+
+(f) the teacher-logit cache (`-k teacher_cache`): "ours fp32" uncached, then the same step with the cache at
+the hit rates of a 300-epoch run (V = 162 views per image): 0% (the first epoch), 1 - (1 - 1/V)^150 = 60.5%
+(epoch 150 of 300) and the 300-epoch average, mean over e = 0..299 of 1 - (1 - 1/V)^e = 54.4% (what the whole
+run saves). The cache's filled mask is set at random to that fraction (a seeded draw per entry, so a view's
+hit probability is the fraction) and restored before every round, so misses filled in one round do not
+raise the next round's hit rate; the restore (a copy of N x V bytes) is inside the timed region.
 """
 import dataclasses
 import itertools
@@ -26,8 +33,9 @@ import torch
 from bench_utils import DEVICES, REDUCED, median_s, run_synced, save_result
 
 import reference_rslad as ref
-from rslad_fast.data import TensorLoader, dali_available
+from rslad_fast.data import TensorLoader, dali_available, num_views
 from rslad_fast.engine.step import train_step
+from rslad_fast.engine.teacher_cache import TeacherCache
 from rslad_fast.methods import get
 from rslad_fast.models import build
 
@@ -46,6 +54,7 @@ class Variant:
     channels_last: bool = False
     loader: str = "dataloader"     # "dataloader" | "torch" (GPU-resident TensorLoader) | "dali"
     needs_cuda: bool = False       # a row that only differs from the previous one on a GPU
+    cache_hit: float | None = None  # the teacher-logit cache with this fraction of its entries filled
 
 # bf16 applies on CUDA only: a CPU without native bf16 (this one) runs bf16 convolutions ~10x slower than
 # fp32 (measured: MobileNetV2 forward+backward at batch 8, 0.21 s fp32 vs 1.8 s bf16, channels_last).
@@ -71,12 +80,33 @@ THROUGHPUT = [
             needs_cuda=True),
 ]
 
+VIEWS = num_views(4)
+
+
+def hit_rate_after(epochs: int, views: int = VIEWS) -> float:
+    """The expected teacher-cache hit rate of epoch `epochs` (from 0): the image's view was drawn before."""
+    return 1 - (1 - 1 / views) ** epochs
+
+
+RUN_EPOCHS = 300  # RSLAD's schedule
+# (f): the cache at the first epoch's, epoch 150's and the 300-epoch run's average hit rate
+_OURS = dict(impl="ours", cuda_graph=True, channels_last=True, loader="torch")
+TEACHER_CACHE = [
+    Variant("ours fp32 uncached", **_OURS),
+    Variant("cache 0% hits (epoch 1)", cache_hit=0.0, **_OURS),
+    Variant(f"cache {100 * hit_rate_after(150):.1f}% hits (epoch 150 of 300)", cache_hit=hit_rate_after(150),
+            **_OURS),
+    Variant(f"cache {100 * sum(map(hit_rate_after, range(RUN_EPOCHS))) / RUN_EPOCHS:.1f}% hits (300-epoch mean)",
+            cache_hit=sum(map(hit_rate_after, range(RUN_EPOCHS))) / RUN_EPOCHS, **_OURS),
+]
+
 
 def _loader(variant, images, labels, batch, device):
     if variant.loader == "dataloader":
         return ref.make_dataloader(images, labels, batch, num_workers=2)
     if variant.loader == "torch":
-        return TensorLoader(images, labels, batch, train=True, device=device, seed=0)
+        return TensorLoader(images, labels, batch, train=True, device=device, seed=0,
+                            with_views=variant.cache_hit is not None)
     from rslad_fast.data.dali import DaliLoader
     return DaliLoader(images, labels, batch, train=True, device=device, seed=0)
 
@@ -108,28 +138,44 @@ def _run(benchmark, provenance, device, student_arch, variant, group):
     loader = _loader(variant, images, labels, size["batch"], device)
     method = None if variant.impl != "ours" else get("rslad")(cuda_graph=variant.cuda_graph and device == "cuda")
     amp = torch.bfloat16 if variant.bf16 and device == "cuda" else None
+    cache = prefill = None
+    if variant.cache_hit is not None:
+        cache = TeacherCache(n, loader.num_views, 10, device)
+        g = torch.Generator(device=device).manual_seed(0)
+        cache.table.normal_(generator=g)  # stand-in logits: the step's cost does not depend on their values
+        prefill = torch.rand(cache.filled.shape, generator=g, device=device) < variant.cache_hit
 
     def epoch():
-        for x, y in loader:
+        if cache is not None:
+            cache.filled.copy_(prefill)  # every round at the row's hit rate (see the module doc)
+        for x, y, *views in loader:
             x = x.to(device, non_blocking=True).contiguous(memory_format=memory_format)
             y = y.to(device, non_blocking=True)
             if variant.impl == "ours":
-                train_step(student, method, optimizer, x, y, teacher=teacher, amp_dtype=amp)
+                train_step(student, method, optimizer, x, y, teacher=teacher, amp_dtype=amp, cache=cache,
+                           views=views[0] if views else None)
             else:
                 ref.train_step(model, teacher, optimizer, x,
                                attack="backward" if variant.impl == "backward" else "autograd.grad")
 
     provenance(device, student=student_arch, teacher=size["teacher"], batch=size["batch"],
                batches=size["batches"], impl=variant.name, variant=dataclasses.asdict(variant))
+    hits_before = cache.stats() if cache is not None else None
     # The compiled row's warm-up epoch compiles (train and eval mode graphs) outside the timed rounds.
     run_synced(benchmark, epoch, device, rounds=size["rounds"], warmup=1)
+    extra = {}
+    if cache is not None:  # the hit rate the timed rounds really had (warm-up included)
+        hits, lookups = (now - then for now, then in zip(cache.stats(), hits_before))
+        extra = dict(cache_hit_target=variant.cache_hit, cache_hit_measured=hits / max(lookups, 1))
+        benchmark.extra_info.update(extra)
     median = median_s(benchmark)
     if median is None:
         return
     benchmark.extra_info.update(images_per_s=n / median, epoch_s_estimate=TRAIN_SET * median / n)
-    save_result(f"{group}-{variant.name}".replace(" ", "_").replace("/", "_").replace("+", "plus"),
+    save_result(f"{group}-{variant.name}".replace(" ", "_").replace("/", "_").replace("+", "plus")
+                .replace("%", "pct").replace("(", "").replace(")", ""),
                 {"device": device, "student": student_arch, "teacher": size["teacher"], "variant": variant.name,
-                 "images_per_s": n / median, "epoch_s_estimate": TRAIN_SET * median / n})
+                 "images_per_s": n / median, "epoch_s_estimate": TRAIN_SET * median / n, **extra})
 
 
 @pytest.mark.parametrize("case", list(itertools.product(DEVICES, ("resnet18", "mnv2"), THROUGHPUT)),
@@ -144,3 +190,10 @@ def test_training_throughput(benchmark, provenance, case):
 def test_ablation(benchmark, provenance, case):
     device, arch, variant = case
     _run(benchmark, provenance, device, arch, variant, f"ablation {device} {arch}")
+
+
+@pytest.mark.parametrize("case", list(itertools.product(DEVICES, ("mnv2", "resnet18"), TEACHER_CACHE)),
+                         ids=lambda c: f"{c[0]}-{c[1]}-{c[2].name}")
+def test_teacher_cache(benchmark, provenance, case):
+    device, arch, variant = case
+    _run(benchmark, provenance, device, arch, variant, f"teacher cache {device} {arch} <- teacher")
