@@ -9,6 +9,7 @@ Environment:
   MAX_JOBS                parallel compile jobs (read by torch's ninja build)
   RSLAD_FAST_CUDA         "0": build the CPU kernels only; "1": fail unless the CUDA kernels are built
 """
+
 import glob
 import os
 import sys
@@ -25,11 +26,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 want_cuda = os.environ.get("RSLAD_FAST_CUDA", "auto")
 if want_cuda not in ("0", "1", "auto"):
     sys.exit(f"RSLAD_FAST_CUDA must be 0, 1 or auto, got {want_cuda!r}")
-cuda_possible = torch.version.cuda is not None and CUDA_HOME is not None and os.path.exists(
-    os.path.join(CUDA_HOME, "bin", "nvcc"))
+cuda_possible = (
+    torch.version.cuda is not None and CUDA_HOME is not None and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
+)
 if want_cuda == "1" and not cuda_possible:
-    sys.exit(f"RSLAD_FAST_CUDA=1 but no CUDA build is possible: torch.version.cuda={torch.version.cuda}, "
-             f"CUDA_HOME={CUDA_HOME}")
+    sys.exit(
+        f"RSLAD_FAST_CUDA=1 but no CUDA build is possible: torch.version.cuda={torch.version.cuda}, "
+        f"CUDA_HOME={CUDA_HOME}"
+    )
 use_cuda = cuda_possible and want_cuda != "0"
 if use_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
     os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"

@@ -2,6 +2,7 @@
 
 On the CPU the files run at small sizes; on CUDA the same files run at full sizes.
 """
+
 import json
 import os
 import platform
@@ -9,7 +10,6 @@ import subprocess
 import time
 
 import torch
-
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -24,8 +24,9 @@ REDUCED = SIZE == "reduced"
 
 def git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -41,7 +42,6 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-
 def median_s(benchmark):
     """The measured median in seconds, or None when timing is off (--benchmark-disable runs each once)."""
     stats = getattr(benchmark, "stats", None)
@@ -50,9 +50,11 @@ def median_s(benchmark):
 
 def run_synced(benchmark, fn, device, rounds=None, warmup=2):
     """Time fn with a device synchronisation inside the timed region."""
+
     def timed():
         fn()
         sync(device)
+
     for _ in range(warmup):
         timed()
     if rounds is None:
@@ -68,7 +70,12 @@ def save_result(name: str, payload: dict) -> None:
     if not RESULTS_DIR:
         return
     os.makedirs(RESULTS_DIR, exist_ok=True)
-    payload = dict(payload, torch=torch.__version__, cuda=torch.version.cuda, commit=git_commit(),
-                   time=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    payload = dict(
+        payload,
+        torch=torch.__version__,
+        cuda=torch.version.cuda,
+        commit=git_commit(),
+        time=time.strftime("%Y-%m-%dT%H:%M:%S"),
+    )
     with open(os.path.join(RESULTS_DIR, f"{name}.json"), "w") as f:
         json.dump(payload, f, indent=2)

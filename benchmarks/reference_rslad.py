@@ -9,6 +9,7 @@
 - a torch DataLoader over PIL images with torchvision's RandomCrop(32, padding=4), RandomHorizontalFlip and
   ToTensor, as the official code's CIFAR10 dataset does.
 """
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -34,13 +35,20 @@ class CIFARImages(torch.utils.data.Dataset):
 
 def make_dataloader(images_uint8, labels, batch_size=128, num_workers=2, seed=0):
     return torch.utils.data.DataLoader(
-        CIFARImages(images_uint8, labels), batch_size=batch_size, shuffle=True, num_workers=num_workers,
-        pin_memory=torch.cuda.is_available(), drop_last=False, generator=torch.Generator().manual_seed(seed),
-        persistent_workers=num_workers > 0)
+        CIFARImages(images_uint8, labels),
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        drop_last=False,
+        generator=torch.Generator().manual_seed(seed),
+        persistent_workers=num_workers > 0,
+    )
 
 
-def rslad_inner_loss(model, teacher_logits, x_natural, step_size=2 / 255, epsilon=8 / 255, perturb_steps=10,
-                     input_grad_only=True):
+def rslad_inner_loss(
+    model, teacher_logits, x_natural, step_size=2 / 255, epsilon=8 / 255, perturb_steps=10, input_grad_only=True
+):
     """The official attack: the input gradient by torch.autograd.grad, as the official RSLAD code takes it,
     or (input_grad_only=False) by backward(), parameter gradients computed too."""
     criterion_kl = nn.KLDivLoss(reduction="none")
@@ -75,8 +83,9 @@ def train_step(student, teacher, optimizer, x, attack="autograd.grad"):
     nat_logits = student(x)
     kl = nn.KLDivLoss(reduction="none")
     target = F.softmax(teacher_logits.detach(), dim=1)
-    loss = 5 / 6 * torch.mean(kl(F.log_softmax(adv_logits, dim=1), target)) + \
-        1 / 6 * torch.mean(kl(F.log_softmax(nat_logits, dim=1), target))
+    loss = 5 / 6 * torch.mean(kl(F.log_softmax(adv_logits, dim=1), target)) + 1 / 6 * torch.mean(
+        kl(F.log_softmax(nat_logits, dim=1), target)
+    )
     loss.backward()
     optimizer.step()
     return loss.detach()

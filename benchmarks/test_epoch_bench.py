@@ -25,36 +25,40 @@ run saves). The cache's filled mask is set at random to that fraction (a seeded 
 hit probability is the fraction) and restored before every round, so misses filled in one round do not
 raise the next round's hit rate; the restore (a copy of N x V bytes) is inside the timed region.
 """
+
 import dataclasses
 import itertools
 
 import pytest
+import reference_rslad as ref
 import torch
 from bench_utils import DEVICES, REDUCED, median_s, run_synced, save_result
 
-import reference_rslad as ref
 from rslad_fast.data import TensorLoader, dali_available, num_views
 from rslad_fast.engine.step import train_step
 from rslad_fast.engine.teacher_cache import TeacherCache
 from rslad_fast.methods import get
 from rslad_fast.models import build
 
-SIZES = {"cpu": dict(batch=32, batches=1, teacher="resnet18", rounds=3),
-         "cuda": dict(batch=128, batches=4 if REDUCED else 30, teacher="wrn34-10", rounds=2 if REDUCED else 3)}
+SIZES = {
+    "cpu": dict(batch=32, batches=1, teacher="resnet18", rounds=3),
+    "cuda": dict(batch=128, batches=4 if REDUCED else 30, teacher="wrn34-10", rounds=2 if REDUCED else 3),
+}
 TRAIN_SET = 50000
 
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
     name: str
-    impl: str = "official"         # "official" | "backward" (reference_rslad.train_step's attacks) | "ours"
-    compiled: bool = False         # the student under torch.compile (official rows)
+    impl: str = "official"  # "official" | "backward" (reference_rslad.train_step's attacks) | "ours"
+    compiled: bool = False  # the student under torch.compile (official rows)
     cuda_graph: bool = False
     bf16: bool = False
     channels_last: bool = False
-    loader: str = "dataloader"     # "dataloader" | "torch" (GPU-resident TensorLoader) | "dali"
-    needs_cuda: bool = False       # a row that only differs from the previous one on a GPU
+    loader: str = "dataloader"  # "dataloader" | "torch" (GPU-resident TensorLoader) | "dali"
+    needs_cuda: bool = False  # a row that only differs from the previous one on a GPU
     cache_hit: float | None = None  # the teacher-logit cache with this fraction of its entries filled
+
 
 # bf16 applies on CUDA only: a CPU without native bf16 (this one) runs bf16 convolutions ~10x slower than
 # fp32 (measured: MobileNetV2 forward+backward at batch 8, 0.21 s fp32 vs 1.8 s bf16, channels_last).
@@ -76,8 +80,7 @@ THROUGHPUT = [
     Variant("official"),
     Variant("official + torch.compile", compiled=True),
     Variant("ours fp32", impl="ours", cuda_graph=True, channels_last=True, loader="torch"),
-    Variant("ours bf16", impl="ours", cuda_graph=True, bf16=True, channels_last=True, loader="torch",
-            needs_cuda=True),
+    Variant("ours bf16", impl="ours", cuda_graph=True, bf16=True, channels_last=True, loader="torch", needs_cuda=True),
 ]
 
 VIEWS = num_views(4)
@@ -94,10 +97,12 @@ _OURS = dict(impl="ours", cuda_graph=True, channels_last=True, loader="torch")
 TEACHER_CACHE = [
     Variant("ours fp32 uncached", **_OURS),
     Variant("cache 0% hits (epoch 1)", cache_hit=0.0, **_OURS),
-    Variant(f"cache {100 * hit_rate_after(150):.1f}% hits (epoch 150 of 300)", cache_hit=hit_rate_after(150),
-            **_OURS),
-    Variant(f"cache {100 * sum(map(hit_rate_after, range(RUN_EPOCHS))) / RUN_EPOCHS:.1f}% hits (300-epoch mean)",
-            cache_hit=sum(map(hit_rate_after, range(RUN_EPOCHS))) / RUN_EPOCHS, **_OURS),
+    Variant(f"cache {100 * hit_rate_after(150):.1f}% hits (epoch 150 of 300)", cache_hit=hit_rate_after(150), **_OURS),
+    Variant(
+        f"cache {100 * sum(map(hit_rate_after, range(RUN_EPOCHS))) / RUN_EPOCHS:.1f}% hits (300-epoch mean)",
+        cache_hit=sum(map(hit_rate_after, range(RUN_EPOCHS))) / RUN_EPOCHS,
+        **_OURS,
+    ),
 ]
 
 
@@ -105,9 +110,11 @@ def _loader(variant, images, labels, batch, device):
     if variant.loader == "dataloader":
         return ref.make_dataloader(images, labels, batch, num_workers=2)
     if variant.loader == "torch":
-        return TensorLoader(images, labels, batch, train=True, device=device, seed=0,
-                            with_views=variant.cache_hit is not None)
+        return TensorLoader(
+            images, labels, batch, train=True, device=device, seed=0, with_views=variant.cache_hit is not None
+        )
     from rslad_fast.data.dali import DaliLoader
+
     return DaliLoader(images, labels, batch, train=True, device=device, seed=0)
 
 
@@ -118,8 +125,10 @@ def _run(benchmark, provenance, device, student_arch, variant, group):
     if variant.loader == "dali" and not dali_available():
         pytest.skip("NVIDIA DALI is not installed")
     if variant.compiled and benchmark.disabled:
-        pytest.skip("timing is off (--benchmark-disable): compiling the step takes minutes on a small CPU, "
-                    "and an untimed row measures nothing")
+        pytest.skip(
+            "timing is off (--benchmark-disable): compiling the step takes minutes on a small CPU, "
+            "and an untimed row measures nothing"
+        )
     benchmark.group = group
     torch.manual_seed(0)
     student = build(student_arch).to(device)
@@ -152,14 +161,31 @@ def _run(benchmark, provenance, device, student_arch, variant, group):
             x = x.to(device, non_blocking=True).contiguous(memory_format=memory_format)
             y = y.to(device, non_blocking=True)
             if variant.impl == "ours":
-                train_step(student, method, optimizer, x, y, teacher=teacher, amp_dtype=amp, cache=cache,
-                           views=views[0] if views else None)
+                train_step(
+                    student,
+                    method,
+                    optimizer,
+                    x,
+                    y,
+                    teacher=teacher,
+                    amp_dtype=amp,
+                    cache=cache,
+                    views=views[0] if views else None,
+                )
             else:
-                ref.train_step(model, teacher, optimizer, x,
-                               attack="backward" if variant.impl == "backward" else "autograd.grad")
+                ref.train_step(
+                    model, teacher, optimizer, x, attack="backward" if variant.impl == "backward" else "autograd.grad"
+                )
 
-    provenance(device, student=student_arch, teacher=size["teacher"], batch=size["batch"],
-               batches=size["batches"], impl=variant.name, variant=dataclasses.asdict(variant))
+    provenance(
+        device,
+        student=student_arch,
+        teacher=size["teacher"],
+        batch=size["batch"],
+        batches=size["batches"],
+        impl=variant.name,
+        variant=dataclasses.asdict(variant),
+    )
     hits_before = cache.stats() if cache is not None else None
     # The compiled row's warm-up epoch compiles (train and eval mode graphs) outside the timed rounds.
     run_synced(benchmark, epoch, device, rounds=size["rounds"], warmup=1)
@@ -172,28 +198,48 @@ def _run(benchmark, provenance, device, student_arch, variant, group):
     if median is None:
         return
     benchmark.extra_info.update(images_per_s=n / median, epoch_s_estimate=TRAIN_SET * median / n)
-    save_result(f"{group}-{variant.name}".replace(" ", "_").replace("/", "_").replace("+", "plus")
-                .replace("%", "pct").replace("(", "").replace(")", ""),
-                {"device": device, "student": student_arch, "teacher": size["teacher"], "variant": variant.name,
-                 "images_per_s": n / median, "epoch_s_estimate": TRAIN_SET * median / n, **extra})
+    save_result(
+        f"{group}-{variant.name}".replace(" ", "_")
+        .replace("/", "_")
+        .replace("+", "plus")
+        .replace("%", "pct")
+        .replace("(", "")
+        .replace(")", ""),
+        {
+            "device": device,
+            "student": student_arch,
+            "teacher": size["teacher"],
+            "variant": variant.name,
+            "images_per_s": n / median,
+            "epoch_s_estimate": TRAIN_SET * median / n,
+            **extra,
+        },
+    )
 
 
-@pytest.mark.parametrize("case", list(itertools.product(DEVICES, ("resnet18", "mnv2"), THROUGHPUT)),
-                         ids=lambda c: f"{c[0]}-{c[1]}-{c[2].name}")
+@pytest.mark.parametrize(
+    "case",
+    list(itertools.product(DEVICES, ("resnet18", "mnv2"), THROUGHPUT)),
+    ids=lambda c: f"{c[0]}-{c[1]}-{c[2].name}",
+)
 def test_training_throughput(benchmark, provenance, case):
     device, arch, variant = case
     _run(benchmark, provenance, device, arch, variant, f"RSLAD training {device} {arch} <- teacher")
 
 
-@pytest.mark.parametrize("case", list(itertools.product(DEVICES, ("mnv2",), ABLATION)),
-                         ids=lambda c: f"{c[0]}-{c[1]}-{c[2].name}")
+@pytest.mark.parametrize(
+    "case", list(itertools.product(DEVICES, ("mnv2",), ABLATION)), ids=lambda c: f"{c[0]}-{c[1]}-{c[2].name}"
+)
 def test_ablation(benchmark, provenance, case):
     device, arch, variant = case
     _run(benchmark, provenance, device, arch, variant, f"ablation {device} {arch}")
 
 
-@pytest.mark.parametrize("case", list(itertools.product(DEVICES, ("mnv2", "resnet18"), TEACHER_CACHE)),
-                         ids=lambda c: f"{c[0]}-{c[1]}-{c[2].name}")
+@pytest.mark.parametrize(
+    "case",
+    list(itertools.product(DEVICES, ("mnv2", "resnet18"), TEACHER_CACHE)),
+    ids=lambda c: f"{c[0]}-{c[1]}-{c[2].name}",
+)
 def test_teacher_cache(benchmark, provenance, case):
     device, arch, variant = case
     _run(benchmark, provenance, device, arch, variant, f"teacher cache {device} {arch} <- teacher")

@@ -3,13 +3,14 @@
 Rows of one group ran side by side in one run. Sizes: batch 128 and 512 on CUDA; batch 16 on the CPU
 (where one ResNet-18 attack step at batch 128 takes ~2 s).
 """
+
 import pytest
 import torch
 from bench_utils import DEVICES, REDUCED, median_s, run_synced, save_result
+from reference_rslad import rslad_inner_loss
 
 import rslad_fast
 from rslad_fast.models import build
-from reference_rslad import rslad_inner_loss
 
 BATCHES = {"cpu": (16,), "cuda": (128, 512)}
 IMPLS = ("eager-backward", "eager", "fused", "fused+graph")
@@ -45,6 +46,7 @@ def test_inner_loop(benchmark, provenance, case):
     run_synced(benchmark, fn, device, rounds=rounds, warmup=1 if device == "cpu" else 3)
     if median_s(benchmark) is None:
         return
-    save_result(f"inner_loop-{'-'.join(map(str, case))}".replace("+", "_"),
-                {"device": device, "arch": arch, "batch": batch, "impl": impl,
-                 "median_s": median_s(benchmark)})
+    save_result(
+        f"inner_loop-{'-'.join(map(str, case))}".replace("+", "_"),
+        {"device": device, "arch": arch, "batch": batch, "impl": impl, "median_s": median_s(benchmark)},
+    )

@@ -5,12 +5,12 @@ All do the same augmentation (random crop 32 with 4-pixel zero padding, horizont
 and deliver batches of 128 on the training device. Sizes: the full 50,000-image set on CUDA, 5,120 images
 on the CPU (RSLAD_FAST_BENCH_SIZE=reduced: 10,240 on CUDA).
 """
+
 import pytest
-import torch
 from bench_utils import DEVICES, REDUCED, median_s, run_synced, save_result
+from reference_rslad import make_dataloader, random_cifar
 
 from rslad_fast.data import TensorLoader, dali_available
-from reference_rslad import make_dataloader, random_cifar
 
 N_IMAGES = {"cpu": 5120, "cuda": 10240 if REDUCED else 50000}
 BATCH = 128
@@ -33,7 +33,7 @@ def test_loader_epoch(benchmark, provenance, case):
         loader = make_dataloader(images, labels, BATCH, num_workers=2)
 
         def epoch():
-            for x, y in loader:
+            for x, _ in loader:
                 x.to(device, non_blocking=True)
     elif impl == "torch":
         loader = TensorLoader(images, labels, BATCH, train=True, device=device, seed=0)
@@ -45,16 +45,20 @@ def test_loader_epoch(benchmark, provenance, case):
         if not dali_available():
             pytest.skip("NVIDIA DALI is not installed (pip install nvidia-dali-cuda130)")
         from rslad_fast.data.dali import DaliLoader
+
         loader = DaliLoader(images, labels, BATCH, train=True, device=device, seed=0)
 
         def epoch():
             for _ in loader:
                 pass
+
     provenance(device, impl=impl, images=n, batch=BATCH)
     result = run_synced(benchmark, epoch, device, rounds=3, warmup=1)  # noqa: F841
     median = median_s(benchmark)
     if median is None:
         return
     benchmark.extra_info["images_per_s"] = n / median
-    save_result(f"loader-{device}-{impl}", {"device": device, "impl": impl, "images": n, "median_s": median,
-                                            "images_per_s": n / median})
+    save_result(
+        f"loader-{device}-{impl}",
+        {"device": device, "impl": impl, "images": n, "median_s": median, "images_per_s": n / median},
+    )

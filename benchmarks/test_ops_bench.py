@@ -3,10 +3,10 @@ torch.compile of that composite: forward, and forward + backward for softmax_kl.
 
 Read the table by group: within a group the rows ran side by side in one run, so their ratio is the speed-up.
 """
-import pytest
-import torch
 
+import torch
 from bench_utils import run_synced
+
 from rslad_fast import ops
 from rslad_fast.ops import reference
 

@@ -1,4 +1,5 @@
 """rslad_fast: fast, faithful adversarial robustness distillation (RSLAD, Zi et al., ICCV 2021)."""
+
 from . import ops
 from .attacks import fused_kl_pgd
 from .errors import UserError

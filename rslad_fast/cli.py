@@ -1,6 +1,7 @@
 """What the two command lines, ``python -m rslad_fast.train`` and ``python -m rslad_fast.evaluate``, share: the
 parser whose bad flag is one ``error: ...`` line, the parsing of numbers, the error line itself, and the
 torchrun frame around a main (join the process group, leave it, agree on failed checks)."""
+
 from __future__ import annotations
 
 import argparse
@@ -60,6 +61,7 @@ def nonneg(text: str) -> float:
 
 def integer(minimum: int):
     """An integer >= ``minimum``."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -68,6 +70,7 @@ def integer(minimum: int):
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
         return value
+
     return parse
 
 

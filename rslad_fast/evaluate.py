@@ -29,6 +29,7 @@ Bad input (missing checkpoint, wrong architecture, unknown attack, bad numbers, 
 without checkpoints or config) prints one ``error: ...`` line on stderr and exits with status 2, having
 written nothing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,8 +61,9 @@ def _attack_list(text: str):
         raise argparse.ArgumentTypeError("no attack given")
     unknown = [n for n in names if n not in EVAL_ATTACKS]
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown attack(s) {', '.join(map(repr, unknown))}; choose from "
-                                         f"{','.join(ATTACKS)}")
+        raise argparse.ArgumentTypeError(
+            f"unknown attack(s) {', '.join(map(repr, unknown))}; choose from {','.join(ATTACKS)}"
+        )
     return [a for a in ATTACKS if a in names]  # the table's order, duplicates dropped
 
 
@@ -75,47 +77,81 @@ def _flag_dest(entry, hparam: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     # how an attack's own hyperparameter is parsed, and what --help calls it
-    hparam_flags = {"steps": ({"type": integer(0)}, "steps"), "alpha": ({"type": nonneg}, "step size"),
-                    "kappa": ({"type": nonneg}, "confidence kappa"), "start": ({"choices": STARTS}, "start")}
-    p = Parser(prog="python -m rslad_fast.evaluate",
-                description="Robustness evaluation of CIFAR-10 checkpoints: the RSLAD paper's Table 2 row "
-                            "(Clean, FGSM, PGD_SAT, PGD_TRADES, CW-inf, AutoAttack) per checkpoint.")
+    hparam_flags = {
+        "steps": ({"type": integer(0)}, "steps"),
+        "alpha": ({"type": nonneg}, "step size"),
+        "kappa": ({"type": nonneg}, "confidence kappa"),
+        "start": ({"choices": STARTS}, "start"),
+    }
+    p = Parser(
+        prog="python -m rslad_fast.evaluate",
+        description="Robustness evaluation of CIFAR-10 checkpoints: the RSLAD paper's Table 2 row "
+        "(Clean, FGSM, PGD_SAT, PGD_TRADES, CW-inf, AutoAttack) per checkpoint.",
+    )
     src = p.add_argument_group("what to evaluate (one of)")
     what = src.add_mutually_exclusive_group(required=True)
-    what.add_argument("--run", metavar="RUN_DIR",
-                      help="a training run: evaluates RUN_DIR/best.pt and RUN_DIR/last.pt (those present), "
-                           "architecture from RUN_DIR/config.json key 'student' (under torchrun: --run-dir)")
+    what.add_argument(
+        "--run",
+        metavar="RUN_DIR",
+        help="a training run: evaluates RUN_DIR/best.pt and RUN_DIR/last.pt (those present), "
+        "architecture from RUN_DIR/config.json key 'student' (under torchrun: --run-dir)",
+    )
     # --run-dir and --n-images: the same flags under torchrun, whose own parser takes --run and --n for
     # abbreviations of its --run-path and --nnodes/--nproc-per-node/... and stops with "ambiguous option"
     what.add_argument("--run-dir", dest="run", metavar="RUN_DIR", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    what.add_argument("--ckpt", metavar="PATH", help="one checkpoint file (needs --arch), e.g. TRADES' "
-                                                     "model_cifar_wrn.pt with --arch wrn34-10")
-    src.add_argument("--arch", help=f"architecture of --ckpt ({', '.join(ARCHS)}); with "
-                                    "--run it must agree with config.json")
+    what.add_argument(
+        "--ckpt",
+        metavar="PATH",
+        help="one checkpoint file (needs --arch), e.g. TRADES' model_cifar_wrn.pt with --arch wrn34-10",
+    )
+    src.add_argument(
+        "--arch", help=f"architecture of --ckpt ({', '.join(ARCHS)}); with --run it must agree with config.json"
+    )
 
     g = p.add_argument_group("evaluation")
-    g.add_argument("--attacks", type=_attack_list, default=list(ATTACKS),
-                   help=f"comma-separated subset of {','.join(ATTACKS)} (default: all)")
-    g.add_argument("--n", type=integer(1), default=DefaultN(10000),
-                   help="evaluate the first N test images (default 10000, or the whole test set when it is "
-                        "smaller; an explicit N larger than the test set is an error; under torchrun: --n-images)")
+    g.add_argument(
+        "--attacks",
+        type=_attack_list,
+        default=list(ATTACKS),
+        help=f"comma-separated subset of {','.join(ATTACKS)} (default: all)",
+    )
+    g.add_argument(
+        "--n",
+        type=integer(1),
+        default=DefaultN(10000),
+        help="evaluate the first N test images (default 10000, or the whole test set when it is "
+        "smaller; an explicit N larger than the test set is an error; under torchrun: --n-images)",
+    )
     g.add_argument("--n-images", dest="n", type=integer(1), default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    g.add_argument("--batch-size", type=integer(1), default=250,
-                   help="images per batch, for every attack (default 250, AutoAttack's default)")
+    g.add_argument(
+        "--batch-size",
+        type=integer(1),
+        default=250,
+        help="images per batch, for every attack (default 250, AutoAttack's default)",
+    )
     g.add_argument("--device", default=None, help="auto (default: cuda if available), cpu, cuda, cuda:N")
     g.add_argument("--seed", type=integer(0), default=0, help="seed of every random start and of AutoAttack")
     g.add_argument("--data", default="./data", help="folder holding cifar-10-batches-py/ (default ./data)")
     g.add_argument("--no-download", action="store_true", help="never try to download CIFAR-10")
-    g.add_argument("--eps", type=fraction, default=8 / 255,
-                   help="l_inf radius of every attack, in [0, 1]; fractions like 8/255 accepted (default 8/255)")
-    g.add_argument("--out", help="folder for eval.json and eval.md (default: the run dir, or the checkpoint's "
-                                 "folder)")
-    g.add_argument("--tolerance", type=nonneg, default=0.5,
-                   help="accuracy points by which Clean >= FGSM >= PGD >= AA may be broken before it is "
-                        "flagged (default 0.5)")
-    g.add_argument("--allow-tf32", action="store_true",
-                   help="allow TF32 convolutions/matmuls on CUDA (default: strict fp32, as training's default; "
-                        "recorded in eval.json)")
+    g.add_argument(
+        "--eps",
+        type=fraction,
+        default=8 / 255,
+        help="l_inf radius of every attack, in [0, 1]; fractions like 8/255 accepted (default 8/255)",
+    )
+    g.add_argument("--out", help="folder for eval.json and eval.md (default: the run dir, or the checkpoint's folder)")
+    g.add_argument(
+        "--tolerance",
+        type=nonneg,
+        default=0.5,
+        help="accuracy points by which Clean >= FGSM >= PGD >= AA may be broken before it is flagged (default 0.5)",
+    )
+    g.add_argument(
+        "--allow-tf32",
+        action="store_true",
+        help="allow TF32 convolutions/matmuls on CUDA (default: strict fp32, as training's default; "
+        "recorded in eval.json)",
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--verbose", action="store_true", help="print AutoAttack's progress lines")
 
@@ -123,14 +159,26 @@ def build_parser() -> argparse.ArgumentParser:
     for e in EVAL_ATTACKS.values():
         for hp in e.flags:
             kind, what = hparam_flags[hp]
-            a.add_argument(f"--{e.flag_prefix}-{hp}", dest=_flag_dest(e, hp), default=e.default(hp), **kind,
-                           help=f"{e.column} {what} ({fmt_value(e.default(hp))}; {e.source})")
-    a.add_argument("--init-std", type=nonneg, default=INIT_STD,
-                   help=f"std of a 'normal' start, x + init_std*N(0,1) ({fmt_value(INIT_STD)}, TRADES/RSLAD)")
+            a.add_argument(
+                f"--{e.flag_prefix}-{hp}",
+                dest=_flag_dest(e, hp),
+                default=e.default(hp),
+                **kind,
+                help=f"{e.column} {what} ({fmt_value(e.default(hp))}; {e.source})",
+            )
+    a.add_argument(
+        "--init-std",
+        type=nonneg,
+        default=INIT_STD,
+        help=f"std of a 'normal' start, x + init_std*N(0,1) ({fmt_value(INIT_STD)}, TRADES/RSLAD)",
+    )
 
     s = p.add_argument_group("sanity check")
-    s.add_argument("--sanity", action="store_true",
-                   help="also run PGD with a huge eps, which must leave accuracy at or below chance")
+    s.add_argument(
+        "--sanity",
+        action="store_true",
+        help="also run PGD with a huge eps, which must leave accuracy at or below chance",
+    )
     s.add_argument("--sanity-eps", type=fraction, default=1.0, help="its eps (1.0)")
     s.add_argument("--sanity-alpha", type=nonneg, default=0.1, help="its step size (0.1)")
     s.add_argument("--sanity-steps", type=integer(1), default=20, help="its steps (20)")
@@ -138,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------- plan: validate, no work yet
+
 
 def _read_run(run_dir: Path, arch_flag):
     """A training run's checkpoints (rows of the table) and notes on those missing; only the keys of
@@ -148,8 +197,10 @@ def _read_run(run_dir: Path, arch_flag):
         raise UserError(f"run dir {run_dir}: not a directory")
     cfg_path = run_dir / CONFIG
     if not cfg_path.is_file():
-        raise UserError(f"run dir {run_dir}: no {CONFIG} (the training run's resolved config); pass the "
-                        f"checkpoint with --ckpt PATH --arch NAME instead")
+        raise UserError(
+            f"run dir {run_dir}: no {CONFIG} (the training run's resolved config); pass the "
+            f"checkpoint with --ckpt PATH --arch NAME instead"
+        )
     config = read_config_file(cfg_path)
     if not isinstance(config.get("student"), str):
         raise UserError(f"{cfg_path}: no 'student' architecture name in it")
@@ -160,8 +211,11 @@ def _read_run(run_dir: Path, arch_flag):
     if not ckpts:
         raise UserError(f"run dir {run_dir}: no checkpoint ({' or '.join(RUN_CHECKPOINTS)}) in it")
     method = config.get("method") if isinstance(config.get("method"), str) else None
-    notes = [f"{name} not in {run_dir}; evaluated {', '.join(p.name for p in ckpts)} only"
-             for name in RUN_CHECKPOINTS if not (run_dir / name).is_file()]
+    notes = [
+        f"{name} not in {run_dir}; evaluated {', '.join(p.name for p in ckpts)} only"
+        for name in RUN_CHECKPOINTS
+        if not (run_dir / name).is_file()
+    ]
     return [{"label": p.stem, "path": p, "arch": arch, "method": method} for p in ckpts], notes
 
 
@@ -188,8 +242,14 @@ def make_plan(args) -> dict:
 
 def build_attacks(args, log=None) -> dict:
     """name -> attack object for the names in --attacks, with the flags' hyperparameters."""
-    settings = {"eps": args.eps, "init_std": args.init_std, "seed": args.seed, "batch_size": args.batch_size,
-                "log": log, "verbose": args.verbose}
+    settings = {
+        "eps": args.eps,
+        "init_std": args.init_std,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "log": log,
+        "verbose": args.verbose,
+    }
     made = {}
     for name in args.attacks:
         e = EVAL_ATTACKS[name]
@@ -219,8 +279,9 @@ def _load(args, log, dist):
     attacks = build_attacks(args, log=log)
     sanity = None
     if args.sanity:
-        sanity = PGD(eps=args.sanity_eps, alpha=args.sanity_alpha, steps=args.sanity_steps, start="uniform",
-                     name="sanity")
+        sanity = PGD(
+            eps=args.sanity_eps, alpha=args.sanity_alpha, steps=args.sanity_steps, start="uniform", name="sanity"
+        )
     # every checkpoint loads (or fails) before any attack runs
     models = [load_checkpoint_into(build(row["arch"]), row["path"], row["arch"]).eval() for row in plan["rows"]]
     images, labels = load_cifar10(args.data, train=False, download=False if args.no_download else "auto")
@@ -229,8 +290,10 @@ def _load(args, log, dist):
     if args.n > len(labels):
         if not isinstance(args.n, DefaultN):
             raise UserError(f"--n {args.n} exceeds the {len(labels)} test images in {args.data}")
-        plan["notes"].append(f"the test set in {args.data} holds {len(labels)} images, fewer than the default "
-                             f"--n {args.n}: the whole test set is evaluated")
+        plan["notes"].append(
+            f"the test set in {args.data} holds {len(labels)} images, fewer than the default "
+            f"--n {args.n}: the whole test set is evaluated"
+        )
     return plan, device, attacks, sanity, models, images, labels
 
 
@@ -265,8 +328,13 @@ def run(args, argv=None, dist=None) -> dict:
     per_model = (len(attacks) + ("clean" not in attacks) + (sanity is not None)) * n_batches
     rows = []
     try:
-        with tqdm(total=per_model * len(models), unit="batch", file=sys.stderr,
-                  disable=args.no_progress or not dist.is_main, dynamic_ncols=True) as bar:
+        with tqdm(
+            total=per_model * len(models),
+            unit="batch",
+            file=sys.stderr,
+            disable=args.no_progress or not dist.is_main,
+            dynamic_ncols=True,
+        ) as bar:
             bar_holder["bar"] = bar
             done = {}  # weights fingerprint -> (label, results): best.pt is often last.pt, attacked once
             for row, model in zip(plan["rows"], models):
@@ -276,12 +344,27 @@ def run(args, argv=None, dist=None) -> dict:
                     plan["notes"].append(f"{row['label']} holds the same weights as {first}: evaluated once")
                     bar.update(per_model)
                 else:
-                    res = evaluate_model(model, images, labels, attacks, batch_size=args.batch_size,
-                                         device=device, seed=args.seed, bar=bar, sanity=sanity,
-                                         label=row["label"], dist=dist)
+                    res = evaluate_model(
+                        model,
+                        images,
+                        labels,
+                        attacks,
+                        batch_size=args.batch_size,
+                        device=device,
+                        seed=args.seed,
+                        bar=bar,
+                        sanity=sanity,
+                        label=row["label"],
+                        dist=dist,
+                    )
                     done[key] = (row["label"], res)
-                entry = {"label": row["label"], "checkpoint": str(row["path"]), "arch": row["arch"],
-                         "method": row["method"], **summarize(res, attacks, args.tolerance)}
+                entry = {
+                    "label": row["label"],
+                    "checkpoint": str(row["path"]),
+                    "arch": row["arch"],
+                    "method": row["method"],
+                    **summarize(res, attacks, args.tolerance),
+                }
                 if sanity is not None:
                     with torch.no_grad():
                         classes = model.eval()(images[:1].to(device).float().div(255)).shape[1]
@@ -293,9 +376,20 @@ def run(args, argv=None, dist=None) -> dict:
         restore_tf32(saved_tf32)
         bar_holder.pop("bar", None)
 
-    return eval_report.build(args=args, argv=argv, attacks=attacks, sanity=sanity, rows=rows, n=n, device=device,
-                             world_size=dist.world_size, started=started, seconds=time.perf_counter() - t0,
-                             out=plan["out"], notes=plan["notes"])
+    return eval_report.build(
+        args=args,
+        argv=argv,
+        attacks=attacks,
+        sanity=sanity,
+        rows=rows,
+        n=n,
+        device=device,
+        world_size=dist.world_size,
+        started=started,
+        seconds=time.perf_counter() - t0,
+        out=plan["out"],
+        notes=plan["notes"],
+    )
 
 
 def main(argv=None) -> int:
@@ -324,8 +418,10 @@ def _main(args, argv, dist) -> int:
             print(f"WARNING {r['label']}: {w}")
         if "sanity" in r:
             s = r["sanity"]
-            print(f"sanity {r['label']}: PGD eps {s['eps']:g} -> {s['accuracy']:.2f}% "
-                  f"({'ok' if s['ok'] else 'ABOVE CHANCE'}, chance {s['chance']:.2f}%)")
+            print(
+                f"sanity {r['label']}: PGD eps {s['eps']:g} -> {s['accuracy']:.2f}% "
+                f"({'ok' if s['ok'] else 'ABOVE CHANCE'}, chance {s['chance']:.2f}%)"
+            )
     for note in report["notes"]:
         print(f"note: {note}")
     print(f"wrote {json_path} and {md_path}")
@@ -334,4 +430,5 @@ def _main(args, argv, dist) -> int:
 
 if __name__ == "__main__":
     from rslad_fast.engine.dist import exit_process
+
     exit_process(main())  # torchrun: see exit_process

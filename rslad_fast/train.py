@@ -32,6 +32,7 @@ Every setting resolves as: the command line, else the preset, else the method's 
 HPARAMS and SCHEDULE, cited in rslad_fast/methods/<method>.py). The values of this file are below, each
 documented once, next to it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,10 +51,10 @@ from rslad_fast.engine.config import Preset
 # first gradient, the engine clamps after the first step (the first gradient is taken at most eps outside the
 # image box; every later iterate is identical in form).
 EVAL_ATTACK = dict(
-    eps=8 / 255,        # l_inf radius, inputs in [0, 1]                     (RSLAD: epsilon=8.0/255.0)
-    alpha=0.003,        # step size per iteration, same unit                 (RSLAD: step_size=0.003)
-    steps=20,           # iterations                                         (RSLAD: attack_iters=20)
-    start="uniform",    # x + U(-eps, eps)                                   (RSLAD: uniform_(-epsilon, epsilon))
+    eps=8 / 255,  # l_inf radius, inputs in [0, 1]                     (RSLAD: epsilon=8.0/255.0)
+    alpha=0.003,  # step size per iteration, same unit                 (RSLAD: step_size=0.003)
+    steps=20,  # iterations                                         (RSLAD: attack_iters=20)
+    start="uniform",  # x + U(-eps, eps)                                   (RSLAD: uniform_(-epsilon, epsilon))
 )
 
 # ---- 2. Presets ----------------------------------------------------------------------------------------
@@ -72,44 +73,44 @@ EVAL_ATTACK = dict(
 #   lr and weight decay of every other method) is official.
 PRESETS = {
     "paper": Preset(
-        train_n=None,              # training images: None = all 50,000
-        eval_n=1000,               # held-out test images (the first ones of the test set) evaluated per epoch
-        eval_batch_size=500,       # images per evaluation batch (memory only; results do not depend on it)
-        teacher_arch="wrn34-10",   # self-trained teacher (no --teacher): TRADES' WRN-34-10, the RSLAD teacher
+        train_n=None,  # training images: None = all 50,000
+        eval_n=1000,  # held-out test images (the first ones of the test set) evaluated per epoch
+        eval_batch_size=500,  # images per evaluation batch (memory only; results do not depend on it)
+        teacher_arch="wrn34-10",  # self-trained teacher (no --teacher): TRADES' WRN-34-10, the RSLAD teacher
     ),
     "quick": Preset(
         # Sized on this 2-core CPU (measured 2026-11-25, 2 threads, channels_last, batch 64, nothing else
         # running). A run this short is limited by its number of SGD steps, so the costly pieces are cut or
         # swapped for cheap ones and the steps kept. Per training image: TRADES ResNet-8 ~2.5 ms, RSLAD
         # mnv2 <- ResNet-8 ~26 ms (1-step attack); ~0.14 s per held-out mnv2 image for clean + PGD-20.
-        train_n=8000,              # the student's training images: the first 8,000 (16% of CIFAR-10), 125
-                                   # steps an epoch: 41.5% clean / 20.0% PGD-20 from a 25,000-image
-                                   # teacher, where 4,000 gave 36.0% / 15.0% (200 held-out images)
-        eval_n=200,                # held-out test images evaluated per epoch (clean + PGD-20)
-        eval_batch_size=200,       # images per evaluation batch
-        epochs=3,                  # the student's epochs
-        batch_size=64,             # images per SGD step (official 128): twice the steps for the same
-                                   # compute, which is what a run this short is limited by
-        attack_steps=1,            # training attack: PGD steps (official: 10), step size scaled as above
-        final_decay=True,          # lr milestones: [epochs - 1], lr x gamma (0.1) for the last epoch only
+        train_n=8000,  # the student's training images: the first 8,000 (16% of CIFAR-10), 125
+        # steps an epoch: 41.5% clean / 20.0% PGD-20 from a 25,000-image
+        # teacher, where 4,000 gave 36.0% / 15.0% (200 held-out images)
+        eval_n=200,  # held-out test images evaluated per epoch (clean + PGD-20)
+        eval_batch_size=200,  # images per evaluation batch
+        epochs=3,  # the student's epochs
+        batch_size=64,  # images per SGD step (official 128): twice the steps for the same
+        # compute, which is what a run this short is limited by
+        attack_steps=1,  # training attack: PGD steps (official: 10), step size scaled as above
+        final_decay=True,  # lr milestones: [epochs - 1], lr x gamma (0.1) for the last epoch only
         scale_epoch_hparams=True,  # `epoch_hparams` scaled by epochs / official epochs
         epoch_hparams=("begin",),  # method hyperparameters counted in epochs (IAD's warm-up length)
-        channels_last=True,        # mnv2 on this CPU: 1.75 s vs 2.19 s per forward + input gradient of 128
-                                   # images (resnet18: 2.45 vs 2.31 s, so --no-channels-last for it)
-        per_image_loss_lr=True,    # RSLAD averages its KL over the B*C logits, so its gradient is 1/C (C = 10)
-                                   # of a per-image KL's: 300 epochs absorb that, a few hundred steps do not (lr 0.1:
-                                   # 29.5% clean but 0.0% PGD-20 after 4,000 images x 3 epochs; lr 1.0 with
-                                   # weight decay 2e-5: 36.0% / 15.0%). So lr x C and weight decay / C, which
-                                   # is exactly SGD on the per-image KL at lr 0.1, weight decay 2e-4
-                                   # (tests/test_train.py checks the equivalence)
+        channels_last=True,  # mnv2 on this CPU: 1.75 s vs 2.19 s per forward + input gradient of 128
+        # images (resnet18: 2.45 vs 2.31 s, so --no-channels-last for it)
+        per_image_loss_lr=True,  # RSLAD averages its KL over the B*C logits, so its gradient is 1/C (C = 10)
+        # of a per-image KL's: 300 epochs absorb that, a few hundred steps do not (lr 0.1:
+        # 29.5% clean but 0.0% PGD-20 after 4,000 images x 3 epochs; lr 1.0 with
+        # weight decay 2e-5: 36.0% / 15.0%). So lr x C and weight decay / C, which
+        # is exactly SGD on the per-image KL at lr 0.1, weight decay 2e-4
+        # (tests/test_train.py checks the equivalence)
         # The self-trained teacher: He et al.'s CIFAR ResNet-8 (78k parameters) trained with TRADES. It
         # costs ~20x less per TRADES image than mnv2 here (2.5 vs 54 ms), so it sees 10x the images: 20,000 x
         # 4 epochs in ~3.5 minutes. Measured: 10,000 x 4 epochs gave 41.5% clean / 20.0% PGD-20, 25,000 x 4
         # gave 46.5% / 20.0%, widths 32/64/128 (4x the parameters, 2.7x the time) 41.0% / 21.0%, a 2-step
         # attack 39.0% / 21.5%; an mnv2 teacher (4,000 x 3 epochs, ~11 minutes) reached 21.0% / 13.0%.
         teacher_arch="resnet8",
-        teacher_train_n=20000,     # the teacher's training images (an explicit --train-n sizes both runs)
-        teacher_epochs=4,          # the teacher's epochs (its lr decays for the last one, as above)
+        teacher_train_n=20000,  # the teacher's training images (an explicit --train-n sizes both runs)
+        teacher_epochs=4,  # the teacher's epochs (its lr decays for the last one, as above)
     ),
 }
 
@@ -150,75 +151,131 @@ def build_parser() -> argparse.ArgumentParser:
     from rslad_fast import methods
     from rslad_fast.models import ARCHS
 
-    p = Parser(prog="python -m rslad_fast.train", description=__doc__.split("\n\n")[0],
-                epilog="Examples:\n" + __doc__.split("\n\n", 1)[1].split("\n\nData:")[0],
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(
+        prog="python -m rslad_fast.train",
+        description=__doc__.split("\n\n")[0],
+        epilog="Examples:\n" + __doc__.split("\n\n", 1)[1].split("\n\nData:")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     g = p.add_argument_group("what to train")
     g.add_argument("--student", help=f"architecture to train: {', '.join(ARCHS)} (default resnet18)")
     g.add_argument("--method", help=f"training method: {', '.join(methods.names())} (default rslad)")
-    g.add_argument("--teacher", metavar="PATH",
-                   help="teacher checkpoint for distillation methods (a state dict, or one inside {'state_dict': "
-                        "...}, {'model': ...}, {'net': ...} (ARD) or {'model_state_dict': ...}, e.g. TRADES' "
-                        "model_cifar_wrn.pt or a run's last.pt). Without it the run first trains its own teacher "
-                        "with TRADES in RUN_DIR/teacher/")
-    g.add_argument("--teacher-arch", help="the teacher's architecture (default wrn34-10; for a self-trained "
-                                          "teacher the preset's: " + _per_preset("teacher_arch") + ")")
-    g.add_argument("--preset", choices=tuple(PRESETS), help="paper (default): the method's official settings; "
-                                                            "quick: a CPU-sized run, see rslad_fast/train.py")
+    g.add_argument(
+        "--teacher",
+        metavar="PATH",
+        help="teacher checkpoint for distillation methods (a state dict, or one inside {'state_dict': "
+        "...}, {'model': ...}, {'net': ...} (ARD) or {'model_state_dict': ...}, e.g. TRADES' "
+        "model_cifar_wrn.pt or a run's last.pt). Without it the run first trains its own teacher "
+        "with TRADES in RUN_DIR/teacher/",
+    )
+    g.add_argument(
+        "--teacher-arch",
+        help="the teacher's architecture (default wrn34-10; for a self-trained "
+        "teacher the preset's: " + _per_preset("teacher_arch") + ")",
+    )
+    g.add_argument(
+        "--preset",
+        choices=tuple(PRESETS),
+        help="paper (default): the method's official settings; quick: a CPU-sized run, see rslad_fast/train.py",
+    )
     g = p.add_argument_group("data and output")
     g.add_argument("--data", metavar="DIR", help="folder holding cifar-10-batches-py/ (default ./data)")
-    g.add_argument("--train-n", type=int, help="use the first N training images, for the student and a "
-                                              "self-trained teacher (default: preset; paper all)")
-    g.add_argument("--eval-n", type=int, help="held-out test images (the first N) evaluated with clean and "
-                                              f"PGD-20 accuracy after every epoch (default: {_per_preset('eval_n')}, "
-                                              "or the whole test set when it is smaller; an explicit N larger "
-                                              "than the test set is an error)")
-    g.add_argument("--out", metavar="RUN_DIR",
-                   help="run directory (default runs/<method>-<student>-<preset>-seed<seed>)")
+    g.add_argument(
+        "--train-n",
+        type=int,
+        help="use the first N training images, for the student and a self-trained teacher (default: preset; paper all)",
+    )
+    g.add_argument(
+        "--eval-n",
+        type=int,
+        help="held-out test images (the first N) evaluated with clean and "
+        f"PGD-20 accuracy after every epoch (default: {_per_preset('eval_n')}, "
+        "or the whole test set when it is smaller; an explicit N larger "
+        "than the test set is an error)",
+    )
+    g.add_argument(
+        "--out", metavar="RUN_DIR", help="run directory (default runs/<method>-<student>-<preset>-seed<seed>)"
+    )
     g.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
-    g.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt, with its "
-                                                       "config.json (no other settings allowed)")
+    g.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its last.pt, with its config.json (no other settings allowed)",
+    )
     g.add_argument("--no-download", action="store_true", help="never try to download CIFAR-10")
     g = p.add_argument_group("optimization (default: the method's official schedule)")
     g.add_argument("--epochs", type=int, help="training epochs")
-    g.add_argument("--batch-size", type=int, help="images per SGD step and process: under torchrun the global "
-                                                  "batch is this x WORLD_SIZE")
-    g.add_argument("--lr", type=number, help="initial learning rate, used as given whatever the number of "
-                                              "processes (not scaled with the global batch)")
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        help="images per SGD step and process: under torchrun the global batch is this x WORLD_SIZE",
+    )
+    g.add_argument(
+        "--lr",
+        type=number,
+        help="initial learning rate, used as given whatever the number of processes (not scaled with the global batch)",
+    )
     g.add_argument("--momentum", type=number, help="SGD momentum")
     g.add_argument("--weight-decay", type=number, help="L2 weight decay (SGD weight_decay)")
-    g.add_argument("--milestones", type=milestones, help="comma-separated 0-based epochs at which lr *= gamma "
-                                                          "(MultiStepLR), or 'none'")
+    g.add_argument(
+        "--milestones",
+        type=milestones,
+        help="comma-separated 0-based epochs at which lr *= gamma (MultiStepLR), or 'none'",
+    )
     g.add_argument("--gamma", type=number, help="lr decay factor at each milestone")
     g = p.add_argument_group("execution")
     g.add_argument("--seed", type=int, help="seed of every random stream (default 0)")
     g.add_argument("--device", help="auto (default: cuda if available), cpu, cuda, cuda:N")
     g.add_argument("--loader", choices=("torch", "dali"), help="training data loader (default torch; dali: CUDA only)")
-    g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's default; recorded, and "
-                                               "reused on resume for bitwise reproducibility)")
-    g.add_argument("--amp", choices=("fp32", "bf16"), help="training precision (default fp32; bf16: autocast of the "
-                   "student's and teacher's passes with fp32 master weights, for GPUs with bf16 units; "
-                   "evaluation always runs in fp32)")
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="channels_last memory format for the models and batches (default: quick on, paper off; "
-                        "faster for mnv2 on the CPU and for bf16 on GPUs)")
-    g.add_argument("--allow-tf32", action="store_true", default=None,
-                   help="CUDA: allow TF32 convolutions and matmuls in training and its per-epoch evaluation "
-                        "(default: strict fp32, as `evaluate`'s default; recorded in config.json)")
-    g.add_argument("--sync-bn", action="store_true", default=None,
-                   help="under torchrun: SyncBatchNorm, batch statistics over all processes (CUDA only); default: "
-                        "BatchNorm per process, as single-GPU training")
-    g.add_argument("--teacher-cache", choices=("auto", "on", "off"),
-                   help="distillation: keep the frozen teacher's fp32 logits of each augmented view (image x crop x "
-                        "flip, 162 per image) on the training device, so each view goes through the teacher once "
-                        "per run instead of once per epoch (the full set: 324 MB). auto (default): on for "
-                        + " and ".join(n for n in methods.names() if methods.get(n).TEACHER_CACHE_AUTO)
-                        + ", whose teacher sees only the natural batch, where it fits in memory; on: also for "
-                          "iad (its T(x) part; T(x') is never cached), an error where it does not fit")
+    g.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads (default: torch's default; recorded, and reused on resume for bitwise reproducibility)",
+    )
+    g.add_argument(
+        "--amp",
+        choices=("fp32", "bf16"),
+        help="training precision (default fp32; bf16: autocast of the "
+        "student's and teacher's passes with fp32 master weights, for GPUs with bf16 units; "
+        "evaluation always runs in fp32)",
+    )
+    g.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="channels_last memory format for the models and batches (default: quick on, paper off; "
+        "faster for mnv2 on the CPU and for bf16 on GPUs)",
+    )
+    g.add_argument(
+        "--allow-tf32",
+        action="store_true",
+        default=None,
+        help="CUDA: allow TF32 convolutions and matmuls in training and its per-epoch evaluation "
+        "(default: strict fp32, as `evaluate`'s default; recorded in config.json)",
+    )
+    g.add_argument(
+        "--sync-bn",
+        action="store_true",
+        default=None,
+        help="under torchrun: SyncBatchNorm, batch statistics over all processes (CUDA only); default: "
+        "BatchNorm per process, as single-GPU training",
+    )
+    g.add_argument(
+        "--teacher-cache",
+        choices=("auto", "on", "off"),
+        help="distillation: keep the frozen teacher's fp32 logits of each augmented view (image x crop x "
+        "flip, 162 per image) on the training device, so each view goes through the teacher once "
+        "per run instead of once per epoch (the full set: 324 MB). auto (default): on for "
+        + " and ".join(n for n in methods.names() if methods.get(n).TEACHER_CACHE_AUTO)
+        + ", whose teacher sees only the natural batch, where it fits in memory; on: also for "
+        "iad (its T(x) part; T(x') is never cached), an error where it does not fit",
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    g = p.add_argument_group("method hyperparameters (default: the chosen method's official value; a flag the "
-                             "chosen method does not have is an error)")
+    g = p.add_argument_group(
+        "method hyperparameters (default: the chosen method's official value; a flag the "
+        "chosen method does not have is an error)"
+    )
     for key, per_method in _method_hparams().items():
         defaults = [hp.default for hp in per_method.values()]
         first = per_method.get("rslad") or next(iter(per_method.values()))
@@ -253,11 +310,23 @@ def resolve_config(args: argparse.Namespace):
         train_n = cfg.train_n
         if args.train_n is None and preset.teacher_train_n is not None:
             train_n = preset.teacher_train_n
-        tcli = dict(student=cfg.teacher["arch"], method="trades", hparams={}, data=cfg.data, seed=cfg.seed,
-                    device=cfg.device, loader=cfg.loader, threads=cfg.threads, train_n=train_n,
-                    epochs=preset.teacher_epochs,
-                    eval_n=cfg.eval_n, amp=cfg.amp, channels_last=cfg.channels_last, allow_tf32=cfg.allow_tf32,
-                    sync_bn=cfg.sync_bn)
+        tcli = dict(
+            student=cfg.teacher["arch"],
+            method="trades",
+            hparams={},
+            data=cfg.data,
+            seed=cfg.seed,
+            device=cfg.device,
+            loader=cfg.loader,
+            threads=cfg.threads,
+            train_n=train_n,
+            epochs=preset.teacher_epochs,
+            eval_n=cfg.eval_n,
+            amp=cfg.amp,
+            channels_last=cfg.channels_last,
+            allow_tf32=cfg.allow_tf32,
+            sync_bn=cfg.sync_bn,
+        )
         cfg.teacher_run = resolve(tcli, preset_name, preset, EVAL_ATTACK).to_dict()
         cfg.teacher_run["versions"] = cfg.versions
     return cfg
@@ -274,14 +343,20 @@ def _on_sigterm(signum, frame):
 
 def _stop_status(e: KeyboardInterrupt) -> tuple:
     """(what happened, exit status): 128 + the signal number, as a shell reports a process it ended."""
-    return ("terminated (SIGTERM)", 128 + signal.SIGTERM) if isinstance(e, Terminated) else \
-        ("interrupted", 128 + signal.SIGINT)
+    return (
+        ("terminated (SIGTERM)", 128 + signal.SIGTERM)
+        if isinstance(e, Terminated)
+        else ("interrupted", 128 + signal.SIGINT)
+    )
 
 
 def _settings_given(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list:
     """The flags of run settings that the command line gave (any value but the flag's default)."""
-    return [a.option_strings[0] for a in parser._actions
-            if a.option_strings and a.dest not in RUN_OPTIONS and getattr(args, a.dest, a.default) != a.default]
+    return [
+        a.option_strings[0]
+        for a in parser._actions
+        if a.option_strings and a.dest not in RUN_OPTIONS and getattr(args, a.dest, a.default) != a.default
+    ]
 
 
 def main(argv=None) -> int:
@@ -323,8 +398,11 @@ def _check(args, dist, given):
         run_dir = Path(args.out or f"runs/{cfg.method}-{cfg.student}-{cfg.preset}-seed{cfg.seed}")
         check_out_dir(run_dir, args.overwrite)
     dist.device(cfg.device)  # torchrun: one GPU per local rank
-    prep = prepare(cfg, download=False if args.no_download else "auto",  # all checks; writes nothing
-                   eval_n_given=bool(args.resume) or args.eval_n is not None)
+    prep = prepare(
+        cfg,
+        download=False if args.no_download else "auto",  # all checks; writes nothing
+        eval_n_given=bool(args.resume) or args.eval_n is not None,
+    )
     return run_dir, cfg, prep
 
 
@@ -368,14 +446,17 @@ def _train(args, dist, run_dir, cfg, prep) -> int:
             teacher = cfg.teacher and (cfg.teacher.get("path") or f"self-trained {cfg.teacher['arch']} (TRADES)")
             batch = f"batch {cfg.batch_size}"
             if dist.launched:
-                batch += f" x {dist.world_size} processes = {cfg.batch_size * dist.world_size}" + \
-                         (", SyncBatchNorm" if cfg.sync_bn else ", BatchNorm per process")
-            print(f"{'resume' if args.resume else 'run'} {run_dir}: {cfg.method} {cfg.student}, preset "
-                  f"{cfg.preset}, {cfg.epochs} epochs, {batch}, lr {cfg.lr:g} "
-                  f"(x{cfg.gamma:g} at {cfg.milestones}), wd {cfg.weight_decay:g}, train images "
-                  f"{len(prep.train[0])}, eval {cfg.eval_n}, device {cfg.device}, {cfg.threads} threads, {cfg.amp}"
-                  f"{', channels_last' if cfg.channels_last else ''}"
-                  + (f", teacher {teacher}" if teacher else ""), flush=True)
+                batch += f" x {dist.world_size} processes = {cfg.batch_size * dist.world_size}" + (
+                    ", SyncBatchNorm" if cfg.sync_bn else ", BatchNorm per process"
+                )
+            print(
+                f"{'resume' if args.resume else 'run'} {run_dir}: {cfg.method} {cfg.student}, preset "
+                f"{cfg.preset}, {cfg.epochs} epochs, {batch}, lr {cfg.lr:g} "
+                f"(x{cfg.gamma:g} at {cfg.milestones}), wd {cfg.weight_decay:g}, train images "
+                f"{len(prep.train[0])}, eval {cfg.eval_n}, device {cfg.device}, {cfg.threads} threads, {cfg.amp}"
+                f"{', channels_last' if cfg.channels_last else ''}" + (f", teacher {teacher}" if teacher else ""),
+                flush=True,
+            )
         summary = run(prep, run_dir, dist=dist, progress=not args.no_progress)
     except WriteError as e:  # disk full, a folder turned read-only: rank 0's writes; torchrun stops the others
         print_error(f"{e}; once that is fixed, continue with: python -m rslad_fast.train --resume {run_dir}")
@@ -386,8 +467,10 @@ def _train(args, dist, run_dir, cfg, prep) -> int:
         print_error(e)
         return 2
     except OSError as e:  # any other file-system failure (every checkpoint write is atomic: nothing is torn)
-        print_error(f"{e.filename or run_dir}: {e.strerror or e}; once that is fixed, continue with: "
-                    f"python -m rslad_fast.train --resume {run_dir}")
+        print_error(
+            f"{e.filename or run_dir}: {e.strerror or e}; once that is fixed, continue with: "
+            f"python -m rslad_fast.train --resume {run_dir}"
+        )
         return 2
     except Diverged as e:  # the epoch's loss is all-reduced: every rank diverges together; one says it
         if dist.is_main:
@@ -399,12 +482,15 @@ def _train(args, dist, run_dir, cfg, prep) -> int:
             print(f"\n{what}; continue with: python -m rslad_fast.train --resume {run_dir}", file=sys.stderr)
         return status
     if dist.is_main and summary:
-        print(f"done {run_dir}: clean {100 * summary.get('clean_acc', float('nan')):.2f}%, PGD-20 "
-              f"{100 * summary.get('pgd20_acc', float('nan')):.2f}% on {cfg.eval_n} held-out test images "
-              f"(best PGD-20 {100 * summary['best_acc']:.2f}%)")
+        print(
+            f"done {run_dir}: clean {100 * summary.get('clean_acc', float('nan')):.2f}%, PGD-20 "
+            f"{100 * summary.get('pgd20_acc', float('nan')):.2f}% on {cfg.eval_n} held-out test images "
+            f"(best PGD-20 {100 * summary['best_acc']:.2f}%)"
+        )
     return 0
 
 
 if __name__ == "__main__":
     from rslad_fast.engine.dist import exit_process
+
     exit_process(main())  # torchrun: see exit_process

@@ -3,6 +3,7 @@ baseline row (the eager reference), all measured side by side in the same run.
 
     python scripts/bench_summary.py benchmarks.json [--json summary.json] [--md summary.md]
 """
+
 import argparse
 import json
 import sys
@@ -17,9 +18,16 @@ def summarise(data):
     for bench in data["benchmarks"]:
         info = bench.get("extra_info", {})
         groups[bench.get("group") or bench["name"]].append(
-            {"name": bench["name"], "impl": info.get("impl", bench["name"]), "median_s": bench["stats"]["median"],
-             "iqr_s": bench["stats"]["iqr"], "rounds": bench["stats"]["rounds"],
-             "images_per_s": info.get("images_per_s"), "extra": info})
+            {
+                "name": bench["name"],
+                "impl": info.get("impl", bench["name"]),
+                "median_s": bench["stats"]["median"],
+                "iqr_s": bench["stats"]["iqr"],
+                "rounds": bench["stats"]["rounds"],
+                "images_per_s": info.get("images_per_s"),
+                "extra": info,
+            }
+        )
     out = []
     for group, rows in groups.items():
         base = next((r for b in BASELINES for r in rows if r["impl"] == b), None)
@@ -28,16 +36,28 @@ def summarise(data):
         out.append({"group": group, "baseline": base["impl"] if base else None, "rows": rows})
     machine = data.get("machine_info", {})
     first = data["benchmarks"][0]["extra_info"] if data["benchmarks"] else {}
-    return {"device": first.get("device"), "torch": first.get("torch"), "commit": first.get("commit"),
-            "datetime": data.get("datetime"), "cpu": machine.get("cpu", {}).get("brand_raw"), "groups": out}
+    return {
+        "device": first.get("device"),
+        "torch": first.get("torch"),
+        "commit": first.get("commit"),
+        "datetime": data.get("datetime"),
+        "cpu": machine.get("cpu", {}).get("brand_raw"),
+        "groups": out,
+    }
 
 
 def markdown(summary):
-    lines = [f"Device: {summary['device']}; torch {summary['torch']}; commit {summary['commit']}; "
-             f"{summary['datetime']}", ""]
+    lines = [
+        f"Device: {summary['device']}; torch {summary['torch']}; commit {summary['commit']}; {summary['datetime']}",
+        "",
+    ]
     for g in summary["groups"]:
-        lines += [f"### {g['group']}", "", "| impl | median | speed-up vs " + str(g["baseline"]) + " | img/s |",
-                  "|---|---|---|---|"]
+        lines += [
+            f"### {g['group']}",
+            "",
+            "| impl | median | speed-up vs " + str(g["baseline"]) + " | img/s |",
+            "|---|---|---|---|",
+        ]
         for r in g["rows"]:
             sp = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
             ips = f"{r['images_per_s']:.0f}" if r.get("images_per_s") else "-"

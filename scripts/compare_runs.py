@@ -3,6 +3,7 @@
     python scripts/compare_runs.py RUN_A RUN_B [--tolerance 0.5] [--md out.md]
 Exit 0 when both differences are within the tolerance (in accuracy points), 1 otherwise, 2 on bad input.
 """
+
 import argparse
 import json
 import os

@@ -10,6 +10,7 @@
 
 Exit status 1 on any mismatch, with the failing case printed; the JSON holds every case's worst error.
 """
+
 import argparse
 import itertools
 import json
@@ -61,18 +62,28 @@ def sweep(device, large_rows):
                 gout = torch.ones_like(out)
                 grads.append(torch.autograd.grad(out, (s, t), gout))
                 outs.append(out.detach())
-            err = max(_rel_err(outs[0], outs[1]), _rel_err(grads[0][0], grads[1][0]),
-                      _rel_err(grads[0][1], grads[1][1]))
-            case = {"op": "softmax_kl", "dtype": str(dtype), "rows": rows, "classes": classes,
-                    "reduction": reduction, "rel_err": err}
+            err = max(
+                _rel_err(outs[0], outs[1]), _rel_err(grads[0][0], grads[1][0]), _rel_err(grads[0][1], grads[1][1])
+            )
+            case = {
+                "op": "softmax_kl",
+                "dtype": str(dtype),
+                "rows": rows,
+                "classes": classes,
+                "reduction": reduction,
+                "rel_err": err,
+            }
             cases.append(case)
             if not err <= TOL[dtype]:
                 failures.append(case)
     for dtype, shape in itertools.product(DTYPES, [(1,), (513, 3, 7, 5), (large_rows, 3, 2, 2)]):
         x_nat = torch.rand(shape, generator=g).to(device, dtype)
         x_adv = (x_nat.double() + (torch.rand(shape, generator=g) - 0.5).to(device) * 0.1).to(dtype)
-        grad = torch.randn(shape, generator=g).to(device, dtype).masked_fill(
-            torch.rand(shape, generator=g).to(device) < 0.1, 0)
+        grad = (
+            torch.randn(shape, generator=g)
+            .to(device, dtype)
+            .masked_fill(torch.rand(shape, generator=g).to(device) < 0.1, 0)
+        )
         expected = reference.pgd_step_(x_adv.clone(), grad, x_nat, 8 / 255, 2 / 255)
         got = ops.pgd_step_(x_adv.clone(), grad, x_nat, 8 / 255, 2 / 255)
         case = {"op": "pgd_step_", "dtype": str(dtype), "shape": list(shape), "equal": bool(torch.equal(got, expected))}
@@ -90,7 +101,7 @@ def big_pgd(device, numel, chunk):
     g = torch.Generator(device=device).manual_seed(0)
     x_nat = torch.rand(numel, generator=g, device=device, dtype=torch.float16)
     grad = torch.randn(numel, generator=g, device=device, dtype=torch.float16)
-    x_adv = (x_nat + 0.05 * torch.randn(numel, generator=g, device=device, dtype=torch.float16))
+    x_adv = x_nat + 0.05 * torch.randn(numel, generator=g, device=device, dtype=torch.float16)
     before = x_adv.clone()
     if device != "cpu":
         torch.cuda.synchronize()
@@ -108,26 +119,42 @@ def big_pgd(device, numel, chunk):
             first_bad = lo + int((expected != x_adv[lo:hi]).nonzero()[0].item())
         mismatched += bad
     gbytes = 4 * 2 * numel / 1e9  # read x_adv, grad, x_nat, write x_adv: 4 fp16 passes
-    return {"op": "pgd_step_", "dtype": "float16", "numel": numel, "over_2^31": numel > 2 ** 31,
-            "mismatched": mismatched, "first_mismatch": first_bad, "seconds": seconds,
-            "GB_per_s": gbytes / seconds if seconds > 0 else None}
+    return {
+        "op": "pgd_step_",
+        "dtype": "float16",
+        "numel": numel,
+        "over_2^31": numel > 2**31,
+        "mismatched": mismatched,
+        "first_mismatch": first_bad,
+        "seconds": seconds,
+        "GB_per_s": gbytes / seconds if seconds > 0 else None,
+    }
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("probe", choices=("sweep", "big-pgd"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--large-rows", type=int, default=600_000,
-                   help="rows of the large case (over 65,535 blocks x 8 rows: the grid-stride path)")
-    p.add_argument("--numel", type=int, default=2 ** 31 + 4099)
-    p.add_argument("--chunk", type=int, default=2 ** 27)
+    p.add_argument(
+        "--large-rows",
+        type=int,
+        default=600_000,
+        help="rows of the large case (over 65,535 blocks x 8 rows: the grid-stride path)",
+    )
+    p.add_argument("--numel", type=int, default=2**31 + 4099)
+    p.add_argument("--chunk", type=int, default=2**27)
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     print(f"ops backend {ops.backend()}, CUDA kernels {ops.cuda_kernels_available()}, device {args.device}")
     if args.probe == "sweep":
         cases, failures = sweep(args.device, args.large_rows)
-        result = {"probe": "sweep", "device": args.device, "cases": len(cases), "failures": failures,
-                  "worst_rel_err": max((c.get("rel_err", 0.0) for c in cases), default=0.0)}
+        result = {
+            "probe": "sweep",
+            "device": args.device,
+            "cases": len(cases),
+            "failures": failures,
+            "worst_rel_err": max((c.get("rel_err", 0.0) for c in cases), default=0.0),
+        }
     else:
         r = big_pgd(args.device, args.numel, args.chunk)
         failures = [r] if r["mismatched"] else []

@@ -16,6 +16,7 @@ imports and CUDA start-up are paid once):
 Writes DIR/smoke.json and DIR/smoke.md; exit status 1 when any run failed or a graph pair disagreed.
 `--tiny`: the 5k-parameter model and a handful of images (the CPU dry run).
 """
+
 import argparse
 import json
 import os
@@ -38,9 +39,30 @@ GRAPH_RTOL = {"fp32": 1e-4, "bf16": 1e-3}
 
 def _one(args, data, teacher, out, method, amp, graph):
     run_dir = out / f"{method}-{amp}-{'graph' if graph else 'eager'}"
-    argv = ["--method", method, "--student", args.student, "--data", str(data), "--out", str(run_dir),
-            "--epochs", "1", "--batch-size", str(args.batch_size), "--train-n", str(args.train_n),
-            "--eval-n", str(args.eval_n), "--device", args.device, "--amp", amp, "--no-progress", "--overwrite"]
+    argv = [
+        "--method",
+        method,
+        "--student",
+        args.student,
+        "--data",
+        str(data),
+        "--out",
+        str(run_dir),
+        "--epochs",
+        "1",
+        "--batch-size",
+        str(args.batch_size),
+        "--train-n",
+        str(args.train_n),
+        "--eval-n",
+        str(args.eval_n),
+        "--device",
+        args.device,
+        "--amp",
+        amp,
+        "--no-progress",
+        "--overwrite",
+    ]
     if methods.get(method).needs_teacher:
         argv += ["--teacher", str(teacher), "--teacher-arch", args.teacher_arch]
     if method == "rslad":  # on: required on CUDA (an error if it cannot be used), auto (eager) on the CPU dry run
@@ -52,35 +74,85 @@ def _one(args, data, teacher, out, method, amp, graph):
         rc, error = 1, f"{type(e).__name__}: {e}"
     else:
         error = None
-    row = {"method": method, "amp": amp, "graph": graph, "rc": rc, "error": error,
-           "seconds": round(time.perf_counter() - t0, 2)}
+    row = {
+        "method": method,
+        "amp": amp,
+        "graph": graph,
+        "rc": rc,
+        "error": error,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
     metrics = run_dir / "metrics.jsonl"
     if rc == 0 and metrics.is_file():
         rec = json.loads(metrics.read_text().splitlines()[-1])
-        row.update(train_loss=rec["train_loss"], clean_acc=rec["clean_acc"], pgd20_acc=rec["pgd20_acc"],
-                   images_per_s=rec.get("images_per_s"))
+        row.update(
+            train_loss=rec["train_loss"],
+            clean_acc=rec["clean_acc"],
+            pgd20_acc=rec["pgd20_acc"],
+            images_per_s=rec.get("images_per_s"),
+        )
     print(json.dumps(row), flush=True)
     return row
 
 
 def _torchrun(args, data, teacher, out):
     run_dir = out / "torchrun-rslad"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--standalone", "-m",
-           "rslad_fast.train", "--method", "rslad", "--student", args.student, "--data", str(data),
-           "--out", str(run_dir), "--epochs", "1", "--batch-size", str(args.batch_size),
-           "--train-n", str(args.train_n), "--eval-n", str(args.eval_n), "--device", args.device,
-           "--teacher", str(teacher), "--teacher-arch", args.teacher_arch, "--no-progress", "--overwrite"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=1",
+        "--standalone",
+        "-m",
+        "rslad_fast.train",
+        "--method",
+        "rslad",
+        "--student",
+        args.student,
+        "--data",
+        str(data),
+        "--out",
+        str(run_dir),
+        "--epochs",
+        "1",
+        "--batch-size",
+        str(args.batch_size),
+        "--train-n",
+        str(args.train_n),
+        "--eval-n",
+        str(args.eval_n),
+        "--device",
+        args.device,
+        "--teacher",
+        str(teacher),
+        "--teacher-arch",
+        args.teacher_arch,
+        "--no-progress",
+        "--overwrite",
+    ]
     t0 = time.perf_counter()
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]) + os.pathsep +
-           os.environ.get("PYTHONPATH", "")}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.torchrun_timeout, env=env)
-    row = {"method": "rslad (torchrun, 1 process)", "amp": "fp32", "graph": True, "rc": done.returncode,
-           "error": done.stderr[-1500:] if done.returncode else None, "seconds": round(time.perf_counter() - t0, 2)}
+    row = {
+        "method": "rslad (torchrun, 1 process)",
+        "amp": "fp32",
+        "graph": True,
+        "rc": done.returncode,
+        "error": done.stderr[-1500:] if done.returncode else None,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
     metrics = run_dir / "metrics.jsonl"
     if done.returncode == 0 and metrics.is_file():
         rec = json.loads(metrics.read_text().splitlines()[-1])
-        row.update(train_loss=rec["train_loss"], clean_acc=rec["clean_acc"], pgd20_acc=rec["pgd20_acc"],
-                   world_size=rec.get("world_size"))
+        row.update(
+            train_loss=rec["train_loss"],
+            clean_acc=rec["clean_acc"],
+            pgd20_acc=rec["pgd20_acc"],
+            world_size=rec.get("world_size"),
+        )
     print(json.dumps(row), flush=True)
     return row
 
@@ -91,14 +163,32 @@ def _evaluate(args, data, out):
     run_dir = out / "rslad-fp32-graph"
     t0 = time.perf_counter()
     try:
-        rc = evaluate.main(["--run", str(run_dir), "--data", str(data), "--no-download", "--n", str(args.eval_n),
-                            "--device", args.device, "--no-progress"])
+        rc = evaluate.main(
+            [
+                "--run",
+                str(run_dir),
+                "--data",
+                str(data),
+                "--no-download",
+                "--n",
+                str(args.eval_n),
+                "--device",
+                args.device,
+                "--no-progress",
+            ]
+        )
     except Exception as e:  # noqa: BLE001
         rc, error = 1, f"{type(e).__name__}: {e}"
     else:
         error = None
-    row = {"method": "evaluate rslad fp32 (6 attacks)", "amp": "fp32", "graph": False, "rc": rc, "error": error,
-           "seconds": round(time.perf_counter() - t0, 2)}
+    row = {
+        "method": "evaluate rslad fp32 (6 attacks)",
+        "amp": "fp32",
+        "graph": False,
+        "rc": rc,
+        "error": error,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
     report = run_dir / "eval.json"
     if rc == 0 and report.is_file():
         r = json.loads(report.read_text())["rows"][-1]
@@ -108,13 +198,25 @@ def _evaluate(args, data, out):
 
 
 def _markdown(rows, pairs):
-    lines = ["| method | amp | graph | rc | train loss | clean | PGD-20 | img/s | s |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | amp | graph | rc | train loss | clean | PGD-20 | img/s | s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        f = lambda k, fmt: (fmt % r[k]) if r.get(k) is not None else "-"  # noqa: E731
-        lines.append(f"| {r['method']} | {r['amp']} | {'on' if r['graph'] else 'off'} | {r['rc']} | "
-                     f"{f('train_loss', '%.5f')} | {f('clean_acc', '%.3f')} | {f('pgd20_acc', '%.3f')} | "
-                     f"{f('images_per_s', '%.0f')} | {r['seconds']} |")
-    lines += ["", "| RSLAD graph on vs off | loss on | loss off | rel. difference | within GRAPH_RTOL |", "|---|---|---|---|---|"]
+
+        def f(k, fmt, r=r):
+            return (fmt % r[k]) if r.get(k) is not None else "-"
+
+        lines.append(
+            f"| {r['method']} | {r['amp']} | {'on' if r['graph'] else 'off'} | {r['rc']} | "
+            f"{f('train_loss', '%.5f')} | {f('clean_acc', '%.3f')} | {f('pgd20_acc', '%.3f')} | "
+            f"{f('images_per_s', '%.0f')} | {r['seconds']} |"
+        )
+    lines += [
+        "",
+        "| RSLAD graph on vs off | loss on | loss off | rel. difference | within GRAPH_RTOL |",
+        "|---|---|---|---|---|",
+    ]
     for p in pairs:
         lines.append(f"| {p['amp']} | {p['on']} | {p['off']} | {p['rel_diff']} | {p['ok']} |")
     for r in rows:
@@ -151,19 +253,33 @@ def main(argv=None):
                 rows.append(_one(args, data, teacher, out, method, amp, graph=False))
     pairs = []
     for amp in ("fp32", "bf16"):
-        on, off = (next((r for r in rows if r["method"] == "rslad" and r["amp"] == amp and r["graph"] == g), {})
-                   for g in (True, False))
+        on, off = (
+            next((r for r in rows if r["method"] == "rslad" and r["amp"] == amp and r["graph"] == g), {})
+            for g in (True, False)
+        )
         if "train_loss" in on and "train_loss" in off:
             rel = abs(on["train_loss"] - off["train_loss"]) / max(abs(off["train_loss"]), 1e-12)
-            pairs.append({"amp": amp, "on": on["train_loss"], "off": off["train_loss"], "rel_diff": f"{rel:.2e}",
-                          "ok": rel <= GRAPH_RTOL[amp]})
+            pairs.append(
+                {
+                    "amp": amp,
+                    "on": on["train_loss"],
+                    "off": off["train_loss"],
+                    "rel_diff": f"{rel:.2e}",
+                    "ok": rel <= GRAPH_RTOL[amp],
+                }
+            )
         else:
             pairs.append({"amp": amp, "on": None, "off": None, "rel_diff": "-", "ok": False})
     rows.append(_evaluate(args, data, out))
     if not args.no_torchrun:
         rows.append(_torchrun(args, data, teacher, out))
-    result = {"device": args.device, "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
-              "torch": torch.__version__, "rows": rows, "graph_pairs": pairs}
+    result = {
+        "device": args.device,
+        "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+        "torch": torch.__version__,
+        "rows": rows,
+        "graph_pairs": pairs,
+    }
     (out / "smoke.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "smoke.md").write_text(_markdown(rows, pairs))
     print(_markdown(rows, pairs))

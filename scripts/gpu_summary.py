@@ -5,6 +5,7 @@
 WORK_DIR is scripts/gpu_check.sh's working folder (machine.txt, stages.tsv, each stage's log, JUnit XML and
 JSON). Written after every stage, so it reads whatever is there and never fails on a missing piece.
 """
+
 import argparse
 import json
 import re
@@ -38,12 +39,26 @@ def _junit(path: Path):
         return None
     suites = [root] if root.tag == "testsuite" else list(root)
     counts = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
-    failed = [f"{c.get('classname')}::{c.get('name')}" for s in suites for c in s.iter("testcase")
-              if c.find("failure") is not None or c.find("error") is not None]
-    skip_reasons = sorted({(c.find("skipped").get("message") or "")[:120] for s in suites for c in s.iter("testcase")
-                           if c.find("skipped") is not None})
-    return {**counts, "passed": counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"],
-            "failed_tests": failed, "skip_reasons": skip_reasons}
+    failed = [
+        f"{c.get('classname')}::{c.get('name')}"
+        for s in suites
+        for c in s.iter("testcase")
+        if c.find("failure") is not None or c.find("error") is not None
+    ]
+    skip_reasons = sorted(
+        {
+            (c.find("skipped").get("message") or "")[:120]
+            for s in suites
+            for c in s.iter("testcase")
+            if c.find("skipped") is not None
+        }
+    )
+    return {
+        **counts,
+        "passed": counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"],
+        "failed_tests": failed,
+        "skip_reasons": skip_reasons,
+    }
 
 
 def summarise(work: Path) -> dict:
@@ -63,8 +78,7 @@ def summarise(work: Path) -> dict:
         # memcheck ends with "ERROR SUMMARY: N errors", racecheck with "RACECHECK SUMMARY: N hazards displayed"
         m = re.search(r"(?:ERROR|RACECHECK) SUMMARY: (\d+) (?:error|hazard)", text)
         if text:
-            out["sanitizer"][name] = {"errors": int(m.group(1)) if m else None,
-                                      "probe": _json(work / f"{name}.json")}
+            out["sanitizer"][name] = {"errors": int(m.group(1)) if m else None, "probe": _json(work / f"{name}.json")}
     for name in ("sweep", "big_pgd"):
         j = _json(work / f"{name}.json")
         if j is not None:
@@ -85,12 +99,17 @@ def summarise(work: Path) -> dict:
 
 def markdown(s: dict, work: Path) -> str:
     m = s["machine"]
-    lines = ["# GPU check", "",
-             f"- device: {m.get('gpu', '?')} ({m.get('cores', '?')} cores); {m.get('python', '')}; "
-             f"torch {m.get('torch', '?')}",
-             f"- commit {m.get('commit', '?')}, {m.get('date', '?')}, mode {m.get('mode', '?')}"
-             f"{', DRY RUN on the CPU (no GPU figures)' if m.get('dry_run') == 'yes' else ''}", "",
-             "| stage | status | s | estimate s | note |", "|---|---|---|---|---|"]
+    lines = [
+        "# GPU check",
+        "",
+        f"- device: {m.get('gpu', '?')} ({m.get('cores', '?')} cores); {m.get('python', '')}; "
+        f"torch {m.get('torch', '?')}",
+        f"- commit {m.get('commit', '?')}, {m.get('date', '?')}, mode {m.get('mode', '?')}"
+        f"{', DRY RUN on the CPU (no GPU figures)' if m.get('dry_run') == 'yes' else ''}",
+        "",
+        "| stage | status | s | estimate s | note |",
+        "|---|---|---|---|---|",
+    ]
     for st in s["stages"]:
         lines.append(f"| {st['stage']} | {st['status']} | {st['seconds']} | {st['estimate_s']} | {st['note']} |")
     for name, t in s["tests"].items():
@@ -99,17 +118,26 @@ def markdown(s: dict, work: Path) -> str:
         lines += [f"- skipped: {r}" for r in t["skip_reasons"]]
     for name, san in s["sanitizer"].items():
         probe = san.get("probe") or {}
-        lines += ["", f"**{name}**: {san['errors'] if san['errors'] is not None else '?'} sanitizer errors; "
-                      f"{probe.get('cases', '?')} op cases, {len(probe.get('failures', []))} mismatches"]
+        lines += [
+            "",
+            f"**{name}**: {san['errors'] if san['errors'] is not None else '?'} sanitizer errors; "
+            f"{probe.get('cases', '?')} op cases, {len(probe.get('failures', []))} mismatches",
+        ]
     for name, p in s["probes"].items():
         if name == "sweep":
-            lines += ["", f"**sweep** ({p.get('device')}): {p.get('cases')} op cases, {len(p.get('failures', []))} "
-                          f"mismatches, worst relative error {p.get('worst_rel_err'):.2e}"]
+            lines += [
+                "",
+                f"**sweep** ({p.get('device')}): {p.get('cases')} op cases, {len(p.get('failures', []))} "
+                f"mismatches, worst relative error {p.get('worst_rel_err'):.2e}",
+            ]
         else:
             gbps = p.get("GB_per_s")
-            lines += ["", f"**big_pgd** ({p.get('device')}): {p.get('numel')} fp16 elements "
-                          f"(past 2^31: {p.get('over_2^31')}), {p.get('mismatched')} mismatches against the reference, "
-                          f"{p.get('seconds', 0) * 1e3:.1f} ms" + (f", {gbps:.0f} GB/s" if gbps else "")]
+            lines += [
+                "",
+                f"**big_pgd** ({p.get('device')}): {p.get('numel')} fp16 elements "
+                f"(past 2^31: {p.get('over_2^31')}), {p.get('mismatched')} mismatches against the reference, "
+                f"{p.get('seconds', 0) * 1e3:.1f} ms" + (f", {gbps:.0f} GB/s" if gbps else ""),
+            ]
     smoke_md = _read(work / "smoke" / "smoke.md")
     if smoke_md:
         lines += ["", "## Training smoke (one epoch each, generated data)", "", smoke_md.rstrip()]

@@ -1,5 +1,6 @@
 """What several test files share: a fake CIFAR-10 folder, a naturally trained tiny teacher, one intra-op
 thread, a tiny model trained on given images, and the `cuda` mark's skip where no GPU is visible."""
+
 from pathlib import Path
 
 import pytest
@@ -25,10 +26,12 @@ def pytest_collection_modifyitems(config, items):
 def fake_cifar10(tmp_path_factory):
     """``fake_cifar10(n_train, n_test, seed)``: a fresh folder holding the learnable fake CIFAR-10 of
     tests/fake_cifar.py, the root to pass as ``--data``."""
+
     def make(n_train, n_test, seed):
         root = tmp_path_factory.mktemp("cifar")
         write_fake_cifar10(root, n_train=n_train, n_test=n_test, seed=seed)
         return root
+
     return make
 
 
@@ -36,12 +39,14 @@ def fake_cifar10(tmp_path_factory):
 def natural_teacher(tmp_path_factory):
     """``natural_teacher(data, *train_args)``: the last.pt (our own checkpoint format) of a natural run of
     ``train.main`` on ``data``, a teacher for the distillation runs."""
+
     def make(data, *train_args):
         from rslad_fast import train
 
         out = tmp_path_factory.mktemp("teacher") / "run"
         assert train.main(["--method", "natural", "--data", str(data), "--out", str(out), *train_args]) == 0
         return out / "last.pt"
+
     return make
 
 
@@ -49,6 +54,7 @@ def natural_teacher(tmp_path_factory):
 def train_tiny():
     """``train_tiny(x, y, steps, batch, lr)``: the tiny model (seed 0) after ``steps`` SGD steps of cross-entropy
     on seeded random batches of (x, y), and its optimizer."""
+
     def train(x, y, steps, batch, lr):
         from rslad_fast.models import build
 
@@ -63,6 +69,7 @@ def train_tiny():
             loss.backward()
             opt.step()
         return model, opt
+
     return train
 
 

@@ -1,5 +1,6 @@
 """Test-only checks of a crop/flip augmentation: a matcher that recovers the crop/flip drawn for each image,
 and a chi-square test of the drawn offsets against the uniform distribution."""
+
 import torch
 import torch.nn.functional as F
 

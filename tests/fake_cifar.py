@@ -9,6 +9,7 @@ per-pixel noise, so a tiny model separates the classes in a few optimizer steps 
 distillation code has a signal to work with), while every image is still unique (the noise), which the
 augmentation tests rely on to recover crop offsets by matching.
 """
+
 from __future__ import annotations
 
 import os
@@ -47,9 +48,21 @@ def _dump(obj, path: Path) -> None:
 def fake_images(labels: np.ndarray, rng: np.random.Generator, noise: int = 24) -> np.ndarray:
     """uint8 [N, 3, 32, 32]: colour of the class + stripes (period and direction by class) + noise."""
     n = len(labels)
-    palette = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
-                        [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [128, 128, 128]],
-                       dtype=np.float32)
+    palette = np.array(
+        [
+            [230, 25, 75],
+            [60, 180, 75],
+            [255, 225, 25],
+            [0, 130, 200],
+            [245, 130, 48],
+            [145, 30, 180],
+            [70, 240, 240],
+            [240, 50, 230],
+            [210, 245, 60],
+            [128, 128, 128],
+        ],
+        dtype=np.float32,
+    )
     yy, xx = np.mgrid[0:32, 0:32]
     img = np.empty((n, 3, 32, 32), np.float32)
     for c in range(10):
@@ -76,8 +89,21 @@ def write_fake_cifar10(root: str | os.PathLike, n_train: int = 256, n_test: int 
         labels = rng.permutation(np.arange(n) % 10)
         data = fake_images(labels, rng).reshape(n, -1)
         for name, idx in zip(names, np.array_split(np.arange(n), len(names))):
-            _dump({k("batch_label"): k(name), k("labels"): labels[idx].tolist(), k("data"): data[idx],
-                   k("filenames"): [k(f"fake_{name}_{i}.png") for i in idx]}, out / name)
-    _dump({k("num_cases_per_batch"): -(-n_train // len(TRAIN_FILES)), k("label_names"): [k(c) for c in CLASSES],
-           k("num_vis"): 3072}, out / "batches.meta")
+            _dump(
+                {
+                    k("batch_label"): k(name),
+                    k("labels"): labels[idx].tolist(),
+                    k("data"): data[idx],
+                    k("filenames"): [k(f"fake_{name}_{i}.png") for i in idx],
+                },
+                out / name,
+            )
+    _dump(
+        {
+            k("num_cases_per_batch"): -(-n_train // len(TRAIN_FILES)),
+            k("label_names"): [k(c) for c in CLASSES],
+            k("num_vis"): 3072,
+        },
+        out / "batches.meta",
+    )
     return out

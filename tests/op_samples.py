@@ -1,5 +1,6 @@
 """One source of sample inputs for the op tests: correctness, gradients and opcheck all draw from here
 (pytorch/extension-cpp's `sample_inputs()`)."""
+
 import itertools
 
 import torch
@@ -49,14 +50,21 @@ def make_pgd_inputs(shape, dtype, device="cpu", seed=0, non_contiguous=False, ze
 
 # A sample is named by a spec (plain values: a test can be parametrized by them before any device is touched)
 # and built on the device the test runs on.
-KL_GRID = (((7, 10), 1.0, "batchmean"), ((128, 10), 1.0, "mean"), ((1, 2), 4.0, "sum"), ((513, 100), 0.5, "none"),
-           ((3, 1000), 30.0, "mean"))
+KL_GRID = (
+    ((7, 10), 1.0, "batchmean"),
+    ((128, 10), 1.0, "mean"),
+    ((1, 2), 4.0, "sum"),
+    ((513, 100), 0.5, "none"),
+    ((3, 1000), 30.0, "mean"),
+)
 
 
 def kl_specs(dtypes=DTYPES_CPU):
     """(dtype, rows, classes, temperature, reduction, non_contiguous) over a compact grid of what the tests sweep."""
-    return [(dtype, *shape, temp, red, nc) for dtype, (shape, temp, red), nc in
-            itertools.product(dtypes, KL_GRID, (False, True))]
+    return [
+        (dtype, *shape, temp, red, nc)
+        for dtype, (shape, temp, red), nc in itertools.product(dtypes, KL_GRID, (False, True))
+    ]
 
 
 def kl_sample(spec, device="cpu", requires_grad=False):

@@ -8,6 +8,7 @@
 
 Both need nvcc (CI has it: it compiles the .cu files); the PTX check also needs a library built with CUDA.
 """
+
 import os
 import re
 import shutil
@@ -33,19 +34,37 @@ def _nvcc():
     return str(path) if path.exists() else shutil.which("nvcc")
 
 
-needs_nvcc = pytest.mark.skipif(_nvcc() is None or torch.version.cuda is None,
-                                reason="no nvcc (or a CPU-only torch): the CUDA sources cannot be compiled here")
+needs_nvcc = pytest.mark.skipif(
+    _nvcc() is None or torch.version.cuda is None,
+    reason="no nvcc (or a CPU-only torch): the CUDA sources cannot be compiled here",
+)
 
 
 def _compile(source: Path, arch: str, tmp: Path) -> tuple[str, str]:
     """(PTX text, ptxas -v report) of one source for one architecture."""
     from torch.utils.cpp_extension import include_paths
 
-    includes = [f"-I{p}" for p in include_paths("cuda")] + [f"-I{ROOT / 'csrc'}",
-                                                           f"-I{sysconfig.get_paths()['include']}"]
-    cmd = [_nvcc(), "-std=c++20", "-O3", "--expt-relaxed-constexpr", "-cubin", f"-arch=sm_{arch}",
-           "-Xptxas", "-v", "--keep", "--keep-dir", str(tmp), "-o", str(tmp / f"{source.stem}.cubin"),
-           *includes, str(source)]
+    includes = [f"-I{p}" for p in include_paths("cuda")] + [
+        f"-I{ROOT / 'csrc'}",
+        f"-I{sysconfig.get_paths()['include']}",
+    ]
+    cmd = [
+        _nvcc(),
+        "-std=c++20",
+        "-O3",
+        "--expt-relaxed-constexpr",
+        "-cubin",
+        f"-arch=sm_{arch}",
+        "-Xptxas",
+        "-v",
+        "--keep",
+        "--keep-dir",
+        str(tmp),
+        "-o",
+        str(tmp / f"{source.stem}.cubin"),
+        *includes,
+        str(source),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     ptx = next(tmp.glob(f"{source.stem}*.ptx")).read_text()

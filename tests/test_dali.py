@@ -1,4 +1,5 @@
 """DALI loader on the CPU backend: shapes, order/sharding, and the crop/flip distribution vs. the torch loader."""
+
 import pytest
 import torch
 
@@ -147,12 +148,21 @@ def test_teacher_cache_with_the_dali_loader():
     torch.manual_seed(0)
     teacher = build("tiny").eval()
     n = 32
-    dl = DaliLoader(_noise(n, seed=5), torch.zeros(n, dtype=torch.long), 16, train=True, device="cpu", seed=6,
-                    padding=1, with_views=True)  # 18 views: hits within a few epochs
+    dl = DaliLoader(
+        _noise(n, seed=5),
+        torch.zeros(n, dtype=torch.long),
+        16,
+        train=True,
+        device="cpu",
+        seed=6,
+        padding=1,
+        with_views=True,
+    )  # 18 views: hits within a few epochs
     cache = TeacherCache(n, dl.num_views, 10, "cpu")
     for e in range(5):
         dl.set_epoch(e)
         for xb, _, views in dl:
-            torch.testing.assert_close(cache.logits(teacher, xb, views), teacher_logits(teacher, xb),
-                                       rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(
+                cache.logits(teacher, xb, views), teacher_logits(teacher, xb), rtol=1e-5, atol=1e-6
+            )
     assert cache.lookups == 5 * n and cache.hits > 0

@@ -1,4 +1,5 @@
 """Data layer: CIFAR reader, synthetic set, crop/flip augmentation, TensorLoader. Tiny and CPU-only."""
+
 import pickle
 import time
 
@@ -9,9 +10,16 @@ import torch.nn.functional as F
 from crop_flip import CHI2_DF8_P001, chi2_uniform, infer_crop_flip_params
 from fake_cifar import write_fake_cifar10
 
-from rslad_fast.data import (TensorLoader, apply_crop_flip, epoch_indices, load_cifar10, make_loader, random_crop_flip,
-                             sample_crop_flip_params)
-from rslad_fast.data import cifar
+from rslad_fast.data import (
+    TensorLoader,
+    apply_crop_flip,
+    cifar,
+    epoch_indices,
+    load_cifar10,
+    make_loader,
+    random_crop_flip,
+    sample_crop_flip_params,
+)
 from rslad_fast.errors import UserError
 
 
@@ -21,6 +29,7 @@ def fake(fake_cifar10):
 
 
 # ---- reader ---------------------------------------------------------------------------------------------
+
 
 def test_reader_round_trip_both_root_forms(fake):
     x, y = load_cifar10(fake, train=True)
@@ -90,9 +99,11 @@ def test_corrupt_batch_is_user_error(tmp_path, damage):
     elif damage == "garbage":
         f.write_bytes(b"not a pickle at all")
     elif damage == "evil":  # a pickle that would run code if loaded with plain pickle.load
+
         class Evil:
             def __reduce__(self):
                 return (print, ("pwned",))
+
         f.write_bytes(pickle.dumps({b"data": Evil()}, protocol=2))
     else:
         f.write_bytes(pickle.dumps({b"data": np.zeros((2, 5), np.uint8), b"labels": [0, 1]}, protocol=2))
@@ -113,9 +124,22 @@ def _rewrite(folder, name, data=None, labels=None):
     return d
 
 
-@pytest.mark.parametrize("bad", ["float_nan", "float_1000", "float_minus5", "float_in_range", "uint16", "int64",
-                                 "labels_float", "labels_whole_floats", "labels_bool", "labels_10",
-                                 "labels_minus1"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "float_nan",
+        "float_1000",
+        "float_minus5",
+        "float_in_range",
+        "uint16",
+        "int64",
+        "labels_float",
+        "labels_whole_floats",
+        "labels_bool",
+        "labels_10",
+        "labels_minus1",
+    ],
+)
 def test_reader_requires_uint8_pixels_and_integer_labels_in_range(tmp_path, bad):
     """Casting would silently wrap 1000 to 232, -5 to 251, NaN to 0 and 0.5 to label 0: refuse instead."""
     folder = write_fake_cifar10(tmp_path, n_train=10, n_test=10)
@@ -162,6 +186,7 @@ def test_synthetic_is_learnable(fake):
 
 # ---- augmentation ---------------------------------------------------------------------------------------
 
+
 def _gen(seed):
     return torch.Generator().manual_seed(seed)
 
@@ -189,13 +214,14 @@ def test_crop_content_is_the_right_window():
     padded = F.pad(x, (4, 4, 4, 4))
     for i in range(32):
         t, l = int(p.top[i]), int(p.left[i])
-        want = padded[i, :, t:t + 32, l:l + 32]
+        want = padded[i, :, t : t + 32, l : l + 32]
         assert torch.equal(out[i], want.flip(-1) if p.flip[i] else want)
     q = infer_crop_flip_params(out, x)  # and the matcher used by the DALI tests recovers the draws
     assert torch.equal(q.top, p.top) and torch.equal(q.left, p.left) and torch.equal(q.flip, p.flip)
 
 
 # ---- loader ---------------------------------------------------------------------------------------------
+
 
 def _indexed(n):
     """Image i is the constant i, so a batch tells which samples it holds."""

@@ -12,6 +12,7 @@ ranks' gradients (DDP) gives the gradient of the combined batch; the SGD step is
 break it is kept out: BatchNorm (batch statistics differ per half: a model without it), augmentation (drawn
 per rank: off), and the attack's random start (RSLAD with init_std = 0: x' starts at x).
 """
+
 import json
 import os
 import subprocess
@@ -67,9 +68,9 @@ def _worker(argv) -> int:
     p.add_argument("--no-bn", action="store_true")
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--stop-after", type=int)  # as if killed right after that epoch's checkpoint
-    p.add_argument("--fail-rank", type=int)   # this rank alone fails its checks
+    p.add_argument("--fail-rank", type=int)  # this rank alone fails its checks
     split = argv.index("--")
-    opts, train_args = p.parse_args(argv[:split]), argv[split + 1:]
+    opts, train_args = p.parse_args(argv[:split]), argv[split + 1 :]
     _patch(setattr, no_bn=opts.no_bn, no_augment=opts.no_augment)
     if opts.stop_after is not None:
         engine.run = functools.partial(runner.run, stop_after=opts.stop_after)
@@ -78,14 +79,14 @@ def _worker(argv) -> int:
 
         def fail(*a, **k):
             raise UserError("this rank cannot see the data")
+
         engine.prepare = fail
     return train.main(train_args)
 
 
 def _torchrun(args, *, timeout=TIMEOUT):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([*TORCHRUN, *args], env=env, capture_output=True, text=True, timeout=timeout,
-                          cwd=HERE.parent)
+    return subprocess.run([*TORCHRUN, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=HERE.parent)
 
 
 def _records(run_dir):
@@ -98,7 +99,7 @@ def _our_error_lines(stderr):
 
 
 def _no_traceback_of_ours(output):
-    assert 'rslad_fast/' not in "".join(l for l in output.splitlines() if l.lstrip().startswith("File ")), output
+    assert "rslad_fast/" not in "".join(l for l in output.splitlines() if l.lstrip().startswith("File ")), output
 
 
 @pytest.fixture(scope="module")
@@ -121,9 +122,29 @@ def teacher_ckpt(tmp_path_factory):
 
 # ---- 2 processes == 1 process with the combined batch ----------------------------------------------------
 
+
 def test_two_processes_match_one_process_with_the_combined_batch(data, teacher_ckpt, tmp_path, monkeypatch):
-    method = ["--method", "rslad", "--student", "tiny", "--teacher", str(teacher_ckpt), "--teacher-arch", "tiny",
-              "--init-std", "0", "--steps", "2", "--data", str(data), "--epochs", "2", "--milestones", "1", *COMMON]
+    method = [
+        "--method",
+        "rslad",
+        "--student",
+        "tiny",
+        "--teacher",
+        str(teacher_ckpt),
+        "--teacher-arch",
+        "tiny",
+        "--init-std",
+        "0",
+        "--steps",
+        "2",
+        "--data",
+        str(data),
+        "--epochs",
+        "2",
+        "--milestones",
+        "1",
+        *COMMON,
+    ]
     two, one = tmp_path / "two", tmp_path / "one"
     res = _torchrun([str(HERE), "--no-bn", "--no-augment", "--", *method, "--batch-size", "16", "--out", str(two)])
     assert res.returncode == 0, res.stdout + res.stderr
@@ -139,7 +160,7 @@ def test_two_processes_match_one_process_with_the_combined_batch(data, teacher_c
     for key in a["model"]:
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-5, atol=1e-6, msg=key)
         assert (b["model"][key] - start[key]).abs().max() > 1e-3, key  # training moved it: the check means something
-    for (ka, sa), (kb, sb) in zip(a["optimizer"]["state"].items(), b["optimizer"]["state"].items()):
+    for (_, sa), (_, sb) in zip(a["optimizer"]["state"].items(), b["optimizer"]["state"].items()):
         torch.testing.assert_close(sa["momentum_buffer"], sb["momentum_buffer"], rtol=1e-5, atol=1e-6)
     ra, rb = _records(two), _records(one)
     assert [r["world_size"] for r in ra] == [2, 2] and [r["world_size"] for r in rb] == [1, 1]
@@ -155,11 +176,43 @@ def test_two_processes_with_the_teacher_cache_match_one_uncached(data, teacher_c
     """Each rank keeps its own cache of the whole set (its shard changes every epoch): the cached 2-process run
     trains as the uncached single process with the combined batch (rtol 1e-5: served logits are a fresh
     forward's up to rounding, tests/test_teacher_cache.py)."""
-    method = ["--method", "rslad", "--student", "tiny", "--teacher", str(teacher_ckpt), "--teacher-arch", "tiny",
-              "--init-std", "0", "--steps", "1", "--data", str(data), "--epochs", "3", "--milestones", "2", *COMMON]
+    method = [
+        "--method",
+        "rslad",
+        "--student",
+        "tiny",
+        "--teacher",
+        str(teacher_ckpt),
+        "--teacher-arch",
+        "tiny",
+        "--init-std",
+        "0",
+        "--steps",
+        "1",
+        "--data",
+        str(data),
+        "--epochs",
+        "3",
+        "--milestones",
+        "2",
+        *COMMON,
+    ]
     two, one = tmp_path / "two", tmp_path / "one"
-    res = _torchrun([str(HERE), "--no-bn", "--no-augment", "--", *method, "--teacher-cache", "on",
-                     "--batch-size", "16", "--out", str(two)])
+    res = _torchrun(
+        [
+            str(HERE),
+            "--no-bn",
+            "--no-augment",
+            "--",
+            *method,
+            "--teacher-cache",
+            "on",
+            "--batch-size",
+            "16",
+            "--out",
+            str(two),
+        ]
+    )
     assert res.returncode == 0, res.stdout + res.stderr
 
     _patch(monkeypatch.setattr, no_bn=True, no_augment=True)
@@ -178,20 +231,54 @@ def test_two_processes_with_the_teacher_cache_match_one_uncached(data, teacher_c
 
 # ---- the real command line under torchrun ----------------------------------------------------------------
 
+
 def test_torchrun_end_to_end_rank_zero_writes_once(data, tmp_path):
     """A self-trained teacher (trained under DDP too, written by rank 0, loaded by both), then RSLAD."""
     run = tmp_path / "run"
-    res = _torchrun(["-m", "rslad_fast.train", "--preset", "quick", "--method", "rslad", "--student", "tiny",
-                     "--teacher-arch", "tiny", "--train-n", "128", "--epochs", "2", "--batch-size", "16",
-                     "--data", str(data), "--out", str(run), *COMMON])
+    res = _torchrun(
+        [
+            "-m",
+            "rslad_fast.train",
+            "--preset",
+            "quick",
+            "--method",
+            "rslad",
+            "--student",
+            "tiny",
+            "--teacher-arch",
+            "tiny",
+            "--train-n",
+            "128",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "16",
+            "--data",
+            str(data),
+            "--out",
+            str(run),
+            *COMMON,
+        ]
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     _no_traceback_of_ours(res.stdout + res.stderr)
     assert res.stdout.count(f"run {run}:") == 1 and "batch 16 x 2 processes = 32" in res.stdout
     assert res.stdout.count(f"done {run}:") == 1
-    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "config.json", "curves.png", "last.pt",
-                                                     "metrics.jsonl", "teacher"]
-    assert sorted(p.name for p in (run / "teacher").iterdir()) == ["best.pt", "config.json", "curves.png",
-                                                                   "last.pt", "metrics.jsonl"]
+    assert sorted(p.name for p in run.iterdir()) == [
+        "best.pt",
+        "config.json",
+        "curves.png",
+        "last.pt",
+        "metrics.jsonl",
+        "teacher",
+    ]
+    assert sorted(p.name for p in (run / "teacher").iterdir()) == [
+        "best.pt",
+        "config.json",
+        "curves.png",
+        "last.pt",
+        "metrics.jsonl",
+    ]
     assert [r["epoch"] for r in _records(run)] == [1, 2]  # one line per epoch: one writer
     teacher_epochs = train.PRESETS["quick"].teacher_epochs  # the teacher's run is sized by the preset
     assert [r["epoch"] for r in _records(run / "teacher")] == list(range(1, teacher_epochs + 1))
@@ -204,13 +291,24 @@ def test_torchrun_end_to_end_rank_zero_writes_once(data, tmp_path):
     # python -m rslad_fast.evaluate under torchrun: each rank attacks half the images, rank 0 reports them
     # all; clean and FGSM have no randomness, so the counts must be exactly the single process's
     ev_args = ["--attacks", "clean,fgsm", "--data", str(data), "--device", "cpu", "--no-progress"]
-    res = _torchrun(["-m", "rslad_fast.evaluate", "--run-dir", str(run / "teacher"), "--n-images", "15",
-                     "--out", str(tmp_path / "ev2"), *ev_args])
+    res = _torchrun(
+        [
+            "-m",
+            "rslad_fast.evaluate",
+            "--run-dir",
+            str(run / "teacher"),
+            "--n-images",
+            "15",
+            "--out",
+            str(tmp_path / "ev2"),
+            *ev_args,
+        ]
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     assert res.stdout.count("wrote ") == 1
     from rslad_fast import evaluate
-    assert evaluate.main(["--run", str(run / "teacher"), "--n", "15", "--out", str(tmp_path / "ev1"),
-                          *ev_args]) == 0
+
+    assert evaluate.main(["--run", str(run / "teacher"), "--n", "15", "--out", str(tmp_path / "ev1"), *ev_args]) == 0
     two, one = (json.loads((tmp_path / d / "eval.json").read_text()) for d in ("ev2", "ev1"))
     assert (two["world_size"], one["world_size"], two["n"], one["n"]) == (2, 1, 15, 15)  # 15: uneven halves
     assert [r["correct"] for r in two["rows"]] == [r["correct"] for r in one["rows"]]
@@ -220,8 +318,25 @@ def test_torchrun_end_to_end_rank_zero_writes_once(data, tmp_path):
 def test_resume_with_another_world_size(data, tmp_path):
     """Killed after epoch 1 of a 2-process run (tiny, with BatchNorm), continued by one process."""
     run = tmp_path / "run"
-    args = ["--method", "trades", "--student", "tiny", "--steps", "2", "--epochs", "2", "--milestones", "1",
-            "--batch-size", "16", "--data", str(data), "--out", str(run), *COMMON]
+    args = [
+        "--method",
+        "trades",
+        "--student",
+        "tiny",
+        "--steps",
+        "2",
+        "--epochs",
+        "2",
+        "--milestones",
+        "1",
+        "--batch-size",
+        "16",
+        "--data",
+        str(data),
+        "--out",
+        str(run),
+        *COMMON,
+    ]
     res = _torchrun([str(HERE), "--stop-after", "1", "--", *args])
     assert res.returncode == 0, res.stdout + res.stderr
     first = torch.load(run / "last.pt", weights_only=True)
@@ -237,13 +352,27 @@ def test_resume_with_another_world_size(data, tmp_path):
 
 # ---- bad input under torchrun: one line, every rank exits, nothing written --------------------------------
 
+
 def test_bad_input_under_torchrun_fails_cleanly_on_every_rank(data, tmp_path):
-    base = ["--method", "natural", "--student", "tiny", "--epochs", "1", "--batch-size", "16", "--data", str(data),
-            *COMMON]
+    base = [
+        "--method",
+        "natural",
+        "--student",
+        "tiny",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--data",
+        str(data),
+        *COMMON,
+    ]
     cases = {
         "sync-bn on the cpu": (["-m", "rslad_fast.train", *base, "--sync-bn"], "--sync-bn needs CUDA"),
-        "cuda without GPUs": (["-m", "rslad_fast.train", *base, "--device", "cuda"],
-                              "CUDA" if torch.cuda.device_count() < 2 else None),
+        "cuda without GPUs": (
+            ["-m", "rslad_fast.train", *base, "--device", "cuda"],
+            "CUDA" if torch.cuda.device_count() < 2 else None,
+        ),
         "one rank fails": ([str(HERE), "--fail-rank", "1", "--", *base], "rank 1: this rank cannot see the data"),
         # rank 0 alone takes the lock, after the checks: the ranks agree again, none waits in a collective
         "run dir in use": (["-m", "rslad_fast.train", *base], "in use by another process"),
@@ -254,11 +383,21 @@ def test_bad_input_under_torchrun_fails_cleanly_on_every_rank(data, tmp_path):
     in_use.mkdir()
     held = open(in_use / ".lock", "a")
     import fcntl
+
     fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
     for name, (args, _) in cases.items():
         out = tmp_path / name.replace(" ", "_")
-        procs[name] = (out, subprocess.Popen([*TORCHRUN, *args, "--out", str(out)], env=env, cwd=HERE.parent,
-                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs[name] = (
+            out,
+            subprocess.Popen(
+                [*TORCHRUN, *args, "--out", str(out)],
+                env=env,
+                cwd=HERE.parent,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            ),
+        )
     for name, (out, p) in procs.items():
         stdout, stderr = p.communicate(timeout=TIMEOUT)  # no hang: torchrun returns once every rank exited
         expected = cases[name][1]
@@ -275,13 +414,21 @@ def test_bad_input_under_torchrun_fails_cleanly_on_every_rank(data, tmp_path):
 
 # ---- in-process pieces -----------------------------------------------------------------------------------
 
+
 def test_dist_from_env():
     assert Dist.from_env({}) == Dist() and not Dist().launched and Dist().is_main
-    env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "h",
-           "MASTER_PORT": "1"}
+    env = {
+        "RANK": "1",
+        "WORLD_SIZE": "2",
+        "LOCAL_RANK": "1",
+        "LOCAL_WORLD_SIZE": "2",
+        "MASTER_ADDR": "h",
+        "MASTER_PORT": "1",
+    }
     d = Dist.from_env(env)
     assert (d.rank, d.world_size, d.local_rank, d.launched, d.is_main) == (1, 2, 1, True, False)
     from rslad_fast.errors import UserError
+
     with pytest.raises(UserError, match="torchrun"):
         Dist.from_env({"WORLD_SIZE": "2"})
     with pytest.raises(UserError, match="inconsistent"):
@@ -307,6 +454,7 @@ def one_rank_group(one_thread):
     """A gloo process group of one process, in this process (DDP needs one), torn down afterwards; one
     thread (tiny tensors on 2 shared cores: threads only contend)."""
     import torch.distributed as tdist
+
     tdist.init_process_group("gloo", store=tdist.HashStore(), rank=0, world_size=1)
     yield
     tdist.destroy_process_group()
@@ -321,8 +469,9 @@ def test_attacks_run_on_the_plain_module_under_ddp(method, one_rank_group):
     torch.manual_seed(0)
     x, y = torch.rand(8, 3, 16, 16), torch.arange(8) % 10
     teacher = build("tiny").eval()
-    m = methods.get(method)(**({"steps": 2} if "steps" in methods.get(method).HPARAMS else {}),
-                            **({"begin": 0} if method == "iad" else {}))
+    m = methods.get(method)(
+        **({"steps": 2} if "steps" in methods.get(method).HPARAMS else {}), **({"begin": 0} if method == "iad" else {})
+    )
     results = []
     for wrap in (False, True):
         torch.manual_seed(1)
@@ -330,9 +479,16 @@ def test_attacks_run_on_the_plain_module_under_ddp(method, one_rank_group):
         opt = torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9)
         student = Dist(launched=True).wrap(module, torch.device("cpu")) if wrap else module
         calls = []
-        student.register_forward_pre_hook(lambda *a: calls.append(1))
-        loss, ctx = train_step(student, m, opt, x, y, teacher=teacher if m.needs_teacher else None,
-                               generator=torch.Generator().manual_seed(5))
+        student.register_forward_pre_hook(lambda *a, calls=calls: calls.append(1))
+        loss, ctx = train_step(
+            student,
+            m,
+            opt,
+            x,
+            y,
+            teacher=teacher if m.needs_teacher else None,
+            generator=torch.Generator().manual_seed(5),
+        )
         assert ctx.attack_model is module and ctx.student is student
         results.append((loss, [p.detach().clone() for p in module.parameters()], len(calls)))
     (loss_a, params_a, calls_plain), (loss_b, params_b, calls_ddp) = results
@@ -343,4 +499,5 @@ def test_attacks_run_on_the_plain_module_under_ddp(method, one_rank_group):
 
 if __name__ == "__main__":
     from rslad_fast.engine.dist import exit_process
+
     exit_process(_worker(sys.argv[1:]))

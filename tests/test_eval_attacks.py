@@ -6,6 +6,7 @@ shared 2-core CPU) with a random contrast per image in [0.15, 0.6]: low-contrast
 decision boundary, so robust accuracy at eps 8/255 is intermediate (about 40-45% with ~95% clean), which
 makes "the attack lowers accuracy" and the torchattacks cross-check meaningful rather than 0 or 100.
 """
+
 import logging
 import sys
 
@@ -62,22 +63,32 @@ def results(trained):
 
 # ----------------------------------------------------------------------------- defaults and their sources
 
+
 def test_defaults_are_the_official_evaluation_settings():
     assert EPS == 8 / 255
     assert FGSM().hparams() == {"eps": 8 / 255, "alpha": 8 / 255, "steps": 1, "start": "none", "loss": "ce"}
-    assert pgd20_sat().hparams() == {"eps": 8 / 255, "alpha": 2 / 255, "steps": 20, "start": "uniform",
-                                     "loss": "ce"}
-    assert pgd20_trades().hparams() == {"eps": 8 / 255, "alpha": 0.003, "steps": 20, "start": "uniform",
-                                        "loss": "ce"}
-    assert CWInf().hparams() == {"eps": 8 / 255, "alpha": 2 / 255, "steps": 30, "kappa": 50.0,
-                                 "start": "uniform", "loss": "cw"}
+    assert pgd20_sat().hparams() == {"eps": 8 / 255, "alpha": 2 / 255, "steps": 20, "start": "uniform", "loss": "ce"}
+    assert pgd20_trades().hparams() == {"eps": 8 / 255, "alpha": 0.003, "steps": 20, "start": "uniform", "loss": "ce"}
+    assert CWInf().hparams() == {
+        "eps": 8 / 255,
+        "alpha": 2 / 255,
+        "steps": 30,
+        "kappa": 50.0,
+        "start": "uniform",
+        "loss": "cw",
+    }
     assert (pgd20_sat().name, pgd20_trades().name, CWInf().name, FGSM().name) == (
-        "pgd20-sat", "pgd20-trades", "cw", "fgsm")
+        "pgd20-sat",
+        "pgd20-trades",
+        "cw",
+        "fgsm",
+    )
     assert set(PRESETS) == {"fgsm", "pgd20-sat", "pgd20-trades", "cw"}
 
 
-@pytest.mark.parametrize("kwargs", [dict(eps=-0.1), dict(eps=1.5), dict(alpha=-1.0), dict(steps=-1),
-                                    dict(steps=2.5), dict(start="gaussian")])
+@pytest.mark.parametrize(
+    "kwargs", [dict(eps=-0.1), dict(eps=1.5), dict(alpha=-1.0), dict(steps=-1), dict(steps=2.5), dict(start="gaussian")]
+)
 def test_bad_hyperparameters_are_user_errors(kwargs):
     with pytest.raises(UserError):
         PGD(**kwargs)
@@ -100,6 +111,7 @@ def test_cw_loss_is_iads_cwloss():
 
 # ----------------------------------------------------------------------------- behaviour on a trained model
 
+
 def test_model_is_a_meaningful_target(results):
     assert results["clean"] >= 85
     assert 10 < results["pgd20-sat"] < 80  # neither trivially robust nor trivially broken
@@ -118,16 +130,22 @@ def test_fgsm_is_weaker_than_pgd(results):
 def test_larger_eps_lowers_accuracy_more(trained):
     model, x, y = trained
     x, y = x[:100], y[:100]
-    accs = [_acc(model, pgd20_sat(eps=e, steps=10)(model, x, y, generator=_gen()), y) for e in (4 / 255, 8 / 255,
-                                                                                             16 / 255)]
+    accs = [
+        _acc(model, pgd20_sat(eps=e, steps=10)(model, x, y, generator=_gen()), y) for e in (4 / 255, 8 / 255, 16 / 255)
+    ]
     assert accs[0] > accs[1] > accs[2], accs
 
 
 def test_eps_zero_returns_the_clean_images_exactly(trained):
     model, x, y = trained
     x, y = x[:32], y[:32]
-    for attack in (FGSM(eps=0), pgd20_sat(eps=0, steps=3), pgd20_trades(eps=0, steps=3), CWInf(eps=0, steps=3),
-                   PGD(eps=0, steps=3, start="normal")):
+    for attack in (
+        FGSM(eps=0),
+        pgd20_sat(eps=0, steps=3),
+        pgd20_trades(eps=0, steps=3),
+        CWInf(eps=0, steps=3),
+        PGD(eps=0, steps=3, start="normal"),
+    ):
         x_adv = attack(model, x, y, generator=_gen())
         assert torch.equal(x_adv, x), attack
 
@@ -209,10 +227,15 @@ STANDARD_AA = {
     "norm": "Linf",
     "attacks_to_run": ["apgd-ce", "apgd-t", "fab-t", "square"],
     "apgd-ce": {"n_iter": 100, "n_restarts": 1, "loss": "ce", "rho": 0.75, "eot_iter": 1},
-    "apgd-t": {"n_iter": 100, "n_restarts": 1, "n_target_classes": 9, "loss": "dlr-targeted", "rho": 0.75,
-               "eot_iter": 1},
-    "fab-t": {"n_iter": 100, "n_restarts": 1, "n_target_classes": 9, "alpha_max": 0.1, "eta": 1.05,
-              "beta": 0.9},
+    "apgd-t": {
+        "n_iter": 100,
+        "n_restarts": 1,
+        "n_target_classes": 9,
+        "loss": "dlr-targeted",
+        "rho": 0.75,
+        "eot_iter": 1,
+    },
+    "fab-t": {"n_iter": 100, "n_restarts": 1, "n_target_classes": 9, "alpha_max": 0.1, "eta": 1.05, "beta": 0.9},
     "square": {"n_queries": 5000, "n_restarts": 1, "p_init": 0.8},
 }
 
@@ -220,6 +243,7 @@ STANDARD_AA = {
 def _aa_module():
     pytest.importorskip("pyautoattack", reason="pyautoattack==0.2.0 is not installed")
     import rslad_fast.attacks.autoattack as aa_mod
+
     return aa_mod
 
 
@@ -244,6 +268,7 @@ def test_autoattack_version_is_checked(monkeypatch):
 
     def missing(name):
         raise aa_mod.metadata.PackageNotFoundError(name)
+
     monkeypatch.setattr(aa_mod.metadata, "version", missing)
     with pytest.raises(UserError, match="not installed"):
         aa_mod._require_pyautoattack()
@@ -276,13 +301,13 @@ def test_autoattack_end_to_end(trained):
     assert (x_adv - x).abs().max() <= 0.25 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
     assert torch.equal(model(x_adv).argmax(1), y_adv)
     assert (y_adv == y).sum() == 0  # eps 0.25 on low-contrast images: nothing survives
-    assert any("running apgd-ce" in line for line in lines) and all(line.startswith("[autoattack]")
-                                                                    for line in lines)
+    assert any("running apgd-ce" in line for line in lines) and all(line.startswith("[autoattack]") for line in lines)
     assert attack.last_config["eps"] == 0.25
 
 
-@pytest.mark.parametrize("bad", [{"alpha": float("nan")}, {"alpha": float("inf")}, {"init_std": float("inf")},
-                                 {"init_std": float("nan")}])
+@pytest.mark.parametrize(
+    "bad", [{"alpha": float("nan")}, {"alpha": float("inf")}, {"init_std": float("inf")}, {"init_std": float("nan")}]
+)
 def test_non_finite_step_and_start_are_refused(bad):
     """NaN slipped through `alpha < 0` / `not init_std >= 0`-style checks (inf passed the latter)."""
     from rslad_fast.attacks import eval_attacks

@@ -5,6 +5,7 @@ official layout, and saved the way the training engine saves: ``{'model': state_
 dir with best.pt, last.pt and config.json. The command-line runs are subprocesses started together (each
 pays the torch import), the finer checks call the module in-process.
 """
+
 import json
 import os
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from rslad_fast import evaluate as ev
-from rslad_fast.attacks.eval_attacks import PRESETS, PGD
+from rslad_fast.attacks.eval_attacks import PGD, PRESETS
 from rslad_fast.data import load_cifar10
 from rslad_fast.evaluation.robustness import ordering_warnings
 
@@ -45,8 +46,15 @@ def env(tmp_path_factory, fake_cifar10, train_tiny):
     no_cfg = root / "run_no_cfg"
     no_cfg.mkdir()
     torch.save({"model": sd}, no_cfg / "last.pt")
-    return {"root": root, "data": data, "ckpt": ckpt, "run": run, "no_ckpt": no_ckpt, "no_cfg": no_cfg,
-            "model": model.eval()}
+    return {
+        "root": root,
+        "data": data,
+        "ckpt": ckpt,
+        "run": run,
+        "no_ckpt": no_ckpt,
+        "no_cfg": no_cfg,
+        "model": model.eval(),
+    }
 
 
 def _cli_cases(e):
@@ -59,8 +67,17 @@ def _cli_cases(e):
         "wrong_arch": ["--ckpt", ck, "--arch", "resnet18", "--out", str(root / "o2")] + common,
         "unknown_attack": ["--ckpt", ck, "--arch", "tiny", "--attacks", "clean,pgd7", "--out", str(root / "o3")],
         "n_zero": ["--ckpt", ck, "--arch", "tiny", "--n", "0", "--out", str(root / "o4")],
-        "missing_data": ["--ckpt", ck, "--arch", "tiny", "--data", str(root / "no_data"), "--no-download",
-                         "--out", str(root / "o5")],
+        "missing_data": [
+            "--ckpt",
+            ck,
+            "--arch",
+            "tiny",
+            "--data",
+            str(root / "no_data"),
+            "--no-download",
+            "--out",
+            str(root / "o5"),
+        ],
         "run_no_ckpt": ["--run", str(e["no_ckpt"])] + common,
         "run_no_config": ["--run", str(e["no_cfg"])] + common,
     }
@@ -71,9 +88,17 @@ def cli(env):
     """Every command-line case, run concurrently (one thread each: they share 2 cores): name -> (returncode,
     stdout, stderr)."""
     child_env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    procs = {name: subprocess.Popen([sys.executable, "-m", "rslad_fast.evaluate"] + args, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True, cwd=env["root"], env=child_env)
-             for name, args in _cli_cases(env).items()}
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", "rslad_fast.evaluate"] + args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=env["root"],
+            env=child_env,
+        )
+        for name, args in _cli_cases(env).items()
+    }
     out = {}
     for name, p in procs.items():
         stdout, stderr = p.communicate(timeout=300)
@@ -82,6 +107,7 @@ def cli(env):
 
 
 # ----------------------------------------------------------------------------- the command line, end to end
+
 
 def test_cli_end_to_end_on_a_training_checkpoint(env, cli):
     rc, stdout, stderr = cli["ok"]
@@ -143,17 +169,20 @@ def _main(argv, capsys):
     return rc, out, err
 
 
-@pytest.mark.parametrize("argv, says", [
-    (["--ckpt", "x.pt", "--arch", "tiny", "--eps", "2"], "must be in [0, 1]"),
-    (["--ckpt", "x.pt", "--arch", "tiny", "--eps", "8/0"], "not a number"),
-    (["--ckpt", "x.pt"], "--ckpt needs --arch"),
-    (["--arch", "tiny"], "one of the arguments --run --ckpt is required"),
-    (["--ckpt", "{ck}", "--arch", "vgg16"], "unknown architecture 'vgg16'"),
-    (["--ckpt", "{ck}", "--arch", "tiny", "--batch-size", "0"], "--batch-size"),
-    (["--ckpt", "{ck}", "--arch", "tiny", "--pgd-sat-alpha", "-1"], "must be >= 0"),
-    (["--run", "{run}", "--arch", "resnet18"], "disagrees"),
-    (["--run", "{root}/nowhere"], "no such directory"),
-])
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["--ckpt", "x.pt", "--arch", "tiny", "--eps", "2"], "must be in [0, 1]"),
+        (["--ckpt", "x.pt", "--arch", "tiny", "--eps", "8/0"], "not a number"),
+        (["--ckpt", "x.pt"], "--ckpt needs --arch"),
+        (["--arch", "tiny"], "one of the arguments --run --ckpt is required"),
+        (["--ckpt", "{ck}", "--arch", "vgg16"], "unknown architecture 'vgg16'"),
+        (["--ckpt", "{ck}", "--arch", "tiny", "--batch-size", "0"], "--batch-size"),
+        (["--ckpt", "{ck}", "--arch", "tiny", "--pgd-sat-alpha", "-1"], "must be >= 0"),
+        (["--run", "{run}", "--arch", "resnet18"], "disagrees"),
+        (["--run", "{root}/nowhere"], "no such directory"),
+    ],
+)
 def test_more_bad_inputs_in_process(env, capsys, argv, says):
     argv = [a.format(ck=env["ckpt"], run=env["run"], root=env["root"]) for a in argv]
     rc, out, err = _main(argv, capsys)
@@ -164,9 +193,23 @@ def test_more_bad_inputs_in_process(env, capsys, argv, says):
 
 # ----------------------------------------------------------------------------- in-process: the finer points
 
+
 def test_run_dir_evaluates_best_and_last(env, capsys):
-    rc, out, err = _main(["--run", env["run"], "--attacks", "clean,fgsm", "--n", N, "--data", env["data"],
-                          "--no-download", "--no-progress"], capsys)
+    rc, out, err = _main(
+        [
+            "--run",
+            env["run"],
+            "--attacks",
+            "clean,fgsm",
+            "--n",
+            N,
+            "--data",
+            env["data"],
+            "--no-download",
+            "--no-progress",
+        ],
+        capsys,
+    )
     assert rc == 0, err
     report = json.loads((env["run"] / "eval.json").read_text())
     assert [r["label"] for r in report["rows"]] == ["best", "last"]
@@ -181,10 +224,33 @@ def test_run_dir_evaluates_best_and_last(env, capsys):
 
 def test_eps_zero_reproduces_clean_accuracy_exactly(env, capsys):
     out_dir = env["root"] / "eps0"
-    rc, out, err = _main(["--ckpt", env["ckpt"], "--arch", "tiny", "--eps", "0", "--n", N, "--data", env["data"],
-                          "--attacks", "clean,fgsm,pgd20-sat,pgd20-trades,cw", "--pgd-sat-steps", 2,
-                          "--pgd-trades-steps", 2, "--cw-steps", 2, "--no-progress", "--out", out_dir,
-                          "--no-download"], capsys)
+    rc, out, err = _main(
+        [
+            "--ckpt",
+            env["ckpt"],
+            "--arch",
+            "tiny",
+            "--eps",
+            "0",
+            "--n",
+            N,
+            "--data",
+            env["data"],
+            "--attacks",
+            "clean,fgsm,pgd20-sat,pgd20-trades,cw",
+            "--pgd-sat-steps",
+            2,
+            "--pgd-trades-steps",
+            2,
+            "--cw-steps",
+            2,
+            "--no-progress",
+            "--out",
+            out_dir,
+            "--no-download",
+        ],
+        capsys,
+    )
     assert rc == 0, err
     (row,) = json.loads((out_dir / "eval.json").read_text())["rows"]
     assert set(row["accuracy"].values()) == {row["accuracy"]["clean"]}
@@ -266,9 +332,30 @@ def test_cli_with_autoattack_and_sanity(env, capsys):
     the rest (its four attacks on surviving points take minutes on a CPU)."""
     pytest.importorskip("pyautoattack")
     out_dir = env["root"] / "aa"
-    rc, out, err = _main(["--ckpt", env["ckpt"], "--arch", "tiny", "--eps", "0.5", "--n", 8, "--data", env["data"],
-                          "--attacks", "clean,aa", "--sanity", "--sanity-steps", 10, "--no-progress", "--out",
-                          out_dir, "--no-download"], capsys)
+    rc, out, err = _main(
+        [
+            "--ckpt",
+            env["ckpt"],
+            "--arch",
+            "tiny",
+            "--eps",
+            "0.5",
+            "--n",
+            8,
+            "--data",
+            env["data"],
+            "--attacks",
+            "clean,aa",
+            "--sanity",
+            "--sanity-steps",
+            10,
+            "--no-progress",
+            "--out",
+            out_dir,
+            "--no-download",
+        ],
+        capsys,
+    )
     assert rc == 0, err
     report = json.loads((out_dir / "eval.json").read_text())
     (row,) = report["rows"]
@@ -285,8 +372,20 @@ def test_n_default_uses_the_whole_smaller_test_set_and_an_explicit_n_too_large_i
     """One rule with train's --eval-n: the default (10000) on a 64-image test set evaluates all 64 and says
     so; an explicit --n over 64 is an error (before: both clamped silently)."""
     out_dir = env["root"] / "n_rule"
-    common = ["--ckpt", env["ckpt"], "--arch", "tiny", "--attacks", "clean", "--data", env["data"],
-              "--no-download", "--no-progress", "--out", out_dir]
+    common = [
+        "--ckpt",
+        env["ckpt"],
+        "--arch",
+        "tiny",
+        "--attacks",
+        "clean",
+        "--data",
+        env["data"],
+        "--no-download",
+        "--no-progress",
+        "--out",
+        out_dir,
+    ]
     rc, out, err = _main(common + ["--n", 65], capsys)
     lines = err.strip().splitlines()
     assert rc == 2 and len(lines) == 1 and "--n 65" in lines[0] and "64" in lines[0], err

@@ -4,6 +4,7 @@ inner loop (replay == eager, on a GPU only).
 CPU tests use the 5k-parameter `tiny` model; this CPU has no native bf16, so bf16 runs here are slow but
 correct, which is all they need to be.
 """
+
 import json
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 from rslad_fast import fused_kl_pgd, methods, train
 from rslad_fast.engine.step import AMP_DTYPES, teacher_logits, train_step
 from rslad_fast.models import build
+
 
 def _pair(seed=0, arch="tiny"):
     torch.manual_seed(seed)
@@ -27,6 +29,7 @@ def _batch(n=16, seed=1, device="cpu"):
 
 
 # ---- the teacher: inference mode, float32 logits usable as autograd targets ----------------------------
+
 
 def test_teacher_runs_in_inference_mode_and_its_logits_are_plain_fp32():
     _, teacher = _pair()
@@ -44,6 +47,7 @@ def test_teacher_runs_in_inference_mode_and_its_logits_are_plain_fp32():
 
 # ---- bf16 autocast: low-precision passes, fp32 master weights ---------------------------------------------
 
+
 @pytest.mark.parametrize("method", ["rslad", "trades"])
 def test_bf16_train_step_keeps_fp32_master_weights(method):
     student, teacher = _pair()
@@ -54,8 +58,16 @@ def test_bf16_train_step_keeps_fp32_master_weights(method):
     opt = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9)
     m = methods.get(method)(steps=2)
     x, y = _batch()
-    loss, ctx = train_step(student, m, opt, x, y, teacher=teacher if m.needs_teacher else None,
-                           amp_dtype=torch.bfloat16, generator=torch.Generator().manual_seed(0))
+    loss, ctx = train_step(
+        student,
+        m,
+        opt,
+        x,
+        y,
+        teacher=teacher if m.needs_teacher else None,
+        amp_dtype=torch.bfloat16,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert dtypes and set(dtypes) == {torch.bfloat16}  # attack and training forwards all autocast
     assert torch.isfinite(loss)
     assert all(p.dtype == torch.float32 for p in student.parameters())
@@ -70,13 +82,22 @@ def test_bf16_and_fp32_steps_agree_to_bf16_precision():
     for amp in ("fp32", "bf16"):
         student, teacher = _pair()
         opt = torch.optim.SGD(student.parameters(), lr=0.1)
-        loss, _ = train_step(student, methods.get("rslad")(steps=2), opt, x, y, teacher=teacher,
-                             amp_dtype=AMP_DTYPES[amp], generator=torch.Generator().manual_seed(0))
+        loss, _ = train_step(
+            student,
+            methods.get("rslad")(steps=2),
+            opt,
+            x,
+            y,
+            teacher=teacher,
+            amp_dtype=AMP_DTYPES[amp],
+            generator=torch.Generator().manual_seed(0),
+        )
         losses[amp] = float(loss)
     assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.05), losses
 
 
 # ---- channels_last: the same step, another memory layout -------------------------------------------------
+
 
 @pytest.mark.parametrize("arch", ["tiny", "mnv2"])
 def test_channels_last_step_matches_the_contiguous_step(arch):
@@ -90,8 +111,15 @@ def test_channels_last_step_matches_the_contiguous_step(arch):
             teacher = teacher.to(memory_format=torch.channels_last)
             xx = x.contiguous(memory_format=torch.channels_last)
         opt = torch.optim.SGD(student.parameters(), lr=0.1)
-        loss, _ = train_step(student, methods.get("rslad")(steps=2), opt, xx, y, teacher=teacher,
-                             generator=torch.Generator().manual_seed(0))
+        loss, _ = train_step(
+            student,
+            methods.get("rslad")(steps=2),
+            opt,
+            xx,
+            y,
+            teacher=teacher,
+            generator=torch.Generator().manual_seed(0),
+        )
         out[cl] = (float(loss), [p.detach().clone().contiguous() for p in student.parameters()])
     assert out[True][0] == pytest.approx(out[False][0], rel=1e-4)
     for a, b in zip(out[True][1], out[False][1]):
@@ -99,6 +127,7 @@ def test_channels_last_step_matches_the_contiguous_step(arch):
 
 
 # ---- the command line ------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def data(fake_cifar10):
@@ -112,16 +141,46 @@ def test_cli_trains_with_bf16_and_channels_last(data, tmp_path, monkeypatch):
     original = loop.train_step
 
     def spy(student, method, optimizer, x, y, **kw):
-        seen.append((kw["amp_dtype"], x.is_contiguous(memory_format=torch.channels_last),
-                     next(p for p in student.parameters() if p.dim() == 4).is_contiguous(
-                         memory_format=torch.channels_last)))
+        seen.append(
+            (
+                kw["amp_dtype"],
+                x.is_contiguous(memory_format=torch.channels_last),
+                next(p for p in student.parameters() if p.dim() == 4).is_contiguous(memory_format=torch.channels_last),
+            )
+        )
         return original(student, method, optimizer, x, y, **kw)
 
     monkeypatch.setattr(loop, "train_step", spy)
     run = tmp_path / "run"
-    assert train.main(["--method", "trades", "--student", "tiny", "--data", str(data), "--out", str(run),
-                       "--epochs", "2", "--batch-size", "32", "--eval-n", "32", "--steps", "2", "--threads", "1",
-                       "--amp", "bf16", "--channels-last", "--no-progress"]) == 0
+    assert (
+        train.main(
+            [
+                "--method",
+                "trades",
+                "--student",
+                "tiny",
+                "--data",
+                str(data),
+                "--out",
+                str(run),
+                "--epochs",
+                "2",
+                "--batch-size",
+                "32",
+                "--eval-n",
+                "32",
+                "--steps",
+                "2",
+                "--threads",
+                "1",
+                "--amp",
+                "bf16",
+                "--channels-last",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert seen and all(s == (torch.bfloat16, True, True) for s in seen)
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["amp"] == "bf16" and cfg["channels_last"] is True
@@ -137,8 +196,9 @@ def test_defaults_fp32_and_quick_preset_switches_channels_last_on(data, tmp_path
     args = train.build_parser().parse_args(["--method", "natural", "--student", "tiny", "--data", str(data)])
     cfg = train.resolve_config(args)
     assert (cfg.amp, cfg.channels_last) == ("fp32", False)
-    args = train.build_parser().parse_args(["--preset", "quick", "--student", "tiny", "--data", str(data),
-                                            "--no-channels-last", "--teacher-arch", "tiny"])
+    args = train.build_parser().parse_args(
+        ["--preset", "quick", "--student", "tiny", "--data", str(data), "--no-channels-last", "--teacher-arch", "tiny"]
+    )
     cfg = train.resolve_config(args)
     assert cfg.channels_last is False and cfg.teacher_run["channels_last"] is False
     assert Config.from_dict(cfg.to_dict()) == cfg
@@ -151,8 +211,28 @@ def test_bad_amp_and_resume_overrides_fail_cleanly(data, tmp_path, capsys):
         train.main(["--amp", "fp8", "--data", str(data)])
     assert e.value.code == 2 and "--amp" in capsys.readouterr().err
     run = tmp_path / "r"
-    assert train.main(["--method", "natural", "--student", "tiny", "--data", str(data), "--out", str(run),
-                       "--epochs", "1", "--eval-n", "8", "--threads", "1", "--no-progress"]) == 0
+    assert (
+        train.main(
+            [
+                "--method",
+                "natural",
+                "--student",
+                "tiny",
+                "--data",
+                str(data),
+                "--out",
+                str(run),
+                "--epochs",
+                "1",
+                "--eval-n",
+                "8",
+                "--threads",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert train.main(["--resume", str(run), "--no-channels-last"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -160,6 +240,7 @@ def test_bad_amp_and_resume_overrides_fail_cleanly(data, tmp_path, capsys):
 
 
 # ---- CUDA graphs: replay computes what eager computes (GPU only) ------------------------------------------
+
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("arch", ["tiny", "mnv2"])

@@ -1,5 +1,6 @@
 """GPU-facing policies whose logic runs on the CPU: one TF32 policy for training and evaluation, and a clear
 start-up error for a library built without CUDA kernels."""
+
 import json
 
 import pytest
@@ -44,12 +45,32 @@ def _spy_train_steps(monkeypatch):
 
 
 def _train(data, out, *extra):
-    return train.main(["--method", "natural", "--student", "tiny", "--data", str(data), "--out", str(out),
-                       "--epochs", "1", "--batch-size", "32", "--eval-n", "16", "--threads", "1", "--no-progress",
-                       *extra])
+    return train.main(
+        [
+            "--method",
+            "natural",
+            "--student",
+            "tiny",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "32",
+            "--eval-n",
+            "16",
+            "--threads",
+            "1",
+            "--no-progress",
+            *extra,
+        ]
+    )
 
 
 # ---- TF32: off in training unless asked, as in evaluate; recorded; torch's flags restored ----------------
+
 
 def test_training_runs_strict_fp32_by_default_and_records_it(data, tmp_path, monkeypatch, tf32_on):
     seen = _spy_train_steps(monkeypatch)
@@ -80,14 +101,29 @@ def test_evaluate_uses_the_same_policy_and_records_it(data, tmp_path, monkeypatc
         return original(*a, **kw)
 
     monkeypatch.setattr(evaluate, "evaluate_model", spy)
-    argv = ["--ckpt", str(ckpt), "--arch", "tiny", "--data", str(data), "--no-download", "--n", "8",
-            "--attacks", "clean", "--no-progress", "--out", str(tmp_path / "e")]
+    argv = [
+        "--ckpt",
+        str(ckpt),
+        "--arch",
+        "tiny",
+        "--data",
+        str(data),
+        "--no-download",
+        "--n",
+        "8",
+        "--attacks",
+        "clean",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "e"),
+    ]
     assert evaluate.main(argv) == 0
     assert seen == [(False, False)] and _flags() == (True, True)
     assert json.loads((tmp_path / "e" / "eval.json").read_text())["config"]["allow_tf32"] is False
 
 
 # ---- a compiled library without CUDA kernels: one clear error at start --------------------------------------
+
 
 def test_config_records_the_ops_backend(data, tmp_path):
     assert _train(data, tmp_path / "run") == 0
@@ -111,8 +147,9 @@ def test_training_and_evaluate_fail_at_start_without_cuda_kernels(data, tmp_path
     if ops.backend() != "compiled":
         pytest.skip("the reference fallback runs on any device")
     monkeypatch.setattr(ops, "_CUDA_KERNELS", False)
-    args = train.build_parser().parse_args(["--method", "natural", "--student", "tiny", "--data", str(data),
-                                            "--device", "cpu"])
+    args = train.build_parser().parse_args(
+        ["--method", "natural", "--student", "tiny", "--data", str(data), "--device", "cpu"]
+    )
     cfg = train.resolve_config(args)
     cfg.device = "cuda"  # as a resumed run's config.json would say; no GPU is needed to reach the check
     with pytest.raises(UserError, match="built without CUDA kernels") as e:
@@ -136,8 +173,13 @@ def test_require_env_refuses_a_fallback_at_import(require, ok):
         ok = ops.cuda_kernels_available()
     if ops.backend() != "compiled":
         ok = False
-    done = subprocess.run([sys.executable, "-c", "import rslad_fast"], capture_output=True, text=True,
-                          env={**os.environ, "RSLAD_FAST_REQUIRE": require}, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", "import rslad_fast"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "RSLAD_FAST_REQUIRE": require},
+        timeout=120,
+    )
     assert (done.returncode == 0) == ok, done.stderr[-2000:]
     if not ok:
         assert "RSLAD_FAST_REQUIRE" in done.stderr
@@ -145,9 +187,27 @@ def test_require_env_refuses_a_fallback_at_import(require, ok):
 
 def test_cuda_graph_true_on_the_cpu_is_one_clear_error(data, tmp_path, capsys):
     """It raised a ValueError traceback from the first attack; now the config check refuses it."""
-    rc = train.main(["--method", "rslad", "--student", "tiny", "--teacher-arch", "tiny", "--data", str(data),
-                     "--out", str(tmp_path / "r"), "--device", "cpu", "--cuda-graph", "true", "--epochs", "1",
-                     "--no-progress"])
+    rc = train.main(
+        [
+            "--method",
+            "rslad",
+            "--student",
+            "tiny",
+            "--teacher-arch",
+            "tiny",
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "r"),
+            "--device",
+            "cpu",
+            "--cuda-graph",
+            "true",
+            "--epochs",
+            "1",
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "--cuda-graph true needs a CUDA device" in err[0]
     assert not (tmp_path / "r").exists()

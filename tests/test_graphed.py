@@ -2,6 +2,7 @@
 
 The cache and buffer logic is device-agnostic and tested on the CPU; capture and replay need a GPU.
 """
+
 import gc
 import threading
 
@@ -13,8 +14,10 @@ from rslad_fast.attacks import graphed
 from rslad_fast.attacks.pgd import random_start
 from rslad_fast.models import build
 
+
 class _Built:
     """A stand-in for a captured loop: counts how often the cache had to build one."""
+
     count = 0
 
     def __init__(self):
@@ -26,6 +29,7 @@ def _get(cache, model, key=("k",)):
 
 
 # ---- the cache: per model, weak, invalidated when a tensor is replaced --------------------------------
+
 
 def test_cache_reuses_a_loop_for_the_same_model_and_key():
     cache, model = graphed.GraphCache(), build("tiny")
@@ -91,6 +95,7 @@ def test_replacing_a_tensor_invalidates_the_models_graphs(replace):
 
 # ---- the static buffers: the eager loop's layout and random numbers --------------------------------------
 
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_static_buffers_match_the_eager_loop(channels_last):
     x = torch.rand(4, 3, 8, 8)
@@ -119,6 +124,7 @@ def test_a_channels_last_noise_buffer_would_differ():
 
 # ---- on a GPU: capture under concurrent CUDA work, device guard, stale parameters -------------------------
 
+
 def _setup(arch="tiny", batch=16, device="cuda"):
     """A fresh cache, deterministic cuDNN (replay == eager bitwise), a student, a batch and its targets."""
     graphed.clear_cache()
@@ -132,10 +138,8 @@ def _setup(arch="tiny", batch=16, device="cuda"):
 
 
 def _eager_and_graph(student, x, t, seed=0, **kw):
-    eager = fused_kl_pgd(student, x, t, cuda_graph=False, generator=torch.Generator(x.device).manual_seed(seed),
-                         **kw)
-    graph = fused_kl_pgd(student, x, t, cuda_graph=True, generator=torch.Generator(x.device).manual_seed(seed),
-                         **kw)
+    eager = fused_kl_pgd(student, x, t, cuda_graph=False, generator=torch.Generator(x.device).manual_seed(seed), **kw)
+    graph = fused_kl_pgd(student, x, t, cuda_graph=True, generator=torch.Generator(x.device).manual_seed(seed), **kw)
     return eager, graph
 
 

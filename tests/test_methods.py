@@ -3,6 +3,7 @@
 
 Everything runs on the CPU with the `tiny` model, batch 8, 32x32 inputs.
 """
+
 import copy
 
 import pytest
@@ -13,9 +14,12 @@ import torch.nn.functional as F
 from rslad_fast import models
 from rslad_fast.attacks.pgd import random_start
 from rslad_fast.errors import UserError
-from rslad_fast.methods import ARD, IAD, MART, RSLAD, SAT, TRADES, Context, Natural, get, names, REGISTRY
-from rslad_fast.methods import ard as ard_module, mart as mart_module, rslad as rslad_module
-from rslad_fast.methods import sat as sat_module, trades as trades_module
+from rslad_fast.methods import ARD, IAD, MART, REGISTRY, RSLAD, SAT, TRADES, Context, Natural, get, names
+from rslad_fast.methods import ard as ard_module
+from rslad_fast.methods import mart as mart_module
+from rslad_fast.methods import rslad as rslad_module
+from rslad_fast.methods import sat as sat_module
+from rslad_fast.methods import trades as trades_module
 
 B, C = 8, 10
 ADVERSARIAL = ["sat", "trades", "mart", "ard", "iad", "rslad"]
@@ -43,8 +47,15 @@ def context(method, student, x, y, teacher=None, epoch=0, seed=0):
         teacher.eval()
         with torch.no_grad():
             t_logits = teacher(x)
-    return Context(student=student, x=x, y=y, teacher=teacher, teacher_logits=t_logits, epoch=epoch,
-                   generator=torch.Generator().manual_seed(seed))
+    return Context(
+        student=student,
+        x=x,
+        y=y,
+        teacher=teacher,
+        teacher_logits=t_logits,
+        epoch=epoch,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -64,16 +75,19 @@ def setup64(setup):
 
 # ---- oracles: torch.nn.functional only, straight from the official codes / METHODS.md -----------------
 
+
 def kl_mean(student_logits, target_logits, tau=1.0):
     """KLDivLoss()(log_softmax(S/tau), softmax(T/tau)): the elementwise mean over B*C (ARD, RSLAD)."""
-    return F.kl_div(F.log_softmax(student_logits / tau, dim=1), F.softmax(target_logits / tau, dim=1),
-                    reduction="sum") / (B * C)
+    return F.kl_div(
+        F.log_softmax(student_logits / tau, dim=1), F.softmax(target_logits / tau, dim=1), reduction="sum"
+    ) / (B * C)
 
 
 def kl_rows(student_logits, target_logits, tau=1.0):
     """KLDivLoss(reduction='none')(log_softmax(S/tau), softmax(T/tau)).sum(1) = KL(T^tau || S^tau) per row."""
-    return F.kl_div(F.log_softmax(student_logits / tau, dim=1), F.softmax(target_logits / tau, dim=1),
-                    reduction="none").sum(dim=1)
+    return F.kl_div(
+        F.log_softmax(student_logits / tau, dim=1), F.softmax(target_logits / tau, dim=1), reduction="none"
+    ).sum(dim=1)
 
 
 def oracle(name, hp, S, T, x, x_adv, y, epoch):
@@ -84,8 +98,7 @@ def oracle(name, hp, S, T, x, x_adv, y, epoch):
     if name == "trades":
         logits = S(x)
         loss_natural = F.cross_entropy(logits, y)
-        loss_robust = (1.0 / B) * F.kl_div(F.log_softmax(S(x_adv), dim=1), F.softmax(S(x), dim=1),
-                                           reduction="sum")
+        loss_robust = (1.0 / B) * F.kl_div(F.log_softmax(S(x_adv), dim=1), F.softmax(S(x), dim=1), reduction="sum")
         return loss_natural + hp["beta"] * loss_robust
     if name == "mart":
         logits = S(x)
@@ -98,7 +111,8 @@ def oracle(name, hp, S, T, x, x_adv, y, epoch):
         true_probs = torch.gather(nat_probs, 1, (y.unsqueeze(1)).long()).squeeze()
         kl = nn.KLDivLoss(reduction="none")
         loss_robust = (1.0 / B) * torch.sum(
-            torch.sum(kl(torch.log(adv_probs + 1e-12), nat_probs), dim=1) * (1.0000001 - true_probs))
+            torch.sum(kl(torch.log(adv_probs + 1e-12), nat_probs), dim=1) * (1.0000001 - true_probs)
+        )
         return loss_adv + hp["beta"] * loss_robust
     with torch.no_grad():
         t_nat = T.eval()(x)
@@ -117,9 +131,11 @@ def oracle(name, hp, S, T, x, x_adv, y, epoch):
         A = F.softmax(guide, dim=1).gather(1, y[:, None]).squeeze(1).pow(hp["beta"])
         if hp["table1_form"]:
             teacher_term = A * teacher_term
-        return (alpha * tau * tau * (1 / B) * teacher_term.sum()
-                + alpha * (1 / B) * (kl_rows(outputs, basic) * (1 - A)).sum()
-                + (1.0 - alpha) * F.cross_entropy(basic, y))
+        return (
+            alpha * tau * tau * (1 / B) * teacher_term.sum()
+            + alpha * (1 / B) * (kl_rows(outputs, basic) * (1 - A)).sum()
+            + (1.0 - alpha) * F.cross_entropy(basic, y)
+        )
     if name == "rslad":
         a = hp["alpha"]
         return a * kl_mean(S(x_adv), t_nat) + (1 - a) * kl_mean(S(x), t_nat)
@@ -127,10 +143,20 @@ def oracle(name, hp, S, T, x, x_adv, y, epoch):
 
 
 LOSS_CASES = [
-    ("natural", {}, 0), ("sat", {}, 0), ("trades", {}, 0), ("trades", {"beta": 1.0}, 0), ("mart", {}, 0),
-    ("mart", {"beta": 5.0}, 0), ("ard", {}, 0), ("ard", {"alpha": 0.6, "tau": 4.0}, 0),
-    ("iad", {}, 0), ("iad", {}, 60), ("iad", {"alpha": 0.7, "tau": 2.0, "begin": 3}, 3),
-    ("iad", {"table1_form": True, "tau": 2.0}, 60), ("rslad", {}, 0), ("rslad", {"alpha": 0.5}, 0),
+    ("natural", {}, 0),
+    ("sat", {}, 0),
+    ("trades", {}, 0),
+    ("trades", {"beta": 1.0}, 0),
+    ("mart", {}, 0),
+    ("mart", {"beta": 5.0}, 0),
+    ("ard", {}, 0),
+    ("ard", {"alpha": 0.6, "tau": 4.0}, 0),
+    ("iad", {}, 0),
+    ("iad", {}, 60),
+    ("iad", {"alpha": 0.7, "tau": 2.0, "begin": 3}, 3),
+    ("iad", {"table1_form": True, "tau": 2.0}, 60),
+    ("rslad", {}, 0),
+    ("rslad", {"alpha": 0.5}, 0),
 ]
 
 
@@ -216,12 +242,15 @@ def test_iad_runs_each_input_once_where_the_official_loop_runs_more(setup64, epo
     teacher_term = kl_rows(outputs, t_nat, hp["tau"])
     if epoch >= hp["begin"]:
         A = F.softmax(guide, dim=1).gather(1, y[:, None]).squeeze(1).pow(hp["beta"])
-        expected = (hp["alpha"] * hp["tau"] ** 2 / B_ * teacher_term.sum()
-                    + hp["alpha"] / B_ * (kl_rows(outputs, S(x)) * (1 - A)).sum()
-                    + (1.0 - hp["alpha"]) * F.cross_entropy(S(x), y))
+        expected = (
+            hp["alpha"] * hp["tau"] ** 2 / B_ * teacher_term.sum()
+            + hp["alpha"] / B_ * (kl_rows(outputs, S(x)) * (1 - A)).sum()
+            + (1.0 - hp["alpha"]) * F.cross_entropy(S(x), y)
+        )
     else:
-        expected = (hp["alpha"] * hp["tau"] ** 2 / B_ * teacher_term.sum()
-                    + (1.0 - hp["alpha"]) * F.cross_entropy(S(x), y))
+        expected = hp["alpha"] * hp["tau"] ** 2 / B_ * teacher_term.sum() + (1.0 - hp["alpha"]) * F.cross_entropy(
+            S(x), y
+        )
     expected.backward()
     tracked = official.bn1.num_batches_tracked.item() - student.bn1.num_batches_tracked.item()
     assert tracked == (4 if epoch >= hp["begin"] else 3)
@@ -235,10 +264,12 @@ def test_iad_runs_each_input_once_where_the_official_loop_runs_more(setup64, epo
 
 OFFICIAL_ATTACK = {  # module, entry point, expected keyword arguments
     "sat": (sat_module, "pgd", dict(eps=8 / 255, alpha=2 / 255, steps=10, start="uniform", mode="eval")),
-    "trades": (trades_module, "pgd", dict(eps=0.031, alpha=0.007, steps=10, start="normal", init_std=0.001,
-                                          mode="eval")),
-    "mart": (mart_module, "pgd", dict(eps=0.031, alpha=0.007, steps=10, start="normal", init_std=0.001,
-                                      mode="eval")),
+    "trades": (
+        trades_module,
+        "pgd",
+        dict(eps=0.031, alpha=0.007, steps=10, start="normal", init_std=0.001, mode="eval"),
+    ),
+    "mart": (mart_module, "pgd", dict(eps=0.031, alpha=0.007, steps=10, start="normal", init_std=0.001, mode="eval")),
     "ard": (ard_module, "pgd", dict(eps=8 / 255, alpha=2 / 255, steps=10, start="uniform", mode="train")),
     "iad": (ard_module, "pgd", dict(eps=8 / 255, alpha=2 / 255, steps=10, start="uniform", mode="train")),
     "rslad": (rslad_module, "fused_kl_pgd", dict(eps=8 / 255, alpha=2 / 255, steps=10, init_std=0.001)),
@@ -289,8 +320,9 @@ def test_attack_raises_its_objective_and_stays_in_the_ball(setup, name):
     assert (x_adv != x).any()
 
     start_kind = "normal" if name in ("trades", "mart", "rslad") else "uniform"
-    start = random_start(x, start_kind, method.eps, getattr(method, "init_std", 0.001),
-                         torch.Generator().manual_seed(3))
+    start = random_start(
+        x, start_kind, method.eps, getattr(method, "init_std", 0.001), torch.Generator().manual_seed(3)
+    )
     buffers = [b.clone() for b in S.buffers()]
     obj_adv = method.attack_objective(ctx, x_adv)
     obj_start = method.attack_objective(ctx, start)
@@ -330,8 +362,20 @@ def test_outer_forwards_are_train_mode(setup, name):
 
 # ---- training decreases the loss ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("name,overrides", [("natural", {}), ("sat", {}), ("trades", {}), ("mart", {}),
-                                            ("ard", {}), ("iad", {}), ("iad", {"begin": 0}), ("rslad", {})])
+
+@pytest.mark.parametrize(
+    "name,overrides",
+    [
+        ("natural", {}),
+        ("sat", {}),
+        ("trades", {}),
+        ("mart", {}),
+        ("ard", {}),
+        ("iad", {}),
+        ("iad", {"begin": 0}),
+        ("rslad", {}),
+    ],
+)
 def test_sgd_steps_decrease_the_loss(setup, name, overrides):
     """(5) 8 SGD steps (lr 0.05) on one fixed batch, with the same attack start each step (3 attack steps
     instead of 10, to keep the test short)."""
@@ -351,11 +395,11 @@ def test_sgd_steps_decrease_the_loss(setup, name, overrides):
 
 # ---- registry, hyperparameters, schedules -------------------------------------------------------------
 
+
 def test_registry_names_and_aliases():
     assert names() == ("ard", "iad", "mart", "natural", "rslad", "sat", "trades")
     assert set(REGISTRY) == set(names())
-    classes = {"natural": Natural, "sat": SAT, "trades": TRADES, "mart": MART, "ard": ARD, "iad": IAD,
-               "rslad": RSLAD}
+    classes = {"natural": Natural, "sat": SAT, "trades": TRADES, "mart": MART, "ard": ARD, "iad": IAD, "rslad": RSLAD}
     for name, cls in classes.items():
         assert get(name) is cls and get(name.upper()) is cls and cls.name == name
     for alias in ("madry", "PGD-AT", "pgd_at", "AT", " sat "):
@@ -389,14 +433,33 @@ def test_hparams_and_schedules_cite_their_source():
     assert RSLAD().alpha == pytest.approx(5 / 6) and RSLAD().eps == pytest.approx(8 / 255)
 
 
-@pytest.mark.parametrize("name,overrides", [
-    ("sat", {"eps": 1.5}), ("sat", {"eps": -0.01}), ("sat", {"eps": float("nan")}), ("trades", {"eps": "abc"}),
-    ("trades", {"steps": -1}), ("mart", {"steps": 2.5}), ("sat", {"steps": True}), ("ard", {"step_size": -0.1}),
-    ("rslad", {"alpha": 1.2}), ("ard", {"alpha": -0.1}), ("ard", {"tau": 0}), ("iad", {"begin": -1}),
-    ("iad", {"begin": 1.5}), ("iad", {"beta": -1}), ("ard", {"lr_bug": "maybe"}), ("iad", {"table1_form": 2}),
-    ("trades", {"beta": -1}), ("mart", {"init_std": -0.1}), ("sat", {"attack_mode": "keep"}),
-    ("rslad", {"cuda_graph": "sometimes"}), ("natural", {"eps": 0.1}), ("trades", {"gamma": 1}),
-])
+@pytest.mark.parametrize(
+    "name,overrides",
+    [
+        ("sat", {"eps": 1.5}),
+        ("sat", {"eps": -0.01}),
+        ("sat", {"eps": float("nan")}),
+        ("trades", {"eps": "abc"}),
+        ("trades", {"steps": -1}),
+        ("mart", {"steps": 2.5}),
+        ("sat", {"steps": True}),
+        ("ard", {"step_size": -0.1}),
+        ("rslad", {"alpha": 1.2}),
+        ("ard", {"alpha": -0.1}),
+        ("ard", {"tau": 0}),
+        ("iad", {"begin": -1}),
+        ("iad", {"begin": 1.5}),
+        ("iad", {"beta": -1}),
+        ("ard", {"lr_bug": "maybe"}),
+        ("iad", {"table1_form": 2}),
+        ("trades", {"beta": -1}),
+        ("mart", {"init_std": -0.1}),
+        ("sat", {"attack_mode": "keep"}),
+        ("rslad", {"cuda_graph": "sometimes"}),
+        ("natural", {"eps": 0.1}),
+        ("trades", {"gamma": 1}),
+    ],
+)
 def test_bad_hparams_are_user_errors(name, overrides):
     with pytest.raises(UserError):
         get(name)(**overrides)
@@ -412,10 +475,8 @@ def test_hparams_from_strings_are_coerced():
 def test_lr_bug_milestones(cls):
     fixed, buggy = cls(), cls(lr_bug=True)
     assert fixed.milestones() == (100, 150) and buggy.milestones() == (100,)
-    assert [fixed.lr_at(e) for e in (0, 99, 100, 149, 150, 199)] == pytest.approx(
-        [0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
-    assert [buggy.lr_at(e) for e in (0, 99, 100, 149, 150, 199)] == pytest.approx(
-        [0.1, 0.1, 0.01, 0.01, 0.01, 0.01])
+    assert [fixed.lr_at(e) for e in (0, 99, 100, 149, 150, 199)] == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+    assert [buggy.lr_at(e) for e in (0, 99, 100, 149, 150, 199)] == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.01, 0.01])
 
 
 def test_other_methods_use_their_schedule_milestones():
@@ -428,24 +489,37 @@ def test_other_methods_use_their_schedule_milestones():
 
 # ---- MART: two official settings, chosen by the student's architecture ---------------------------------
 
+
 def _resolve(method, student, **cli):
     from rslad_fast import train
     from rslad_fast.engine.config import resolve
 
-    return resolve(dict(method=method, student=student, device="cpu", threads=1, **cli), "paper",
-                   train.PRESETS["paper"], train.EVAL_ATTACK)
+    return resolve(
+        dict(method=method, student=student, device="cpu", threads=1, **cli),
+        "paper",
+        train.PRESETS["paper"],
+        train.EVAL_ATTACK,
+    )
 
 
-@pytest.mark.parametrize("student,setting", [
-    ("resnet18", "resnet"), ("ResNet-18", "resnet"), ("resnet8", "resnet"), ("mnv2", "resnet"), ("tiny", "resnet"),
-    ("wrn34-10", "wrn"), ("wrn70-16", "wrn")])
+@pytest.mark.parametrize(
+    "student,setting",
+    [
+        ("resnet18", "resnet"),
+        ("ResNet-18", "resnet"),
+        ("resnet8", "resnet"),
+        ("mnv2", "resnet"),
+        ("tiny", "resnet"),
+        ("wrn34-10", "wrn"),
+        ("wrn70-16", "wrn"),
+    ],
+)
 def test_mart_setting_follows_the_student_architecture(student, setting):
     """MART's train_resnet.py (ResNet-18): beta 5, lr 0.01, weight decay 3.5e-3, 120 epochs;
     train_wideresnet.py (WRN-34-10): beta 6, lr 0.1, weight decay 7e-4, 90 epochs; both decay x0.1 at
     epochs 75, 90, 100 (from 1). The wide ResNets get the second, every other student the first."""
     cfg = _resolve("mart", student)
-    got = (cfg.hparams["beta"], cfg.lr, cfg.weight_decay, cfg.epochs, cfg.milestones, cfg.batch_size,
-           cfg.momentum)
+    got = (cfg.hparams["beta"], cfg.lr, cfg.weight_decay, cfg.epochs, cfg.milestones, cfg.batch_size, cfg.momentum)
     if setting == "resnet":
         assert got == (5.0, 0.01, 3.5e-3, 120, [74, 89, 99], 128, 0.9)
         assert "train_resnet.py" in cfg.schedule_source

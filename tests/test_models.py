@@ -57,13 +57,16 @@ def test_full_size_output_shape_on_meta(name):
     assert model(torch.empty(1, 3, 32, 32, device="meta")).shape == (1, 100)
 
 
-@pytest.mark.parametrize("name,expected,tol", [
-    ("resnet18", 11_173_962, 0),
-    ("mnv2", 2_296_922, 0),
-    ("wrn70-16", 266_796_506, 0),
-    ("resnet8", 78_042, 0),  # He et al.'s CIFAR ResNet-8 (n = 1, widths 16/32/64), ~78k
-    ("tiny", 5_466, 0),
-])
+@pytest.mark.parametrize(
+    "name,expected,tol",
+    [
+        ("resnet18", 11_173_962, 0),
+        ("mnv2", 2_296_922, 0),
+        ("wrn70-16", 266_796_506, 0),
+        ("resnet8", 78_042, 0),  # He et al.'s CIFAR ResNet-8 (n = 1, widths 16/32/64), ~78k
+        ("tiny", 5_466, 0),
+    ],
+)
 def test_parameter_counts(name, expected, tol):
     assert abs(_nparams(_meta(name)) - expected) <= tol
 
@@ -77,11 +80,21 @@ def test_wrn34_10_parameter_count():
 
 def test_trades_wrn_keys():
     keys = set(_meta("wrn34-10").state_dict())
-    for k in ["conv1.weight", "block1.layer.0.bn1.weight", "block1.layer.0.conv1.weight",
-              "block1.layer.0.convShortcut.weight", "block1.layer.4.conv2.weight",
-              "sub_block1.layer.0.bn1.weight", "sub_block1.layer.0.convShortcut.weight",
-              "block2.layer.0.convShortcut.weight", "block3.layer.4.bn2.running_var",
-              "bn1.weight", "bn1.running_mean", "fc.weight", "fc.bias"]:
+    for k in [
+        "conv1.weight",
+        "block1.layer.0.bn1.weight",
+        "block1.layer.0.conv1.weight",
+        "block1.layer.0.convShortcut.weight",
+        "block1.layer.4.conv2.weight",
+        "sub_block1.layer.0.bn1.weight",
+        "sub_block1.layer.0.convShortcut.weight",
+        "block2.layer.0.convShortcut.weight",
+        "block3.layer.4.bn2.running_var",
+        "bn1.weight",
+        "bn1.running_mean",
+        "fc.weight",
+        "fc.bias",
+    ]:
         assert k in keys, k
     assert "block1.layer.1.convShortcut.weight" not in keys  # identity blocks have no shortcut
     assert "block1.layer.5.bn1.weight" not in keys  # depth 34 -> 5 blocks per stage
@@ -103,10 +116,19 @@ def test_trades_wrn_forward_ignores_sub_block1():
 def test_dm_wrn_keys_and_buffers():
     model = _meta("wrn70-16")
     keys = set(model.state_dict())
-    for k in ["init_conv.weight", "layer.0.block.0.batchnorm_0.weight", "layer.0.block.0.conv_0.weight",
-              "layer.0.block.0.batchnorm_1.running_mean", "layer.0.block.0.conv_1.weight",
-              "layer.0.block.0.shortcut.weight", "layer.1.block.0.shortcut.weight",
-              "layer.2.block.10.conv_1.weight", "batchnorm.weight", "logits.weight", "logits.bias"]:
+    for k in [
+        "init_conv.weight",
+        "layer.0.block.0.batchnorm_0.weight",
+        "layer.0.block.0.conv_0.weight",
+        "layer.0.block.0.batchnorm_1.running_mean",
+        "layer.0.block.0.conv_1.weight",
+        "layer.0.block.0.shortcut.weight",
+        "layer.1.block.0.shortcut.weight",
+        "layer.2.block.10.conv_1.weight",
+        "batchnorm.weight",
+        "logits.weight",
+        "logits.bias",
+    ]:
         assert k in keys, k
     assert "layer.2.block.11.conv_1.weight" not in keys  # depth 70 -> 11 blocks per group
     assert "layer.0.block.1.shortcut.weight" not in keys
@@ -121,8 +143,12 @@ def test_dm_wrn_small_forward_padding_and_normalization():
     assert torch.allclose(model.mean.flatten(), torch.tensor([0.4914, 0.4822, 0.4465]))
     assert torch.allclose(model.std.flatten(), torch.tensor([0.2471, 0.2435, 0.2616]))
     seen = {}
-    hooks = [model.layer[i].block[0].conv_0.register_forward_pre_hook(
-        lambda m, a, i=i: seen.__setitem__(i, tuple(a[0].shape[-2:]))) for i in range(3)]
+    hooks = [
+        model.layer[i]
+        .block[0]
+        .conv_0.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, tuple(a[0].shape[-2:])))
+        for i in range(3)
+    ]
     x = _x()
     out = model(x)
     for h in hooks:
@@ -140,13 +166,30 @@ def test_dm_wrn_small_forward_padding_and_normalization():
 # ---------------------------------------------------------------- names
 
 
-@pytest.mark.parametrize("alias,canon", [
-    ("resnet18", "resnet18"), ("ResNet-18", "resnet18"), ("resnet_18", "resnet18"), ("RN18", "resnet18"),
-    ("mobilenet_v2", "mnv2"), ("MobileNetV2", "mnv2"), ("mnv2", "mnv2"), ("MNV2", "mnv2"),
-    ("wrn-34-10", "wrn34-10"), ("wrn_34_10", "wrn34-10"), ("WideResNet34-10", "wrn34-10"),
-    ("wrn34-10", "wrn34-10"), ("wrn-70-16", "wrn70-16"), ("WRN_70_16", "wrn70-16"),
-    ("wideresnet-70-16", "wrn70-16"), ("tiny", "tiny"), ("TINY", "tiny"), ("ResNet-8", "resnet8"), ("rn8", "resnet8"),
-])
+@pytest.mark.parametrize(
+    "alias,canon",
+    [
+        ("resnet18", "resnet18"),
+        ("ResNet-18", "resnet18"),
+        ("resnet_18", "resnet18"),
+        ("RN18", "resnet18"),
+        ("mobilenet_v2", "mnv2"),
+        ("MobileNetV2", "mnv2"),
+        ("mnv2", "mnv2"),
+        ("MNV2", "mnv2"),
+        ("wrn-34-10", "wrn34-10"),
+        ("wrn_34_10", "wrn34-10"),
+        ("WideResNet34-10", "wrn34-10"),
+        ("wrn34-10", "wrn34-10"),
+        ("wrn-70-16", "wrn70-16"),
+        ("WRN_70_16", "wrn70-16"),
+        ("wideresnet-70-16", "wrn70-16"),
+        ("tiny", "tiny"),
+        ("TINY", "tiny"),
+        ("ResNet-8", "resnet8"),
+        ("rn8", "resnet8"),
+    ],
+)
 def test_aliases(alias, canon):
     assert canonical_name(alias) == canon
 
@@ -277,8 +320,9 @@ def test_missing_path_and_directory(tmp_path):
         load_checkpoint_into(TinyCNN(), tmp_path)
 
 
-@pytest.mark.parametrize("content", [b"", b"hello, this is not a checkpoint\n", os.urandom(4096),
-                                     "truncated-half", "truncated-head"])
+@pytest.mark.parametrize(
+    "content", [b"", b"hello, this is not a checkpoint\n", os.urandom(4096), "truncated-half", "truncated-head"]
+)
 def test_corrupt_files(tmp_path, content):
     path = tmp_path / "corrupt.pt"
     if isinstance(content, str):
@@ -331,8 +375,15 @@ def test_malicious_pickle_is_refused(tmp_path, writer):
 
 # A diverged run leaves NaN/inf in its weights or BatchNorm statistics; such a file must not load: as a
 # teacher it would train a student on garbage, in evaluate it would report ~10% accuracy as a result.
-@pytest.mark.parametrize("name,value", [("conv1.weight", float("nan")), ("linear.bias", float("inf")),
-                                        ("bn2.running_var", float("-inf")), ("bn1.running_mean", float("nan"))])
+@pytest.mark.parametrize(
+    "name,value",
+    [
+        ("conv1.weight", float("nan")),
+        ("linear.bias", float("inf")),
+        ("bn2.running_var", float("-inf")),
+        ("bn1.running_mean", float("nan")),
+    ],
+)
 def test_non_finite_weights_are_refused(tmp_path, name, value):
     sd = _trained_tiny().state_dict()
     sd[name].view(-1)[0] = value
@@ -355,8 +406,21 @@ def test_non_finite_refused_for_teacher_and_evaluate(tmp_path, capsys):
     with pytest.raises(UserError, match="'bn1.running_var'.*non-finite"):
         load_teacher(path, "tiny")
     # evaluate loads every checkpoint before it reads the data: no data folder needed to see the refusal
-    rc = evaluate.main(["--ckpt", str(path), "--arch", "tiny", "--attacks", "clean", "--data",
-                        str(tmp_path / "no_data"), "--no-download", "--out", str(tmp_path / "out")])
+    rc = evaluate.main(
+        [
+            "--ckpt",
+            str(path),
+            "--arch",
+            "tiny",
+            "--attacks",
+            "clean",
+            "--data",
+            str(tmp_path / "no_data"),
+            "--no-download",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "error: checkpoint" in err and "non-finite" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
@@ -378,10 +442,18 @@ def test_official_containers(tmp_path, wrap):
     sd = src.state_dict()
     obj = {
         "ard": {"net": _prefixed(sd, "module."), "optimizer": _opt_state(_trained_tiny()), "epoch": 99},
-        "model_state_dict": {"model_state_dict": sd, "optimizer_state_dict": _opt_state(_trained_tiny()),
-                             "epoch": 4, "loss": 0.5},
-        "iad": {"epoch": 10, "state_dict": _prefixed(sd, "module."), "test_nat_acc": 80.0,
-                "optimizer": _opt_state(_trained_tiny())},
+        "model_state_dict": {
+            "model_state_dict": sd,
+            "optimizer_state_dict": _opt_state(_trained_tiny()),
+            "epoch": 4,
+            "loss": 0.5,
+        },
+        "iad": {
+            "epoch": 10,
+            "state_dict": _prefixed(sd, "module."),
+            "test_nat_acc": 80.0,
+            "optimizer": _opt_state(_trained_tiny()),
+        },
         "equal_twice": {"state_dict": sd, "model": _prefixed(sd, "module.")},
     }[wrap]
     path = tmp_path / "official.t7"

@@ -1,5 +1,6 @@
 """softmax_kl under torch.autocast (csrc/ops/autocast/, and its copy for the reference fallback), and the one
 set of argument checks: the C++ messages are the Python fallback's, word for word."""
+
 import pytest
 import torch
 from op_samples import make_logits
@@ -105,19 +106,33 @@ def _message(fn, *args):
 
 def _bad_kl_args():
     s, t = torch.randn(4, 10), torch.randn(4, 10)
-    return [(s, torch.randn(4, 9), 1.0, "sum"), (s, t.double(), 1.0, "sum"), (s, t.int(), 1.0, "sum"),
-            (s.long(), t.long(), 1.0, "sum"), (torch.randn(4, 10, 2), torch.randn(4, 10, 2), 1.0, "sum"),
-            (torch.randn(4, 0), torch.randn(4, 0), 1.0, "sum"), (s, t, 0.0, "sum"), (s, t, -2.5, "sum"),
-            (s, t, float("nan"), "sum"), (s, t, 1.0, "avg")]
+    return [
+        (s, torch.randn(4, 9), 1.0, "sum"),
+        (s, t.double(), 1.0, "sum"),
+        (s, t.int(), 1.0, "sum"),
+        (s.long(), t.long(), 1.0, "sum"),
+        (torch.randn(4, 10, 2), torch.randn(4, 10, 2), 1.0, "sum"),
+        (torch.randn(4, 0), torch.randn(4, 0), 1.0, "sum"),
+        (s, t, 0.0, "sum"),
+        (s, t, -2.5, "sum"),
+        (s, t, float("nan"), "sum"),
+        (s, t, 1.0, "avg"),
+    ]
 
 
 def _bad_pgd_args():
     x, y = torch.rand(2, 3, 4, 4), torch.rand(2, 3)
     ok = (0.03, 0.01, 0.0, 1.0)
-    return [(x.clone(), torch.randn(2, 3, 4, 5), x, *ok), (x.clone(), x, torch.rand(1, 3, 4, 4), *ok),
-            (x.clone(), x.double(), x, *ok), (*(x.to(torch.uint8) for _ in range(3)), *ok),
-            (y.clone(), y, y, -0.1, 0.01, 0.0, 1.0), (y.clone(), y, y, 0.03, -1e-5, 0.0, 1.0),
-            (y.clone(), y, y, float("nan"), 0.01, 0.0, 1.0), (y.clone(), y, y, 0.03, 0.01, 1.0, 0.0)]
+    return [
+        (x.clone(), torch.randn(2, 3, 4, 5), x, *ok),
+        (x.clone(), x, torch.rand(1, 3, 4, 4), *ok),
+        (x.clone(), x.double(), x, *ok),
+        (*(x.to(torch.uint8) for _ in range(3)), *ok),
+        (y.clone(), y, y, -0.1, 0.01, 0.0, 1.0),
+        (y.clone(), y, y, 0.03, -1e-5, 0.0, 1.0),
+        (y.clone(), y, y, float("nan"), 0.01, 0.0, 1.0),
+        (y.clone(), y, y, 0.03, 0.01, 1.0, 0.0),
+    ]
 
 
 @compiled

@@ -4,6 +4,7 @@ These run against the compiled kernels: a missing build fails `test_compiled_ops
 quietly testing the fallback. A test with a `device` parameter runs on the CPU and, marked `cuda`, on a GPU;
 its inputs come from op_samples.py.
 """
+
 import itertools
 import os
 import subprocess
@@ -11,8 +12,21 @@ import sys
 
 import pytest
 import torch
-from op_samples import (DTYPES_CPU, DTYPES_CUDA, IMAGE_SHAPES, KL_BATCHES, KL_CLASSES, TOL, kl_sample, kl_specs,
-                        make_logits, make_pgd_inputs, pgd_sample, pgd_specs, spec_id)
+from op_samples import (
+    DTYPES_CPU,
+    DTYPES_CUDA,
+    IMAGE_SHAPES,
+    KL_BATCHES,
+    KL_CLASSES,
+    TOL,
+    kl_sample,
+    kl_specs,
+    make_logits,
+    make_pgd_inputs,
+    pgd_sample,
+    pgd_specs,
+    spec_id,
+)
 
 from rslad_fast import ops
 from rslad_fast.ops import reference
@@ -43,7 +57,7 @@ def test_compiled_ops_are_in_use():
 def _assert_close(actual, expected, dtype, scale=1.0):
     atol, rtol = TOL[dtype]
     # float16 flushes gradients below its smallest subnormal (6e-8) to 0: never ask for more than that.
-    floor = 2.0 ** -23 if dtype == torch.float16 else 0.0
+    floor = 2.0**-23 if dtype == torch.float16 else 0.0
     torch.testing.assert_close(actual.double(), expected.double(), atol=max(atol * scale, floor), rtol=rtol)
 
 
@@ -122,8 +136,7 @@ def test_pgd_step_raw_op_bumps_version_counter():
 def test_pgd_step_under_torch_compile():
     x_adv, grad, x_nat = make_pgd_inputs((4, 3, 8, 8), torch.float32)
     expected = reference.pgd_step_(x_adv.clone(), grad, x_nat, 8 / 255, 2 / 255)
-    fn = torch.compile(lambda x, g, n: ops.pgd_step_(x, g, n, 8 / 255, 2 / 255), backend="aot_eager",
-                       fullgraph=True)
+    fn = torch.compile(lambda x, g, n: ops.pgd_step_(x, g, n, 8 / 255, 2 / 255), backend="aot_eager", fullgraph=True)
     fn(x_adv, grad, x_nat)
     assert torch.equal(x_adv, expected)
 
@@ -223,9 +236,11 @@ def test_softmax_kl_empty_batch(device, reduction):
 
 
 # The CUDA kernels choose their launch shape by rows and classes: there every shape of the forward sweep.
-@pytest.mark.parametrize("device,rows,classes",
-                         per_device([(1, 2), (7, 10), (128, 10), (513, 100), (5, 1000)],
-                                    itertools.product(KL_BATCHES, KL_CLASSES)), ids=str)
+@pytest.mark.parametrize(
+    "device,rows,classes",
+    per_device([(1, 2), (7, 10), (128, 10), (513, 100), (5, 1000)], itertools.product(KL_BATCHES, KL_CLASSES)),
+    ids=str,
+)
 @pytest.mark.parametrize("dtype", DTYPES_CPU, ids=str)
 @pytest.mark.parametrize("non_contiguous", (False, True), ids=("contiguous", "strided"))
 def test_softmax_kl_backward_matches_reference(device, rows, classes, dtype, non_contiguous):
@@ -238,8 +253,11 @@ def test_softmax_kl_backward_matches_reference(device, rows, classes, dtype, non
         for fn, dt in ((ops.softmax_kl, dtype), (reference.softmax_kl, torch.float64)):
             s, t = s0.to(dt).requires_grad_(True), t0.to(dt).requires_grad_(True)
             out = fn(s, t, temperature, reduction)
-            g = (torch.linspace(-1.5, 2.0, rows, dtype=dt, device=device) if reduction == "none"
-                 else torch.tensor(0.7, dtype=dt, device=device))
+            g = (
+                torch.linspace(-1.5, 2.0, rows, dtype=dt, device=device)
+                if reduction == "none"
+                else torch.tensor(0.7, dtype=dt, device=device)
+            )
             grads.append(torch.autograd.grad(out, (s, t), g))
         (gs, gt), (rs, rt) = grads
         # Gradients are scaled down by the reduction; tolerances follow the largest reference entry.
@@ -257,15 +275,17 @@ def test_softmax_kl_only_student_grad():
 
 
 # On CUDA, float64 reductions run the 1024-thread kernel whose register use once exceeded a block's on sm_90.
-@pytest.mark.parametrize("device,rows,classes,temperature",
-                         per_device([(5, 7, 1.0), (5, 7, 3.0)], [(33, 31, 2.0)]), ids=str)
+@pytest.mark.parametrize(
+    "device,rows,classes,temperature", per_device([(5, 7, 1.0), (5, 7, 3.0)], [(33, 31, 2.0)]), ids=str
+)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_softmax_kl_gradcheck_and_opcheck(device, rows, classes, temperature, reduction):
     s = make_logits(rows, classes, torch.float64, device, seed=9).requires_grad_(True)
     t = make_logits(rows, classes, torch.float64, device, seed=10).requires_grad_(True)
     assert torch.autograd.gradcheck(lambda a, b: ops.softmax_kl(a, b, temperature, reduction), (s, t))
-    torch.library.opcheck(torch.ops.rslad_fast.softmax_kl.default, (s, t),
-                          {"temperature": temperature, "reduction": reduction})
+    torch.library.opcheck(
+        torch.ops.rslad_fast.softmax_kl.default, (s, t), {"temperature": temperature, "reduction": reduction}
+    )
 
 
 # ---------------------------------------------------------------- softmax_kl on non-finite logits
@@ -294,8 +314,12 @@ def _kl_oracle(s, t, temperature, reduction):
         log_q = torch.log_softmax(s[i] / temperature, 0)[live]
         rows.append((log_p.exp() * (log_p - log_q)).sum())
     per_row = torch.stack(rows)
-    out = {"none": per_row, "sum": per_row.sum(), "batchmean": per_row.sum() / s.shape[0],
-           "mean": per_row.sum() / s.numel()}[reduction]
+    out = {
+        "none": per_row,
+        "sum": per_row.sum(),
+        "batchmean": per_row.sum() / s.shape[0],
+        "mean": per_row.sum() / s.numel(),
+    }[reduction]
     return (out.detach(), *torch.autograd.grad(out, (s, t), g))
 
 
@@ -398,11 +422,27 @@ def test_nonfinite_on_the_baseline_cpu_kernels():
     """The same non-finite checks with ATEN_CPU_CAPABILITY=default, which selects the kernels compiled for
     the baseline ISA instead of the AVX2 ones."""
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
-    capability = subprocess.run([sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
-                                capture_output=True, text=True, env=env, check=True).stdout.strip()
+    capability = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    ).stdout.strip()
     assert capability == "DEFAULT"
-    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-m", "not cuda", "-k",
-           "(nan_in_gives_nan_out or minus_inf_) and not reference"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        __file__,
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-m",
+        "not cuda",
+        "-k",
+        "(nan_in_gives_nan_out or minus_inf_) and not reference",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=os.path.dirname(__file__))
     assert done.returncode == 0 and " passed" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
 
@@ -431,8 +471,11 @@ PGD_OPCHECK_CUDA = pgd_specs((torch.float32, torch.float16, torch.float64))
 
 
 @compiled
-@pytest.mark.parametrize("device,spec", per_device([(s,) for s in PGD_OPCHECK_CPU], [(s,) for s in PGD_OPCHECK_CUDA]),
-                         ids=lambda v: v if isinstance(v, str) else spec_id(v))
+@pytest.mark.parametrize(
+    "device,spec",
+    per_device([(s,) for s in PGD_OPCHECK_CPU], [(s,) for s in PGD_OPCHECK_CUDA]),
+    ids=lambda v: v if isinstance(v, str) else spec_id(v),
+)
 def test_opcheck_pgd_step(device, spec):
     args, kwargs = pgd_sample(spec, device)
     torch.library.opcheck(torch.ops.rslad_fast.pgd_step_.default, args, kwargs)
@@ -520,14 +563,15 @@ def test_backward_bad_grad_output_shape():
 
 
 def test_fallback_announces_itself():
-    code = ("import sys, warnings; sys.modules['rslad_fast._C'] = None\n"
-            "with warnings.catch_warnings(record=True) as w:\n"
-            "    warnings.simplefilter('always')\n"
-            "    import rslad_fast, torch\n"
-            "print(rslad_fast.ops.backend())\n"
-            "print(any('pip install --no-build-isolation -e .' in str(x.message) for x in w))\n"
-            "x = torch.rand(2, 3); y = x.clone(); g = torch.randn(2, 3)\n"
-            "rslad_fast.ops.pgd_step_(x, g, y, 0.1, 0.05); print(bool((x - y).abs().max() <= 0.1 + 1e-7))\n")
+    code = (
+        "import sys, warnings; sys.modules['rslad_fast._C'] = None\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import rslad_fast, torch\n"
+        "print(rslad_fast.ops.backend())\n"
+        "print(any('pip install --no-build-isolation -e .' in str(x.message) for x in w))\n"
+        "x = torch.rand(2, 3); y = x.clone(); g = torch.randn(2, 3)\n"
+        "rslad_fast.ops.pgd_step_(x, g, y, 0.1, 0.05); print(bool((x - y).abs().max() <= 0.1 + 1e-7))\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["reference", "True", "True"]
-

@@ -4,6 +4,7 @@ Tiny model, fake data, one thread (the thread count is part of the run's config 
 CPU kernels may split reductions by thread). The lr milestone at epoch 1 and 2 makes the scheduler state
 matter; augmentation, PGD random starts and the loader shuffle make every RNG stream matter.
 """
+
 import json
 import os
 import signal
@@ -18,8 +19,21 @@ from rslad_fast import train
 from rslad_fast.engine import create_run_dir, prepare, run
 from rslad_fast.engine.checkpoint import atomic_save, atomic_write_bytes, load_checkpoint
 
-COMMON = ["--student", "tiny", "--threads", "1", "--eval-n", "16", "--batch-size", "64", "--epochs", "3",
-          "--milestones", "1,2", "--no-progress"]
+COMMON = [
+    "--student",
+    "tiny",
+    "--threads",
+    "1",
+    "--eval-n",
+    "16",
+    "--batch-size",
+    "64",
+    "--epochs",
+    "3",
+    "--milestones",
+    "1,2",
+    "--no-progress",
+]
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +68,9 @@ def _assert_same_state(dir_a, dir_b):
     # timings, and the teacher cache's counters: the cache is not checkpointed, so a resumed process redoes
     # the teacher forwards an uninterrupted one had cached (the weights above stay bitwise the same)
     timing = ("epoch_time_s", "eval_time_s", "images_per_s", "teacher_cache_hit_rate", "teacher_forwards_saved")
-    assert [{k: v for k, v in r.items() if k not in timing} for r in ra] == \
-           [{k: v for k, v in r.items() if k not in timing} for r in rb]
+    assert [{k: v for k, v in r.items() if k not in timing} for r in ra] == [
+        {k: v for k, v in r.items() if k not in timing} for r in rb
+    ]
 
 
 def _start(args):
@@ -107,8 +122,13 @@ def test_sigkill_at_a_random_moment_then_resume(straight, data, teacher_ckpt, tm
     time.sleep(0.3)  # somewhere into the next epoch
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    res = subprocess.run([sys.executable, "-m", "rslad_fast.train", "--resume", str(killed), "--no-progress"],
-                         env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-m", "rslad_fast.train", "--resume", str(killed), "--no-progress"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr
     assert not list(killed.glob(".*.tmp-*"))  # a temporary torn by the kill is cleaned up, never read
     _assert_same_state(straight, killed)
@@ -143,6 +163,7 @@ def test_atomic_writes_leave_the_old_file_when_interrupted(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         from rslad_fast.engine.checkpoint import atomic_write
+
         atomic_write(target, crash)
     assert torch.load(target, weights_only=True) == {"epoch": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary left behind
@@ -168,14 +189,17 @@ def test_resume_refuses_a_changed_teacher_file(data, teacher_ckpt, tmp_path, cap
 
 # ---- a last.pt with the right keys and the wrong content: one line each, nothing run ------------------------
 
+
 def _tamper(name):
     """How each case changes a genuine last.pt (a dict), and what its one line must say."""
+
     def set_(*path, value):
         def f(ck):
             d = ck
             for k in path[:-1]:
                 d = d[k]
             d[path[-1]] = value(d[path[-1]]) if callable(value) else value
+
         return f
 
     def drop(*path):
@@ -184,13 +208,17 @@ def _tamper(name):
             for k in path[:-1]:
                 d = d[k]
             del d[path[-1]]
+
         return f
 
     import argparse
+
     return {
         "wrong shape": (set_("model", "conv1.weight", value=torch.zeros(16, 3, 5, 5)), "conv1.weight"),
-        "100 classes": (lambda ck: ck["model"].update({"linear.weight": torch.zeros(100, 32),
-                                                        "linear.bias": torch.zeros(100)}), "linear.weight"),
+        "100 classes": (
+            lambda ck: ck["model"].update({"linear.weight": torch.zeros(100, 32), "linear.bias": torch.zeros(100)}),
+            "linear.weight",
+        ),
         "missing weight": (drop("model", "bn1.running_var"), "bn1.running_var"),
         "nan weight": (set_("model", "linear.bias", value=lambda t: t * float("nan")), "NaN"),
         "missing rng": (drop("rng", "numpy"), "RNG"),
@@ -207,8 +235,7 @@ def _tamper(name):
         "optimizer lr": (lambda ck: ck["optimizer"]["param_groups"][0].update(lr="fast"), "optimizer"),
         "scheduler": (set_("scheduler", value="x"), "lr schedule"),
         "scheduler epoch": (set_("scheduler", "last_epoch", value=0), "lr schedule"),
-        "unsafe object": (set_("config", value=lambda c: {**c, "note": argparse.Namespace(x=1)}),
-                          "safe load refuses"),
+        "unsafe object": (set_("config", value=lambda c: {**c, "note": argparse.Namespace(x=1)}), "safe load refuses"),
     }[name]
 
 
@@ -221,11 +248,30 @@ def one_epoch(data, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("case", ["wrong shape", "100 classes", "missing weight", "nan weight", "missing rng",
-                                  "short torch rng", "short python rng", "short generator", "world size",
-                                  "float epoch", "negative epoch", "epoch past the end", "best_acc",
-                                  "optimizer groups", "momentum shape", "optimizer lr", "scheduler",
-                                  "scheduler epoch", "unsafe object"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "wrong shape",
+        "100 classes",
+        "missing weight",
+        "nan weight",
+        "missing rng",
+        "short torch rng",
+        "short python rng",
+        "short generator",
+        "world size",
+        "float epoch",
+        "negative epoch",
+        "epoch past the end",
+        "best_acc",
+        "optimizer groups",
+        "momentum shape",
+        "optimizer lr",
+        "scheduler",
+        "scheduler epoch",
+        "unsafe object",
+    ],
+)
 def test_resume_refuses_a_last_pt_with_wrong_content(case, one_epoch, tmp_path, capsys):
     import shutil
 

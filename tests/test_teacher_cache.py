@@ -4,13 +4,14 @@ Tolerance: served logits and runs trained from them are compared with rtol 1e-5,
 returns logits the teacher gave for that view in another batch, and kernels may round differently for
 another batch size, so bitwise equality is not promised (on this CPU the logits come out bitwise anyway).
 """
+
 import json
 import math
 
 import pytest
 import torch
-
 from crop_flip import CHI2_DF8_P001, chi2_uniform  # noqa: F401  (the shared augmentation checks)
+
 from rslad_fast import train
 from rslad_fast.data import TensorLoader, apply_crop_flip, decode_views, num_views
 from rslad_fast.engine import runner, teacher_cache
@@ -23,8 +24,19 @@ from rslad_fast.models import build
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 RTOL, ATOL = 1e-5, 1e-6
-COMMON = ["--student", "tiny", "--threads", "1", "--eval-n", "16", "--batch-size", "32", "--no-progress",
-          "--device", "cpu"]
+COMMON = [
+    "--student",
+    "tiny",
+    "--threads",
+    "1",
+    "--eval-n",
+    "16",
+    "--batch-size",
+    "32",
+    "--no-progress",
+    "--device",
+    "cpu",
+]
 
 
 def _noise(n, seed=0):
@@ -53,8 +65,26 @@ def teacher_ckpt(tmp_path_factory):
 
 
 def _distill(method, data, out, teacher_ckpt, *extra):
-    return ["--method", method, "--data", str(data), "--out", str(out), "--teacher", str(teacher_ckpt),
-            "--teacher-arch", "tiny", "--steps", "2", "--epochs", "3", "--milestones", "2", *COMMON, *extra]
+    return [
+        "--method",
+        method,
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--teacher",
+        str(teacher_ckpt),
+        "--teacher-arch",
+        "tiny",
+        "--steps",
+        "2",
+        "--epochs",
+        "3",
+        "--milestones",
+        "2",
+        *COMMON,
+        *extra,
+    ]
 
 
 def _records(run_dir):
@@ -77,6 +107,7 @@ def _assert_close_runs(dir_a, dir_b):
 
 
 # ---- the loaders' view ids ------------------------------------------------------------------------------
+
 
 def test_tensor_loader_views_name_each_images_crop_and_flip():
     x, y = _noise(40), torch.arange(40) % 10
@@ -114,6 +145,7 @@ def test_view_ids_are_uniform_over_the_162_views():
 
 # ---- the cache ------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_served_logits_equal_the_teachers_on_the_same_view(channels_last):
     teacher = _teacher()
@@ -121,8 +153,9 @@ def test_served_logits_equal_the_teachers_on_the_same_view(channels_last):
     teacher = teacher.to(memory_format=fmt)
     n = 48
     x_all = _noise(n, seed=1)
-    loader = TensorLoader(x_all, torch.zeros(n, dtype=torch.long), 16, train=True, seed=2, padding=1,
-                          with_views=True)  # 18 views: hits and misses mixed within a few epochs
+    loader = TensorLoader(
+        x_all, torch.zeros(n, dtype=torch.long), 16, train=True, seed=2, padding=1, with_views=True
+    )  # 18 views: hits and misses mixed within a few epochs
     cache = TeacherCache(n, loader.num_views, 10, "cpu")
     mixed = 0
     for e in range(6):
@@ -167,8 +200,7 @@ def test_hit_rate_after_k_epochs_follows_one_minus_one_minus_one_over_v_to_the_k
     epochs, independently per image, so hits ~ Binomial(N, 1 - (1 - 1/162)^k). Checked at 3 epochs with
     exact binomial tails of 1e-7 each side (all checks together: p < 1e-6 of a false failure)."""
     n, epochs, v = 2048, 40, 162
-    loader = TensorLoader(_noise(n, seed=8), torch.zeros(n, dtype=torch.long), 512, train=True, seed=9,
-                          with_views=True)
+    loader = TensorLoader(_noise(n, seed=8), torch.zeros(n, dtype=torch.long), 512, train=True, seed=9, with_views=True)
     teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10)).eval()
     cache = TeacherCache(n, v, 10, "cpu")
     hits = []
@@ -190,8 +222,10 @@ def test_hit_rate_after_k_epochs_follows_one_minus_one_minus_one_over_v_to_the_k
 
 def _binomial_interval(n, p, tail):
     """The smallest [lo, hi] with P(X < lo) <= tail and P(X > hi) <= tail, X ~ Binomial(n, p) (exact)."""
-    logpmf = [math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * math.log(p)
-              + (n - k) * math.log1p(-p) for k in range(n + 1)]
+    logpmf = [
+        math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * math.log(p) + (n - k) * math.log1p(-p)
+        for k in range(n + 1)
+    ]
     pmf = [math.exp(v) for v in logpmf]
     lo, acc = 0, 0.0
     while acc + pmf[lo] <= tail:
@@ -222,8 +256,7 @@ def test_iad_teacher_on_x_adv_is_never_served_from_the_cache():
         loader.set_epoch(epoch)
         for x, y, views in loader:
             seen.clear()
-            train_step(student, method, opt, x, y, teacher=teacher, epoch=epoch, generator=g, cache=cache,
-                       views=views)
+            train_step(student, method, opt, x, y, teacher=teacher, epoch=epoch, generator=g, cache=cache, views=views)
             if epoch == 0:  # a miss: T(x) on x, then T(x') on x'
                 assert len(seen) == 2 and torch.equal(seen[0], x) and not torch.equal(seen[1], x)
             else:  # T(x) served; T(x') still computed, on x'
@@ -237,11 +270,19 @@ def test_train_step_refuses_a_cache_without_views():
     student = build("tiny")
     opt = torch.optim.SGD(student.parameters(), lr=0.01)
     with pytest.raises(ValueError, match="view ids"):
-        train_step(student, method, opt, torch.rand(2, 3, 32, 32), torch.zeros(2, dtype=torch.long),
-                   teacher=_teacher(), cache=TeacherCache(2, 1, 10, "cpu"))
+        train_step(
+            student,
+            method,
+            opt,
+            torch.rand(2, 3, 32, 32),
+            torch.zeros(2, dtype=torch.long),
+            teacher=_teacher(),
+            cache=TeacherCache(2, 1, 10, "cpu"),
+        )
 
 
 # ---- runs -----------------------------------------------------------------------------------------------
+
 
 def test_a_cached_rslad_run_equals_an_uncached_one(data, teacher_ckpt, tmp_path, monkeypatch, capsys):
     _no_augment(monkeypatch)
@@ -281,17 +322,34 @@ def test_resume_with_the_cache_equals_the_uninterrupted_cached_run(data, teacher
 
 def test_auto_per_method_and_on_without_a_teacher_is_an_error(data, teacher_ckpt, tmp_path, capsys):
     def resolved(method, *extra):
-        cfg = train.resolve_config(train.build_parser().parse_args(
-            _distill(method, data, tmp_path / method, teacher_ckpt, *extra)))
+        cfg = train.resolve_config(
+            train.build_parser().parse_args(_distill(method, data, tmp_path / method, teacher_ckpt, *extra))
+        )
         return cfg.teacher_cache, runner.prepare(cfg).teacher_cache
+
     assert resolved("rslad") == ("auto", True) and resolved("ard") == ("auto", True)
     assert resolved("iad") == ("auto", False)  # its teacher also sees x': off unless asked for
     assert resolved("iad", "--teacher-cache", "on") == ("on", True)
     assert resolved("rslad", "--teacher-cache", "off") == ("off", False)
-    rc = train.main(["--method", "natural", "--data", str(data), "--out", str(tmp_path / "nat"), "--epochs", "1",
-                     "--teacher-cache", "on", *COMMON])
+    rc = train.main(
+        [
+            "--method",
+            "natural",
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "nat"),
+            "--epochs",
+            "1",
+            "--teacher-cache",
+            "on",
+            *COMMON,
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and err[0].startswith("error: --teacher-cache on") and "without a teacher" in err[0]
+    assert (
+        rc == 2 and len(err) == 1 and err[0].startswith("error: --teacher-cache on") and "without a teacher" in err[0]
+    )
     assert not (tmp_path / "nat").exists()
 
 
@@ -300,8 +358,11 @@ def test_a_cache_that_does_not_fit(data, teacher_ckpt, tmp_path, monkeypatch, ca
     monkeypatch.setattr(teacher_cache, "free_bytes", lambda device: 1_000_000)  # 1 MB free
     rc = train.main(_distill("rslad", data, tmp_path / "on", teacher_ckpt, "--teacher-cache", "on"))
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and err[0].startswith("error: --teacher-cache on: the teacher-logit cache "
-                                                          "needs 850 kB"), err  # 128 x 162 x 41 bytes
+    assert (
+        rc == 2
+        and len(err) == 1
+        and err[0].startswith("error: --teacher-cache on: the teacher-logit cache needs 850 kB")
+    ), err  # 128 x 162 x 41 bytes
     assert "--teacher-cache off" in err[0] and not (tmp_path / "on").exists()
     auto = tmp_path / "auto"
     assert train.main(_distill("rslad", data, auto, teacher_ckpt, "--epochs", "1")) == 0
@@ -314,8 +375,11 @@ def test_configs_without_the_field_resume_uncached(tmp_path, capsys):
     --resume refuses the flag like any other setting."""
     from rslad_fast.engine.runner import _same_run
 
-    d = train.resolve_config(train.build_parser().parse_args(["--method", "rslad", "--student", "tiny",
-                                                              "--teacher", "x.pt", "--device", "cpu"])).to_dict()
+    d = train.resolve_config(
+        train.build_parser().parse_args(
+            ["--method", "rslad", "--student", "tiny", "--teacher", "x.pt", "--device", "cpu"]
+        )
+    ).to_dict()
     old = {k: v for k, v in d.items() if k != "teacher_cache"}
     assert Config.from_dict(old).teacher_cache == "off"
     assert _same_run(old, {**d, "teacher_cache": "off"}) and not _same_run(old, d)  # d: "auto"

@@ -4,6 +4,7 @@ Tiny and CPU-only: 256 training images, 64 held-out images, one thread, a few ep
 `train.main` for the training runs (no interpreter start-up per run); subprocesses, launched in parallel,
 for the bad-input checks, which are about what a user sees on the terminal (exit code, stderr).
 """
+
 import hashlib
 import json
 import os
@@ -37,6 +38,7 @@ def _records(run_dir):
 
 # ---- every method trains ---------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("method", ["natural", "sat", "trades", "mart", "ard", "iad", "rslad"])
 def test_every_method_trains_and_the_loss_decreases(method, data, teacher_ckpt, tmp_path):
     cls = methods.get(method)
@@ -60,19 +62,46 @@ def test_every_method_trains_and_the_loss_decreases(method, data, teacher_ckpt, 
 
 # ---- what a run writes -----------------------------------------------------------------------------------
 
+
 def test_run_directory_is_well_formed(data, teacher_ckpt, tmp_path):
     run = tmp_path / "run"
-    assert train.main(["--method", "rslad", "--student", "TinyCNN", "--data", str(data), "--out", str(run),
-                       "--epochs", "2", "--teacher", str(teacher_ckpt), "--teacher-arch", "tiny",
-                       "--milestones", "1", "--seed", "7", *COMMON[2:]]) == 0
-    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "config.json", "curves.png", "last.pt",
-                                                     "metrics.jsonl"]
+    assert (
+        train.main(
+            [
+                "--method",
+                "rslad",
+                "--student",
+                "TinyCNN",
+                "--data",
+                str(data),
+                "--out",
+                str(run),
+                "--epochs",
+                "2",
+                "--teacher",
+                str(teacher_ckpt),
+                "--teacher-arch",
+                "tiny",
+                "--milestones",
+                "1",
+                "--seed",
+                "7",
+                *COMMON[2:],
+            ]
+        )
+        == 0
+    )
+    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "config.json", "curves.png", "last.pt", "metrics.jsonl"]
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["student"] == "tiny" and cfg["method"] == "rslad" and cfg["preset"] == "paper"
     assert cfg["seed"] == 7 and cfg["epochs"] == 2 and cfg["milestones"] == [1]
     assert cfg["hparams"] == methods.get("rslad")().hparams()  # every hparam, official values
-    assert cfg["teacher"] == {"source": "file", "path": str(teacher_ckpt.resolve()), "arch": "tiny",
-                              "sha256": hashlib.sha256(teacher_ckpt.read_bytes()).hexdigest()}
+    assert cfg["teacher"] == {
+        "source": "file",
+        "path": str(teacher_ckpt.resolve()),
+        "arch": "tiny",
+        "sha256": hashlib.sha256(teacher_ckpt.read_bytes()).hexdigest(),
+    }
     assert cfg["eval_attack"] == dict(eps=8 / 255, alpha=0.003, steps=20, start="uniform")
     assert cfg["versions"]["torch"] == torch.__version__ and cfg["versions"]["rslad_fast"]
     Config.from_dict(cfg)  # round-trips
@@ -81,8 +110,17 @@ def test_run_directory_is_well_formed(data, teacher_ckpt, tmp_path):
     assert [r["epoch"] for r in recs] == [1, 2]
     assert [r["lr"] for r in recs] == pytest.approx([0.1, 0.01])  # MultiStepLR, milestone 1, gamma 0.1
     for r in recs:
-        for key in ("train_loss", "train_loss_adv", "train_loss_nat", "train_acc_nat", "clean_acc", "pgd20_acc",
-                    "epoch_time_s", "eval_time_s", "images_per_s"):
+        for key in (
+            "train_loss",
+            "train_loss_adv",
+            "train_loss_nat",
+            "train_acc_nat",
+            "clean_acc",
+            "pgd20_acc",
+            "epoch_time_s",
+            "eval_time_s",
+            "images_per_s",
+        ):
             assert isinstance(r[key], float), key
         assert r["eval_n"] == 32 and isinstance(r["best"], bool)
 
@@ -103,8 +141,23 @@ def test_run_directory_is_well_formed(data, teacher_ckpt, tmp_path):
 def test_self_trained_teacher_then_distillation_and_reuse(data, tmp_path):
     """No --teacher: TRADES trains the teacher in RUN_DIR/teacher/ first; a resume reuses it."""
     run = tmp_path / "run"
-    args = ["--preset", "quick", "--method", "rslad", "--teacher-arch", "tiny", "--train-n", "256",
-            "--data", str(data), "--out", str(run), "--epochs", "2", *COMMON]
+    args = [
+        "--preset",
+        "quick",
+        "--method",
+        "rslad",
+        "--teacher-arch",
+        "tiny",
+        "--train-n",
+        "256",
+        "--data",
+        str(data),
+        "--out",
+        str(run),
+        "--epochs",
+        "2",
+        *COMMON,
+    ]
     assert train.main(args) == 0
     tdir = run / "teacher"
     assert {"config.json", "metrics.jsonl", "last.pt", "best.pt", "curves.png"} <= {p.name for p in tdir.iterdir()}
@@ -140,8 +193,10 @@ def test_per_element_loss_at_lr_times_c_is_sgd_on_the_per_image_loss():
     models = [build("tiny"), build("tiny")]
     models[1].load_state_dict(models[0].state_dict())
     start = [p.detach().clone() for p in models[0].parameters()]
-    opts = [torch.optim.SGD(models[0].parameters(), lr=0.1 * 10, momentum=0.9, weight_decay=2e-4 / 10),
-            torch.optim.SGD(models[1].parameters(), lr=0.1, momentum=0.9, weight_decay=2e-4)]
+    opts = [
+        torch.optim.SGD(models[0].parameters(), lr=0.1 * 10, momentum=0.9, weight_decay=2e-4 / 10),
+        torch.optim.SGD(models[1].parameters(), lr=0.1, momentum=0.9, weight_decay=2e-4),
+    ]
     for _ in range(4):
         for model, opt, reduction in zip(models, opts, ("mean", "batchmean")):
             opt.zero_grad()
@@ -165,12 +220,31 @@ def test_teacher_is_frozen_and_sees_eval_mode(data, teacher_ckpt, tmp_path, monk
         return original(**kw)
 
     monkeypatch.setattr(step, "Context", spy)
-    assert train.main(["--method", "ard", "--data", str(data), "--out", str(tmp_path / "r"), "--epochs", "1",
-                       "--teacher", str(teacher_ckpt), "--teacher-arch", "tiny", *COMMON]) == 0
+    assert (
+        train.main(
+            [
+                "--method",
+                "ard",
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / "r"),
+                "--epochs",
+                "1",
+                "--teacher",
+                str(teacher_ckpt),
+                "--teacher-arch",
+                "tiny",
+                *COMMON,
+            ]
+        )
+        == 0
+    )
     assert seen and all(s == (False, False, False) for s in seen)
 
 
 # ---- bad input: one line on stderr, exit 2, nothing written ----------------------------------------------
+
 
 def _check_error(name, rc, stdout, stderr, expected):
     lines = stderr.strip().splitlines()
@@ -189,8 +263,10 @@ def test_bad_inputs_fail_cleanly_from_the_command_line(data, teacher_ckpt, tmp_p
         "unknown method": (["--method", "fgsm-free"], "unknown method"),
         "missing teacher": (["--method", "rslad", "--teacher", str(tmp_path / "nope.pt")], "no such file"),
         "corrupt teacher": (["--method", "rslad", "--teacher", str(corrupt)], "not a readable"),
-        "teacher arch mismatch": (["--method", "rslad", "--teacher", str(teacher_ckpt), "--teacher-arch", "mnv2"],
-                                  "does not match architecture"),
+        "teacher arch mismatch": (
+            ["--method", "rslad", "--teacher", str(teacher_ckpt), "--teacher-arch", "mnv2"],
+            "does not match architecture",
+        ),
         "no CIFAR-10 at data": (["--data", str(tmp_path / "empty"), "--no-download"], "CIFAR-10 not found"),
         "zero epochs": (["--epochs", "0"], "--epochs"),
         "negative batch": (["--batch-size", "-4"], "--batch-size"),
@@ -201,8 +277,16 @@ def test_bad_inputs_fail_cleanly_from_the_command_line(data, teacher_ckpt, tmp_p
     for name, (extra, _) in cases.items():
         out = tmp_path / name.replace(" ", "_")
         argv = ["--data", str(data), "--epochs", "1", *COMMON, *extra, "--out", str(out)]
-        procs[name] = (out, subprocess.Popen([sys.executable, "-m", "rslad_fast.train", *argv], env=env,
-                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs[name] = (
+            out,
+            subprocess.Popen(
+                [sys.executable, "-m", "rslad_fast.train", *argv],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            ),
+        )
     for name, (out, p) in procs.items():
         stdout, stderr = p.communicate(timeout=300)
         _check_error(name, p.returncode, stdout, stderr, cases[name][1])
@@ -261,8 +345,9 @@ def test_resume_refuses_other_settings(data, tmp_path, capsys):
     assert "--epochs" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("extra, flag", [(["--seed", "0"], "--seed"), (["--no-lr-bug"], "--lr-bug"),
-                                         (["--train-n", "0"], "--train-n")])
+@pytest.mark.parametrize(
+    "extra, flag", [(["--seed", "0"], "--seed"), (["--no-lr-bug"], "--lr-bug"), (["--train-n", "0"], "--train-n")]
+)
 def test_resume_refuses_a_setting_given_as_zero_or_false(data, tmp_path, capsys, extra, flag):
     """A setting is refused with --resume whatever its value (before: 0 and False passed as not given, and
     were silently ignored)."""
@@ -286,8 +371,9 @@ def test_hyperparameter_flags_cover_every_method():
     assert cfg.milestones == [100] and cfg.hparams["lr_bug"] is True  # ARD's bug: the 2nd decay never happens
     cfg = train.resolve_config(parser.parse_args(["--method", "ard", "--student", "tiny"]))
     assert cfg.milestones == [100, 150] and cfg.epochs == 200 and cfg.teacher["arch"] == "wrn34-10"
-    cfg = train.resolve_config(parser.parse_args(["--method", "iad", "--student", "tiny", "--preset", "quick",
-                                                  "--epochs", "10"]))
+    cfg = train.resolve_config(
+        parser.parse_args(["--method", "iad", "--student", "tiny", "--preset", "quick", "--epochs", "10"])
+    )
     assert cfg.hparams["begin"] == 3 and cfg.milestones == [9]  # 60 of 200 epochs -> 3 of 10
     k = train.PRESETS["quick"].attack_steps  # IAD: 10 steps of 2/255, the travel kept: k steps of 20/k /255
     assert cfg.hparams["steps"] == k and cfg.hparams["step_size"] == pytest.approx(10 * 2 / 255 / k)
@@ -296,13 +382,15 @@ def test_hyperparameter_flags_cover_every_method():
 
 # ---- divergence: stop before any non-finite checkpoint is written -------------------------------------------
 
+
 def test_divergence_names_the_epoch_and_batch_and_writes_nothing(data, tmp_path, capsys):
     """lr 1e30: the first step blows the weights up, a later batch's loss is NaN; the run stops after
     epoch 1 with no checkpoint (before: the message named only the epoch mean)."""
     run = tmp_path / "run"
     capsys.readouterr()
-    rc = train.main(["--method", "natural", "--data", str(data), "--out", str(run), "--epochs", "2",
-                     "--lr", "1e30", *COMMON])
+    rc = train.main(
+        ["--method", "natural", "--data", str(data), "--out", str(run), "--epochs", "2", "--lr", "1e30", *COMMON]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1 and err[0].startswith("error: "), err
     assert "epoch 1" in err[0] and "batch 2/4" in err[0] and "no checkpoint" in err[0], err[0]
@@ -333,12 +421,12 @@ def test_non_finite_buffer_keeps_the_last_good_checkpoint(data, tmp_path, capsys
     assert "epoch 2" in err[0] and "bn2.running_var" in err[0] and "epoch 1" in err[0], err[0]
     for name in ("last.pt", "best.pt"):
         ck = torch.load(run / name, weights_only=True)
-        assert ck["epoch"] == 1 and all(torch.isfinite(v).all() for v in ck["model"].values()
-                                        if v.is_floating_point())
+        assert ck["epoch"] == 1 and all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
     assert [r["epoch"] for r in _records(run)] == [1]
 
 
 # ---- the run directory's lock ----------------------------------------------------------------------------
+
 
 def _try_lock(path):
     """Whether a second open of ``path`` gets the exclusive flock (flock locks belong to the open file, so
@@ -408,14 +496,21 @@ def test_stale_temporary_files_do_not_make_a_folder_unusable(data, tmp_path, cap
         rc = train.main(["--resume", str(run), "--no-progress"])
         _check_error("resume", rc, "", capsys.readouterr().err, "--out")
         assert train.main(args + ["--out", str(run), *extra]) == 0
-        assert sorted(p.name for p in run.iterdir()) == ["best.pt", "config.json", "curves.png", "last.pt",
-                                                         "metrics.jsonl"]
+        assert sorted(p.name for p in run.iterdir()) == [
+            "best.pt",
+            "config.json",
+            "curves.png",
+            "last.pt",
+            "metrics.jsonl",
+        ]
 
 
 # ---- file-system failures: one line, non-zero exit, nothing half-written ---------------------------------
 
+
 def _enospc(*a, **k):
     import errno
+
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
@@ -447,8 +542,7 @@ def test_a_full_disk_stops_with_one_line_and_keeps_the_last_checkpoint(data, tmp
     assert "--resume" in err
     assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
     assert [r["epoch"] for r in _records(run)] == [1]
-    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "config.json", "curves.png", "last.pt",
-                                                     "metrics.jsonl"]
+    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "config.json", "curves.png", "last.pt", "metrics.jsonl"]
 
     monkeypatch.setattr(os, "fsync", _enospc)  # the first write of a new run: config.json
     fresh = tmp_path / "new" / "run"
@@ -486,8 +580,9 @@ def test_an_unwritable_out_folder_fails_with_one_line(data, tmp_path, capsys):
     parent = tmp_path / "locked"
     parent.mkdir(mode=0o500)
     try:
-        rc = train.main(["--method", "natural", "--data", str(data), "--epochs", "1", *COMMON,
-                         "--out", str(parent / "run")])
+        rc = train.main(
+            ["--method", "natural", "--data", str(data), "--epochs", "1", *COMMON, "--out", str(parent / "run")]
+        )
         _check_error("unwritable", rc, "", capsys.readouterr().err, "not writable")
         assert list(parent.iterdir()) == []
     finally:
@@ -500,8 +595,17 @@ def test_eval_n_default_larger_than_the_test_set_uses_all_of_it(data, tmp_path, 
     (before: '--eval-n 1000 exceeds the 64 test images', an option the user never gave). An explicit --eval-n
     too large stays an error (test_more_bad_inputs_fail_cleanly)."""
     run = tmp_path / "run"
-    args = ["--method", "natural", "--data", str(data), "--out", str(run), "--epochs", "1",
-            *[a for a in COMMON if a not in ("--eval-n", "32")]]
+    args = [
+        "--method",
+        "natural",
+        "--data",
+        str(data),
+        "--out",
+        str(run),
+        "--epochs",
+        "1",
+        *[a for a in COMMON if a not in ("--eval-n", "32")],
+    ]
     capsys.readouterr()
     assert train.main(args) == 0
     out = capsys.readouterr().out
@@ -509,9 +613,25 @@ def test_eval_n_default_larger_than_the_test_set_uses_all_of_it(data, tmp_path, 
     assert json.loads((run / "config.json").read_text())["eval_n"] == 64 and _records(run)[0]["eval_n"] == 64
 
     run = tmp_path / "distilled"
-    args = ["--preset", "quick", "--method", "rslad", "--teacher-arch", "tiny", "--train-n", "128",
-            "--data", str(data), "--out", str(run), "--epochs", "1", "--steps", "1",
-            *[a for a in COMMON if a not in ("--eval-n", "32")]]
+    args = [
+        "--preset",
+        "quick",
+        "--method",
+        "rslad",
+        "--teacher-arch",
+        "tiny",
+        "--train-n",
+        "128",
+        "--data",
+        str(data),
+        "--out",
+        str(run),
+        "--epochs",
+        "1",
+        "--steps",
+        "1",
+        *[a for a in COMMON if a not in ("--eval-n", "32")],
+    ]
     assert train.main(args) == 0
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["eval_n"] == cfg["teacher_run"]["eval_n"] == 64

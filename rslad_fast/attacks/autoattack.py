@@ -20,6 +20,7 @@ Why an adapter:
   catches that logger's records for the duration of a run, hands them to a callback (the progress bar's
   writer) and keeps the warnings so the evaluation report can flag them; nothing leaks to the root logger.
 """
+
 from __future__ import annotations
 
 import logging
@@ -46,14 +47,15 @@ def _require_pyautoattack():
         found = None
     if found != PYAUTOATTACK_VERSION:
         what = "is not installed" if found is None else f"is version {found}"
-        raise UserError(f"AutoAttack needs pyautoattack=={PYAUTOATTACK_VERSION} (the reference attack code), "
-                        f"but it {what}; install it with `pip install pyautoattack=={PYAUTOATTACK_VERSION}` "
-                        f"or leave 'aa' out of --attacks")
+        raise UserError(
+            f"AutoAttack needs pyautoattack=={PYAUTOATTACK_VERSION} (the reference attack code), "
+            f"but it {what}; install it with `pip install pyautoattack=={PYAUTOATTACK_VERSION}` "
+            f"or leave 'aa' out of --attacks"
+        )
     try:
         from pyautoattack import AutoAttack as _AA
     except Exception as e:  # broken install, missing dependency
-        raise UserError(f"pyautoattack {found} is installed but does not import "
-                        f"({type(e).__name__}: {e})") from None
+        raise UserError(f"pyautoattack {found} is installed but does not import ({type(e).__name__}: {e})") from None
     return _AA
 
 
@@ -64,10 +66,15 @@ STANDARD = {
     "norm": "Linf",
     "attacks_to_run": ["apgd-ce", "apgd-t", "fab-t", "square"],
     "apgd-ce": {"n_iter": 100, "n_restarts": 1, "loss": "ce", "rho": 0.75, "eot_iter": 1},
-    "apgd-t": {"n_iter": 100, "n_restarts": 1, "n_target_classes": 9, "loss": "dlr-targeted", "rho": 0.75,
-               "eot_iter": 1},
-    "fab-t": {"n_iter": 100, "n_restarts": 1, "n_target_classes": 9, "alpha_max": 0.1, "eta": 1.05,
-              "beta": 0.9},
+    "apgd-t": {
+        "n_iter": 100,
+        "n_restarts": 1,
+        "n_target_classes": 9,
+        "loss": "dlr-targeted",
+        "rho": 0.75,
+        "eot_iter": 1,
+    },
+    "fab-t": {"n_iter": 100, "n_restarts": 1, "n_target_classes": 9, "alpha_max": 0.1, "eta": 1.05, "beta": 0.9},
     "square": {"n_queries": 5000, "n_restarts": 1, "p_init": 0.8},
 }
 
@@ -76,8 +83,9 @@ def build_adversary(model: torch.nn.Module, *, eps: float, device, seed: int):
     """pyautoattack's ``AutoAttack`` in the standard Linf version, device, eps and seed explicit."""
     if not 0 <= eps <= 1:
         raise UserError(f"eps must be in [0, 1] for inputs in [0, 1], got {eps}")
-    return _require_pyautoattack()(model, norm="Linf", eps=float(eps), version="standard",
-                                   device=torch.device(device), seed=int(seed))
+    return _require_pyautoattack()(
+        model, norm="Linf", eps=float(eps), version="standard", device=torch.device(device), seed=int(seed)
+    )
 
 
 def standard_config(adversary) -> Dict[str, object]:
@@ -89,19 +97,40 @@ def standard_config(adversary) -> Dict[str, object]:
         "norm": adversary.norm,
         "attacks_to_run": list(adversary.attacks_to_run),
         # apgd.loss is set to 'ce' by run_standard_evaluation right before APGD-CE runs
-        "apgd-ce": {"n_iter": a.n_iter, "n_restarts": a.n_restarts, "loss": "ce", "rho": a.thr_decr,
-                    "eot_iter": a.eot_iter},
-        "apgd-t": {"n_iter": t.n_iter, "n_restarts": t.n_restarts, "n_target_classes": t.n_target_classes,
-                   "loss": t.loss, "rho": t.thr_decr, "eot_iter": t.eot_iter},
+        "apgd-ce": {
+            "n_iter": a.n_iter,
+            "n_restarts": a.n_restarts,
+            "loss": "ce",
+            "rho": a.thr_decr,
+            "eot_iter": a.eot_iter,
+        },
+        "apgd-t": {
+            "n_iter": t.n_iter,
+            "n_restarts": t.n_restarts,
+            "n_target_classes": t.n_target_classes,
+            "loss": t.loss,
+            "rho": t.thr_decr,
+            "eot_iter": t.eot_iter,
+        },
         # fab.targeted and fab.n_restarts = 1 are set by run_standard_evaluation right before FAB-T runs
-        "fab-t": {"n_iter": f.n_iter, "n_restarts": f.n_restarts, "n_target_classes": f.n_target_classes,
-                  "alpha_max": f.alpha_max, "eta": f.eta, "beta": f.beta},
+        "fab-t": {
+            "n_iter": f.n_iter,
+            "n_restarts": f.n_restarts,
+            "n_target_classes": f.n_target_classes,
+            "alpha_max": f.alpha_max,
+            "eta": f.eta,
+            "beta": f.beta,
+        },
         "square": {"n_queries": s.n_queries, "n_restarts": s.n_restarts, "p_init": s.p_init},
         "eps": adversary.epsilon,
         "eps_per_attack": {"apgd-ce": a.eps, "apgd-t": t.eps, "fab-t": f.eps, "square": s.eps},
         "device": str(adversary.device),
-        "device_per_attack": {"apgd-ce": str(a.device), "apgd-t": str(t.device), "fab-t": str(f.device),
-                              "square": str(s.device)},
+        "device_per_attack": {
+            "apgd-ce": str(a.device),
+            "apgd-t": str(t.device),
+            "fab-t": str(f.device),
+            "square": str(s.device),
+        },
         "seed": adversary.seed,
     }
 
@@ -132,8 +161,14 @@ class AutoAttack(EvalAttack):
 
     name = "aa"
 
-    def __init__(self, eps: float = EPS, seed: int = 0, batch_size: int = 250,
-                 log: Optional[Callable[[str], None]] = None, verbose: bool = False):
+    def __init__(
+        self,
+        eps: float = EPS,
+        seed: int = 0,
+        batch_size: int = 250,
+        log: Optional[Callable[[str], None]] = None,
+        verbose: bool = False,
+    ):
         _require_pyautoattack()  # a clear UserError when it is made, before any attack runs
         if not 0 <= eps <= 1:
             raise UserError(f"eps must be in [0, 1] for inputs in [0, 1], got {eps}")
@@ -145,11 +180,17 @@ class AutoAttack(EvalAttack):
         self.last_config: Optional[Dict[str, object]] = None
 
     def hparams(self):
-        return {"eps": self.eps, "version": "standard", "norm": "Linf", "seed": self.seed,
-                "package": f"pyautoattack=={PYAUTOATTACK_VERSION}"}
+        return {
+            "eps": self.eps,
+            "version": "standard",
+            "norm": "Linf",
+            "seed": self.seed,
+            "package": f"pyautoattack=={PYAUTOATTACK_VERSION}",
+        }
 
-    def run(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
-            generator: Optional[torch.Generator] = None):
+    def run(
+        self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, generator: Optional[torch.Generator] = None
+    ):
         """(x_adv, y_adv): AutoAttack's adversarial images and its predictions on them (``seed`` draws its
         random starts, not ``generator``)."""
         adversary = build_adversary(model, eps=self.eps, device=x.device, seed=self.seed)
@@ -165,8 +206,7 @@ class AutoAttack(EvalAttack):
         logger.propagate = False
         try:
             with model_mode(model, "eval"):
-                x_adv, y_adv = adversary.run_standard_evaluation(x.detach(), y.detach(),
-                                                                 batch_size=self.batch_size)
+                x_adv, y_adv = adversary.run_standard_evaluation(x.detach(), y.detach(), batch_size=self.batch_size)
         finally:
             logger.removeHandler(handler)
             logger.setLevel(saved[0])

@@ -26,6 +26,7 @@ One documented difference: the engine never clamps the random start to [0, 1] be
 (TRADES' ``_pgd_whitebox`` convention); IAD's ``pgd`` clamps it first. The first step clamps in both, so
 only where the first gradient is taken differs, for pixels within eps of 0 or 1.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -66,15 +67,17 @@ def ce_loss(y: torch.Tensor):
 def cw_loss(y: torch.Tensor, kappa: float = 50.0, num_classes: Optional[int] = None):
     """IAD/FAT ``attack_generator.cwloss`` (from CAT), summed over the batch:
 
-        onehot = one_hot(y); real = sum(onehot*logits, 1); other = max((1-onehot)*logits - 1e4*onehot, 1)
-        loss = -relu(real - other + kappa)
+    onehot = one_hot(y); real = sum(onehot*logits, 1); other = max((1-onehot)*logits - 1e4*onehot, 1)
+    loss = -relu(real - other + kappa)
     """
+
     def loss(logits: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
         onehot = F.one_hot(y, num_classes or logits.shape[1]).to(logits.dtype)
         real = (onehot * logits).sum(1)
         other = ((1.0 - onehot) * logits - onehot * 10000.0).max(1)[0]
         return -torch.clamp(real - other + kappa, min=0.0).sum()
+
     return loss
 
 
@@ -88,12 +91,14 @@ class EvalAttack:
     def hparams(self) -> Dict[str, object]:
         raise NotImplementedError
 
-    def __call__(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
-                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def __call__(
+        self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, generator: Optional[torch.Generator] = None
+    ) -> torch.Tensor:
         raise NotImplementedError
 
-    def run(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
-            generator: Optional[torch.Generator] = None):
+    def run(
+        self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, generator: Optional[torch.Generator] = None
+    ):
         """(x_adv, the model's predicted classes on x_adv), the model in eval mode."""
         x_adv = self(model, x, y, generator=generator)
         with torch.no_grad(), model_mode(model, "eval"):
@@ -140,8 +145,17 @@ class FGSM(EvalAttack):
         return {"eps": self.eps, "alpha": self.eps, "steps": 1, "start": self.start, "loss": "ce"}
 
     def __call__(self, model, x, y, generator=None):
-        return pgd(model, x, ce_loss(y), eps=self.eps, alpha=self.eps, steps=1, start=self.start, mode="eval",
-                   generator=generator)
+        return pgd(
+            model,
+            x,
+            ce_loss(y),
+            eps=self.eps,
+            alpha=self.eps,
+            steps=1,
+            start=self.start,
+            mode="eval",
+            generator=generator,
+        )
 
 
 class PGD(EvalAttack):
@@ -152,8 +166,16 @@ class PGD(EvalAttack):
     name = "pgd"
     loss = "ce"
 
-    def __init__(self, eps: float = EPS, alpha: float = 2 / 255, steps: int = 20, start: str = "uniform",
-                 init_std: float = INIT_STD, *, name: str = "pgd"):
+    def __init__(
+        self,
+        eps: float = EPS,
+        alpha: float = 2 / 255,
+        steps: int = 20,
+        start: str = "uniform",
+        init_std: float = INIT_STD,
+        *,
+        name: str = "pgd",
+    ):
         _check(eps, alpha, steps, start, init_std)
         self.eps, self.alpha, self.steps = float(eps), float(alpha), int(steps)
         self.start, self.init_std = start, float(init_std)
@@ -170,18 +192,30 @@ class PGD(EvalAttack):
         return out
 
     def __call__(self, model, x, y, generator=None):
-        return pgd(model, x, self.objective(y), eps=self.eps, alpha=self.alpha, steps=self.steps,
-                   start=self.start, init_std=self.init_std, mode="eval", generator=generator)
+        return pgd(
+            model,
+            x,
+            self.objective(y),
+            eps=self.eps,
+            alpha=self.alpha,
+            steps=self.steps,
+            start=self.start,
+            init_std=self.init_std,
+            mode="eval",
+            generator=generator,
+        )
 
 
-def pgd20_sat(eps: float = EPS, alpha: float = 2 / 255, steps: int = 20, start: str = "uniform",
-              init_std: float = INIT_STD) -> PGD:
+def pgd20_sat(
+    eps: float = EPS, alpha: float = 2 / 255, steps: int = 20, start: str = "uniform", init_std: float = INIT_STD
+) -> PGD:
     """PGD_SAT: 20 steps of 2/255, uniform start, CE (IAD ``eval_robust``; Madry et al.'s PGD)."""
     return PGD(eps, alpha, steps, start, init_std, name="pgd20-sat")
 
 
-def pgd20_trades(eps: float = EPS, alpha: float = 0.003, steps: int = 20, start: str = "uniform",
-                 init_std: float = INIT_STD) -> PGD:
+def pgd20_trades(
+    eps: float = EPS, alpha: float = 0.003, steps: int = 20, start: str = "uniform", init_std: float = INIT_STD
+) -> PGD:
     """PGD_TRADES: 20 steps of 0.003, uniform(-eps, eps) start, CE (TRADES ``pgd_attack_cifar10.py``,
     ``--num-steps 20 --step-size 0.003 --random``; TRADES' eps 0.031, ours 8/255 by default)."""
     return PGD(eps, alpha, steps, start, init_std, name="pgd20-trades")
@@ -194,8 +228,15 @@ class CWInf(PGD):
     name = "cw"
     loss = "cw"
 
-    def __init__(self, eps: float = EPS, alpha: float = 2 / 255, steps: int = 30, kappa: float = 50.0,
-                 start: str = "uniform", init_std: float = INIT_STD):
+    def __init__(
+        self,
+        eps: float = EPS,
+        alpha: float = 2 / 255,
+        steps: int = 30,
+        kappa: float = 50.0,
+        start: str = "uniform",
+        init_std: float = INIT_STD,
+    ):
         super().__init__(eps, alpha, steps, start, init_std, name="cw")
         if not kappa >= 0:
             raise UserError(f"CW confidence kappa must be >= 0, got {kappa}")
@@ -211,6 +252,7 @@ class CWInf(PGD):
 def _autoattack(**settings) -> EvalAttack:
     # imported on use: autoattack.py imports this module, and pyautoattack is needed only for the AA column
     from .autoattack import AutoAttack
+
     return AutoAttack(**settings)
 
 
@@ -218,14 +260,14 @@ def _autoattack(**settings) -> EvalAttack:
 class Entry:
     """One attack as ``python -m rslad_fast.evaluate`` offers it."""
 
-    name: str                         # in --attacks and in eval.json
-    column: str                       # the paper's Table 2 column
-    level: Optional[int]              # place in Clean >= FGSM >= PGD >= AA (equal: unordered); None: outside it
-    make: Callable[..., EvalAttack]   # keyword hyperparameters, defaulting to the official values -> attack
+    name: str  # in --attacks and in eval.json
+    column: str  # the paper's Table 2 column
+    level: Optional[int]  # place in Clean >= FGSM >= PGD >= AA (equal: unordered); None: outside it
+    make: Callable[..., EvalAttack]  # keyword hyperparameters, defaulting to the official values -> attack
     takes: Tuple[str, ...] = ("eps",)  # evaluation-wide settings passed on (--eps, --init-std, --seed, ...)
-    flag_prefix: str = ""             # its own hyperparameters' flags: --<flag_prefix>-<hyperparameter>
-    flags: Tuple[str, ...] = ()       # ... for these hyperparameters of ``make``
-    source: str = ""                  # the code its defaults come from (for the flags' help)
+    flag_prefix: str = ""  # its own hyperparameters' flags: --<flag_prefix>-<hyperparameter>
+    flags: Tuple[str, ...] = ()  # ... for these hyperparameters of ``make``
+    source: str = ""  # the code its defaults come from (for the flags' help)
 
     def default(self, hparam: str):
         """The official value of one of ``make``'s hyperparameters (its keyword's default)."""
@@ -236,12 +278,22 @@ _PGD_SETTINGS = ("eps", "init_std")
 _REGISTERED = (
     Entry("clean", "Clean", 0, Clean, takes=()),
     Entry("fgsm", "FGSM", 1, FGSM),
-    Entry("pgd20-sat", "PGD_SAT", 2, pgd20_sat, _PGD_SETTINGS, "pgd-sat", ("steps", "alpha", "start"),
-               "IAD eval_robust"),
-    Entry("pgd20-trades", "PGD_TRADES", 2, pgd20_trades, _PGD_SETTINGS, "pgd-trades",
-               ("steps", "alpha", "start"), "TRADES pgd_attack_cifar10"),
-    Entry("cw", "CW∞", None, CWInf, _PGD_SETTINGS, "cw", ("steps", "alpha", "kappa", "start"),
-               "IAD eval_robust, cwloss"),
+    Entry(
+        "pgd20-sat", "PGD_SAT", 2, pgd20_sat, _PGD_SETTINGS, "pgd-sat", ("steps", "alpha", "start"), "IAD eval_robust"
+    ),
+    Entry(
+        "pgd20-trades",
+        "PGD_TRADES",
+        2,
+        pgd20_trades,
+        _PGD_SETTINGS,
+        "pgd-trades",
+        ("steps", "alpha", "start"),
+        "TRADES pgd_attack_cifar10",
+    ),
+    Entry(
+        "cw", "CW∞", None, CWInf, _PGD_SETTINGS, "cw", ("steps", "alpha", "kappa", "start"), "IAD eval_robust, cwloss"
+    ),
     Entry("aa", "AA", 3, _autoattack, ("eps", "seed", "batch_size", "log", "verbose")),
 )
 # name -> entry, in the table's order
@@ -249,5 +301,19 @@ EVAL_ATTACKS: Dict[str, Entry] = {r.name: r for r in _REGISTERED}
 # the attacks of the shared PGD engine at their official settings: name -> factory
 PRESETS = {name: r.make for name, r in EVAL_ATTACKS.items() if name not in ("clean", "aa")}
 
-__all__ = ["EPS", "INIT_STD", "EVAL_ATTACKS", "PRESETS", "Entry", "EvalAttack", "Clean", "FGSM", "PGD", "CWInf",
-           "pgd20_sat", "pgd20_trades", "ce_loss", "cw_loss"]
+__all__ = [
+    "EPS",
+    "INIT_STD",
+    "EVAL_ATTACKS",
+    "PRESETS",
+    "Entry",
+    "EvalAttack",
+    "Clean",
+    "FGSM",
+    "PGD",
+    "CWInf",
+    "pgd20_sat",
+    "pgd20_trades",
+    "ce_loss",
+    "cw_loss",
+]

@@ -23,6 +23,7 @@ How it stays correct:
 - The student runs in eval mode inside the graph (BatchNorm reads its running statistics and does not write
   them), as in the official `rslad_inner_loss`; its modes are restored afterwards.
 """
+
 import contextlib
 import itertools
 import weakref
@@ -36,8 +37,10 @@ from .pgd import check_budget, kl_objective, model_mode
 
 def tensor_signature(model: torch.nn.Module) -> tuple:
     """Where and how every parameter and buffer of `model` is stored: changes when any tensor is replaced."""
-    return tuple((t.data_ptr(), t.dtype, t.device, tuple(t.shape), tuple(t.stride()))
-                 for t in itertools.chain(model.parameters(), model.buffers()))
+    return tuple(
+        (t.data_ptr(), t.dtype, t.device, tuple(t.shape), tuple(t.stride()))
+        for t in itertools.chain(model.parameters(), model.buffers())
+    )
 
 
 class GraphCache:
@@ -82,8 +85,12 @@ def static_buffers(x_nat: torch.Tensor, target: torch.Tensor, init_std: float) -
     x_nat_s = torch.empty_like(x_nat)  # keeps x_nat's strides (contiguous or channels_last)
     noise = torch.empty(x_nat.shape, dtype=x_nat.dtype, device=x_nat.device)  # contiguous, as random_start's
     x_adv = torch.add(x_nat_s, noise, alpha=init_std)  # the eager loop's x_adv layout, by the same op
-    return {"x_nat": x_nat_s, "noise": noise, "x_adv": x_adv,
-            "target": torch.empty(target.shape, dtype=target.dtype, device=target.device)}
+    return {
+        "x_nat": x_nat_s,
+        "noise": noise,
+        "x_adv": x_adv,
+        "target": torch.empty(target.shape, dtype=target.dtype, device=target.device),
+    }
 
 
 def draw_noise(noise: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
@@ -139,10 +146,18 @@ class _GraphedLoop:
         return self.x_adv.clone()
 
 
-def graphed_kl_pgd(model: torch.nn.Module, x_nat: torch.Tensor, teacher_logits: torch.Tensor, *,
-                   eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10, init_std: float = 0.001,
-                   generator: Optional[torch.Generator] = None,
-                   amp_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def graphed_kl_pgd(
+    model: torch.nn.Module,
+    x_nat: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    eps: float = 8 / 255,
+    alpha: float = 2 / 255,
+    steps: int = 10,
+    init_std: float = 0.001,
+    generator: Optional[torch.Generator] = None,
+    amp_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
     """`fused_kl_pgd` through a CUDA graph (see the module docstring). Same arguments and result."""
     if not x_nat.is_cuda:
         raise ValueError("graphed_kl_pgd needs CUDA tensors")
@@ -155,9 +170,24 @@ def graphed_kl_pgd(model: torch.nn.Module, x_nat: torch.Tensor, teacher_logits: 
         # Called inside the caller's autocast: capture with the same precision, but with our own autocast
         # (the caller's has its weight cache on, which a capture forbids).
         amp_dtype = torch.get_autocast_dtype("cuda")
-    key = (tuple(x_nat.shape), x_nat.stride(), x_nat.dtype, x_nat.device, tuple(target.shape),
-           float(eps), float(alpha), int(steps), float(init_std), amp_dtype)
+    key = (
+        tuple(x_nat.shape),
+        x_nat.stride(),
+        x_nat.dtype,
+        x_nat.device,
+        tuple(target.shape),
+        float(eps),
+        float(alpha),
+        int(steps),
+        float(init_std),
+        amp_dtype,
+    )
     with torch.cuda.device(x_nat.device), model_mode(model, "eval"), torch.autocast("cuda", enabled=False):
-        loop = _GRAPHS.get(model, key, lambda: _GraphedLoop(
-            model, x_nat, target, eps=eps, alpha=alpha, steps=steps, init_std=init_std, amp_dtype=amp_dtype))
+        loop = _GRAPHS.get(
+            model,
+            key,
+            lambda: _GraphedLoop(
+                model, x_nat, target, eps=eps, alpha=alpha, steps=steps, init_std=init_std, amp_dtype=amp_dtype
+            ),
+        )
         return loop.run(x_nat, target, generator)

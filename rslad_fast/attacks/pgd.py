@@ -4,6 +4,7 @@ Each step takes the input gradient only (torch.autograd.grad on the input, so no
 ever computed or accumulated) and moves with the fused `pgd_step_` op: sign step, projection onto the
 l_inf ball around x_nat, clamp to [lo, hi], in one pass.
 """
+
 import contextlib
 import math
 import numbers
@@ -34,8 +35,9 @@ def model_mode(model: torch.nn.Module, mode: str):
             m.training = training
 
 
-def random_start(x_nat: torch.Tensor, start: str, eps: float, init_std: float,
-                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def random_start(
+    x_nat: torch.Tensor, start: str, eps: float, init_std: float, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
     """The attack's starting point, unclamped, as in the official codes (the first step clamps it).
 
     "normal": x + init_std*N(0,1) (RSLAD, TRADES, MART); "uniform": x + U(-eps, eps) (Madry/SAT, ARD, and the
@@ -62,11 +64,22 @@ def check_budget(eps: float, alpha: float, steps: int) -> None:
         raise ValueError(f"steps must be a non-negative integer, got {steps}")
 
 
-def pgd(model: torch.nn.Module, x_nat: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor], *,
-        eps: float, alpha: float, steps: int, start: str = "uniform", init_std: float = 0.001,
-        mode: str = "eval", lo: float = 0.0, hi: float = 1.0,
-        generator: Optional[torch.Generator] = None,
-        forward: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+def pgd(
+    model: torch.nn.Module,
+    x_nat: torch.Tensor,
+    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    eps: float,
+    alpha: float,
+    steps: int,
+    start: str = "uniform",
+    init_std: float = 0.001,
+    mode: str = "eval",
+    lo: float = 0.0,
+    hi: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+    forward: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+) -> torch.Tensor:
     """Maximize loss_fn(model(x)) over the l_inf ball of radius eps around x_nat; returns a detached x_adv.
 
     loss_fn maps logits to the scalar to maximize (the sign step makes its scale irrelevant). The model
@@ -94,12 +107,16 @@ def check_logits(logits, target: torch.Tensor) -> torch.Tensor:
     logits); else one clear error instead of an AttributeError deep in the loss (a model returning a tuple
     or a dict of outputs, a head of another class count)."""
     if not torch.is_tensor(logits):
-        raise TypeError(f"fused_kl_pgd expects the model to return logits [batch, classes] = {list(target.shape)}, "
-                        f"got a {type(logits).__name__}; wrap a model that returns several outputs so that it "
-                        f"returns the logits alone")
+        raise TypeError(
+            f"fused_kl_pgd expects the model to return logits [batch, classes] = {list(target.shape)}, "
+            f"got a {type(logits).__name__}; wrap a model that returns several outputs so that it "
+            f"returns the logits alone"
+        )
     if logits.shape != target.shape:
-        raise ValueError(f"fused_kl_pgd expects the model to return logits [batch, classes] = {list(target.shape)} "
-                         f"(the teacher logits' shape), got {list(logits.shape)}")
+        raise ValueError(
+            f"fused_kl_pgd expects the model to return logits [batch, classes] = {list(target.shape)} "
+            f"(the teacher logits' shape), got {list(logits.shape)}"
+        )
     return logits
 
 
@@ -118,10 +135,19 @@ def kl_objective(teacher_logits: torch.Tensor) -> Callable[[torch.Tensor], torch
     return objective
 
 
-def fused_kl_pgd(model: torch.nn.Module, x_nat: torch.Tensor, teacher_logits: torch.Tensor, *,
-                 eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10, init_std: float = 0.001,
-                 cuda_graph="auto", generator: Optional[torch.Generator] = None,
-                 amp_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def fused_kl_pgd(
+    model: torch.nn.Module,
+    x_nat: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    eps: float = 8 / 255,
+    alpha: float = 2 / 255,
+    steps: int = 10,
+    init_std: float = 0.001,
+    cuda_graph="auto",
+    generator: Optional[torch.Generator] = None,
+    amp_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
     """RSLAD's inner maximization as one drop-in call: x' = argmax_{|x'-x|inf<=eps} KL(T(x) || S(x')).
 
     Defaults are the official RSLAD code's `rslad_inner_loss`: eps 8/255, 10 steps of 2/255, start
@@ -138,21 +164,49 @@ def fused_kl_pgd(model: torch.nn.Module, x_nat: torch.Tensor, teacher_logits: to
     if cuda_graph is True and not x_nat.is_cuda:
         raise ValueError("cuda_graph=True needs CUDA tensors; use cuda_graph='auto' or False on the CPU")
     if teacher_logits.dim() != 2 or teacher_logits.shape[0] != x_nat.shape[0]:
-        raise ValueError(f"teacher_logits must be [batch, classes] with batch {x_nat.shape[0]}, got "
-                         f"{list(teacher_logits.shape)}")
-    if isinstance(init_std, bool) or not isinstance(init_std, numbers.Real) or not math.isfinite(init_std) \
-            or init_std < 0:
+        raise ValueError(
+            f"teacher_logits must be [batch, classes] with batch {x_nat.shape[0]}, got {list(teacher_logits.shape)}"
+        )
+    if (
+        isinstance(init_std, bool)
+        or not isinstance(init_std, numbers.Real)
+        or not math.isfinite(init_std)
+        or init_std < 0
+    ):
         raise ValueError(f"init_std must be a finite number >= 0, got {init_std!r}")
     target = teacher_logits.detach()
     use_graph = x_nat.is_cuda and cuda_graph in ("auto", True)
     if use_graph:
         from .graphed import graphed_kl_pgd
-        return graphed_kl_pgd(model, x_nat, target, eps=eps, alpha=alpha, steps=steps, init_std=init_std,
-                              generator=generator, amp_dtype=amp_dtype)
+
+        return graphed_kl_pgd(
+            model,
+            x_nat,
+            target,
+            eps=eps,
+            alpha=alpha,
+            steps=steps,
+            init_std=init_std,
+            generator=generator,
+            amp_dtype=amp_dtype,
+        )
     forward = model
     if amp_dtype is not None:
+
         def forward(x):
             with torch.autocast(x.device.type, dtype=amp_dtype):
                 return model(x)
-    return pgd(model, x_nat, kl_objective(target), eps=eps, alpha=alpha, steps=steps, start="normal",
-               init_std=init_std, mode="eval", generator=generator, forward=forward)
+
+    return pgd(
+        model,
+        x_nat,
+        kl_objective(target),
+        eps=eps,
+        alpha=alpha,
+        steps=steps,
+        start="normal",
+        init_std=init_std,
+        mode="eval",
+        generator=generator,
+        forward=forward,
+    )

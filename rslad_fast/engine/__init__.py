@@ -8,10 +8,22 @@ metrics.py     metrics.jsonl and curves.png
 teacher.py     load a teacher checkpoint / freeze a teacher
 dist.py        torchrun: rank / world size, the process group, the collectives (rank 0 writes)
 """
+
 from .config import Config, resolve
 from .dist import Dist
 from .loop import Diverged, evaluate, train_one_epoch
 from .runner import check_out_dir, create_run_dir, prepare, read_config, run
 
-__all__ = ["Config", "Dist", "Diverged", "check_out_dir", "create_run_dir", "evaluate", "prepare", "read_config",
-           "resolve", "run", "train_one_epoch"]
+__all__ = [
+    "Config",
+    "Dist",
+    "Diverged",
+    "check_out_dir",
+    "create_run_dir",
+    "evaluate",
+    "prepare",
+    "read_config",
+    "resolve",
+    "run",
+    "train_one_epoch",
+]

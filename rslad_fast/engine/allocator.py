@@ -9,6 +9,7 @@ thresholds below raised to 1 GiB. The price: the process keeps its peak memory u
 
 Linux/glibc only (``mallopt``); a silent no-op anywhere else. Process-wide and idempotent.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -16,7 +17,7 @@ import sys
 
 M_TRIM_THRESHOLD = -1  # glibc <malloc.h>
 M_MMAP_THRESHOLD = -3
-THRESHOLD = 1 << 30    # bytes: blocks below are served from (and kept in) the heap
+THRESHOLD = 1 << 30  # bytes: blocks below are served from (and kept in) the heap
 
 
 def keep_freed_memory() -> bool:

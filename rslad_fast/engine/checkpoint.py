@@ -23,6 +23,7 @@ Atomic: the file is written to a temporary name in the same directory, flushed a
 ``os.replace``d over the target, so a run killed at any moment leaves either the old or the new checkpoint,
 never a torn one.
 """
+
 from __future__ import annotations
 
 import math
@@ -101,8 +102,15 @@ def atomic_save(obj, path) -> None:
 
 # ---- RNG states ------------------------------------------------------------------------------------------
 
-def rng_state(train_generator: torch.Generator | None, *, loader_seed: int, next_epoch: int,
-              train_generators: list | None = None, world_size: int = 1) -> dict:
+
+def rng_state(
+    train_generator: torch.Generator | None,
+    *,
+    loader_seed: int,
+    next_epoch: int,
+    train_generators: list | None = None,
+    world_size: int = 1,
+) -> dict:
     """Every random stream the training loop touches, as weights_only-loadable values.
 
     The loader's shuffle and augmentation are pure functions of ``(seed, epoch, rank)`` (see
@@ -114,9 +122,16 @@ def rng_state(train_generator: torch.Generator | None, *, loader_seed: int, next
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "cuda": list(torch.cuda.get_rng_state_all())
+        if torch.cuda.is_available() and torch.cuda.is_initialized()
+        else [],
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "python": random.getstate(),
         "train_generator": None if train_generator is None else train_generator.get_state(),
         "loader": {"seed": int(loader_seed), "next_epoch": int(next_epoch)},
@@ -143,8 +158,9 @@ def set_rng_state(state: dict, train_generator: torch.Generator | None, *, rank:
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
     n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     if train_generator is not None:
@@ -157,20 +173,40 @@ def set_rng_state(state: dict, train_generator: torch.Generator | None, *, rank:
 
 # ---- save / load -----------------------------------------------------------------------------------------
 
-def save_checkpoint(path, *, model, optimizer, scheduler, epoch: int, best_acc: float, config: dict,
-                    train_generator: torch.Generator | None, loader_seed: int,
-                    train_generators: list | None = None, world_size: int = 1) -> None:
-    atomic_save({
-        "format": FORMAT,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "epoch": int(epoch),
-        "best_acc": float(best_acc),
-        "rng": rng_state(train_generator, loader_seed=loader_seed, next_epoch=epoch,
-                         train_generators=train_generators, world_size=world_size),
-        "config": config,
-    }, path)
+
+def save_checkpoint(
+    path,
+    *,
+    model,
+    optimizer,
+    scheduler,
+    epoch: int,
+    best_acc: float,
+    config: dict,
+    train_generator: torch.Generator | None,
+    loader_seed: int,
+    train_generators: list | None = None,
+    world_size: int = 1,
+) -> None:
+    atomic_save(
+        {
+            "format": FORMAT,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "epoch": int(epoch),
+            "best_acc": float(best_acc),
+            "rng": rng_state(
+                train_generator,
+                loader_seed=loader_seed,
+                next_epoch=epoch,
+                train_generators=train_generators,
+                world_size=world_size,
+            ),
+            "config": config,
+        },
+        path,
+    )
 
 
 def load_checkpoint(path) -> dict:
@@ -181,22 +217,41 @@ def load_checkpoint(path) -> dict:
     except FileNotFoundError:
         raise UserError(f"checkpoint {path}: no such file") from None
     except pickle.UnpicklingError as e:
-        refused = re.search(r"Unsupported (global: GLOBAL \S+|class \S+|operand \S+)|allowlisted|unrecognized "
-                            r"function", str(e))
+        refused = re.search(
+            r"Unsupported (global: GLOBAL \S+|class \S+|operand \S+)|allowlisted|unrecognized "
+            r"function",
+            str(e),
+        )
         if refused is None:
-            raise UserError(f"checkpoint {path}: not a readable training checkpoint (corrupt or truncated: "
-                            f"{type(e).__name__}); delete it to restart that run from scratch") from None
-        raise UserError(f"checkpoint {path}: holds objects a safe load refuses (torch.load with weights_only="
-                        f"True: {refused.group(0).replace('GLOBAL ', '')}); this engine writes tensors and plain "
-                        f"values only, so the file was not written by it or was altered; not loaded") from None
-    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError, KeyError,
-            AttributeError, TypeError, IndexError) as e:
-        raise UserError(f"checkpoint {path}: not a readable training checkpoint (corrupt or truncated: "
-                        f"{type(e).__name__}); delete it to restart that run from scratch") from None
+            raise UserError(
+                f"checkpoint {path}: not a readable training checkpoint (corrupt or truncated: "
+                f"{type(e).__name__}); delete it to restart that run from scratch"
+            ) from None
+        raise UserError(
+            f"checkpoint {path}: holds objects a safe load refuses (torch.load with weights_only="
+            f"True: {refused.group(0).replace('GLOBAL ', '')}); this engine writes tensors and plain "
+            f"values only, so the file was not written by it or was altered; not loaded"
+        ) from None
+    except (
+        RuntimeError,
+        EOFError,
+        ValueError,
+        zipfile.BadZipFile,
+        OSError,
+        KeyError,
+        AttributeError,
+        TypeError,
+        IndexError,
+    ) as e:
+        raise UserError(
+            f"checkpoint {path}: not a readable training checkpoint (corrupt or truncated: "
+            f"{type(e).__name__}); delete it to restart that run from scratch"
+        ) from None
     needed = ("format", "model", "optimizer", "scheduler", "epoch", "best_acc", "rng", "config")
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in needed):
-        raise UserError(f"checkpoint {path}: not a training checkpoint of this engine (expected keys "
-                        f"{', '.join(needed)})")
+        raise UserError(
+            f"checkpoint {path}: not a training checkpoint of this engine (expected keys {', '.join(needed)})"
+        )
     if ckpt["format"] != FORMAT:
         raise UserError(f"checkpoint {path}: format {ckpt['format']!r}, this engine reads format {FORMAT}")
     return ckpt
@@ -209,23 +264,35 @@ def _why(e: BaseException) -> str:
     return f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"
 
 
-def restore(ckpt: dict, *, model, optimizer, scheduler, train_generator: torch.Generator | None,
-            rank: int = 0, path="checkpoint", epochs: int | None = None) -> None:
+def restore(
+    ckpt: dict,
+    *,
+    model,
+    optimizer,
+    scheduler,
+    train_generator: torch.Generator | None,
+    rank: int = 0,
+    path="checkpoint",
+    epochs: int | None = None,
+) -> None:
     """Put model, optimizer, scheduler and all RNG streams back to the state saved in ``ckpt``.
 
     A checkpoint with the right keys and the wrong content (shapes of another model, NaN weights, an epoch
     that is no count of completed epochs, optimizer or schedule state that does not fit, a missing or short
     RNG state) is one UserError naming what is wrong; the caller then runs nothing. ``epochs``: the run's
     length, the largest valid ``epoch``."""
+
     def bad(what):
-        return UserError(f"checkpoint {path}: {what}; not a checkpoint of this run (delete it to restart the "
-                         f"run from scratch)")
+        return UserError(
+            f"checkpoint {path}: {what}; not a checkpoint of this run (delete it to restart the run from scratch)"
+        )
 
     epoch, best_acc = ckpt["epoch"], ckpt["best_acc"]
     if not (isinstance(epoch, int) and not isinstance(epoch, bool) and 0 <= epoch <= (epochs or epoch)):
         raise bad(f"epoch {epoch!r} is not a count of completed epochs (an integer in [0, {epochs}])")
-    if not (isinstance(best_acc, (int, float)) and not isinstance(best_acc, bool)
-            and (best_acc == -1 or 0 <= best_acc <= 1)):
+    if not (
+        isinstance(best_acc, (int, float)) and not isinstance(best_acc, bool) and (best_acc == -1 or 0 <= best_acc <= 1)
+    ):
         raise bad(f"best_acc {best_acc!r} is not an accuracy (a fraction, or -1 before any evaluation)")
 
     saved, expected = ckpt["model"], model.state_dict()
@@ -233,12 +300,16 @@ def restore(ckpt: dict, *, model, optimizer, scheduler, train_generator: torch.G
         raise bad("its model is not a state dict of tensors")
     missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
     if missing or unexpected:
-        raise bad(f"its model does not fit the run's student (missing {', '.join(missing[:3]) or 'nothing'}; "
-                  f"unexpected {', '.join(unexpected[:3]) or 'nothing'})")
+        raise bad(
+            f"its model does not fit the run's student (missing {', '.join(missing[:3]) or 'nothing'}; "
+            f"unexpected {', '.join(unexpected[:3]) or 'nothing'})"
+        )
     for key, want in expected.items():
         if saved[key].shape != want.shape:
-            raise bad(f"its model does not fit the run's student: {key} has shape {list(saved[key].shape)}, "
-                      f"the model's is {list(want.shape)}")
+            raise bad(
+                f"its model does not fit the run's student: {key} has shape {list(saved[key].shape)}, "
+                f"the model's is {list(want.shape)}"
+            )
     nonfinite = [k for k, v in saved.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if nonfinite:
         raise bad(f"its weights hold NaN or inf ({nonfinite[0]})")
@@ -248,8 +319,10 @@ def restore(ckpt: dict, *, model, optimizer, scheduler, train_generator: torch.G
     except _MALFORMED as e:
         raise bad(f"its optimizer state does not fit the model ({_why(e)})") from None
     for group in optimizer.param_groups:
-        if not all(isinstance(group.get(k), (int, float)) and not isinstance(group.get(k), bool)
-                   and math.isfinite(group[k]) for k in ("lr", "momentum", "weight_decay")):
+        if not all(
+            isinstance(group.get(k), (int, float)) and not isinstance(group.get(k), bool) and math.isfinite(group[k])
+            for k in ("lr", "momentum", "weight_decay")
+        ):
             raise bad("its optimizer state holds a non-numeric or non-finite lr, momentum or weight decay")
         for p in group["params"]:
             buf = optimizer.state.get(p, {}).get("momentum_buffer")
@@ -262,8 +335,10 @@ def restore(ckpt: dict, *, model, optimizer, scheduler, train_generator: torch.G
     except _MALFORMED as e:
         raise bad(f"its lr schedule state is malformed ({_why(e)})") from None
     if {k: getattr(scheduler, k, None) for k in fixed} != fixed or scheduler.last_epoch != epoch:
-        raise bad(f"its lr schedule (milestones, gamma, lr, last epoch {getattr(scheduler, 'last_epoch', None)!r}) "
-                  f"does not match its epoch {epoch} and config.json")
+        raise bad(
+            f"its lr schedule (milestones, gamma, lr, last epoch {getattr(scheduler, 'last_epoch', None)!r}) "
+            f"does not match its epoch {epoch} and config.json"
+        )
 
     try:
         saved_world_size(ckpt["rng"])

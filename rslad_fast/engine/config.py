@@ -6,6 +6,7 @@ Resolution order for each setting: explicit command-line value > preset > the me
 value; this module only applies them (:func:`resolve`) and checks ranges (:func:`validate`). ``config.json`` is
 ``Config.to_dict()``; a resumed run is rebuilt from it with :meth:`Config.from_dict`.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,61 +32,61 @@ class Preset:
     """Settings between the command line and the method's official values (``train.PRESETS``, where each
     value is explained). None, False and (): the official value, untouched."""
 
-    eval_n: int                              # held-out test images (the first ones) evaluated after every epoch
-    eval_batch_size: int                     # images per evaluation batch (memory only)
-    teacher_arch: str                        # a self-trained teacher's architecture (no --teacher)
-    train_n: Optional[int] = None            # training images, the first ones (None: all 50,000)
-    epochs: Optional[int] = None             # the student's epochs
-    batch_size: Optional[int] = None         # images per SGD step and process
-    attack_steps: Optional[int] = None       # training attack cut to this many PGD steps, the step size scaled
-                                             # so that steps * step_size stays the official
-    final_decay: bool = False                # lr milestones [epochs - 1]: one decay, for the last epoch
-    scale_epoch_hparams: bool = False        # `epoch_hparams` scaled by epochs / official epochs
-    epoch_hparams: Tuple[str, ...] = ()      # method hyperparameters counted in epochs
-    channels_last: Optional[bool] = None     # channels_last memory format (None: off)
-    per_image_loss_lr: bool = False          # a per-logit-mean loss (Method.LOSS_PER_ELEMENT): lr x C, weight
-                                             # decay / C, i.e. SGD on its per-image form at the official values
-    teacher_train_n: Optional[int] = None    # a self-trained teacher's training images (None: train_n)
-    teacher_epochs: Optional[int] = None     # a self-trained teacher's epochs (None: its official ones)
+    eval_n: int  # held-out test images (the first ones) evaluated after every epoch
+    eval_batch_size: int  # images per evaluation batch (memory only)
+    teacher_arch: str  # a self-trained teacher's architecture (no --teacher)
+    train_n: Optional[int] = None  # training images, the first ones (None: all 50,000)
+    epochs: Optional[int] = None  # the student's epochs
+    batch_size: Optional[int] = None  # images per SGD step and process
+    attack_steps: Optional[int] = None  # training attack cut to this many PGD steps, the step size scaled
+    # so that steps * step_size stays the official
+    final_decay: bool = False  # lr milestones [epochs - 1]: one decay, for the last epoch
+    scale_epoch_hparams: bool = False  # `epoch_hparams` scaled by epochs / official epochs
+    epoch_hparams: Tuple[str, ...] = ()  # method hyperparameters counted in epochs
+    channels_last: Optional[bool] = None  # channels_last memory format (None: off)
+    per_image_loss_lr: bool = False  # a per-logit-mean loss (Method.LOSS_PER_ELEMENT): lr x C, weight
+    # decay / C, i.e. SGD on its per-image form at the official values
+    teacher_train_n: Optional[int] = None  # a self-trained teacher's training images (None: train_n)
+    teacher_epochs: Optional[int] = None  # a self-trained teacher's epochs (None: its official ones)
 
 
 @dataclass
 class Config:
-    student: str                      # canonical architecture name (models.ARCHS)
-    method: str                       # registry name (methods.REGISTRY)
-    hparams: dict                     # all of the method's hyperparameters, resolved
-    preset: str                       # "paper" or "quick"
+    student: str  # canonical architecture name (models.ARCHS)
+    method: str  # registry name (methods.REGISTRY)
+    hparams: dict  # all of the method's hyperparameters, resolved
+    preset: str  # "paper" or "quick"
     seed: int
-    data: str                         # absolute path of the folder holding cifar-10-batches-py/
-    train_n: Optional[int]            # first train_n training images (None: all 50,000)
-    eval_n: int                       # first eval_n test images, evaluated after every epoch
+    data: str  # absolute path of the folder holding cifar-10-batches-py/
+    train_n: Optional[int]  # first train_n training images (None: all 50,000)
+    eval_n: int  # first eval_n test images, evaluated after every epoch
     epochs: int
-    batch_size: int                   # per process: under torchrun the global batch is batch_size x WORLD_SIZE
-    lr: float                         # used as given at any world size (not scaled with the global batch)
+    batch_size: int  # per process: under torchrun the global batch is batch_size x WORLD_SIZE
+    lr: float  # used as given at any world size (not scaled with the global batch)
     momentum: float
     weight_decay: float
-    milestones: list                  # 0-based epochs (MultiStepLR convention) at which lr *= gamma
+    milestones: list  # 0-based epochs (MultiStepLR convention) at which lr *= gamma
     gamma: float
-    device: str                       # "cpu", "cuda", "cuda:1", ...
-    loader: str                       # "torch" or "dali"
-    threads: int                      # torch intra-op CPU threads (fixed: part of bitwise reproducibility)
-    eval_attack: dict                 # the held-out PGD-20 evaluation (train.EVAL_ATTACK)
+    device: str  # "cpu", "cuda", "cuda:1", ...
+    loader: str  # "torch" or "dali"
+    threads: int  # torch intra-op CPU threads (fixed: part of bitwise reproducibility)
+    eval_attack: dict  # the held-out PGD-20 evaluation (train.EVAL_ATTACK)
     eval_batch_size: int
-    amp: str = "fp32"                 # training precision: "fp32", or "bf16" autocast (fp32 master weights);
-                                      # evaluation attacks always run in fp32
-    channels_last: bool = False       # student and teacher (and their inputs) in channels_last memory format
-    allow_tf32: bool = False          # CUDA: TF32 convolutions and matmuls, in training and its held-out
-                                      # evaluation alike; off by default, as in `evaluate`: fp32 means fp32
-                                      # (torch's own default leaves cuDNN TF32 on and matmul TF32 off)
-    sync_bn: bool = False             # under torchrun: SyncBatchNorm (batch statistics over all ranks); False:
-                                      # BatchNorm per rank, as single-GPU training (CUDA only: torch's
-                                      # SyncBatchNorm does not run on the CPU)
-    teacher_cache: str = "off"        # --teacher-cache: "auto" (on for Method.TEACHER_CACHE_AUTO methods, off
-                                      # with a note when it does not fit), "on", "off" (engine/teacher_cache.py);
-                                      # "off" for runs written before the field existed, as they trained
-    teacher: Optional[dict] = None    # {"source": "file", "path", "arch"} | {"source": "trained", "arch", "dir"}
+    amp: str = "fp32"  # training precision: "fp32", or "bf16" autocast (fp32 master weights);
+    # evaluation attacks always run in fp32
+    channels_last: bool = False  # student and teacher (and their inputs) in channels_last memory format
+    allow_tf32: bool = False  # CUDA: TF32 convolutions and matmuls, in training and its held-out
+    # evaluation alike; off by default, as in `evaluate`: fp32 means fp32
+    # (torch's own default leaves cuDNN TF32 on and matmul TF32 off)
+    sync_bn: bool = False  # under torchrun: SyncBatchNorm (batch statistics over all ranks); False:
+    # BatchNorm per rank, as single-GPU training (CUDA only: torch's
+    # SyncBatchNorm does not run on the CPU)
+    teacher_cache: str = "off"  # --teacher-cache: "auto" (on for Method.TEACHER_CACHE_AUTO methods, off
+    # with a note when it does not fit), "on", "off" (engine/teacher_cache.py);
+    # "off" for runs written before the field existed, as they trained
+    teacher: Optional[dict] = None  # {"source": "file", "path", "arch"} | {"source": "trained", "arch", "dir"}
     teacher_run: Optional[dict] = None  # the self-trained teacher's own Config, as a dict
-    schedule_source: str = ""         # where the method's official schedule comes from
+    schedule_source: str = ""  # where the method's official schedule comes from
     versions: dict = field(default_factory=dict)
     format: int = CONFIG_FORMAT
 
@@ -98,10 +99,8 @@ class Config:
     def from_dict(cls, d: dict) -> "Config":
         names = {f.name for f in fields(cls)}
         required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
-        if not isinstance(d, dict) or d.get("format") != CONFIG_FORMAT or not names >= set(d) or \
-                not required <= set(d):
-            raise UserError("config.json is not a run configuration of this engine (format "
-                            f"{CONFIG_FORMAT})")
+        if not isinstance(d, dict) or d.get("format") != CONFIG_FORMAT or not names >= set(d) or not required <= set(d):
+            raise UserError(f"config.json is not a run configuration of this engine (format {CONFIG_FORMAT})")
         return cls(**d)
 
 
@@ -119,28 +118,36 @@ def read_config_file(path) -> dict:
 
 # ---- versions --------------------------------------------------------------------------------------------
 
+
 def versions() -> dict:
     import rslad_fast
 
     commit = None
     try:
         root = Path(rslad_fast.__file__).resolve().parent.parent
-        res = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=5)
+        res = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
         if res.returncode == 0:
             commit = res.stdout.strip()
     except Exception:  # no git, not a checkout: the commit is optional information
         pass
-    out = {"rslad_fast": rslad_fast.__version__, "git_commit": commit, "python": platform.python_version(),
-           "torch": str(torch.__version__), "numpy": np.__version__, "cuda": torch.version.cuda,
-           "platform": platform.platform(), "ops_backend": rslad_fast.ops.backend(),
-           "ops_cuda_kernels": rslad_fast.ops.cuda_kernels_available()}
+    out = {
+        "rslad_fast": rslad_fast.__version__,
+        "git_commit": commit,
+        "python": platform.python_version(),
+        "torch": str(torch.__version__),
+        "numpy": np.__version__,
+        "cuda": torch.version.cuda,
+        "platform": platform.platform(),
+        "ops_backend": rslad_fast.ops.backend(),
+        "ops_cuda_kernels": rslad_fast.ops.cuda_kernels_available(),
+    }
     if torch.cuda.is_available():
         out["gpu"] = torch.cuda.get_device_name(0)
     return out
 
 
 # ---- resolution ------------------------------------------------------------------------------------------
+
 
 def _pick(*values):
     return next((v for v in values if v is not None), None)
@@ -224,15 +231,23 @@ def resolve(cli: dict, preset_name: str, preset: Preset, eval_attack: dict) -> C
     teacher = None
     if method_cls.needs_teacher:
         if cli.get("teacher"):
-            teacher = {"source": "file", "path": str(Path(cli["teacher"]).expanduser().resolve()),
-                       "arch": canonical_name(cli.get("teacher_arch") or "wrn34-10")}
+            teacher = {
+                "source": "file",
+                "path": str(Path(cli["teacher"]).expanduser().resolve()),
+                "arch": canonical_name(cli.get("teacher_arch") or "wrn34-10"),
+            }
         else:
-            teacher = {"source": "trained", "arch": canonical_name(cli.get("teacher_arch") or preset.teacher_arch),
-                       "dir": "teacher"}
+            teacher = {
+                "source": "trained",
+                "arch": canonical_name(cli.get("teacher_arch") or preset.teacher_arch),
+                "dir": "teacher",
+            }
     elif cli.get("teacher") or cli.get("teacher_arch"):
-        raise UserError(f"method '{method_cls.name}' trains without a teacher; drop --teacher/--teacher-arch "
-                        f"(distillation methods: "
-                        f"{', '.join(n for n, c in sorted(methods.REGISTRY.items()) if c.needs_teacher)})")
+        raise UserError(
+            f"method '{method_cls.name}' trains without a teacher; drop --teacher/--teacher-arch "
+            f"(distillation methods: "
+            f"{', '.join(n for n, c in sorted(methods.REGISTRY.items()) if c.needs_teacher)})"
+        )
 
     teacher_cache = cli.get("teacher_cache")
     if not method_cls.needs_teacher:
@@ -248,7 +263,10 @@ def resolve(cli: dict, preset_name: str, preset: Preset, eval_attack: dict) -> C
     device = resolve_device(cli.get("device"))
     threads = _pick(cli.get("threads"), torch.get_num_threads())
     cfg = Config(
-        student=student, method=method_cls.name, hparams=hparams, preset=preset_name,
+        student=student,
+        method=method_cls.name,
+        hparams=hparams,
+        preset=preset_name,
         seed=_pick(cli.get("seed"), 0),
         data=str(Path(_pick(cli.get("data"), "./data")).expanduser().resolve()),
         train_n=_pick(cli.get("train_n"), preset.train_n),
@@ -260,14 +278,19 @@ def resolve(cli: dict, preset_name: str, preset: Preset, eval_attack: dict) -> C
         weight_decay=_pick(cli.get("weight_decay"), weight_decay),
         milestones=milestones,
         gamma=_pick(cli.get("gamma"), sch.gamma),
-        device=device, loader=_pick(cli.get("loader"), "torch"), threads=threads,
+        device=device,
+        loader=_pick(cli.get("loader"), "torch"),
+        threads=threads,
         amp=_pick(cli.get("amp"), "fp32"),
         channels_last=bool(_pick(cli.get("channels_last"), preset.channels_last, False)),
         allow_tf32=bool(cli.get("allow_tf32") or False),
         sync_bn=bool(cli.get("sync_bn") or False),
         teacher_cache=_pick(teacher_cache, "auto"),
-        eval_attack=dict(eval_attack), eval_batch_size=preset.eval_batch_size,
-        teacher=teacher, schedule_source=sch.source, versions=versions(),
+        eval_attack=dict(eval_attack),
+        eval_batch_size=preset.eval_batch_size,
+        teacher=teacher,
+        schedule_source=sch.source,
+        versions=versions(),
     )
     validate(cfg)
     return cfg
@@ -289,35 +312,50 @@ def _finite(v) -> bool:
 def validate(cfg: Config) -> None:
     """Range checks of the engine's own settings (the method validated its hyperparameters)."""
     _check(_is_int(cfg.epochs) and cfg.epochs >= 1, f"--epochs must be an integer >= 1, got {cfg.epochs!r}")
-    _check(_is_int(cfg.batch_size) and cfg.batch_size >= 1,
-           f"--batch-size must be an integer >= 1, got {cfg.batch_size!r}")
+    _check(
+        _is_int(cfg.batch_size) and cfg.batch_size >= 1, f"--batch-size must be an integer >= 1, got {cfg.batch_size!r}"
+    )
     _check(_finite(cfg.lr) and cfg.lr > 0, f"--lr must be a finite number > 0, got {cfg.lr!r}")
     _check(_finite(cfg.momentum) and 0 <= cfg.momentum < 1, f"--momentum must be in [0, 1), got {cfg.momentum!r}")
-    _check(_finite(cfg.weight_decay) and cfg.weight_decay >= 0,
-           f"--weight-decay must be a finite number >= 0, got {cfg.weight_decay!r}")
+    _check(
+        _finite(cfg.weight_decay) and cfg.weight_decay >= 0,
+        f"--weight-decay must be a finite number >= 0, got {cfg.weight_decay!r}",
+    )
     _check(_finite(cfg.gamma) and 0 < cfg.gamma <= 1, f"--gamma must be in (0, 1], got {cfg.gamma!r}")
-    _check(all(_is_int(m) and m >= 0 for m in cfg.milestones),
-           f"--milestones must be integers >= 0, got {cfg.milestones!r}")
-    _check(_is_int(cfg.seed) and 0 <= cfg.seed < 2 ** 63, f"--seed must be an integer in [0, 2^63), got {cfg.seed!r}")
-    _check(cfg.train_n is None or (_is_int(cfg.train_n) and cfg.train_n >= 1),
-           f"--train-n must be an integer >= 1, got {cfg.train_n!r}")
+    _check(
+        all(_is_int(m) and m >= 0 for m in cfg.milestones),
+        f"--milestones must be integers >= 0, got {cfg.milestones!r}",
+    )
+    _check(_is_int(cfg.seed) and 0 <= cfg.seed < 2**63, f"--seed must be an integer in [0, 2^63), got {cfg.seed!r}")
+    _check(
+        cfg.train_n is None or (_is_int(cfg.train_n) and cfg.train_n >= 1),
+        f"--train-n must be an integer >= 1, got {cfg.train_n!r}",
+    )
     _check(_is_int(cfg.eval_n) and cfg.eval_n >= 1, f"--eval-n must be an integer >= 1, got {cfg.eval_n!r}")
     _check(_is_int(cfg.threads) and cfg.threads >= 1, f"--threads must be an integer >= 1, got {cfg.threads!r}")
     _check(cfg.loader in ("torch", "dali"), f"--loader must be torch or dali, got {cfg.loader!r}")
     _check(cfg.amp in ("fp32", "bf16"), f"--amp must be fp32 or bf16, got {cfg.amp!r}")
     _check(isinstance(cfg.channels_last, bool), f"channels_last must be true or false, got {cfg.channels_last!r}")
     _check(isinstance(cfg.allow_tf32, bool), f"allow_tf32 must be true or false, got {cfg.allow_tf32!r}")
-    _check(cfg.hparams.get("cuda_graph") is not True or cfg.device.startswith("cuda"),
-           f"--cuda-graph true needs a CUDA device (the graph captures CUDA kernels) but the device is "
-           f"{cfg.device}; use --cuda-graph auto (a graph on CUDA, eager elsewhere) or false")
+    _check(
+        cfg.hparams.get("cuda_graph") is not True or cfg.device.startswith("cuda"),
+        f"--cuda-graph true needs a CUDA device (the graph captures CUDA kernels) but the device is "
+        f"{cfg.device}; use --cuda-graph auto (a graph on CUDA, eager elsewhere) or false",
+    )
     _check(isinstance(cfg.sync_bn, bool), f"sync_bn must be true or false, got {cfg.sync_bn!r}")
-    _check(not cfg.sync_bn or cfg.device.startswith("cuda"),
-           f"--sync-bn needs CUDA devices (torch's SyncBatchNorm does not run on the CPU) but the device is "
-           f"{cfg.device}; drop --sync-bn (BatchNorm is then per rank) or train with --device cuda")
-    _check(cfg.teacher_cache in ("auto", "on", "off"),
-           f"--teacher-cache must be auto, on or off, got {cfg.teacher_cache!r}")
-    _check(cfg.teacher_cache != "on" or cfg.teacher is not None,
-           f"--teacher-cache on: method '{cfg.method}' trains without a teacher")
+    _check(
+        not cfg.sync_bn or cfg.device.startswith("cuda"),
+        f"--sync-bn needs CUDA devices (torch's SyncBatchNorm does not run on the CPU) but the device is "
+        f"{cfg.device}; drop --sync-bn (BatchNorm is then per rank) or train with --device cuda",
+    )
+    _check(
+        cfg.teacher_cache in ("auto", "on", "off"),
+        f"--teacher-cache must be auto, on or off, got {cfg.teacher_cache!r}",
+    )
+    _check(
+        cfg.teacher_cache != "on" or cfg.teacher is not None,
+        f"--teacher-cache on: method '{cfg.method}' trains without a teacher",
+    )
     _check(_is_int(cfg.eval_batch_size) and cfg.eval_batch_size >= 1, "eval batch size must be >= 1")
     ea = cfg.eval_attack
     _check(0 <= ea["eps"] <= 1, f"evaluation eps must be in [0, 1], got {ea['eps']}")

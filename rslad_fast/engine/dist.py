@@ -14,6 +14,7 @@ trains on ``cuda:LOCAL_RANK``.
 Nothing is stored in module globals: a :class:`Dist` is passed to whatever needs it; the default
 ``Dist()`` is the single process, on which every collective helper here is a no-op.
 """
+
 from __future__ import annotations
 
 import os
@@ -72,8 +73,10 @@ class Dist:
             return cls()
         missing = [v for v in TORCHRUN_VARS if v not in env]
         if missing:
-            raise UserError(f"WORLD_SIZE is set but not {', '.join(missing)}: start multi-process training with "
-                            f"torchrun (torchrun --nproc_per_node=N -m rslad_fast.train ...)")
+            raise UserError(
+                f"WORLD_SIZE is set but not {', '.join(missing)}: start multi-process training with "
+                f"torchrun (torchrun --nproc_per_node=N -m rslad_fast.train ...)"
+            )
         try:
             rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
             local = int(env["LOCAL_RANK"])
@@ -81,8 +84,10 @@ class Dist:
         except ValueError:
             raise UserError("RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE must be integers") from None
         if not (world >= 1 and 0 <= rank < world and 0 <= local < local_world):
-            raise UserError(f"inconsistent torchrun environment: RANK={rank} WORLD_SIZE={world} "
-                            f"LOCAL_RANK={local} LOCAL_WORLD_SIZE={local_world}")
+            raise UserError(
+                f"inconsistent torchrun environment: RANK={rank} WORLD_SIZE={world} "
+                f"LOCAL_RANK={local} LOCAL_WORLD_SIZE={local_world}"
+            )
         return cls(rank=rank, world_size=world, local_rank=local, local_world_size=local_world, launched=True)
 
     def init(self) -> None:
@@ -112,12 +117,16 @@ class Dist:
         count = torch.cuda.device_count()
         if dev.index is not None:
             if self.local_world_size > 1:
-                raise UserError(f"--device {name}: with {self.local_world_size} processes per node each one "
-                                f"uses cuda:LOCAL_RANK; pass --device cuda")
+                raise UserError(
+                    f"--device {name}: with {self.local_world_size} processes per node each one "
+                    f"uses cuda:LOCAL_RANK; pass --device cuda"
+                )
             return dev
         if self.local_rank >= count:
-            raise UserError(f"--device cuda: {self.local_world_size} processes per node but only {count} CUDA "
-                            f"device(s) visible; pass --nproc_per_node={count} or fewer")
+            raise UserError(
+                f"--device cuda: {self.local_world_size} processes per node but only {count} CUDA "
+                f"device(s) visible; pass --nproc_per_node={count} or fewer"
+            )
         return torch.device("cuda", self.local_rank)
 
     # ---- collectives (no-ops in a single process) --------------------------------------------------------
@@ -130,12 +139,14 @@ class Dist:
         """Wait until every rank gets here (a CPU all-reduce over gloo: no device, no NCCL warning)."""
         if self.active:
             import torch.distributed as tdist
+
             tdist.all_reduce(torch.zeros(1))
 
     def all_reduce_sum_(self, t: torch.Tensor) -> torch.Tensor:
         """Sum ``t`` over the ranks, in place (gloo on the CPU, NCCL on CUDA); returns ``t``."""
         if self.active:
             import torch.distributed as tdist
+
             tdist.all_reduce(t)
         return t
 
@@ -144,6 +155,7 @@ class Dist:
         if not self.active:
             return [obj]
         import torch.distributed as tdist
+
         out = [None] * self.world_size
         tdist.all_gather_object(out, obj)
         return out
@@ -167,6 +179,7 @@ class Dist:
         every rank, so that every rank evaluates the very model rank 0 saves."""
         if self.active:
             import torch.distributed as tdist
+
             for b in module.buffers():
                 tdist.broadcast(b, src=0)
 
@@ -177,9 +190,9 @@ class Dist:
         ``find_unused_parameters``: every method uses every parameter in every step."""
         if not self.launched:
             return module
-        from torch.nn.parallel import DistributedDataParallel
-
         import inspect
+
+        from torch.nn.parallel import DistributedDataParallel
 
         ids = [device.index] if device.type == "cuda" else None
         # torch >= 2.14 names it forward_sync_buffers (broadcast_buffers warns); both keep the buffers per rank

@@ -11,6 +11,7 @@ number of steps on every rank: the loader pads its shards); the epoch's statisti
 ranks (one all-reduce per epoch) so every rank reports, and rank 0 logs, the whole epoch. The evaluation
 splits the held images into one contiguous slice per rank and sums the correct counts.
 """
+
 from __future__ import annotations
 
 import math
@@ -44,9 +45,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_one_epoch(*, student, method, loader, optimizer, epoch: int, teacher=None,
-                    generator: torch.Generator | None = None, bar=None, amp_dtype: torch.dtype | None = None,
-                    channels_last: bool = False, dist=None, teacher_cache=None) -> dict:
+def train_one_epoch(
+    *,
+    student,
+    method,
+    loader,
+    optimizer,
+    epoch: int,
+    teacher=None,
+    generator: torch.Generator | None = None,
+    bar=None,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    dist=None,
+    teacher_cache=None,
+) -> dict:
     """Train ``student`` for one epoch (``epoch`` counts from 0); return the epoch's means and timings.
 
     ``amp_dtype`` (None: fp32, or torch.bfloat16) autocasts the student's and the teacher's passes;
@@ -77,9 +90,19 @@ def train_one_epoch(*, student, method, loader, optimizer, epoch: int, teacher=N
     for x, y, *views in loader:
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        loss, ctx = train_step(student, method, optimizer, x, y, teacher=teacher, epoch=epoch,
-                               generator=generator, amp_dtype=amp_dtype, cache=teacher_cache,
-                               views=views[0] if views else None)
+        loss, ctx = train_step(
+            student,
+            method,
+            optimizer,
+            x,
+            y,
+            teacher=teacher,
+            epoch=epoch,
+            generator=generator,
+            amp_dtype=amp_dtype,
+            cache=teacher_cache,
+            views=views[0] if views else None,
+        )
         loss_sum += loss.double()
         n_finite += torch.isfinite(loss_sum)
         for key, value in ctx.stats.items():
@@ -93,13 +116,17 @@ def train_one_epoch(*, student, method, loader, optimizer, epoch: int, teacher=N
             bar.update(1)
             if n_batches % 10 == 1 or n_batches == len(loader):
                 elapsed = time.perf_counter() - t0
-                bar.set_postfix(loss=f"{float(loss_sum) / n_batches:.4f}", img_s=f"{n_images / max(elapsed, 1e-9):.0f}",
-                                refresh=False)
+                bar.set_postfix(
+                    loss=f"{float(loss_sum) / n_batches:.4f}",
+                    img_s=f"{n_images / max(elapsed, 1e-9):.0f}",
+                    refresh=False,
+                )
     # One float64 vector of this rank's sums (loss, each statistic, batches, images); under torchrun summed
     # over the ranks in one all-reduce: each rank has as many batches, so the means are the rank means' mean.
     keys = list(stat_sums)  # the same method on every rank: the same keys in the same order
-    parts = [loss_sum.reshape(1)] + [torch.as_tensor(stat_sums[k], dtype=torch.float64, device=device).reshape(1)
-                                     for k in keys]
+    parts = [loss_sum.reshape(1)] + [
+        torch.as_tensor(stat_sums[k], dtype=torch.float64, device=device).reshape(1) for k in keys
+    ]
     if cache_start is not None:
         hits, lookups = (now - then for now, then in zip(teacher_cache.stats(), cache_start))
         parts.append(torch.tensor([hits, lookups], dtype=torch.float64, device=device))
@@ -115,8 +142,9 @@ def train_one_epoch(*, student, method, loader, optimizer, epoch: int, teacher=N
         out[f"train_{key}"] = total[1 + i] / batches
     if not math.isfinite(out["train_loss"]):  # every rank sees the summed loss: all of them stop here
         first = min(dist.all_gather_object(int(n_finite))) if dist is not None and dist.active else int(n_finite)
-        raise Diverged(f"training diverged in epoch {epoch + 1}: the loss of batch {first + 1}/{n_batches} "
-                       f"is not finite")
+        raise Diverged(
+            f"training diverged in epoch {epoch + 1}: the loss of batch {first + 1}/{n_batches} is not finite"
+        )
     if cache_start is not None:
         hits, lookups = total[-4], total[-3]
         out.update(teacher_cache_hit_rate=hits / max(lookups, 1), teacher_forwards_saved=int(hits))
@@ -124,8 +152,16 @@ def train_one_epoch(*, student, method, loader, optimizer, epoch: int, teacher=N
     return out
 
 
-def evaluate(model, images_uint8: torch.Tensor, labels: torch.Tensor, *, attack: dict, batch_size: int,
-             generator: torch.Generator | None = None, dist=None) -> dict:
+def evaluate(
+    model,
+    images_uint8: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    attack: dict,
+    batch_size: int,
+    generator: torch.Generator | None = None,
+    dist=None,
+) -> dict:
     """Clean and PGD accuracy (fractions) of ``model`` on a fixed set, the model in eval mode.
 
     ``images_uint8`` [N, 3, H, W] uint8 and ``labels`` live on the model's device. ``attack``: eps, alpha,
@@ -150,8 +186,8 @@ def evaluate(model, images_uint8: torch.Tensor, labels: torch.Tensor, *, attack:
     t0 = time.perf_counter()
     with model_mode(model, "eval"):
         for i in range(0, len(images_uint8), batch_size):
-            x = images_uint8[i:i + batch_size].float().div_(255.0)
-            y = labels[i:i + batch_size]
+            x = images_uint8[i : i + batch_size].float().div_(255.0)
+            y = labels[i : i + batch_size]
             with torch.no_grad():
                 correct_clean += (model(x).argmax(1) == y).sum()
             x_adv = pgd_attack(model, x, y, generator=generator)
@@ -162,5 +198,9 @@ def evaluate(model, images_uint8: torch.Tensor, labels: torch.Tensor, *, attack:
         correct_clean, correct_adv = counts[0], counts[1]
     _sync(device)
     n = max(n_total, 1)
-    return {"clean_acc": int(correct_clean) / n, "pgd20_acc": int(correct_adv) / n,
-            "eval_n": n_total, "eval_time_s": time.perf_counter() - t0}
+    return {
+        "clean_acc": int(correct_clean) / n,
+        "pgd20_acc": int(correct_adv) / n,
+        "eval_n": n_total,
+        "eval_time_s": time.perf_counter() - t0,
+    }

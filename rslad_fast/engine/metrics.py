@@ -26,6 +26,7 @@ always describes exactly the epochs of ``last.pt``.
 ``curves.png``: loss, clean and PGD-20 accuracy, and lr against epoch, in the spirit of the RSLAD paper's
 Figs. 2 and 3. Drawn with matplotlib's Agg canvas directly (no pyplot global state, no display needed).
 """
+
 from __future__ import annotations
 
 import io

@@ -6,6 +6,7 @@ training run's per-epoch PGD-20 (TF32) would not be comparable with `evaluate`'s
 entry points therefore set it explicitly, off unless asked (`--allow-tf32`), and record the choice in
 config.json / eval.json. The flags are torch-global: they are restored when the block ends.
 """
+
 import contextlib
 
 import torch

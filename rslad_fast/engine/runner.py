@@ -28,6 +28,7 @@ the held images; only rank 0 writes (config, metrics, curves, checkpoints, the t
 The other ranks wait at a barrier at the end of :func:`run` until rank 0's last files are complete, which is
 how a self-trained teacher is written once by rank 0 and then loaded by every rank.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -60,14 +61,13 @@ from rslad_fast.models import build
 from rslad_fast.models.loading import load_checkpoint_into
 
 from .allocator import keep_freed_memory
-from .checkpoint import (WriteError, atomic_write_bytes, load_checkpoint, restore, save_checkpoint,
-                         saved_world_size)
+from .checkpoint import WriteError, atomic_write_bytes, load_checkpoint, restore, save_checkpoint, saved_world_size
 from .config import NUM_CLASSES, Config, check_ops_device, read_config_file
 from .dist import Dist
 from .loop import Diverged, evaluate, first_non_finite, train_one_epoch
-from .step import AMP_DTYPES
 from .metrics import MetricsLog, plot_curves
 from .precision import tf32
+from .step import AMP_DTYPES
 from .teacher import freeze, load_teacher
 from .teacher_cache import TeacherCache, check_fits
 
@@ -82,21 +82,25 @@ LOCK = ".lock"  # flock'ed for the life of a run (RunLock)
 @dataclass
 class Prepared:
     """A validated config plus what the run needs in memory (uint8 CPU tensors, a loaded teacher)."""
+
     cfg: Config
-    train: tuple            # (images uint8 [N, 3, 32, 32], labels int64 [N])
-    held: tuple             # the first eval_n test images and labels
-    teacher_model: Optional[torch.nn.Module] = None   # --teacher PATH, loaded and frozen (CPU)
-    teacher_prep: Optional["Prepared"] = None         # the self-trained teacher's run
-    notes: list = field(default_factory=list)         # what the checks adjusted, for the user to read
-    teacher_cache: bool = False                       # cfg.teacher_cache resolved: the cache is used
+    train: tuple  # (images uint8 [N, 3, 32, 32], labels int64 [N])
+    held: tuple  # the first eval_n test images and labels
+    teacher_model: Optional[torch.nn.Module] = None  # --teacher PATH, loaded and frozen (CPU)
+    teacher_prep: Optional["Prepared"] = None  # the self-trained teacher's run
+    notes: list = field(default_factory=list)  # what the checks adjusted, for the user to read
+    teacher_cache: bool = False  # cfg.teacher_cache resolved: the cache is used
 
 
 # ---- phase 1: checks and loading, no writes --------------------------------------------------------------
 
+
 def read_data(cfg: Config, download="auto") -> tuple:
     """All of CIFAR-10 as uint8 CPU tensors: ((train_x, train_y), (test_x, test_y))."""
-    return (load_cifar10(cfg.data, train=True, download=download),
-            load_cifar10(cfg.data, train=False, download=download))
+    return (
+        load_cifar10(cfg.data, train=True, download=download),
+        load_cifar10(cfg.data, train=False, download=download),
+    )
 
 
 def select_data(cfg: Config, full: tuple, *, eval_n_given: bool = True, notes: Optional[list] = None) -> tuple:
@@ -110,17 +114,19 @@ def select_data(cfg: Config, full: tuple, *, eval_n_given: bool = True, notes: O
     if cfg.train_n is not None:
         if cfg.train_n > len(train_x):
             raise UserError(f"--train-n {cfg.train_n} exceeds the {len(train_x)} training images in {cfg.data}")
-        train_x, train_y = train_x[:cfg.train_n], train_y[:cfg.train_n]
+        train_x, train_y = train_x[: cfg.train_n], train_y[: cfg.train_n]
     if cfg.eval_n > len(test_x):
         if eval_n_given:
             raise UserError(f"--eval-n {cfg.eval_n} exceeds the {len(test_x)} test images in {cfg.data}")
         if notes is not None:
-            notes.append(f"the test set in {cfg.data} holds {len(test_x)} images, fewer than the preset's "
-                         f"{cfg.eval_n} held-out images: the whole test set ({len(test_x)}) is evaluated per epoch")
+            notes.append(
+                f"the test set in {cfg.data} holds {len(test_x)} images, fewer than the preset's "
+                f"{cfg.eval_n} held-out images: the whole test set ({len(test_x)}) is evaluated per epoch"
+            )
         cfg.eval_n = len(test_x)
     if cfg.batch_size > len(train_x):
         raise UserError(f"--batch-size {cfg.batch_size} exceeds the {len(train_x)} training images")
-    return (train_x, train_y), (test_x[:cfg.eval_n], test_y[:cfg.eval_n])
+    return (train_x, train_y), (test_x[: cfg.eval_n], test_y[: cfg.eval_n])
 
 
 def prepare(cfg: Config, *, download="auto", full=None, eval_n_given: bool = True) -> Prepared:
@@ -134,8 +140,10 @@ def prepare(cfg: Config, *, download="auto", full=None, eval_n_given: bool = Tru
         if not torch.device(cfg.device).type == "cuda":
             raise UserError("--loader dali trains on a CUDA device only; use --loader torch on the CPU")
         if not dali_available():
-            raise UserError("--loader dali needs NVIDIA DALI, which is not importable; install "
-                            "nvidia-dali-cuda130 or use --loader torch")
+            raise UserError(
+                "--loader dali needs NVIDIA DALI, which is not importable; install "
+                "nvidia-dali-cuda130 or use --loader torch"
+            )
     full = full if full is not None else read_data(cfg, download)
     notes = []
     train, held = select_data(cfg, full, eval_n_given=eval_n_given, notes=notes)
@@ -147,12 +155,15 @@ def prepare(cfg: Config, *, download="auto", full=None, eval_n_given: bool = Tru
             if cfg.teacher.get("sha256") is None:  # a new run records which file it distills from
                 cfg.teacher["sha256"] = digest
             elif cfg.teacher["sha256"] != digest:  # a resumed run must distill from the very same file
-                raise UserError(f"teacher {cfg.teacher['path']} changed since the run started (sha256 "
-                                f"{digest[:12]}... vs {cfg.teacher['sha256'][:12]}... in config.json)")
+                raise UserError(
+                    f"teacher {cfg.teacher['path']} changed since the run started (sha256 "
+                    f"{digest[:12]}... vs {cfg.teacher['sha256'][:12]}... in config.json)"
+                )
         else:
             try:
-                prep.teacher_prep = prepare(Config.from_dict(cfg.teacher_run), download=download, full=full,
-                                            eval_n_given=eval_n_given)
+                prep.teacher_prep = prepare(
+                    Config.from_dict(cfg.teacher_run), download=download, full=full, eval_n_given=eval_n_given
+                )
             except UserError as e:  # its settings come partly from the preset: say whose they are
                 raise UserError(f"self-trained teacher ({cfg.teacher['arch']}, TRADES): {e}") from None
             cfg.teacher_run["eval_n"] = prep.teacher_prep.cfg.eval_n  # as shrunk: what a resume compares
@@ -195,8 +206,10 @@ def read_config(run_dir) -> Config:
         raise UserError(f"--resume {run_dir}: no such directory")
     if not path.is_file():
         if not _content(run_dir):
-            raise UserError(f"--resume {run_dir}: no {CONFIG} there (a start interrupted before it was written); "
-                            f"start the run again with --out {run_dir}")
+            raise UserError(
+                f"--resume {run_dir}: no {CONFIG} there (a start interrupted before it was written); "
+                f"start the run again with --out {run_dir}"
+            )
         raise UserError(f"--resume {run_dir}: no {CONFIG} there, not a run directory")
     try:
         d = read_config_file(path)  # the one reader of config.json, shared with evaluate --run
@@ -229,11 +242,15 @@ def check_out_dir(run_dir, overwrite: bool) -> None:
         _check_writable(run_dir)
         if run_dir.is_dir() and _content(run_dir):
             if not overwrite:
-                raise UserError(f"--out {run_dir} already exists and is not empty; pass --resume {run_dir} to "
-                                f"continue that run, or --overwrite to replace it")
+                raise UserError(
+                    f"--out {run_dir} already exists and is not empty; pass --resume {run_dir} to "
+                    f"continue that run, or --overwrite to replace it"
+                )
             if not (run_dir / CONFIG).is_file():
-                raise UserError(f"--out {run_dir} is not empty and holds no {CONFIG}: not a run directory, "
-                                f"refusing to delete it even with --overwrite")
+                raise UserError(
+                    f"--out {run_dir} is not empty and holds no {CONFIG}: not a run directory, "
+                    f"refusing to delete it even with --overwrite"
+                )
     except OSError as e:
         raise UserError(f"--out {run_dir}: {e.strerror or e}") from None
 
@@ -254,8 +271,9 @@ def _check_writable(run_dir: Path) -> None:
     for name in missing:
         size = len(os.fsencode(name))
         if size > limit:
-            raise UserError(f"--out {run_dir}: the name {name[:16]}... is {size} bytes, over the file system's "
-                            f"limit of {limit}")
+            raise UserError(
+                f"--out {run_dir}: the name {name[:16]}... is {size} bytes, over the file system's limit of {limit}"
+            )
     if not os.access(p, os.W_OK | os.X_OK):  # also False on a read-only file system, root included
         raise UserError(f"--out {run_dir}: {p} is not writable")
 
@@ -283,6 +301,7 @@ def _remove_empty(run_dir: Path, created: Optional[Path]) -> None:
 
 # ---- phase 2: writes -------------------------------------------------------------------------------------
 
+
 def write_config(run_dir, cfg: Config) -> None:
     atomic_write_bytes(Path(run_dir) / CONFIG, (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
 
@@ -309,9 +328,11 @@ class RunLock:
                 holder = f.read().strip()
                 f.close()
                 if e.errno in (errno.EAGAIN, errno.EACCES):
-                    raise UserError(f"{run_dir} is in use by another process"
-                                    f"{f' (pid {holder})' if holder.isdigit() else ''}; wait until it ends or "
-                                    f"use another --out") from None
+                    raise UserError(
+                        f"{run_dir} is in use by another process"
+                        f"{f' (pid {holder})' if holder.isdigit() else ''}; wait until it ends or "
+                        f"use another --out"
+                    ) from None
                 raise UserError(f"{run_dir}: cannot lock {LOCK} ({e.strerror})") from None
             try:
                 current = os.stat(self.path)
@@ -377,7 +398,7 @@ def create_run_dir(run_dir, cfg: Config, *, overwrite: bool = False, dist: Dist 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
+    np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
@@ -387,6 +408,7 @@ def _same_run(a: dict, b: dict) -> bool:
             return Config.from_dict(dict(d)).to_dict()
         except (UserError, TypeError):
             return d
+
     ignore = ("versions",)
     a, b = norm(a), norm(b)
     return {k: v for k, v in a.items() if k not in ignore} == {k: v for k, v in b.items() if k not in ignore}
@@ -395,11 +417,19 @@ def _same_run(a: dict, b: dict) -> bool:
 def _log(msg: str, dist: Dist) -> None:
     if dist.is_main:
         from tqdm import tqdm
+
         tqdm.write(msg, file=sys.stdout)
 
 
-def run(prep: Prepared, run_dir, *, dist: Dist = Dist(), progress: bool = True, tag: str = "",
-        stop_after: Optional[int] = None) -> dict:
+def run(
+    prep: Prepared,
+    run_dir,
+    *,
+    dist: Dist = Dist(),
+    progress: bool = True,
+    tag: str = "",
+    stop_after: Optional[int] = None,
+) -> dict:
     """Train (or continue training) the run in ``run_dir``, whose config.json must already exist, under the
     run's TF32 policy (engine/precision.py, restored afterwards).
 
@@ -423,8 +453,11 @@ def _run(prep: Prepared, run_dir: Path, *, dist: Dist, progress: bool, tag: str,
     r = _build(prep, run_dir, dist=dist, progress=progress)
     start, best_acc, records = _resume(r, dist=dist, tag=tag)
     if r.teacher_cache is not None and start < cfg.epochs:
-        _log(f"[{tag}] teacher-logit cache: {r.teacher_cache.describe()}, filled as the views are drawn "
-             f"(each view's teacher forward runs once)", dist)
+        _log(
+            f"[{tag}] teacher-logit cache: {r.teacher_cache.describe()}, filled as the views are drawn "
+            f"(each view's teacher forward runs once)",
+            dist,
+        )
     if start >= cfg.epochs:
         _log(f"[{tag}] already complete ({start}/{cfg.epochs} epochs) in {run_dir}", dist)
         dist.barrier()
@@ -432,19 +465,36 @@ def _run(prep: Prepared, run_dir: Path, *, dist: Dist, progress: bool, tag: str,
     student = dist.wrap(r.module, r.device)  # after the restore: every rank starts from the same weights
 
     steps = len(r.loader)
-    bar = tqdm(total=cfg.epochs * steps, initial=start * steps, desc=tag, unit="batch", dynamic_ncols=True,
-               smoothing=0, disable=not (progress and dist.is_main), file=sys.stderr)
+    bar = tqdm(
+        total=cfg.epochs * steps,
+        initial=start * steps,
+        desc=tag,
+        unit="batch",
+        dynamic_ncols=True,
+        smoothing=0,
+        disable=not (progress and dist.is_main),
+        file=sys.stderr,
+    )
     record = {}
     try:
         for epoch in range(start, cfg.epochs):
             lr = r.optimizer.param_groups[0]["lr"]
             bar.set_description(f"{tag} ep {epoch + 1}/{cfg.epochs}")
             try:
-                train_stats = train_one_epoch(student=student, method=r.method, loader=r.loader,
-                                              optimizer=r.optimizer, epoch=epoch, teacher=r.teacher,
-                                              generator=r.generator, bar=bar, amp_dtype=AMP_DTYPES[cfg.amp],
-                                              channels_last=cfg.channels_last, dist=dist,
-                                              teacher_cache=r.teacher_cache)
+                train_stats = train_one_epoch(
+                    student=student,
+                    method=r.method,
+                    loader=r.loader,
+                    optimizer=r.optimizer,
+                    epoch=epoch,
+                    teacher=r.teacher,
+                    generator=r.generator,
+                    bar=bar,
+                    amp_dtype=AMP_DTYPES[cfg.amp],
+                    channels_last=cfg.channels_last,
+                    dist=dist,
+                    teacher_cache=r.teacher_cache,
+                )
             except Diverged as e:
                 raise Diverged(f"{e}; {_kept(r, epoch)}; a lower --lr may help") from None
             record, best_acc = _end_of_epoch(r, epoch, lr, train_stats, best_acc, records, dist=dist, tag=tag)
@@ -460,6 +510,7 @@ def _run(prep: Prepared, run_dir: Path, *, dist: Dist, progress: bool, tag: str,
 @dataclass
 class _Training:
     """What :func:`_run` trains with, as :func:`_build` makes it (``module``: the plain student)."""
+
     cfg: Config
     run_dir: Path
     device: torch.device
@@ -470,7 +521,7 @@ class _Training:
     generator: torch.Generator  # the attacks' random starts
     method: methods.Method
     loader: object
-    held: tuple                 # the held-out images and labels, on the device
+    held: tuple  # the held-out images and labels, on the device
     log: MetricsLog
     teacher_cache: Optional[TeacherCache] = None  # derived state: never checkpointed, refilled after a resume
 
@@ -503,20 +554,40 @@ def _build(prep: Prepared, run_dir: Path, *, dist: Dist, progress: bool) -> _Tra
             teacher = teacher.to(memory_format=torch.channels_last)
     if cfg.sync_bn:  # same parameters and buffers, same state_dict keys: checkpoints load either way
         module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    optimizer = torch.optim.SGD(module.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.SGD(module.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.milestones), gamma=cfg.gamma)
     generator = torch.Generator(device=device).manual_seed(mix_seed(cfg.seed, dist.rank, SALT_ATTACK))
     method = methods.get(cfg.method)(**cfg.hparams)
     cached = prep.teacher_cache and teacher is not None
-    loader = make_loader(cfg.loader, *prep.train, cfg.batch_size, train=True, device=device, seed=cfg.seed,
-                         rank=dist.rank, world_size=dist.world_size, with_views=cached)
+    loader = make_loader(
+        cfg.loader,
+        *prep.train,
+        cfg.batch_size,
+        train=True,
+        device=device,
+        seed=cfg.seed,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        with_views=cached,
+    )
     # every rank caches the whole set: its shard changes every epoch
     cache = TeacherCache(len(prep.train[0]), loader.num_views, NUM_CLASSES, device) if cached else None
     held = (prep.held[0].to(device), prep.held[1].to(device))
-    return _Training(cfg=cfg, run_dir=run_dir, device=device, teacher=teacher, module=module, optimizer=optimizer,
-                     scheduler=scheduler, generator=generator, method=method, loader=loader, held=held,
-                     log=MetricsLog(run_dir / METRICS), teacher_cache=cache)
+    return _Training(
+        cfg=cfg,
+        run_dir=run_dir,
+        device=device,
+        teacher=teacher,
+        module=module,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        generator=generator,
+        method=method,
+        loader=loader,
+        held=held,
+        log=MetricsLog(run_dir / METRICS),
+        teacher_cache=cache,
+    )
 
 
 def _resume(r: _Training, *, dist: Dist, tag: str) -> tuple:
@@ -532,10 +603,19 @@ def _resume(r: _Training, *, dist: Dist, tag: str) -> tuple:
     if (run_dir / LAST).exists():
         ckpt = load_checkpoint(run_dir / LAST)
         if not _same_run(ckpt["config"], cfg.to_dict()):
-            raise UserError(f"{run_dir / LAST} was written by a different configuration than "
-                            f"{run_dir / CONFIG}; refusing to resume")
-        restore(ckpt, model=r.module, optimizer=r.optimizer, scheduler=r.scheduler, train_generator=r.generator,
-                rank=dist.rank, path=run_dir / LAST, epochs=cfg.epochs)
+            raise UserError(
+                f"{run_dir / LAST} was written by a different configuration than {run_dir / CONFIG}; refusing to resume"
+            )
+        restore(
+            ckpt,
+            model=r.module,
+            optimizer=r.optimizer,
+            scheduler=r.scheduler,
+            train_generator=r.generator,
+            rank=dist.rank,
+            path=run_dir / LAST,
+            epochs=cfg.epochs,
+        )
         start, best_acc = int(ckpt["epoch"]), float(ckpt["best_acc"])
         saved_world = saved_world_size(ckpt["rng"])
         del ckpt
@@ -547,8 +627,11 @@ def _resume(r: _Training, *, dist: Dist, tag: str) -> tuple:
         # bitwise any uninterrupted run; the attack streams are re-derived per (seed, rank, epoch) rather
         # than handing one saved rank's stream to several ranks.
         r.generator.manual_seed(mix_seed(cfg.seed, dist.rank, SALT_ATTACK, start))
-        _log(f"[{tag}] last.pt was written by {saved_world} process(es), resuming with {dist.world_size}: model, "
-             f"optimizer, lr schedule and epoch continue; not bitwise an uninterrupted run", dist)
+        _log(
+            f"[{tag}] last.pt was written by {saved_world} process(es), resuming with {dist.world_size}: model, "
+            f"optimizer, lr schedule and epoch continue; not bitwise an uninterrupted run",
+            dist,
+        )
     return start, best_acc, list(records)
 
 
@@ -557,8 +640,9 @@ def _kept(r: _Training, epoch: int) -> str:
     return f"{r.run_dir / LAST} of epoch {epoch} is kept" if epoch else "no checkpoint was written"
 
 
-def _end_of_epoch(r: _Training, epoch: int, lr: float, train_stats: dict, best_acc: float, records: list, *,
-                  dist: Dist, tag: str) -> tuple:
+def _end_of_epoch(
+    r: _Training, epoch: int, lr: float, train_stats: dict, best_acc: float, records: list, *, dist: Dist, tag: str
+) -> tuple:
     """After epoch ``epoch``'s training: the non-finite check, the held-out evaluation, the lr step, and
     (rank 0) best.pt, the metrics line, last.pt, the curves and the log line, in that order. Returns (the
     epoch's record, the best PGD-20 accuracy so far)."""
@@ -569,25 +653,43 @@ def _end_of_epoch(r: _Training, epoch: int, lr: float, train_stats: dict, best_a
     # rank (DDP's weights, rank 0's buffers), so all ranks stop together.
     bad = first_non_finite(module)
     if bad is not None:
-        raise Diverged(f"training diverged in epoch {epoch + 1}: {bad} is not finite after its "
-                       f"{train_stats['batches']} batches; {_kept(r, epoch)}; a lower --lr may help")
+        raise Diverged(
+            f"training diverged in epoch {epoch + 1}: {bad} is not finite after its "
+            f"{train_stats['batches']} batches; {_kept(r, epoch)}; a lower --lr may help"
+        )
     # rank 0 draws the single-process stream; the other ranks, their own (seed, epoch, rank) streams
-    eval_seed = mix_seed(cfg.seed, epoch, SALT_EVAL) if dist.rank == 0 else \
-        mix_seed(cfg.seed, epoch, SALT_EVAL, dist.rank)
+    eval_seed = (
+        mix_seed(cfg.seed, epoch, SALT_EVAL) if dist.rank == 0 else mix_seed(cfg.seed, epoch, SALT_EVAL, dist.rank)
+    )
     eval_gen = torch.Generator(device=r.device).manual_seed(eval_seed)
-    ev = evaluate(module, *r.held, attack=cfg.eval_attack, batch_size=cfg.eval_batch_size, generator=eval_gen,
-                  dist=dist)
+    ev = evaluate(
+        module, *r.held, attack=cfg.eval_attack, batch_size=cfg.eval_batch_size, generator=eval_gen, dist=dist
+    )
     r.scheduler.step()
     is_best = ev["pgd20_acc"] > best_acc
     best_acc = max(best_acc, ev["pgd20_acc"])
-    record = {"epoch": epoch + 1, "lr": lr, **{k: v for k, v in train_stats.items() if k != "batches"},
-              **ev, "best": is_best}
+    record = {
+        "epoch": epoch + 1,
+        "lr": lr,
+        **{k: v for k, v in train_stats.items() if k != "batches"},
+        **ev,
+        "best": is_best,
+    }
     record["world_size"] = dist.world_size  # trained this epoch (global batch: batch_size x this)
     generators = dist.all_gather_object(r.generator.get_state())  # every rank's, for the checkpoint
     if dist.is_main:
-        save = dict(model=module, optimizer=r.optimizer, scheduler=r.scheduler, epoch=epoch + 1,
-                    best_acc=best_acc, config=cfg.to_dict(), train_generator=r.generator,
-                    loader_seed=cfg.seed, train_generators=generators, world_size=dist.world_size)
+        save = dict(
+            model=module,
+            optimizer=r.optimizer,
+            scheduler=r.scheduler,
+            epoch=epoch + 1,
+            best_acc=best_acc,
+            config=cfg.to_dict(),
+            train_generator=r.generator,
+            loader_seed=cfg.seed,
+            train_generators=generators,
+            world_size=dist.world_size,
+        )
         log = r.log
         logged = log.path.stat().st_size if log.path.exists() else 0
         try:
@@ -602,15 +704,23 @@ def _end_of_epoch(r: _Training, epoch: int, lr: float, train_stats: dict, best_a
                 os.truncate(log.path, logged)
             what = str(e) if isinstance(e, WriteError) else f"cannot write {e.filename}: {e.strerror}"
             raise WriteError(f"epoch {epoch + 1}: {what}; {_kept(r, epoch)}") from None
-        plot_curves(records + [record], run_dir / CURVES,
-                    title=f"{cfg.method} {cfg.student} ({cfg.preset}, seed {cfg.seed})")
-        _log(f"[{tag}] epoch {epoch + 1}/{cfg.epochs}  lr {lr:.4g}  loss {record['train_loss']:.4f}  "
-             f"clean {100 * ev['clean_acc']:.2f}%  PGD-20 {100 * ev['pgd20_acc']:.2f}%  "
-             f"({record['epoch_time_s']:.0f}s train, {ev['eval_time_s']:.0f}s eval, "
-             f"{record['images_per_s']:.0f} img/s"
-             + (f", teacher cache {100 * record['teacher_cache_hit_rate']:.1f}% hits, "
-                f"{record['teacher_forwards_saved']} forwards saved" if "teacher_cache_hit_rate" in record else "")
-             + ")", dist)
+        plot_curves(
+            records + [record], run_dir / CURVES, title=f"{cfg.method} {cfg.student} ({cfg.preset}, seed {cfg.seed})"
+        )
+        _log(
+            f"[{tag}] epoch {epoch + 1}/{cfg.epochs}  lr {lr:.4g}  loss {record['train_loss']:.4f}  "
+            f"clean {100 * ev['clean_acc']:.2f}%  PGD-20 {100 * ev['pgd20_acc']:.2f}%  "
+            f"({record['epoch_time_s']:.0f}s train, {ev['eval_time_s']:.0f}s eval, "
+            f"{record['images_per_s']:.0f} img/s"
+            + (
+                f", teacher cache {100 * record['teacher_cache_hit_rate']:.1f}% hits, "
+                f"{record['teacher_forwards_saved']} forwards saved"
+                if "teacher_cache_hit_rate" in record
+                else ""
+            )
+            + ")",
+            dist,
+        )
     return record, best_acc
 
 

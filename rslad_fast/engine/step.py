@@ -11,6 +11,7 @@
   module, `ctx.attack_model`: the input-gradient passes then trigger no gradient all-reduce, and the
   CUDA-graph attack loop captures the module's own kernels. In a single process both are the same module.
 """
+
 import contextlib
 from typing import Optional
 
@@ -40,9 +41,20 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def train_step(student, method, optimizer, x, y, *, teacher=None, epoch: int = 0,
-               generator: Optional[torch.Generator] = None, amp_dtype: Optional[torch.dtype] = None,
-               cache=None, views: Optional[torch.Tensor] = None):
+def train_step(
+    student,
+    method,
+    optimizer,
+    x,
+    y,
+    *,
+    teacher=None,
+    epoch: int = 0,
+    generator: Optional[torch.Generator] = None,
+    amp_dtype: Optional[torch.dtype] = None,
+    cache=None,
+    views: Optional[torch.Tensor] = None,
+):
     """Runs one SGD step of `method` on (x, y); returns (detached loss, the method's Context with stats).
 
     `student` may be a DDP wrapper; the attacks then run on the module inside it (see the module doc).
@@ -56,8 +68,16 @@ def train_step(student, method, optimizer, x, y, *, teacher=None, epoch: int = 0
             t_logits = cache.logits(teacher, x, views, amp_dtype)
         else:
             t_logits = teacher_logits(teacher, x, amp_dtype)
-    ctx = Context(student=student, x=x, y=y, teacher=teacher, teacher_logits=t_logits, epoch=epoch,
-                  generator=generator, attack_model=unwrap(student))
+    ctx = Context(
+        student=student,
+        x=x,
+        y=y,
+        teacher=teacher,
+        teacher_logits=t_logits,
+        epoch=epoch,
+        generator=generator,
+        attack_model=unwrap(student),
+    )
     student.train()
     with autocast(x.device, amp_dtype):
         loss = method.loss(ctx)

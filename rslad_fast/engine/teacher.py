@@ -12,6 +12,7 @@
 Either way the teacher is frozen: eval mode (BatchNorm uses its running statistics, as the official codes'
 ``teacher.eval()``) and ``requires_grad=False`` on every parameter.
 """
+
 from __future__ import annotations
 
 import torch

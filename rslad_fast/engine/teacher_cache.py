@@ -17,6 +17,7 @@ per-image result does not depend on the rest of its batch mathematically, but ke
 order for another batch size, so served logits equal a fresh forward up to float rounding (fp32: ~1e-6
 relative), not necessarily bitwise. Under autocast the stored values are the autocast logits, as uncached.
 """
+
 from __future__ import annotations
 
 import os
@@ -74,10 +75,13 @@ def check_fits(num_images: int, num_views: int, num_classes: int, device, proces
     budget = int(free * MAX_FREE_FRACTION) // max(processes, 1)
     if need <= budget:
         return None
-    return (f"the teacher-logit cache needs {fmt_bytes(need)} ({num_images} images x {num_views} views x "
-            f"{num_classes} classes, fp32) but {torch.device(device).type} memory has {fmt_bytes(free)} free "
-            f"(the cache may take {int(MAX_FREE_FRACTION * 100)}% of it"
-            + (f", shared by {processes} processes" if processes > 1 else "") + ")")
+    return (
+        f"the teacher-logit cache needs {fmt_bytes(need)} ({num_images} images x {num_views} views x "
+        f"{num_classes} classes, fp32) but {torch.device(device).type} memory has {fmt_bytes(free)} free "
+        f"(the cache may take {int(MAX_FREE_FRACTION * 100)}% of it"
+        + (f", shared by {processes} processes" if processes > 1 else "")
+        + ")"
+    )
 
 
 class TeacherCache:
@@ -96,8 +100,10 @@ class TeacherCache:
             self.table = torch.empty(n, num_classes, dtype=torch.float32, device=self.device)
             self.filled = torch.zeros(n, dtype=torch.bool, device=self.device)
         except (torch.OutOfMemoryError, RuntimeError):  # RuntimeError: the CPU allocator's failure
-            raise UserError(f"the teacher-logit cache ({fmt_bytes(self.nbytes)}) does not fit in "
-                            f"{self.device} memory; train with --teacher-cache off") from None
+            raise UserError(
+                f"the teacher-logit cache ({fmt_bytes(self.nbytes)}) does not fit in "
+                f"{self.device} memory; train with --teacher-cache off"
+            ) from None
         self.hits = self.lookups = 0
 
     @property
@@ -105,11 +111,14 @@ class TeacherCache:
         return table_bytes(self.num_images, self.num_views, self.num_classes)
 
     def describe(self) -> str:
-        return (f"{self.num_images} images x {self.num_views} views x {self.num_classes} classes, "
-                f"{fmt_bytes(self.nbytes)} on {self.device}")
+        return (
+            f"{self.num_images} images x {self.num_views} views x {self.num_classes} classes, "
+            f"{fmt_bytes(self.nbytes)} on {self.device}"
+        )
 
-    def logits(self, teacher: torch.nn.Module, x: torch.Tensor, views: torch.Tensor,
-               amp_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    def logits(
+        self, teacher: torch.nn.Module, x: torch.Tensor, views: torch.Tensor, amp_dtype: Optional[torch.dtype] = None
+    ) -> torch.Tensor:
         """T(x) as ``step.teacher_logits`` returns it ([B, C] fp32), the teacher run on the misses only."""
         if views.shape != (x.shape[0],):
             raise ValueError(f"views must be [B] = [{x.shape[0]}], got {tuple(views.shape)}")

@@ -1,6 +1,7 @@
 """The evaluation report: the table in the paper's layout, ``eval.json`` (numbers, configuration, device,
 versions, n, seed, timings, warnings) and ``eval.md`` (the table and the same facts, for people), each
 written atomically."""
+
 from __future__ import annotations
 
 import json
@@ -46,18 +47,25 @@ def markdown(report: dict) -> str:
     """eval.md: the table, the warnings, every attack's settings and the setup, for people."""
     cfg = report["config"]
     cols = report["columns"]
-    lines = [f"# Robustness evaluation ({report['data']['split']}, first {report['n']} images, "
-             f"eps = {cfg['eps']:.6g} = {cfg['eps'] * 255:.4g}/255)", "",
-             table(report["rows"], cols), "",
-             f"*{WORST_LABEL}*: per image, correct on the clean image AND under every attack that ran "
-             f"({', '.join(COLUMNS[c] for c in report['attacks_run'])}). "
-             f"AA is AutoAttack's own per-image worst case over its four attacks.", ""]
+    lines = [
+        f"# Robustness evaluation ({report['data']['split']}, first {report['n']} images, "
+        f"eps = {cfg['eps']:.6g} = {cfg['eps'] * 255:.4g}/255)",
+        "",
+        table(report["rows"], cols),
+        "",
+        f"*{WORST_LABEL}*: per image, correct on the clean image AND under every attack that ran "
+        f"({', '.join(COLUMNS[c] for c in report['attacks_run'])}). "
+        f"AA is AutoAttack's own per-image worst case over its four attacks.",
+        "",
+    ]
     sanity_rows = [r for r in report["rows"] if r.get("sanity")]
     if sanity_rows:
         s = sanity_rows[0]["sanity"]
-        lines.append(f"Sanity (PGD-{s['steps']}, eps {s['eps']:g}, step {s['alpha']:g}; must be <= "
-                     f"{s['chance']:.2f}% chance): " + ", ".join(
-                         f"{r['label']} {r['sanity']['accuracy']:.2f}%" for r in sanity_rows))
+        lines.append(
+            f"Sanity (PGD-{s['steps']}, eps {s['eps']:g}, step {s['alpha']:g}; must be <= "
+            f"{s['chance']:.2f}% chance): "
+            + ", ".join(f"{r['label']} {r['sanity']['accuracy']:.2f}%" for r in sanity_rows)
+        )
         lines.append("")
     lines += [f"Note: {note}" for note in report["notes"]] + ([""] if report["notes"] else [])
     lines.append("## Warnings")
@@ -69,19 +77,36 @@ def markdown(report: dict) -> str:
     if "autoattack" in cfg:
         aa = cfg["autoattack"]
         lines.append(f"- AutoAttack run configuration: {json.dumps(aa, sort_keys=False)}")
-    lines += ["", "## Setup",
-              "- checkpoints: " + ", ".join(f"`{r['checkpoint']}`" for r in report["rows"]),
-              f"- data: `{report['data']['root']}` ({report['data']['split']}, first {report['n']} images)",
-              f"- device: {report['device']} ({report['device_name']}), torch {report['torch']}, python "
-              f"{report['python']}, tf32 {'allowed' if cfg['allow_tf32'] else 'off'}",
-              f"- seed {report['seed']}, batch size {cfg['batch_size']}",
-              f"- started {report['time']['started']}, {report['time']['seconds']:.1f} s",
-              f"- command: `{report['command']}`", ""]
+    lines += [
+        "",
+        "## Setup",
+        "- checkpoints: " + ", ".join(f"`{r['checkpoint']}`" for r in report["rows"]),
+        f"- data: `{report['data']['root']}` ({report['data']['split']}, first {report['n']} images)",
+        f"- device: {report['device']} ({report['device_name']}), torch {report['torch']}, python "
+        f"{report['python']}, tf32 {'allowed' if cfg['allow_tf32'] else 'off'}",
+        f"- seed {report['seed']}, batch size {cfg['batch_size']}",
+        f"- started {report['time']['started']}, {report['time']['seconds']:.1f} s",
+        f"- command: `{report['command']}`",
+        "",
+    ]
     return "\n".join(lines)
 
 
-def build(*, args, argv, attacks: dict, sanity, rows: list, n: int, device: torch.device, world_size: int,
-          started, seconds: float, out, notes: list) -> dict:
+def build(
+    *,
+    args,
+    argv,
+    attacks: dict,
+    sanity,
+    rows: list,
+    n: int,
+    device: torch.device,
+    world_size: int,
+    started,
+    seconds: float,
+    out,
+    notes: list,
+) -> dict:
     """The report of one evaluation (what eval.json holds): ``rows`` (one per checkpoint) and the facts
     that make them reproducible: the parsed flags ``args``, each attack's hyperparameters, AutoAttack's
     configuration as it ran, the device and versions, the command line (``argv``; None: sys.argv)."""
@@ -110,8 +135,9 @@ def build(*, args, argv, attacks: dict, sanity, rows: list, n: int, device: torc
         "config": config,
         "device": str(device),
         "world_size": world_size,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-        or platform.machine(),
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or platform.machine(),
         "torch": torch.__version__,
         "pyautoattack": aa_version,
         "python": platform.python_version(),

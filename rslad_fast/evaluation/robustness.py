@@ -1,5 +1,6 @@
 """One model under the evaluation attacks: per-image results, the per-image worst case, and the checks on the
 figures (every x_adv inside the threat model, Clean >= FGSM >= PGD >= AA, a huge-eps attack at chance)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -26,7 +27,7 @@ def _percent(correct) -> float:
 
 def _attack_seed(seed: int, name: str) -> int:
     """A seed per (run seed, attack), so an attack's numbers do not depend on which others ran."""
-    return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 63)
+    return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
 
 
 def fingerprint(model) -> str:
@@ -38,8 +39,20 @@ def fingerprint(model) -> str:
     return h.hexdigest()
 
 
-def evaluate_model(model, images, labels, attacks: dict, *, batch_size: int, device, seed: int = 0,
-                   bar=None, sanity=None, label: str = "", dist=None) -> dict:
+def evaluate_model(
+    model,
+    images,
+    labels,
+    attacks: dict,
+    *,
+    batch_size: int,
+    device,
+    seed: int = 0,
+    bar=None,
+    sanity=None,
+    label: str = "",
+    dist=None,
+) -> dict:
     """Run clean + ``attacks`` (name -> :class:`~rslad_fast.attacks.EvalAttack`) on uint8 ``images`` [N,3,32,32].
 
     Returns per attack the per-image correctness (bool CPU tensor), the accuracy in %, seconds and the
@@ -75,17 +88,23 @@ def evaluate_model(model, images, labels, attacks: dict, *, batch_size: int, dev
             x_adv, pred = attack.run(model, x, y, generator=gen)
             max_linf = max(max_linf, (x_adv - x).abs().max().item())
             if max_linf > attack.eps + 1e-6 or x_adv.min().item() < 0 or x_adv.max().item() > 1:
-                raise RuntimeError(f"attack {name} left the threat model: |x_adv - x|_inf = {max_linf} "
-                                   f"(eps {attack.eps}), range [{x_adv.min().item()}, {x_adv.max().item()}]")
-            ok[start - lo:stop - lo] = (pred == y).cpu()
+                raise RuntimeError(
+                    f"attack {name} left the threat model: |x_adv - x|_inf = {max_linf} "
+                    f"(eps {attack.eps}), range [{x_adv.min().item()}, {x_adv.max().item()}]"
+                )
+            ok[start - lo : stop - lo] = (pred == y).cpu()
             if bar is not None:
-                bar.set_postfix(acc=f"{_percent(ok[:stop - lo]):.2f}")
+                bar.set_postfix(acc=f"{_percent(ok[: stop - lo]):.2f}")
                 bar.update(1)
         if active:  # every rank's slice, in rank order: the whole set
             ok = torch.cat(dist.all_gather_object(ok))
             max_linf = max(dist.all_gather_object(max_linf))
-        results[name] = {"correct": ok, "accuracy": _percent(ok),
-                         "seconds": time.perf_counter() - t0, "max_linf": max_linf}
+        results[name] = {
+            "correct": ok,
+            "accuracy": _percent(ok),
+            "seconds": time.perf_counter() - t0,
+            "max_linf": max_linf,
+        }
     worst = torch.ones(n, dtype=torch.bool)
     for name, r in results.items():
         if name != "sanity":
@@ -103,13 +122,14 @@ def summarize(results: dict, attacks: dict, tolerance: float) -> dict:
     if "aa" in attacks:
         warnings += [f"autoattack: {w}" for w in attacks["aa"].warnings]
         attacks["aa"].warnings.clear()
-    return {"accuracy": {name: a for name, a in accuracy.items() if name in attacks or name == WORST},
-            "clean_accuracy": accuracy["clean"],
-            "correct": {name: int(r["correct"].sum()) for name, r in results.items()},
-            "seconds": {name: round(r["seconds"], 3) for name, r in results.items() if "seconds" in r},
-            "max_linf": {name: r["max_linf"] for name, r in results.items()
-                         if name not in ("clean", WORST, "sanity")},
-            "warnings": warnings}
+    return {
+        "accuracy": {name: a for name, a in accuracy.items() if name in attacks or name == WORST},
+        "clean_accuracy": accuracy["clean"],
+        "correct": {name: int(r["correct"].sum()) for name, r in results.items()},
+        "seconds": {name: round(r["seconds"], 3) for name, r in results.items() if "seconds" in r},
+        "max_linf": {name: r["max_linf"] for name, r in results.items() if name not in ("clean", WORST, "sanity")},
+        "warnings": warnings,
+    }
 
 
 def ordering_warnings(acc: dict, tolerance: float) -> list:
@@ -119,9 +139,11 @@ def ordering_warnings(acc: dict, tolerance: float) -> list:
     for hi in ran:
         for lo in ran:
             if LEVELS[hi] < LEVELS[lo] and acc[lo] > acc[hi] + tolerance:
-                out.append(f"{COLUMNS[lo]} ({acc[lo]:.2f}) is above {COLUMNS[hi]} ({acc[hi]:.2f}) by more than "
-                           f"{tolerance:g} points: expected Clean >= FGSM >= PGD >= AA (a weak attack, or "
-                           f"gradient masking)")
+                out.append(
+                    f"{COLUMNS[lo]} ({acc[lo]:.2f}) is above {COLUMNS[hi]} ({acc[hi]:.2f}) by more than "
+                    f"{tolerance:g} points: expected Clean >= FGSM >= PGD >= AA (a weak attack, or "
+                    f"gradient masking)"
+                )
     return out
 
 
@@ -131,6 +153,8 @@ def sanity_check(attack, accuracy: float, num_classes: int):
     entry = {**attack.hparams(), "accuracy": accuracy, "chance": chance, "ok": accuracy <= chance}
     warning = None
     if accuracy > chance:
-        warning = (f"sanity: PGD with eps {attack.eps:g} leaves {accuracy:.2f}% accuracy, above chance "
-                   f"({chance:.2f}%): the attack is broken (wrong gradient sign?) or the model masks gradients")
+        warning = (
+            f"sanity: PGD with eps {attack.eps:g} leaves {accuracy:.2f}% accuracy, above chance "
+            f"({chance:.2f}%): the attack is broken (wrong gradient sign?) or the model masks gradients"
+        )
     return entry, warning

@@ -13,17 +13,18 @@ ignored), `names()` the registered names. A method is built with keyword overrid
 `get("ard")(lr_bug=True)`; the engine takes its optimizer settings from `SCHEDULE` and the lr decays that
 actually happen from `milestones()` (or `lr_at(epoch)`).
 """
+
 from typing import Tuple
 
+from . import ard, iad, mart, natural, rslad, sat, trades  # noqa: E402,F401  (importing registers them)
+from .ard import ARD
 from .base import REGISTRY, Context, HParam, Method, Schedule, get, register
-from . import natural, sat, trades, mart, ard, iad, rslad  # noqa: E402,F401  (importing registers them)
+from .iad import IAD
+from .mart import MART
 from .natural import Natural
+from .rslad import RSLAD
 from .sat import SAT
 from .trades import TRADES
-from .mart import MART
-from .ard import ARD
-from .iad import IAD
-from .rslad import RSLAD
 
 
 def names() -> Tuple[str, ...]:
@@ -31,5 +32,20 @@ def names() -> Tuple[str, ...]:
     return tuple(sorted(REGISTRY))
 
 
-__all__ = ["get", "names", "register", "REGISTRY", "Method", "Context", "HParam", "Schedule",
-           "Natural", "SAT", "TRADES", "MART", "ARD", "IAD", "RSLAD"]
+__all__ = [
+    "get",
+    "names",
+    "register",
+    "REGISTRY",
+    "Method",
+    "Context",
+    "HParam",
+    "Schedule",
+    "Natural",
+    "SAT",
+    "TRADES",
+    "MART",
+    "ARD",
+    "IAD",
+    "RSLAD",
+]

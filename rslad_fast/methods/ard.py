@@ -16,6 +16,7 @@ sets 0.1 * 0.1 = 0.01 again: the second decay never happens. `lr_bug=False` (def
 decays; `lr_bug=True` reproduces the bug. The engine reads the decays that happen from `milestones()`
 (or the lr of an epoch from `lr_at(epoch)`), never from SCHEDULE.milestones directly.
 """
+
 from typing import Tuple
 
 import torch
@@ -23,8 +24,21 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..attacks.pgd import pgd
-from .base import (Context, HParam, Method, Schedule, accuracy, check_attack, check_flag, check_range,
-                   cross_entropy_objective, pgd_hparams, register, teacher_logits, upcast)
+from .base import (
+    Context,
+    HParam,
+    Method,
+    Schedule,
+    accuracy,
+    check_attack,
+    check_flag,
+    check_range,
+    cross_entropy_objective,
+    pgd_hparams,
+    register,
+    teacher_logits,
+    upcast,
+)
 
 
 @register
@@ -36,19 +50,29 @@ class ARD(Method):
     TEACHER_CACHE_AUTO = True  # the teacher sees only x: T(x) is a function of the view (engine/teacher_cache.py)
     attack_mode = "train"  # AttackPGD runs inside net.train()
     HPARAMS = {
-        **pgd_hparams(eps=(8 / 255, "ARD main.py config 'epsilon': 8.0/255"),
-                      step_size=(2 / 255, "ARD main.py config 'step_size': 2.0/255"),
-                      steps=(10, "ARD main.py config 'num_steps': 10")),
+        **pgd_hparams(
+            eps=(8 / 255, "ARD main.py config 'epsilon': 8.0/255"),
+            step_size=(2 / 255, "ARD main.py config 'step_size': 2.0/255"),
+            steps=(10, "ARD main.py config 'num_steps': 10"),
+        ),
         "tau": HParam(30.0, "distillation temperature (ARD main.py --temp 30.0)"),
         "alpha": HParam(1.0, "weight of the KL term; 1-alpha weighs CE(S(x), y) (ARD main.py --alpha 1.0)"),
-        "lr_bug": HParam(False, "True reproduces ARD main.py's adjust_learning_rate bug (always given the "
-                                "original lr, so the decay at epoch 150 never happens and the lr stays "
-                                "0.01); False (default) applies both decays"),
+        "lr_bug": HParam(
+            False,
+            "True reproduces ARD main.py's adjust_learning_rate bug (always given the "
+            "original lr, so the decay at epoch 150 never happens and the lr stays "
+            "0.01); False (default) applies both decays",
+        ),
     }
     SCHEDULE = Schedule(
-        epochs=200, lr=0.1, milestones=(100, 150), weight_decay=2e-4, batch_size=128,
+        epochs=200,
+        lr=0.1,
+        milestones=(100, 150),
+        weight_decay=2e-4,
+        batch_size=128,
         source="ARD main.py: --lr 0.1, --lr_schedule 100 150 (epochs from 0), --lr_factor 0.1, --epochs 200, "
-               "SGD momentum 0.9, weight_decay 2e-4, batch 128")
+        "SGD momentum 0.9, weight_decay 2e-4, batch 128",
+    )
 
     def validate(self) -> None:
         check_attack(self)
@@ -69,7 +93,7 @@ class ARD(Method):
 
     def _distill(self, logits_adv, t_logits, reduction):
         """tau^2 * KL(T^tau(x) || S^tau(x')) with the given reduction."""
-        return self.tau ** 2 * ops.softmax_kl(logits_adv, t_logits, self.tau, reduction)
+        return self.tau**2 * ops.softmax_kl(logits_adv, t_logits, self.tau, reduction)
 
     def loss_at(self, ctx: Context, x_adv: torch.Tensor) -> torch.Tensor:
         t_logits = teacher_logits(ctx)
@@ -78,6 +102,11 @@ class ARD(Method):
         loss_kl = self._distill(logits_adv, t_logits, "mean")
         loss_nat = F.cross_entropy(upcast(logits_nat), ctx.y)
         loss = self.alpha * loss_kl + (1.0 - self.alpha) * loss_nat
-        ctx.stats.update(loss=loss.detach(), loss_kl=loss_kl.detach(), loss_nat=loss_nat.detach(),
-                         acc_nat=accuracy(logits_nat, ctx.y), acc_adv=accuracy(logits_adv, ctx.y))
+        ctx.stats.update(
+            loss=loss.detach(),
+            loss_kl=loss_kl.detach(),
+            loss_nat=loss_nat.detach(),
+            acc_nat=accuracy(logits_nat, ctx.y),
+            acc_adv=accuracy(logits_adv, ctx.y),
+        )
         return loss

@@ -8,6 +8,7 @@ builds SGD from `SCHEDULE` (via `official_setting(student)`, which for MART pick
 the student's architecture), decays the lr at `milestones()`, calls `loss` once per batch and steps the
 optimizer.
 """
+
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Tuple
@@ -22,6 +23,7 @@ from ..errors import UserError
 @dataclass(frozen=True)
 class HParam:
     """One hyperparameter: default value, unit/meaning, and where the default comes from."""
+
     default: object
     help: str
 
@@ -35,6 +37,7 @@ class Schedule:
     `epoch >= 75` before training (TRADES, MART) therefore have milestone 74. Use `Method.milestones()`,
     not this field, for the decays that actually happen (ARD's and IAD's lr bug).
     """
+
     epochs: int
     lr: float
     milestones: Tuple[int, ...]
@@ -59,6 +62,7 @@ class Context:
     stats: filled by `loss` with detached 0-dim tensors (not Python floats, so that logging them costs no
     device sync per batch); `float(v)` turns one into a number.
     """
+
     student: torch.nn.Module
     x: torch.Tensor
     y: torch.Tensor
@@ -99,8 +103,9 @@ class Method:
     def __init__(self, **overrides):
         unknown = set(overrides) - set(self.HPARAMS)
         if unknown:
-            raise UserError(f"method '{self.name}' has no hyperparameter(s) {sorted(unknown)}; it has "
-                            f"{sorted(self.HPARAMS)}")
+            raise UserError(
+                f"method '{self.name}' has no hyperparameter(s) {sorted(unknown)}; it has {sorted(self.HPARAMS)}"
+            )
         for key, hp in self.HPARAMS.items():
             value = overrides.get(key)
             setattr(self, key, hp.default if value is None else value)
@@ -131,8 +136,14 @@ class Method:
     def pgd_settings(self, ctx: Context) -> Dict[str, object]:
         """attacks.pgd.pgd's keyword arguments for this method's attack: its budget, start and mode, and the
         batch's generator."""
-        settings = dict(eps=self.eps, alpha=self.step_size, steps=self.steps, start=self.attack_start,
-                        mode=self.attack_mode, generator=ctx.generator)
+        settings = dict(
+            eps=self.eps,
+            alpha=self.step_size,
+            steps=self.steps,
+            start=self.attack_start,
+            mode=self.attack_mode,
+            generator=ctx.generator,
+        )
         if self.attack_start == "normal":
             settings["init_std"] = self.init_std
         return settings
@@ -172,9 +183,11 @@ class Method:
 def pgd_hparams(eps, step_size, steps, init_std=None) -> Dict[str, HParam]:
     """The attack budget's hyperparameters, each given as (default, where the official code sets it);
     `init_std` for the methods whose attack starts at x + init_std*N(0,1)."""
-    out = {"eps": HParam(eps[0], f"l_inf radius, inputs in [0, 1] ({eps[1]})"),
-           "step_size": HParam(step_size[0], f"PGD step ({step_size[1]})"),
-           "steps": HParam(steps[0], f"PGD steps ({steps[1]})")}
+    out = {
+        "eps": HParam(eps[0], f"l_inf radius, inputs in [0, 1] ({eps[1]})"),
+        "step_size": HParam(step_size[0], f"PGD step ({step_size[1]})"),
+        "steps": HParam(steps[0], f"PGD steps ({steps[1]})"),
+    }
     if init_std is not None:
         out["init_std"] = HParam(init_std[0], f"std of the Gaussian start x + init_std*N(0,1) ({init_std[1]})")
     return out
@@ -182,6 +195,7 @@ def pgd_hparams(eps, step_size, steps, init_std=None) -> Dict[str, HParam]:
 
 # Hyperparameter checks for `validate()`: each returns the value coerced to its type (numeric strings
 # from a command line are accepted) or raises UserError naming the method and the hyperparameter.
+
 
 def _number(method: str, name: str, value) -> float:
     if isinstance(value, bool):
@@ -195,8 +209,9 @@ def _number(method: str, name: str, value) -> float:
     return out
 
 
-def check_range(method: str, name: str, value, lo: float = -math.inf, hi: float = math.inf,
-                lo_open: bool = False) -> float:
+def check_range(
+    method: str, name: str, value, lo: float = -math.inf, hi: float = math.inf, lo_open: bool = False
+) -> float:
     """A finite number in [lo, hi] ((lo, hi] with lo_open)."""
     out = _number(method, name, value)
     if out < lo or out > hi or (lo_open and out == lo):
@@ -244,16 +259,18 @@ def register(cls):
 
 def get(name: str) -> type:
     if not isinstance(name, str):
-        raise UserError(f"method name must be a string, got {name!r}; choose one of: "
-                        f"{', '.join(sorted(REGISTRY))}")
+        raise UserError(f"method name must be a string, got {name!r}; choose one of: {', '.join(sorted(REGISTRY))}")
     key = name.strip().lower().replace("-", "_")
-    key = {"madry": "sat", "pgd_at": "sat", "pgdat": "sat", "at": "sat", "nat": "natural", "standard": "natural"}.get(key, key)
+    key = {"madry": "sat", "pgd_at": "sat", "pgdat": "sat", "at": "sat", "nat": "natural", "standard": "natural"}.get(
+        key, key
+    )
     if key not in REGISTRY:
         raise UserError(f"unknown method '{name}'; choose one of: {', '.join(sorted(REGISTRY))}")
     return REGISTRY[key]
 
 
 # Small helpers shared by the method modules.
+
 
 def teacher_logits(ctx: Context) -> torch.Tensor:
     """ctx.teacher_logits, or T(x) computed here (teacher in eval mode, no_grad) when the engine left it

@@ -24,6 +24,7 @@ from `ARD`).
   running statistics, which eval mode uses, move fewer times and so differ slightly (as TRADES' note says
   of its doubled f(x)). tests/test_methods.py checks both.
 """
+
 import dataclasses
 
 import torch
@@ -32,8 +33,18 @@ import torch.nn.functional as F
 from .. import ops
 from ..attacks.pgd import model_mode
 from .ard import ARD
-from .base import (Context, HParam, accuracy, check_count, check_flag, check_range, pgd_hparams, register,
-                   teacher_logits, upcast)
+from .base import (
+    Context,
+    HParam,
+    accuracy,
+    check_count,
+    check_flag,
+    check_range,
+    pgd_hparams,
+    register,
+    teacher_logits,
+    upcast,
+)
 
 
 @register
@@ -46,24 +57,38 @@ class IAD(ARD):
     # it off; `on` caches the T(x) part (ctx.teacher_logits) only
     TEACHER_CACHE_AUTO = False
     HPARAMS = {
-        **pgd_hparams(eps=(8 / 255, "IAD IAD-I.py config_train 'epsilon': 8/255"),
-                      step_size=(2 / 255, "IAD IAD-I.py config_train 'step_size': 2/255"),
-                      steps=(10, "IAD IAD-I.py config_train 'num_steps': 10")),
+        **pgd_hparams(
+            eps=(8 / 255, "IAD IAD-I.py config_train 'epsilon': 8/255"),
+            step_size=(2 / 255, "IAD IAD-I.py config_train 'step_size': 2/255"),
+            steps=(10, "IAD IAD-I.py config_train 'num_steps': 10"),
+        ),
         "tau": HParam(1.0, "distillation temperature of the teacher term (IAD IAD-I.py --temp 1.0)"),
         "alpha": HParam(1.0, "weight of the KL terms; 1-alpha weighs CE(S(x), y) (IAD IAD-I.py --alpha 1.0)"),
-        "beta": HParam(0.1, "exponent of the teacher's reliability A_i = softmax(T(x'))[i, y_i]^beta "
-                            "(IAD IAD-I.py --beta 0.1)"),
-        "begin": HParam(60, "first epoch (from 0) of the IAD loss; before it the ARD-style warm-up (IAD "
-                            "IAD-I.py --begin 60, `if epoch >= args.begin`)"),
-        "table1_form": HParam(False, "True: the paper's Table 1 form, the teacher term weighted by A_i too; "
-                                     "False (default): the official IAD-I.py loss, teacher term unweighted"),
-        "lr_bug": HParam(False, "True reproduces IAD-I.py's adjust_learning_rate bug, inherited from ARD "
-                                "(the decay at epoch 150 never happens; the lr stays 0.01); False (default) "
-                                "applies both decays"),
+        "beta": HParam(
+            0.1, "exponent of the teacher's reliability A_i = softmax(T(x'))[i, y_i]^beta (IAD IAD-I.py --beta 0.1)"
+        ),
+        "begin": HParam(
+            60,
+            "first epoch (from 0) of the IAD loss; before it the ARD-style warm-up (IAD "
+            "IAD-I.py --begin 60, `if epoch >= args.begin`)",
+        ),
+        "table1_form": HParam(
+            False,
+            "True: the paper's Table 1 form, the teacher term weighted by A_i too; "
+            "False (default): the official IAD-I.py loss, teacher term unweighted",
+        ),
+        "lr_bug": HParam(
+            False,
+            "True reproduces IAD-I.py's adjust_learning_rate bug, inherited from ARD "
+            "(the decay at epoch 150 never happens; the lr stays 0.01); False (default) "
+            "applies both decays",
+        ),
     }
     SCHEDULE = dataclasses.replace(  # ARD's numbers
-        ARD.SCHEDULE, source="IAD IAD-I.py: --lr 0.1, --lr_schedule 100 150 (epochs from 0), --lr_factor 0.1, "
-                             "--epochs 200, SGD momentum 0.9, weight_decay 2e-4, batch 128")
+        ARD.SCHEDULE,
+        source="IAD IAD-I.py: --lr 0.1, --lr_schedule 100 150 (epochs from 0), --lr_factor 0.1, "
+        "--epochs 200, SGD momentum 0.9, weight_decay 2e-4, batch 128",
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -90,8 +115,9 @@ class IAD(ARD):
         logits_nat = ctx.student(ctx.x)
         kl_teacher = self._distill(logits_adv, t_logits, "none")  # tau^2 * KL(T^tau(x) || S^tau(x')) per i
         loss_nat = F.cross_entropy(upcast(logits_nat), ctx.y)
-        stats = dict(acc_nat=accuracy(logits_nat, ctx.y), acc_adv=accuracy(logits_adv, ctx.y),
-                     loss_nat=loss_nat.detach())
+        stats = dict(
+            acc_nat=accuracy(logits_nat, ctx.y), acc_adv=accuracy(logits_adv, ctx.y), loss_nat=loss_nat.detach()
+        )
         if self.introspecting(ctx.epoch):
             a = self.reliability(ctx, x_adv)
             if self.table1_form:

@@ -20,13 +20,25 @@ Official code: YisenWang/MART, `mart.py` (`mart_loss`), `train_wideresnet.py`, `
   Explicit --beta/--lr/--weight-decay/--epochs override either. The class attributes (HPARAMS, SCHEDULE)
   hold the WRN setting; `RESNET_SCHEDULE` and `RESNET_BETA` the other.
 """
+
 import torch
 import torch.nn.functional as F
 
 from .. import ops
 from ..attacks.pgd import pgd
-from .base import (Context, HParam, Method, Schedule, accuracy, check_attack, check_range, cross_entropy_objective,
-                   pgd_hparams, register, upcast)
+from .base import (
+    Context,
+    HParam,
+    Method,
+    Schedule,
+    accuracy,
+    check_attack,
+    check_range,
+    cross_entropy_objective,
+    pgd_hparams,
+    register,
+    upcast,
+)
 
 
 @register
@@ -37,24 +49,39 @@ class MART(Method):
     needs_teacher = False
     attack_start = "normal"  # x + init_std*N(0,1) (mart.py)
     HPARAMS = {
-        **pgd_hparams(eps=(0.031, "0.031 ~ 8/255; MART train_wideresnet.py --epsilon 0.031"),
-                      step_size=(0.007, "MART train_wideresnet.py --step-size 0.007"),
-                      steps=(10, "MART train_wideresnet.py --num-steps 10"),
-                      init_std=(0.001, "MART mart.py `0.001 * torch.randn`")),
-        "beta": HParam(6.0, "weight of the misclassification-aware KL term (MART train_wideresnet.py --beta "
-                            "6.0 for WRN students; train_resnet.py --beta 5.0 for ResNet-18, the default of "
-                            "every non-WRN student)"),
+        **pgd_hparams(
+            eps=(0.031, "0.031 ~ 8/255; MART train_wideresnet.py --epsilon 0.031"),
+            step_size=(0.007, "MART train_wideresnet.py --step-size 0.007"),
+            steps=(10, "MART train_wideresnet.py --num-steps 10"),
+            init_std=(0.001, "MART mart.py `0.001 * torch.randn`"),
+        ),
+        "beta": HParam(
+            6.0,
+            "weight of the misclassification-aware KL term (MART train_wideresnet.py --beta "
+            "6.0 for WRN students; train_resnet.py --beta 5.0 for ResNet-18, the default of "
+            "every non-WRN student)",
+        ),
     }
     SCHEDULE = Schedule(
-        epochs=90, lr=0.1, milestones=(74, 89, 99), weight_decay=7e-4, batch_size=128,
+        epochs=90,
+        lr=0.1,
+        milestones=(74, 89, 99),
+        weight_decay=7e-4,
+        batch_size=128,
         source="MART train_wideresnet.py (WRN students): --epochs 90, --lr 0.1, --wd 7e-4, momentum 0.9, "
-               "--batch-size 128, --beta 6.0; adjust_learning_rate x0.1 at epoch >= 75, 90, 100 counting epochs "
-               "from 1 (0-based milestones 74, 89, 99)")
+        "--batch-size 128, --beta 6.0; adjust_learning_rate x0.1 at epoch >= 75, 90, 100 counting epochs "
+        "from 1 (0-based milestones 74, 89, 99)",
+    )
     RESNET_SCHEDULE = Schedule(
-        epochs=120, lr=0.01, milestones=(74, 89, 99), weight_decay=3.5e-3, batch_size=128,
+        epochs=120,
+        lr=0.01,
+        milestones=(74, 89, 99),
+        weight_decay=3.5e-3,
+        batch_size=128,
         source="MART train_resnet.py (ResNet-18; every non-WRN student): --epochs 120, --lr 0.01, --wd 3.5e-3, "
-               "momentum 0.9, --batch-size 128, --beta 5.0; adjust_learning_rate x0.1 at epoch >= 75, 90, 100 "
-               "counting epochs from 1 (0-based milestones 74, 89, 99)")
+        "momentum 0.9, --batch-size 128, --beta 5.0; adjust_learning_rate x0.1 at epoch >= 75, 90, 100 "
+        "counting epochs from 1 (0-based milestones 74, 89, 99)",
+    )
     RESNET_BETA = 5.0  # MART train_resnet.py --beta 5.0
     WIDE = ("wrn34-10", "wrn70-16")  # the students that get train_wideresnet.py's setting
 
@@ -87,6 +114,11 @@ class MART(Method):
         kl = ops.softmax_kl(logits_adv, logits_nat, reduction="none")  # KL(p_nat || p_adv) per sample
         loss_kl = (kl * (1.0000001 - p_true)).sum() / ctx.x.shape[0]
         loss = loss_adv + self.beta * loss_kl
-        ctx.stats.update(loss=loss.detach(), loss_adv=loss_adv.detach(), loss_kl=loss_kl.detach(),
-                         acc_nat=accuracy(logits_nat, y), acc_adv=accuracy(logits_adv, y))
+        ctx.stats.update(
+            loss=loss.detach(),
+            loss_adv=loss_adv.detach(),
+            loss_kl=loss_kl.detach(),
+            acc_nat=accuracy(logits_nat, y),
+            acc_adv=accuracy(logits_adv, y),
+        )
         return loss

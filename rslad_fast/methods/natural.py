@@ -3,6 +3,7 @@
 The RSLAD paper's "Natural" rows (RN-18 94.65 clean, 0.0 under PGD) come from plain training; the schedule
 below is IAD's `pre_train/ST.py`, the standard-training script of the RSLAD lineage.
 """
+
 import torch
 import torch.nn.functional as F
 
@@ -17,10 +18,15 @@ class Natural(Method):
     needs_teacher = False
     HPARAMS = {}
     SCHEDULE = Schedule(
-        epochs=200, lr=0.1, milestones=(99, 149), weight_decay=2e-4, batch_size=128,
+        epochs=200,
+        lr=0.1,
+        milestones=(99, 149),
+        weight_decay=2e-4,
+        batch_size=128,
         source="IAD pre_train/ST.py: --epochs 200, --lr-max 0.1, --lr-schedule piecewise (x0.1 at 50% and "
-               "75% of training; lr_schedule(epoch+1) makes that 0-based epochs 99 and 149), --wd 2e-4, "
-               "momentum 0.9, batch 128")
+        "75% of training; lr_schedule(epoch+1) makes that 0-based epochs 99 and 149), --wd 2e-4, "
+        "momentum 0.9, batch 128",
+    )
 
     def attack(self, ctx: Context):
         return None

@@ -15,13 +15,24 @@ Official code: zibojia/RSLAD, `rslad_loss.py` (`rslad_inner_loss`) and `resnet18
 - Schedule: SGD lr 0.1, momentum 0.9, weight decay 2e-4, batch 128, 300 epochs, lr x0.1 after epochs 215,
   260, 285 (`if epoch in [215, 260, 285]` at the end of 1-based epoch: 0-based milestones 215, 260, 285).
 """
+
 import torch
 
 from .. import ops
 from ..attacks.pgd import fused_kl_pgd, kl_objective
 from ..errors import UserError
-from .base import (Context, HParam, Method, Schedule, accuracy, check_attack, check_range, pgd_hparams, register,
-                   teacher_logits)
+from .base import (
+    Context,
+    HParam,
+    Method,
+    Schedule,
+    accuracy,
+    check_attack,
+    check_range,
+    pgd_hparams,
+    register,
+    teacher_logits,
+)
 
 
 @register
@@ -34,19 +45,32 @@ class RSLAD(Method):
     TEACHER_CACHE_AUTO = True  # the teacher sees only x: T(x) is a function of the view (engine/teacher_cache.py)
     LOSS_PER_ELEMENT = True  # the KL terms are means over B*C elements (rslad_loss.py), see loss_at
     HPARAMS = {
-        **pgd_hparams(eps=(8 / 255, "RSLAD resnet18_rslad_cifar10.py epsilon = 8/255"),
-                      step_size=(2 / 255, "RSLAD resnet18_rslad_cifar10.py rslad_inner_loss(..., step_size=2/255.0)"),
-                      steps=(10, "RSLAD resnet18_rslad_cifar10.py rslad_inner_loss(..., perturb_steps=10)"),
-                      init_std=(0.001, "RSLAD rslad_loss.py `0.001 * torch.randn`")),
-        "alpha": HParam(5 / 6, "weight of the adversarial KL term; 1-alpha weighs the natural one (RSLAD "
-                               "resnet18_rslad_cifar10.py `5/6.0*kl_Loss1 + 1/6.0*kl_Loss2`)"),
-        "cuda_graph": HParam("auto", "implementation switch, not from the paper: fused_kl_pgd's cuda_graph "
-                                     "('auto': CUDA graph on CUDA inputs, eager on the CPU; True; False)"),
+        **pgd_hparams(
+            eps=(8 / 255, "RSLAD resnet18_rslad_cifar10.py epsilon = 8/255"),
+            step_size=(2 / 255, "RSLAD resnet18_rslad_cifar10.py rslad_inner_loss(..., step_size=2/255.0)"),
+            steps=(10, "RSLAD resnet18_rslad_cifar10.py rslad_inner_loss(..., perturb_steps=10)"),
+            init_std=(0.001, "RSLAD rslad_loss.py `0.001 * torch.randn`"),
+        ),
+        "alpha": HParam(
+            5 / 6,
+            "weight of the adversarial KL term; 1-alpha weighs the natural one (RSLAD "
+            "resnet18_rslad_cifar10.py `5/6.0*kl_Loss1 + 1/6.0*kl_Loss2`)",
+        ),
+        "cuda_graph": HParam(
+            "auto",
+            "implementation switch, not from the paper: fused_kl_pgd's cuda_graph "
+            "('auto': CUDA graph on CUDA inputs, eager on the CPU; True; False)",
+        ),
     }
     SCHEDULE = Schedule(
-        epochs=300, lr=0.1, milestones=(215, 260, 285), weight_decay=2e-4, batch_size=128,
+        epochs=300,
+        lr=0.1,
+        milestones=(215, 260, 285),
+        weight_decay=2e-4,
+        batch_size=128,
         source="RSLAD resnet18_rslad_cifar10.py: epochs = 300, batch_size = 128, SGD(lr=0.1, momentum=0.9, "
-               "weight_decay=2e-4), lr *= 0.1 after epochs 215, 260, 285")
+        "weight_decay=2e-4), lr *= 0.1 after epochs 215, 260, 285",
+    )
 
     def validate(self) -> None:
         check_attack(self)
@@ -62,9 +86,17 @@ class RSLAD(Method):
         return kl_objective(teacher_logits(ctx))  # what fused_kl_pgd maximizes
 
     def attack(self, ctx: Context) -> torch.Tensor:
-        return fused_kl_pgd(ctx.attack_model, ctx.x, teacher_logits(ctx), eps=self.eps, alpha=self.step_size,
-                            steps=self.steps, init_std=self.init_std, cuda_graph=self.cuda_graph,
-                            generator=ctx.generator)
+        return fused_kl_pgd(
+            ctx.attack_model,
+            ctx.x,
+            teacher_logits(ctx),
+            eps=self.eps,
+            alpha=self.step_size,
+            steps=self.steps,
+            init_std=self.init_std,
+            cuda_graph=self.cuda_graph,
+            generator=ctx.generator,
+        )
 
     def loss_at(self, ctx: Context, x_adv: torch.Tensor) -> torch.Tensor:
         t_logits = teacher_logits(ctx)
@@ -73,6 +105,11 @@ class RSLAD(Method):
         loss_adv = ops.softmax_kl(logits_adv, t_logits, reduction="mean")
         loss_nat = ops.softmax_kl(logits_nat, t_logits, reduction="mean")
         loss = self.alpha * loss_adv + (1.0 - self.alpha) * loss_nat
-        ctx.stats.update(loss=loss.detach(), loss_adv=loss_adv.detach(), loss_nat=loss_nat.detach(),
-                         acc_nat=accuracy(logits_nat, ctx.y), acc_adv=accuracy(logits_adv, ctx.y))
+        ctx.stats.update(
+            loss=loss.detach(),
+            loss_adv=loss_adv.detach(),
+            loss_nat=loss_nat.detach(),
+            acc_nat=accuracy(logits_nat, ctx.y),
+            acc_adv=accuracy(logits_adv, ctx.y),
+        )
         return loss

@@ -8,13 +8,23 @@ The attack runs with the model in eval mode by default, the convention of the Py
 (TRADES, MART, RSLAD). Madry's TF code builds its attack on `Model(mode='train')`, i.e. BatchNorm in training
 mode; `attack_mode="train"` reproduces that.
 """
+
 import torch
 import torch.nn.functional as F
 
 from ..attacks.pgd import pgd
 from ..errors import UserError
-from .base import (Context, HParam, Method, Schedule, accuracy, check_attack, cross_entropy_objective, pgd_hparams,
-                   register)
+from .base import (
+    Context,
+    HParam,
+    Method,
+    Schedule,
+    accuracy,
+    check_attack,
+    cross_entropy_objective,
+    pgd_hparams,
+    register,
+)
 
 
 @register
@@ -24,18 +34,28 @@ class SAT(Method):
     name = "sat"
     needs_teacher = False
     HPARAMS = {
-        **pgd_hparams(eps=(8 / 255, "Madry cifar10_challenge config.json \"epsilon\": 8.0 on the 0-255 scale"),
-                      step_size=(2 / 255, "Madry config.json \"step_size\": 2.0 on the 0-255 scale"),
-                      steps=(10, "Madry config.json \"num_steps\": 10")),
-        "attack_mode": HParam("eval", "model mode during the attack: 'eval' (default; the PyTorch convention "
-                                      "of TRADES/MART/RSLAD) or 'train' (Madry's TF train.py attacks "
-                                      "Model(mode='train'): BatchNorm in training mode)"),
+        **pgd_hparams(
+            eps=(8 / 255, 'Madry cifar10_challenge config.json "epsilon": 8.0 on the 0-255 scale'),
+            step_size=(2 / 255, 'Madry config.json "step_size": 2.0 on the 0-255 scale'),
+            steps=(10, 'Madry config.json "num_steps": 10'),
+        ),
+        "attack_mode": HParam(
+            "eval",
+            "model mode during the attack: 'eval' (default; the PyTorch convention "
+            "of TRADES/MART/RSLAD) or 'train' (Madry's TF train.py attacks "
+            "Model(mode='train'): BatchNorm in training mode)",
+        ),
     }
     SCHEDULE = Schedule(
-        epochs=205, lr=0.1, milestones=(102, 154), weight_decay=2e-4, batch_size=128,
+        epochs=205,
+        lr=0.1,
+        milestones=(102, 154),
+        weight_decay=2e-4,
+        batch_size=128,
         source="Madry cifar10_challenge config.json: 80000 steps of batch 128 (390.6 steps/epoch = 204.8 "
-               "epochs), step_size_schedule [[0, 0.1], [40000, 0.01], [60000, 0.001]] (epochs 102.4 and "
-               "153.6), weight_decay 2e-4, momentum 0.9")
+        "epochs), step_size_schedule [[0, 0.1], [40000, 0.01], [60000, 0.001]] (epochs 102.4 and "
+        "153.6), weight_decay 2e-4, momentum 0.9",
+    )
 
     def validate(self) -> None:
         check_attack(self)

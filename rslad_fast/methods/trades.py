@@ -10,6 +10,7 @@ Official code: yaodongyu/TRADES, `trades.py` (`trades_loss`) and `train_trades_c
   values, so one forward serves both here (the only difference: BatchNorm's running averages see the clean
   batch once instead of twice).
 """
+
 import torch
 import torch.nn.functional as F
 
@@ -26,17 +27,24 @@ class TRADES(Method):
     needs_teacher = False
     attack_start = "normal"  # x + init_std*N(0,1) (trades.py)
     HPARAMS = {
-        **pgd_hparams(eps=(0.031, "0.031 ~ 8/255; TRADES train_trades_cifar10.py --epsilon 0.031"),
-                      step_size=(0.007, "TRADES train_trades_cifar10.py --step-size 0.007"),
-                      steps=(10, "TRADES train_trades_cifar10.py --num-steps 10"),
-                      init_std=(0.001, "TRADES trades.py `0.001 * torch.randn`")),
+        **pgd_hparams(
+            eps=(0.031, "0.031 ~ 8/255; TRADES train_trades_cifar10.py --epsilon 0.031"),
+            step_size=(0.007, "TRADES train_trades_cifar10.py --step-size 0.007"),
+            steps=(10, "TRADES train_trades_cifar10.py --num-steps 10"),
+            init_std=(0.001, "TRADES trades.py `0.001 * torch.randn`"),
+        ),
         "beta": HParam(6.0, "weight of the KL term, 1/lambda (TRADES train_trades_cifar10.py --beta 6.0)"),
     }
     SCHEDULE = Schedule(
-        epochs=76, lr=0.1, milestones=(74, 89, 99), weight_decay=2e-4, batch_size=128,
+        epochs=76,
+        lr=0.1,
+        milestones=(74, 89, 99),
+        weight_decay=2e-4,
+        batch_size=128,
         source="TRADES train_trades_cifar10.py: --epochs 76 (the authors' early stop right after the first "
-               "decay), --lr 0.1, --wd 2e-4, momentum 0.9, --batch-size 128; adjust_learning_rate x0.1 at "
-               "epoch >= 75, 90, 100 counting epochs from 1 (0-based milestones 74, 89, 99)")
+        "decay), --lr 0.1, --wd 2e-4, momentum 0.9, --batch-size 128; adjust_learning_rate x0.1 at "
+        "epoch >= 75, 90, 100 counting epochs from 1 (0-based milestones 74, 89, 99)",
+    )
 
     def validate(self) -> None:
         check_attack(self)
@@ -60,6 +68,11 @@ class TRADES(Method):
         loss_nat = F.cross_entropy(logits_nat, ctx.y)
         loss_kl = self._kl_sum(logits_adv, logits_nat) / ctx.x.shape[0]  # target not detached
         loss = loss_nat + self.beta * loss_kl
-        ctx.stats.update(loss=loss.detach(), loss_nat=loss_nat.detach(), loss_kl=loss_kl.detach(),
-                         acc_nat=accuracy(logits_nat, ctx.y), acc_adv=accuracy(logits_adv, ctx.y))
+        ctx.stats.update(
+            loss=loss.detach(),
+            loss_nat=loss_nat.detach(),
+            loss_kl=loss_kl.detach(),
+            acc_nat=accuracy(logits_nat, ctx.y),
+            acc_adv=accuracy(logits_adv, ctx.y),
+        )
         return loss

@@ -22,12 +22,24 @@ ARCHS = ("resnet18", "mnv2", "wrn34-10", "wrn70-16", "resnet8", "tiny")
 
 # normalized alias -> canonical name (see _norm for the normalization)
 _ALIASES = {
-    "resnet18": "resnet18", "rn18": "resnet18", "res18": "resnet18",
-    "mnv2": "mnv2", "mobilenetv2": "mnv2", "mobilenet2": "mnv2", "mbv2": "mnv2",
-    "wrn3410": "wrn34-10", "wideresnet3410": "wrn34-10", "wideresnet34": "wrn34-10",
-    "wrn7016": "wrn70-16", "wideresnet7016": "wrn70-16", "dmwrn7016": "wrn70-16",
-    "resnet8": "resnet8", "rn8": "resnet8", "res8": "resnet8",
-    "tiny": "tiny", "tinycnn": "tiny",
+    "resnet18": "resnet18",
+    "rn18": "resnet18",
+    "res18": "resnet18",
+    "mnv2": "mnv2",
+    "mobilenetv2": "mnv2",
+    "mobilenet2": "mnv2",
+    "mbv2": "mnv2",
+    "wrn3410": "wrn34-10",
+    "wideresnet3410": "wrn34-10",
+    "wideresnet34": "wrn34-10",
+    "wrn7016": "wrn70-16",
+    "wideresnet7016": "wrn70-16",
+    "dmwrn7016": "wrn70-16",
+    "resnet8": "resnet8",
+    "rn8": "resnet8",
+    "res8": "resnet8",
+    "tiny": "tiny",
+    "tinycnn": "tiny",
 }
 
 
@@ -77,18 +89,23 @@ def build(name: str, num_classes: int = 10) -> nn.Module:
     num_classes = n
     if canon == "resnet18":
         from .resnet import resnet18
+
         return resnet18(num_classes)
     if canon == "mnv2":
         from .mobilenetv2 import mobilenet_v2
+
         return mobilenet_v2(num_classes)
     if canon == "resnet8":
         from .resnet import resnet8
+
         return resnet8(num_classes)
     if canon == "wrn34-10":
         from .wideresnet import wrn34_10
+
         return wrn34_10(num_classes)
     if canon == "wrn70-16":
         from .wrn_dm import wrn70_16
+
         return wrn70_16(num_classes)
     return TinyCNN(num_classes)
 

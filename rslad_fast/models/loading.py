@@ -34,8 +34,11 @@ _MAX_LISTED = 10
 
 
 def _is_state_dict(obj) -> bool:
-    return isinstance(obj, dict) and len(obj) > 0 and all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    return (
+        isinstance(obj, dict)
+        and len(obj) > 0
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    )
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -50,8 +53,11 @@ def _unwrap(obj, path: str, depth: int = 0) -> dict:
     if _is_state_dict(obj):
         return _strip_prefixes(obj, path)
     # bounded: a legit checkpoint nests two or three levels at most
-    found = {} if not isinstance(obj, dict) or depth >= 8 else {
-        k: obj[k] for k in _CONTAINER_KEYS if isinstance(obj.get(k), dict)}
+    found = (
+        {}
+        if not isinstance(obj, dict) or depth >= 8
+        else {k: obj[k] for k in _CONTAINER_KEYS if isinstance(obj.get(k), dict)}
+    )
     candidates = {}
     for key, inner in found.items():
         try:
@@ -63,8 +69,10 @@ def _unwrap(obj, path: str, depth: int = 0) -> dict:
         keys = list(candidates)
         first = candidates[keys[0]]
         if any(not _same(first, candidates[k]) for k in keys[1:]):
-            raise UserError(f"checkpoint {path}: ambiguous, {' and '.join(repr(k) for k in keys)} hold different "
-                            f"state dicts; save the one to load on its own (torch.save(ckpt[KEY], PATH))")
+            raise UserError(
+                f"checkpoint {path}: ambiguous, {' and '.join(repr(k) for k in keys)} hold different "
+                f"state dicts; save the one to load on its own (torch.save(ckpt[KEY], PATH))"
+            )
         return first
     if isinstance(obj, dict):
         keys = ", ".join(repr(k) for k in list(obj)[:_MAX_LISTED])
@@ -72,8 +80,7 @@ def _unwrap(obj, path: str, depth: int = 0) -> dict:
     else:
         what = f"a {type(obj).__name__}"
     accepted = ", ".join(f"{{{k!r}: ...}}" for k in _CONTAINER_KEYS)
-    raise UserError(f"checkpoint {path}: no state dict found (got {what}); expected a state dict or one of "
-                    f"{accepted}")
+    raise UserError(f"checkpoint {path}: no state dict found (got {what}); expected a state dict or one of {accepted}")
 
 
 def _strip_prefixes(sd: dict, path: str) -> dict:
@@ -83,8 +90,10 @@ def _strip_prefixes(sd: dict, path: str) -> dict:
         while new.startswith(_PREFIXES):
             new = new.split(".", 1)[1]
         if new in out:
-            raise UserError(f"checkpoint {path}: key {key!r} collides with another key after stripping "
-                            f"the 'module.'/'model.' prefixes")
+            raise UserError(
+                f"checkpoint {path}: key {key!r} collides with another key after stripping "
+                f"the 'module.'/'model.' prefixes"
+            )
         out[new] = value
     return out
 
@@ -109,13 +118,26 @@ def load_state_dict_file(path) -> dict:
         # unpickling errors come from random bytes or pickle opcodes it does not accept.
         found = re.search(r"GLOBAL\s+(\S+)", str(e), flags=re.IGNORECASE)
         if found:
-            raise UserError(f"checkpoint {path}: refused, loading it would run code ({found.group(1)}); "
-                            f"only plain tensors and containers are accepted") from e
+            raise UserError(
+                f"checkpoint {path}: refused, loading it would run code ({found.group(1)}); "
+                f"only plain tensors and containers are accepted"
+            ) from e
         raise UserError(corrupt) from e
     except PermissionError as e:
         raise UserError(f"checkpoint {path}: permission denied") from e
-    except (OSError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile, KeyError, AttributeError,
-            TypeError, ImportError, IndexError, UnicodeDecodeError) as e:
+    except (
+        OSError,
+        RuntimeError,
+        EOFError,
+        ValueError,
+        zipfile.BadZipFile,
+        KeyError,
+        AttributeError,
+        TypeError,
+        ImportError,
+        IndexError,
+        UnicodeDecodeError,
+    ) as e:
         # torch raises all of these for truncated zips, foreign pickles and random bytes
         raise UserError(corrupt) from e
     return _unwrap(obj, path)
@@ -140,23 +162,27 @@ def _drop_matching_constants(model: nn.Module, sd: dict, path: str) -> dict:
             continue
         value = out.pop(name)
         if value.numel() != buf.numel() or not torch.allclose(
-                value.detach().float().reshape(-1).cpu(), buf.detach().float().reshape(-1).cpu(), atol=1e-4):
-            raise UserError(f"checkpoint {path}: {name!r} = {value.flatten().tolist()} differs from this "
-                            f"architecture's fixed {buf.flatten().tolist()}")
+            value.detach().float().reshape(-1).cpu(), buf.detach().float().reshape(-1).cpu(), atol=1e-4
+        ):
+            raise UserError(
+                f"checkpoint {path}: {name!r} = {value.flatten().tolist()} differs from this "
+                f"architecture's fixed {buf.flatten().tolist()}"
+            )
     return out
 
 
 def _check_finite(sd: dict, path: str) -> None:
     """Refuse NaN/inf in any floating-point tensor: a diverged run's weights or BatchNorm statistics would
     otherwise load silently, and train a student on a garbage teacher or evaluate to chance accuracy."""
-    bad = [k for k, v in sd.items()
-           if (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all())]
+    bad = [k for k, v in sd.items() if (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all())]
     if bad:
         first = sd[bad[0]]
         count = int((~torch.isfinite(first)).sum())
         more = f" and {len(bad) - 1} more tensor(s)" if len(bad) > 1 else ""
-        raise UserError(f"checkpoint {path}: tensor {bad[0]!r} holds non-finite values (NaN or inf: {count} of "
-                        f"{first.numel()}){more}; refusing to load it (a diverged run?)")
+        raise UserError(
+            f"checkpoint {path}: tensor {bad[0]!r} holds non-finite values (NaN or inf: {count} of "
+            f"{first.numel()}){more}; refusing to load it (a diverged run?)"
+        )
 
 
 def load_checkpoint_into(model: nn.Module, path, arch_name: str = None) -> nn.Module:
@@ -178,17 +204,21 @@ def load_checkpoint_into(model: nn.Module, path, arch_name: str = None) -> nn.Mo
         if not set(sd) & set(expected):
             parts.append("no key matches at all: is it a checkpoint of another architecture?")
         raise UserError("; ".join(parts))
-    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-             if tuple(sd[k].shape) != tuple(v.shape)]
+    wrong = [
+        f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if tuple(sd[k].shape) != tuple(v.shape)
+    ]
     if wrong:
         more = f" ... and {len(wrong) - _MAX_LISTED} more" if len(wrong) > _MAX_LISTED else ""
-        raise UserError(f"checkpoint {path} does not match architecture {arch}: {len(wrong)} shape "
-                        f"mismatch(es) (checkpoint vs model): {', '.join(wrong[:_MAX_LISTED])}{more} "
-                        f"(wrong number of classes or width?)")
+        raise UserError(
+            f"checkpoint {path} does not match architecture {arch}: {len(wrong)} shape "
+            f"mismatch(es) (checkpoint vs model): {', '.join(wrong[:_MAX_LISTED])}{more} "
+            f"(wrong number of classes or width?)"
+        )
     _check_finite(sd, path)
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:  # anything the checks above missed, e.g. an uncastable dtype
-        raise UserError(f"checkpoint {path} does not load into architecture {arch}: "
-                        f"{str(e).splitlines()[0]}") from e
+        raise UserError(f"checkpoint {path} does not load into architecture {arch}: {str(e).splitlines()[0]}") from e
     return model

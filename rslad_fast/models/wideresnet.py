@@ -52,10 +52,12 @@ class NetworkBlock(nn.Module):
 
     def __init__(self, n: int, in_planes: int, out_planes: int, stride: int, drop_rate: float = 0.0):
         super().__init__()
-        self.layer = nn.Sequential(*[
-            BasicBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1, drop_rate)
-            for i in range(n)
-        ])
+        self.layer = nn.Sequential(
+            *[
+                BasicBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1, drop_rate)
+                for i in range(n)
+            ]
+        )
 
     def forward(self, x):
         return self.layer(x)

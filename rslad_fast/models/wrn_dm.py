@@ -60,10 +60,12 @@ class _BlockGroup(nn.Module):
 
     def __init__(self, num_blocks: int, in_planes: int, out_planes: int, stride: int):
         super().__init__()
-        self.block = nn.Sequential(*[
-            _Block(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1)
-            for i in range(num_blocks)
-        ])
+        self.block = nn.Sequential(
+            *[
+                _Block(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1)
+                for i in range(num_blocks)
+            ]
+        )
 
     def forward(self, x):
         return self.block(x)
@@ -74,8 +76,7 @@ class DMWideResNet(nn.Module):
 
     Takes images in [0, 1] and normalizes internally, so it is a drop-in teacher next to the TRADES WRN."""
 
-    def __init__(self, num_classes: int = 10, depth: int = 70, width: int = 16,
-                 mean=CIFAR10_MEAN, std=CIFAR10_STD):
+    def __init__(self, num_classes: int = 10, depth: int = 70, width: int = 16, mean=CIFAR10_MEAN, std=CIFAR10_STD):
         super().__init__()
         if (depth - 4) % 6 != 0:
             raise ValueError(f"DMWideResNet depth must be 6n+4, got {depth}")

@@ -3,6 +3,7 @@
 They run the compiled kernels of rslad_fast._C (csrc/) when the library is built, and the pure-PyTorch
 reference (rslad_fast.ops.reference) otherwise. `backend()` says which; the fallback warns once, at import.
 """
+
 import os
 import warnings
 
@@ -18,9 +19,12 @@ try:
 except ImportError as _error:  # the library is absent or does not match this torch
     _BACKEND = "reference"
     _IMPORT_ERROR = _error
-    warnings.warn(f"rslad_fast: the compiled op library is not available ({_error}); using the slower "
-                  f"pure-PyTorch reference ops. To get the fused kernels, {BUILD_HINT}.",
-                  RuntimeWarning, stacklevel=2)
+    warnings.warn(
+        f"rslad_fast: the compiled op library is not available ({_error}); using the slower "
+        f"pure-PyTorch reference ops. To get the fused kernels, {BUILD_HINT}.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
 else:
     _BACKEND = "compiled"
     _IMPORT_ERROR = None
@@ -33,12 +37,15 @@ def backend() -> str:
 
 
 _CUDA_KERNELS = _BACKEND == "compiled" and torch._C._dispatch_has_kernel_for_dispatch_key(
-    "rslad_fast::softmax_kl", "CUDA")
+    "rslad_fast::softmax_kl", "CUDA"
+)
 
-NO_CUDA_KERNELS = ("rslad_fast: the compiled op library was built without CUDA kernels (nvcc was not found at "
-                   "build time), so it cannot run on CUDA tensors; rebuild it with `CUDA_HOME=/usr/local/cuda "
-                   "RSLAD_FAST_CUDA=1 pip install --no-build-isolation -e .` (RSLAD_FAST_CUDA=1 fails loudly "
-                   "when the CUDA kernels cannot be built)")
+NO_CUDA_KERNELS = (
+    "rslad_fast: the compiled op library was built without CUDA kernels (nvcc was not found at "
+    "build time), so it cannot run on CUDA tensors; rebuild it with `CUDA_HOME=/usr/local/cuda "
+    "RSLAD_FAST_CUDA=1 pip install --no-build-isolation -e .` (RSLAD_FAST_CUDA=1 fails loudly "
+    "when the CUDA kernels cannot be built)"
+)
 
 
 def cuda_kernels_available() -> bool:
@@ -53,8 +60,9 @@ _REQUIRE = os.environ.get("RSLAD_FAST_REQUIRE", "")
 if _REQUIRE not in ("", "compiled", "cuda"):
     raise ImportError(f"RSLAD_FAST_REQUIRE must be 'compiled' or 'cuda', got {_REQUIRE!r}")
 if _REQUIRE and _BACKEND != "compiled":
-    raise ImportError(f"RSLAD_FAST_REQUIRE={_REQUIRE}: the compiled op library did not load "
-                      f"({_IMPORT_ERROR}); {BUILD_HINT}")
+    raise ImportError(
+        f"RSLAD_FAST_REQUIRE={_REQUIRE}: the compiled op library did not load ({_IMPORT_ERROR}); {BUILD_HINT}"
+    )
 if _REQUIRE == "cuda" and not _CUDA_KERNELS:
     raise ImportError(f"RSLAD_FAST_REQUIRE=cuda: {NO_CUDA_KERNELS}")
 
@@ -86,8 +94,11 @@ def pgd_step_(x_adv, grad, x_nat, eps, alpha, lo=0.0, hi=1.0):
 def _autocast_to_float(t):
     """What the compiled op's Autocast kernels do (csrc/ops/autocast/), for the reference fallback: under
     torch.autocast on t's device type, float16 and bfloat16 logits become float32."""
-    if isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16) \
-            and torch.is_autocast_enabled(t.device.type):
+    if (
+        isinstance(t, torch.Tensor)
+        and t.dtype in (torch.float16, torch.bfloat16)
+        and torch.is_autocast_enabled(t.device.type)
+    ):
         return t.float()
     return t
 
@@ -115,5 +126,4 @@ def softmax_kl(student_logits, teacher_logits, temperature=1.0, reduction="batch
     return reference.softmax_kl(student_logits, teacher_logits, temperature, reduction)
 
 
-__all__ = ["pgd_step_", "softmax_kl", "backend", "cuda_kernels_available", "check_device", "reference",
-           "REDUCTIONS"]
+__all__ = ["pgd_step_", "softmax_kl", "backend", "cuda_kernels_available", "check_device", "reference", "REDUCTIONS"]

@@ -1,5 +1,6 @@
 """Fake (meta) and autograd registrations of the compiled ops, so they work under torch.compile, with
 FakeTensors and inside CUDA graphs (pytorch/extension-cpp's layout: schemas in C++, the rest here)."""
+
 import torch
 
 
@@ -33,8 +34,10 @@ def _softmax_kl_fake(student_logits, teacher_logits, temperature=1.0, reduction=
 
 @torch.library.register_fake("rslad_fast::_softmax_kl_backward")
 def _softmax_kl_backward_fake(grad_output, student_logits, teacher_logits, temperature, reduction):
-    return (torch.empty_like(student_logits, memory_format=torch.contiguous_format),
-            torch.empty_like(teacher_logits, memory_format=torch.contiguous_format))
+    return (
+        torch.empty_like(student_logits, memory_format=torch.contiguous_format),
+        torch.empty_like(teacher_logits, memory_format=torch.contiguous_format),
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -47,9 +50,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_output):
     student_logits, teacher_logits = ctx.saved_tensors
     grad_s, grad_t = torch.ops.rslad_fast._softmax_kl_backward(
-        grad_output, student_logits, teacher_logits, ctx.temperature, ctx.reduction)
-    return (grad_s if ctx.needs_input_grad[0] else None,
-            grad_t if ctx.needs_input_grad[1] else None, None, None)
+        grad_output, student_logits, teacher_logits, ctx.temperature, ctx.reduction
+    )
+    return (grad_s if ctx.needs_input_grad[0] else None, grad_t if ctx.needs_input_grad[1] else None, None, None)
 
 
 torch.library.register_autograd("rslad_fast::softmax_kl", _backward, setup_context=_setup_context)

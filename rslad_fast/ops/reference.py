@@ -7,6 +7,7 @@ then says "reference").
 Half and bfloat16 inputs are computed in float32 and rounded once at the end, as the kernels do, so
 the oracle is at least as accurate as the op it checks.
 """
+
 import torch
 import torch.nn.functional as F
 
