@@ -18,6 +18,7 @@ A *view* is one of the ``(2p+1)^2 * 2`` outcomes of the augmentation of one imag
 frozen teacher's logits are a function of (image, view) alone, which is what the teacher-logit cache
 (``engine/teacher_cache.py``) keys on. :func:`view_ids` numbers them, :func:`decode_views` inverts it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,8 +37,9 @@ class CropFlipParams:
     padding: int
 
 
-def sample_crop_flip_params(n: int, generator: torch.Generator, padding: int = 4,
-                            device: torch.device | str | None = None) -> CropFlipParams:
+def sample_crop_flip_params(
+    n: int, generator: torch.Generator, padding: int = 4, device: torch.device | str | None = None
+) -> CropFlipParams:
     """Draw offsets uniform over 0..2*padding per axis and flips with p = 0.5, as torchvision does.
 
     ``generator`` must live on ``device`` (torch requires it); draws happen in a fixed order
@@ -99,5 +101,9 @@ def decode_views(views: torch.Tensor, padding: int = 4) -> tuple[torch.Tensor, C
     k = 2 * padding + 1
     index, code = views.div(num_views(padding), rounding_mode="floor"), views.remainder(num_views(padding))
     offset = code.div(2, rounding_mode="floor")
-    return index, CropFlipParams(top=offset.div(k, rounding_mode="floor"), left=offset.remainder(k),
-                                 flip=code.remainder(2).bool(), padding=padding)
+    return index, CropFlipParams(
+        top=offset.div(k, rounding_mode="floor"),
+        left=offset.remainder(k),
+        flip=code.remainder(2).bool(),
+        padding=padding,
+    )

@@ -10,6 +10,7 @@ Safety: the batch files are Python pickles (dicts of numpy arrays and lists, wri
 resolves the few globals these files need (numpy's array/dtype reconstructors and ``_codecs.encode``);
 anything else is rejected as a corrupt file. Still: only read data from sources you trust.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,14 +28,17 @@ FOLDER = "cifar-10-batches-py"
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_FILES = ("test_batch",)
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-_HOW = (f"run `python ../shared/data/prepare_cifar10.py DIR` and pass DIR, or download {URL} "
-        f"and unpack it into DIR")
+_HOW = f"run `python ../shared/data/prepare_cifar10.py DIR` and pass DIR, or download {URL} and unpack it into DIR"
 
 # (module, name) pairs the official (and prepare_cifar10.py) pickles reference; nothing else resolves.
 _ALLOWED = {
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),
 }
 
 
@@ -104,8 +108,9 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     except UserError:
         raise
     except Exception as e:  # pickle, EOF, key, shape errors: all mean an unusable file
-        raise UserError(f"CIFAR-10 batch file is corrupt or not in the official format: {path} "
-                        f"({type(e).__name__}: {e}); {_HOW}") from None
+        raise UserError(
+            f"CIFAR-10 batch file is corrupt or not in the official format: {path} ({type(e).__name__}: {e}); {_HOW}"
+        ) from None
     return data, labels
 
 
@@ -115,12 +120,14 @@ def _download(folder: Path, train: bool) -> None:
 
         torchvision.datasets.CIFAR10(str(folder.parent), train=train, download=True)
     except Exception as e:
-        raise UserError(f"CIFAR-10 not found at {folder} and the download failed "
-                        f"({type(e).__name__}: {e}); {_HOW}") from None
+        raise UserError(
+            f"CIFAR-10 not found at {folder} and the download failed ({type(e).__name__}: {e}); {_HOW}"
+        ) from None
 
 
-def load_cifar10(root: str | os.PathLike, train: bool, *, download: bool | str = "auto"
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def load_cifar10(
+    root: str | os.PathLike, train: bool, *, download: bool | str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Load the train (50k) or test (10k) split as ``(uint8 [N, 3, 32, 32], int64 [N])`` CPU tensors.
 
     ``root`` is the folder holding ``cifar-10-batches-py/`` or that folder itself. When it is missing:

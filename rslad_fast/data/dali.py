@@ -26,6 +26,7 @@ View ids (``with_views``, for the teacher-logit cache): the sample indices trave
 ``augment.view_ids``' numbering (offset k = floor(crop_pos * 2p + 1/2), exact since crop_pos = k / 2p;
 flip = the mirror draw), a third output, so the ids are those of the very pixels of the batch.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -35,23 +36,42 @@ import numpy as np
 import torch
 
 from .augment import num_views
-from .loaders import epoch_indices, mix_seed
+from .loaders import EpochBatches, epoch_indices, mix_seed
 
 
-def _build_pipeline(source, *, batch_size: int, device: str, device_id, seed: int, augment: bool, padding: int,
-                    hw: tuple[int, int], num_threads: int, prefetch: int, with_views: bool = False):
-    from nvidia.dali import fn, math as dmath, pipeline_def, types
+def _build_pipeline(
+    source,
+    *,
+    batch_size: int,
+    device: str,
+    device_id,
+    seed: int,
+    augment: bool,
+    padding: int,
+    hw: tuple[int, int],
+    num_threads: int,
+    prefetch: int,
+    with_views: bool = False,
+):
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import math as dmath
 
-    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
-                  prefetch_queue_depth=prefetch)
+    @pipeline_def(
+        batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed, prefetch_queue_depth=prefetch
+    )
     def pipe():
         if with_views:
-            images, labels, index = fn.external_source(source=source, num_outputs=3, batch=True,
-                                                       layout=["HWC", "", ""],
-                                                       dtype=[types.UINT8, types.INT64, types.INT64])
+            images, labels, index = fn.external_source(
+                source=source,
+                num_outputs=3,
+                batch=True,
+                layout=["HWC", "", ""],
+                dtype=[types.UINT8, types.INT64, types.INT64],
+            )
         else:
-            images, labels = fn.external_source(source=source, num_outputs=2, batch=True, layout=["HWC", ""],
-                                                dtype=[types.UINT8, types.INT64])
+            images, labels = fn.external_source(
+                source=source, num_outputs=2, batch=True, layout=["HWC", ""], dtype=[types.UINT8, types.INT64]
+            )
         if device == "gpu":
             # Labels go up with the images, inside the pipeline: a host label batch would be a pageable,
             # blocking host-to-device copy, a synchronisation per training batch.
@@ -60,19 +80,25 @@ def _build_pipeline(source, *, batch_size: int, device: str, device_id, seed: in
         kw = {}
         if augment:
             pos = [k / (2 * padding) for k in range(2 * padding + 1)] if padding > 0 else [0.0]
-            images = fn.crop(images, crop=(h + 2 * padding, w + 2 * padding), out_of_bounds_policy="pad",
-                             fill_values=0)
-            kw = dict(crop=(h, w), crop_pos_x=fn.random.uniform(values=pos), crop_pos_y=fn.random.uniform(values=pos),
-                      mirror=fn.random.coin_flip(probability=0.5))
+            images = fn.crop(images, crop=(h + 2 * padding, w + 2 * padding), out_of_bounds_policy="pad", fill_values=0)
+            kw = dict(
+                crop=(h, w),
+                crop_pos_x=fn.random.uniform(values=pos),
+                crop_pos_y=fn.random.uniform(values=pos),
+                mirror=fn.random.coin_flip(probability=0.5),
+            )
         images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", mean=0.0, std=255.0, **kw)
         if not with_views:
             return images, labels
         views = index
         if augment:
+
             def offset(pos):
                 return fn.cast(dmath.floor(pos * (2 * padding) + 0.5), dtype=types.INT64)
-            code = (offset(kw["crop_pos_y"]) * (2 * padding + 1) + offset(kw["crop_pos_x"])) * 2 + \
-                fn.cast(kw["mirror"], dtype=types.INT64)
+
+            code = (offset(kw["crop_pos_y"]) * (2 * padding + 1) + offset(kw["crop_pos_x"])) * 2 + fn.cast(
+                kw["mirror"], dtype=types.INT64
+            )
             views = index * num_views(padding) + code
         return images, labels, views.gpu() if device == "gpu" else views
 
@@ -81,21 +107,36 @@ def _build_pipeline(source, *, batch_size: int, device: str, device_id, seed: in
     return p
 
 
-class DaliLoader:
+class DaliLoader(EpochBatches):
     """Same interface as :class:`~.loaders.TensorLoader`: ``set_epoch``, ``len()``, yields ``(x, y)`` on ``device``.
 
     ``device="cpu"`` runs a CPU-only DALI pipeline (used by the tests); a CUDA device runs the crops on
-    that GPU, and images and labels both come out of the pipeline on it, copied on the current stream. The source set is kept on the host as NHWC numpy (external_source feeds host batches; the
-    GPU pipeline copies each batch up, 1.5 MB for 512 images). The pipeline streams batches epoch after
+    that GPU, and images and labels both come out of the pipeline on it, copied on the current stream. The
+    source set is kept on the host as NHWC numpy (external_source feeds host batches; the GPU pipeline copies
+    each batch up, 1.5 MB for 512 images). The pipeline streams batches epoch after
     epoch so its prefetching crosses epoch boundaries; ``set_epoch`` to anything but the next epoch, or
     leaving an epoch early, rebuilds it. ``with_views=True`` yields ``(x, y, views)`` as TensorLoader does
     (see the module doc).
     """
 
-    def __init__(self, images_uint8: torch.Tensor, labels: torch.Tensor, batch_size: int, *, train: bool,
-                 device: torch.device | str = "cpu", seed: int = 0, drop_last: bool = False, rank: int = 0,
-                 world_size: int = 1, augment: bool = True, padding: int = 4, num_threads: int = 2,
-                 prefetch: int = 2, with_views: bool = False):
+    def __init__(
+        self,
+        images_uint8: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        *,
+        train: bool,
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        augment: bool = True,
+        padding: int = 4,
+        num_threads: int = 2,
+        prefetch: int = 2,
+        with_views: bool = False,
+    ):
         if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4:
             raise ValueError(f"images must be uint8 [N, C, H, W], got {images_uint8.dtype} {tuple(images_uint8.shape)}")
         if labels.shape != (images_uint8.shape[0],):
@@ -113,25 +154,23 @@ class DaliLoader:
         self._pipe = None
         self._next_epoch = None  # epoch the running pipeline's stream is positioned at
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        if self.drop_last:
-            return self.num_samples // self.batch_size
-        return math.ceil(self.num_samples / self.batch_size)
-
     def indices(self, epoch: int | None = None) -> torch.Tensor:
         """This rank's sample order (CPU) for ``epoch`` (default: the current one); same as TensorLoader's."""
-        return epoch_indices(len(self._labels), epoch=self.epoch if epoch is None else epoch, seed=self.seed,
-                             shuffle=self.train, rank=self.rank, world_size=self.world_size)
+        return epoch_indices(
+            len(self._labels),
+            epoch=self.epoch if epoch is None else epoch,
+            seed=self.seed,
+            shuffle=self.train,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
 
     def _stream(self, start_epoch: int):
         """Host batches for epochs start_epoch, start_epoch+1, ... (what external_source pulls, ahead of use)."""
         for e in itertools.count(start_epoch):
             idx = self.indices(e).numpy()
             for b in range(len(self)):
-                sel = idx[b * self.batch_size:(b + 1) * self.batch_size]
+                sel = idx[b * self.batch_size : (b + 1) * self.batch_size]
                 yield (self._nhwc[sel], self._labels[sel]) + ((sel,) if self.with_views else ())
 
     def _start(self) -> None:
@@ -140,11 +179,19 @@ class DaliLoader:
         device_id = None
         if gpu:
             device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        self._pipe = _build_pipeline(lambda: next(stream), batch_size=self.batch_size, device="gpu" if gpu else "cpu",
-                                     device_id=device_id, seed=mix_seed(self.seed, self.epoch, self.rank) % (2 ** 31),
-                                     augment=self.train and self.augment, padding=self.padding,
-                                     hw=self._nhwc.shape[1:3], num_threads=self.num_threads, prefetch=self.prefetch,
-                                     with_views=self.with_views)
+        self._pipe = _build_pipeline(
+            lambda: next(stream),
+            batch_size=self.batch_size,
+            device="gpu" if gpu else "cpu",
+            device_id=device_id,
+            seed=mix_seed(self.seed, self.epoch, self.rank) % (2**31),
+            augment=self.train and self.augment,
+            padding=self.padding,
+            hw=self._nhwc.shape[1:3],
+            num_threads=self.num_threads,
+            prefetch=self.prefetch,
+            with_views=self.with_views,
+        )
         self._next_epoch = self.epoch
 
     def _to_torch(self, tl, dtype: torch.dtype) -> torch.Tensor:

@@ -15,6 +15,7 @@ normalization) while being deterministic and resumable:
 * augmentation draws come from a generator seeded by ``(seed, epoch, rank)`` on ``device``, so
   ``set_epoch(e)`` + iterate gives the same batches whether or not the run was resumed at epoch ``e``.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,9 +32,9 @@ KINDS = ("torch", "dali")
 # mix_seed's last part for each random stream a run draws from its one --seed, so that no two streams are
 # the same numbers (the values are arbitrary; changing one changes every run's results).
 SALT_SHUFFLE = 0x5EED  # the epoch's shuffle (epoch_indices)
-SALT_AUGMENT = 0xA06   # the torch loader's crops and flips
-SALT_ATTACK = 0x7EA1   # the training attacks' random starts (engine.runner)
-SALT_EVAL = 0xE7A1     # the per-epoch held-out PGD-20's random starts (engine.runner)
+SALT_AUGMENT = 0xA06  # the torch loader's crops and flips
+SALT_ATTACK = 0x7EA1  # the training attacks' random starts (engine.runner)
+SALT_EVAL = 0xE7A1  # the per-epoch held-out PGD-20's random starts (engine.runner)
 
 
 def mix_seed(*parts: int) -> int:
@@ -63,7 +64,21 @@ def epoch_indices(n: int, *, epoch: int, seed: int, shuffle: bool, rank: int = 0
     return perm[rank:total:world_size]
 
 
-class TensorLoader:
+class EpochBatches:
+    """What the loaders share: the epoch the next iteration draws for, and this rank's batches per epoch
+    (``num_samples`` per rank, ``batch_size``, ``drop_last``, set by the subclass)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose shuffle order and augmentation draws the next iteration uses."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return self.num_samples // self.batch_size
+        return math.ceil(self.num_samples / self.batch_size)
+
+
+class TensorLoader(EpochBatches):
     """Yields ``(x float32 [B,3,H,W] in [0,1], y int64 [B])`` on ``device``; ``len()`` = batches per epoch.
 
     ``train=True`` shuffles and (if ``augment``) applies random crop (padding 4) + horizontal flip;
@@ -76,9 +91,22 @@ class TensorLoader:
     drawn), ``num_views`` per image. The images and every random draw are the same either way.
     """
 
-    def __init__(self, images_uint8: torch.Tensor, labels: torch.Tensor, batch_size: int, *, train: bool,
-                 device: torch.device | str = "cpu", seed: int = 0, drop_last: bool = False, rank: int = 0,
-                 world_size: int = 1, augment: bool = True, padding: int = 4, with_views: bool = False):
+    def __init__(
+        self,
+        images_uint8: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        *,
+        train: bool,
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        augment: bool = True,
+        padding: int = 4,
+        with_views: bool = False,
+    ):
         if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4:
             raise ValueError(f"images must be uint8 [N, C, H, W], got {images_uint8.dtype} {tuple(images_uint8.shape)}")
         if labels.shape != (images_uint8.shape[0],):
@@ -97,19 +125,16 @@ class TensorLoader:
         self.with_views = with_views
         self.num_views = num_views(padding) if train and augment else 1
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose shuffle order and augmentation draws the next iteration uses."""
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        if self.drop_last:
-            return self.num_samples // self.batch_size
-        return math.ceil(self.num_samples / self.batch_size)
-
     def indices(self) -> torch.Tensor:
         """This rank's sample order for the current epoch (on ``device``)."""
-        return epoch_indices(len(self.images), epoch=self.epoch, seed=self.seed, shuffle=self.train,
-                             rank=self.rank, world_size=self.world_size).to(self.device)
+        return epoch_indices(
+            len(self.images),
+            epoch=self.epoch,
+            seed=self.seed,
+            shuffle=self.train,
+            rank=self.rank,
+            world_size=self.world_size,
+        ).to(self.device)
 
     def __iter__(self):
         idx = self.indices()
@@ -118,7 +143,7 @@ class TensorLoader:
             seed = mix_seed(self.seed, self.epoch, self.rank, SALT_AUGMENT)
             gen = torch.Generator(device=self.device).manual_seed(seed)
         for b in range(len(self)):
-            sel = idx[b * self.batch_size:(b + 1) * self.batch_size]
+            sel = idx[b * self.batch_size : (b + 1) * self.batch_size]
             x = self.images[sel]
             views = sel
             if gen is not None:  # augment.random_crop_flip, its params kept for the view ids
@@ -139,17 +164,37 @@ def dali_available() -> bool:
     return True
 
 
-def make_loader(kind: str, images_uint8: torch.Tensor, labels: torch.Tensor, batch_size: int, *, train: bool,
-                device: torch.device | str = "cpu", seed: int = 0, drop_last: bool = False, rank: int = 0,
-                world_size: int = 1, augment: bool = True, with_views: bool = False):
+def make_loader(
+    kind: str,
+    images_uint8: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int,
+    *,
+    train: bool,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    drop_last: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+    augment: bool = True,
+    with_views: bool = False,
+):
     """Build a loader by name: ``"torch"`` (:class:`TensorLoader`, any device) or ``"dali"`` (NVIDIA DALI).
 
     ``"dali"`` trains on CUDA devices only (on CPU the torch loader is the faster choice and the one we
     test for training); a DALI eval loader may run on CPU. Bad names or missing DALI raise UserError.
     ``with_views``: batches are ``(x, y, views)`` (see :class:`TensorLoader`), for the teacher-logit cache.
     """
-    kw = dict(train=train, device=device, seed=seed, drop_last=drop_last, rank=rank, world_size=world_size,
-              augment=augment, with_views=with_views)
+    kw = dict(
+        train=train,
+        device=device,
+        seed=seed,
+        drop_last=drop_last,
+        rank=rank,
+        world_size=world_size,
+        augment=augment,
+        with_views=with_views,
+    )
     if kind == "torch":
         return TensorLoader(images_uint8, labels, batch_size, **kw)
     if kind != "dali":
@@ -157,11 +202,14 @@ def make_loader(kind: str, images_uint8: torch.Tensor, labels: torch.Tensor, bat
     try:
         import nvidia.dali  # noqa: F401
     except Exception as e:
-        raise UserError(f"the 'dali' loader needs NVIDIA DALI, which is not importable ({type(e).__name__}: {e}); "
-                        f"install it with `pip install nvidia-dali-cuda130`, or use the 'torch' loader") from None
+        raise UserError(
+            f"the 'dali' loader needs NVIDIA DALI, which is not importable ({type(e).__name__}: {e}); "
+            f"install it with `pip install nvidia-dali-cuda130`, or use the 'torch' loader"
+        ) from None
     if train and torch.device(device).type != "cuda":
-        raise UserError(f"the 'dali' loader trains on a CUDA device only (got device {device!s}); "
-                        f"use the 'torch' loader on CPU")
+        raise UserError(
+            f"the 'dali' loader trains on a CUDA device only (got device {device!s}); use the 'torch' loader on CPU"
+        )
     from .dali import DaliLoader
 
     return DaliLoader(images_uint8, labels, batch_size, **kw)
