@@ -16,7 +16,8 @@
 # Stages, in this order (what matters first). Each has an estimate of its time on that machine (16 cores,
 # one H200), from its work, and runs only if the estimate still fits in what is left of GPU_CHECK_BUDGET_S
 # (default 540 s, less 20 s kept for the last summary); it is stopped at twice its estimate (or the deadline)
-# and then marked "timed out". The estimates of the stages before the compiled rows add up to ~510 s.
+# and then marked "timed out". The estimates of the stages before the compiled rows add up to ~525 s: the
+# last benchmark stages run only if the earlier ones are quicker than estimated.
 #   stage           est. s  work
 #   build              75   in-place build for this GPU's architecture only (+PTX), all cores: 3 C++ files (the
 #                           CPU softmax_kl kernels, AVX2 and baseline copies, are the slowest, ~60 s on one core
@@ -37,8 +38,9 @@
 #                           attacks on 128 images ~20 s; torchrun (NCCL) ~25 s
 #   bench_ops          30   the op rows (fused, eager) on CUDA: 24 rows of ~1 s
 #   bench_inner        40   the 10-step inner loop, eager / fused / fused + graph, batch 128 and 512, 5 rounds
-#   bench_epoch        60   the epoch rows, 4 batches x 2 rounds with the WRN-34-10 teacher, and the loaders
-#                           (10,240 images)
+#   bench_epoch        75   the epoch rows, 4 batches x 2 rounds with the WRN-34-10 teacher (~20 rows of ~3 s:
+#                           throughput, ablation, the teacher cache at 0% / 60.5% / 54.4% hits), and the
+#                           loaders (10,240 images)
 #   bench_*_compiled  60+90 the torch.compile rows, only with what time is left (inductor compiles each shape)
 # Full mode: bench_full (the benchmarks at full size, 400 s) then quick_fp32 / quick_bf16 (the quick preset on
 # CIFAR-10, ~90 s each on that machine) and their comparison.
@@ -189,7 +191,7 @@ if [ "$MODE" = quick ]; then
       --benchmark-json="$WORK/bench_ops.json"
     stage bench_inner 40 "${BENCH[@]}" benchmarks/test_inner_loop_bench.py -k cuda \
       --benchmark-json="$WORK/bench_inner.json"
-    stage bench_epoch 60 "${BENCH[@]}" benchmarks/test_epoch_bench.py benchmarks/test_loaders_bench.py \
+    stage bench_epoch 75 "${BENCH[@]}" benchmarks/test_epoch_bench.py benchmarks/test_loaders_bench.py \
       -k "cuda and not compile" --benchmark-json="$WORK/bench_epoch.json"
     # With what is left: the torch.compile rows, the cheap op rows first (inductor compiles each shape).
     stage bench_ops_compiled 60 "${BENCH[@]}" benchmarks/test_ops_bench.py -k "cuda and compiled" \
