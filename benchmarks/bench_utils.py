@@ -20,6 +20,8 @@ SIZE = os.environ.get("RSLAD_FAST_BENCH_SIZE", "full")
 if SIZE not in ("full", "reduced"):
     raise ValueError(f"RSLAD_FAST_BENCH_SIZE must be 'full' or 'reduced', got {SIZE!r}")
 REDUCED = SIZE == "reduced"
+# RSLAD_FAST_BENCH_ROUNDS=N: more timed rounds for the epoch rows, where one round is a few noisy seconds.
+ROUNDS = int(os.environ.get("RSLAD_FAST_BENCH_ROUNDS", "0")) or None
 
 
 def git_commit() -> str:

@@ -32,7 +32,7 @@ import itertools
 import pytest
 import reference_rslad as ref
 import torch
-from bench_utils import DEVICES, REDUCED, median_s, run_synced, save_result
+from bench_utils import DEVICES, REDUCED, ROUNDS, median_s, run_synced, save_result
 
 from rslad_fast.data import TensorLoader, dali_available, num_views
 from rslad_fast.engine.step import train_step
@@ -188,7 +188,7 @@ def _run(benchmark, provenance, device, student_arch, variant, group):
     )
     hits_before = cache.stats() if cache is not None else None
     # The compiled row's warm-up epoch compiles (train and eval mode graphs) outside the timed rounds.
-    run_synced(benchmark, epoch, device, rounds=size["rounds"], warmup=1)
+    run_synced(benchmark, epoch, device, rounds=ROUNDS or size["rounds"], warmup=1)
     extra = {}
     if cache is not None:  # the hit rate the timed rounds really had (warm-up included)
         hits, lookups = (now - then for now, then in zip(cache.stats(), hits_before))
@@ -243,3 +243,47 @@ def test_ablation(benchmark, provenance, case):
 def test_teacher_cache(benchmark, provenance, case):
     device, arch, variant = case
     _run(benchmark, provenance, device, arch, variant, f"teacher cache {device} {arch} <- teacher")
+
+
+# (g) What the cache changes, alone: T(x) of one training batch from the real WRN-34-10 teacher, uncached
+# (its forward) and through the cache at each row's hit rate (exactly round(hit x batch) of the batch's views
+# filled, reset every round). On the CPU the step rows above cannot resolve it: the stand-in teacher is a small
+# share of a step whose rounds vary by ~10%. Batch 32 on the CPU (~400 GFLOP a forward), 128 on CUDA.
+TEACHER_STAGE = {"cpu": dict(batch=32, rounds=5), "cuda": dict(batch=128, rounds=5 if REDUCED else 20)}
+
+
+@pytest.mark.parametrize("case", list(itertools.product(DEVICES, TEACHER_CACHE)), ids=lambda c: f"{c[0]}-{c[1].name}")
+def test_teacher_stage(benchmark, provenance, case):
+    from rslad_fast.engine.step import teacher_logits
+
+    device, variant = case
+    size = TEACHER_STAGE[device]
+    batch = size["batch"]
+    benchmark.group = f"teacher stage {device} wrn34-10 batch {batch}"
+    torch.manual_seed(0)
+    teacher = build("wrn34-10").to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    x = torch.rand(batch, 3, 32, 32, device=device)
+    views = torch.arange(batch, device=device) * VIEWS  # one view of each of `batch` images
+    if variant.cache_hit is None:
+
+        def stage():
+            teacher_logits(teacher, x)
+
+    else:
+        cache = TeacherCache(batch, VIEWS, 10, device)
+        cache.table.normal_(generator=torch.Generator(device=device).manual_seed(0))
+        filled = torch.zeros_like(cache.filled)
+        filled[views[: round(variant.cache_hit * batch)]] = True
+
+        def stage():
+            cache.filled.copy_(filled)
+            cache.logits(teacher, x, views)
+
+    hits = None if variant.cache_hit is None else round(variant.cache_hit * batch) / batch  # what the rounds had
+    provenance(device, teacher="wrn34-10", batch=batch, impl=variant.name, cache_hit=hits)
+    run_synced(benchmark, stage, device, rounds=ROUNDS or size["rounds"], warmup=1)
+    median = median_s(benchmark)
+    if median is not None:
+        benchmark.extra_info.update(images_per_s=batch / median)
