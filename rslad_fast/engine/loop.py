@@ -21,6 +21,7 @@ import torch
 
 from rslad_fast.attacks.eval_attacks import PGD
 from rslad_fast.attacks.pgd import model_mode
+from rslad_fast.models.loading import non_finite_names
 
 from .step import train_step
 
@@ -31,13 +32,8 @@ class Diverged(RuntimeError):
 
 def first_non_finite(module: torch.nn.Module):
     """The name of the first parameter or buffer holding a NaN or inf, else None (one device sync)."""
-    named = [(k, v) for k, v in module.state_dict().items() if v.is_floating_point()]
-    if not named:
-        return None
-    ok = torch.stack([torch.isfinite(v).all() for _, v in named])
-    if bool(ok.all()):
-        return None
-    return named[int((~ok).nonzero()[0, 0])][0]
+    bad = non_finite_names(module.state_dict())
+    return bad[0] if bad else None
 
 
 def _sync(device: torch.device) -> None:
@@ -127,9 +123,11 @@ def train_one_epoch(
     parts = [loss_sum.reshape(1)] + [
         torch.as_tensor(stat_sums[k], dtype=torch.float64, device=device).reshape(1) for k in keys
     ]
-    if cache_start is not None:
-        hits, lookups = (now - then for now, then in zip(teacher_cache.stats(), cache_start))
-        parts.append(torch.tensor([hits, lookups], dtype=torch.float64, device=device))
+    hits, lookups = (
+        (0, 0) if cache_start is None else (now - then for now, then in zip(teacher_cache.stats(), cache_start))
+    )
+    # always there, zeros uncached: the all-reduced vector has one shape on every rank
+    parts.append(torch.tensor([hits, lookups], dtype=torch.float64, device=device))
     parts.append(torch.tensor([n_batches, n_images], dtype=torch.float64, device=device))
     sums = torch.cat(parts)
     if dist is not None and dist.active:

@@ -62,7 +62,7 @@ from rslad_fast.models.loading import load_checkpoint_into
 
 from .allocator import keep_freed_memory
 from .checkpoint import WriteError, atomic_write_bytes, load_checkpoint, restore, save_checkpoint, saved_world_size
-from .config import NUM_CLASSES, Config, check_ops_device, read_config_file
+from .config import NUM_CLASSES, Config, check_ops_device, read_config_file, validate
 from .dist import Dist
 from .loop import Diverged, evaluate, first_non_finite, train_one_epoch
 from .metrics import MetricsLog, plot_curves
@@ -180,8 +180,10 @@ def use_teacher_cache(cfg: Config, num_images: int, notes: list) -> bool:
     if cfg.teacher_cache == "auto" and not methods.get(cfg.method).TEACHER_CACHE_AUTO:
         return False
     views = num_views()
-    processes = Dist.from_env().local_world_size if torch.device(cfg.device).type == "cpu" else 1
-    why = check_fits(num_images, views, NUM_CLASSES, cfg.device, processes)
+    dist = Dist.from_env()
+    device = dist.device(cfg.device)  # this rank's own GPU under torchrun (cuda:LOCAL_RANK), not the current one
+    processes = dist.local_world_size if device.type == "cpu" else 1
+    why = check_fits(num_images, views, NUM_CLASSES, device, processes)
     if why is not None:
         if cfg.teacher_cache == "on":
             raise UserError(f"--teacher-cache on: {why}; train with --teacher-cache off")
@@ -216,9 +218,11 @@ def read_config(run_dir) -> Config:
     except UserError as e:
         raise UserError(f"--resume {run_dir}: {e}") from None
     try:
-        return Config.from_dict(d)
-    except TypeError:
-        raise UserError(f"--resume {run_dir}: {CONFIG} is not a run configuration of this engine") from None
+        cfg = Config.from_dict(d)
+        validate(cfg)  # a config.json edited by hand gets the checks a new run's flags get
+    except UserError as e:
+        raise UserError(f"--resume {run_dir}: {CONFIG}: {e}") from None
+    return cfg
 
 
 def _no_content(name: str) -> bool:
@@ -559,6 +563,11 @@ def _build(prep: Prepared, run_dir: Path, *, dist: Dist, progress: bool) -> _Tra
     generator = torch.Generator(device=device).manual_seed(mix_seed(cfg.seed, dist.rank, SALT_ATTACK))
     method = methods.get(cfg.method)(**cfg.hparams)
     cached = prep.teacher_cache and teacher is not None
+    if dist.active:  # every rank caches or none does: each rank measured its own free memory
+        agreed = all(dist.all_gather_object(bool(cached)))
+        if cached and not agreed:
+            _log("teacher-logit cache: off, another process had not the memory for it", dist)
+        cached = agreed
     loader = make_loader(
         cfg.loader,
         *prep.train,
@@ -702,8 +711,11 @@ def _end_of_epoch(
             # this epoch is redone on resume, as after a kill between the two writes
             with contextlib.suppress(OSError):
                 os.truncate(log.path, logged)
-            what = str(e) if isinstance(e, WriteError) else f"cannot write {e.filename}: {e.strerror}"
-            raise WriteError(f"epoch {epoch + 1}: {what}; {_kept(r, epoch)}") from None
+            # a failed metrics append carries no file name (a write or flush of an open file)
+            what = str(e) if isinstance(e, WriteError) else f"cannot write {e.filename or log.path}: {e.strerror}"
+            # in epoch 1 best.pt may have been written just before: say only what a resume needs
+            kept = _kept(r, epoch) if epoch else "no last.pt was written"
+            raise WriteError(f"epoch {epoch + 1}: {what}; {kept}") from None
         plot_curves(
             records + [record], run_dir / CURVES, title=f"{cfg.method} {cfg.student} ({cfg.preset}, seed {cfg.seed})"
         )
