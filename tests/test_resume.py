@@ -291,3 +291,22 @@ def test_resume_refuses_a_last_pt_with_wrong_content(case, one_epoch, tmp_path, 
     if case == "unsafe object":
         assert "corrupt" not in lines[0], lines[0]
     assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before, case  # nothing ran, nothing written
+
+
+@pytest.mark.parametrize(
+    "edit,says",
+    [({"teacher_cache": "yes"}, "--teacher-cache must be"), ({"lr": -1}, "--lr must be"), ({"amp": "fp8"}, "--amp")],
+)
+def test_resume_validates_a_hand_edited_config(data, tmp_path, capsys, edit, says):
+    """A config.json edited by hand got none of the checks a new run's flags get ("yes" acted as "on")."""
+    run = tmp_path / "r"
+    argv = ["--method", "natural", "--student", "tiny", "--data", str(data), "--out", str(run), "--epochs", "2"]
+    assert train.main(argv + ["--eval-n", "8", "--threads", "1", "--no-progress"]) == 0
+    cfg = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**cfg, **edit}))
+    before = (run / "last.pt").read_bytes()
+    capsys.readouterr()
+    assert train.main(["--resume", str(run), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "config.json" in err[0] and says in err[0], err
+    assert (run / "last.pt").read_bytes() == before
