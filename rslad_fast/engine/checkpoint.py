@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from rslad_fast.errors import UserError
+from rslad_fast.models.loading import non_finite_names
 
 FORMAT = 1
 
@@ -310,7 +311,7 @@ def restore(
                 f"its model does not fit the run's student: {key} has shape {list(saved[key].shape)}, "
                 f"the model's is {list(want.shape)}"
             )
-    nonfinite = [k for k, v in saved.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    nonfinite = non_finite_names(saved)
     if nonfinite:
         raise bad(f"its weights hold NaN or inf ({nonfinite[0]})")
 

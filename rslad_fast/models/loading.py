@@ -171,10 +171,20 @@ def _drop_matching_constants(model: nn.Module, sd: dict, path: str) -> dict:
     return out
 
 
+def non_finite_names(sd: dict) -> list:
+    """The names of the floating-point (or complex) tensors of a state dict holding a NaN or inf, in order;
+    one device sync for the lot. What the loaders, the resume checks and the divergence check share."""
+    named = [(k, v) for k, v in sd.items() if torch.is_tensor(v) and (v.is_floating_point() or v.is_complex())]
+    if not named:
+        return []
+    ok = torch.stack([torch.isfinite(v).all().to(named[0][1].device) for _, v in named]).tolist()
+    return [k for (k, _), good in zip(named, ok) if not good]
+
+
 def _check_finite(sd: dict, path: str) -> None:
     """Refuse NaN/inf in any floating-point tensor: a diverged run's weights or BatchNorm statistics would
     otherwise load silently, and train a student on a garbage teacher or evaluate to chance accuracy."""
-    bad = [k for k, v in sd.items() if (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all())]
+    bad = non_finite_names(sd)
     if bad:
         first = sd[bad[0]]
         count = int((~torch.isfinite(first)).sum())
