@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check: one run of at most 9 minutes on a bare GPU machine (DEVELOPERS.md: the device tool gives a
+# The GPU check: one run of at most 9 minutes on a bare GPU machine (the device tool's README: it gives a
 # session 15 minutes in all, machine start included, and a machine rarely stays warm for a second call).
 #
 #   here, once:    bash scripts/gpu_wheels.sh      # .whl/site: torchattacks and pyautoattack, unpacked, nothing else
@@ -92,7 +92,7 @@ stage() {  # stage NAME ESTIMATE_S COMMAND...: run it if it fits, stop it at 2 x
   log "   $name $status in $(( $(date +%s) - t0 ))s (rc $rc)"
   tail -n 15 "$WORK/$name.log"
   # torchrun starts its workers in sessions of their own, out of timeout's reach: none may outlive its stage
-  pkill -f "rslad_fast.train" 2>/dev/null && sleep 1
+  pkill -f "rslad_fast[.]train.*$WORK" 2>/dev/null && sleep 1  # this run's (their --out is under $WORK)
   finalize
 }
 FAILED=0
