@@ -3,6 +3,10 @@
 config.py      resolved, validated run configuration (config.json)
 runner.py      prepare (all checks, no writes) -> create_run_dir -> run (train / resume, teacher first)
 loop.py        one training epoch; clean + PGD-20 evaluation on the held test subset
+step.py        one training step (the loop's and the benchmarks'); the teacher's logits
+teacher_cache.py  the teacher's logits per augmented view, computed once per run (--teacher-cache)
+precision.py   the TF32 policy shared with evaluate
+allocator.py   keep freed CPU memory in the process (glibc)
 checkpoint.py  atomic, weights_only-loadable checkpoints with every RNG state (bitwise resume)
 metrics.py     metrics.jsonl and curves.png
 teacher.py     load a teacher checkpoint / freeze a teacher

@@ -53,7 +53,8 @@ class Context:
     """What a method sees of one training batch.
 
     teacher_logits: T(x) on the natural batch, computed once by the engine with the teacher in eval mode
-    under no_grad (None for methods without a teacher). epoch counts from 0.
+    under inference_mode, or served by the teacher-logit cache from the same view's earlier forward (None for
+    methods without a teacher). epoch counts from 0.
     student / attack_model: the training forwards (the ones the loss backpropagates into the parameters) go
     through `student`, which under torchrun is the DistributedDataParallel wrapper; the attack and every
     no-grad pass go through `attack_model`, the plain module (never a DDP wrapper), so that the attack's

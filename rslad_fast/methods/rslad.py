@@ -2,8 +2,9 @@
 
 Official code: zibojia/RSLAD, `rslad_loss.py` (`rslad_inner_loss`) and `resnet18_rslad_cifar10.py` /
 `mobilenet_v2_rslad_cifar10.py`.
-- Teacher: eval mode, T(x) once per batch on the natural images under no_grad (ctx.teacher_logits, computed
-  by the engine). The same logits are the attack's target and both loss targets. No temperature.
+- Teacher: eval mode, T(x) once per batch on the natural images (ctx.teacher_logits, computed by the engine
+  under inference_mode, or served by its teacher-logit cache; the official code: under no_grad). The same
+  logits are the attack's target and both loss targets. No temperature.
 - Attack (`rslad_inner_loss`): student in eval mode; start x + 0.001*N(0,1), unclamped; 10 sign steps of
   2/255 in the eps = 8/255 ball, projection then clamp to [0, 1]; objective
   sum(KLDivLoss(reduction='none')(log_softmax(S(x')), softmax(T(x)))) = sum_i KL(T(x) || S(x'))_i.
