@@ -37,32 +37,28 @@ from rslad_fast.models import build  # noqa: E402
 GRAPH_RTOL = {"fp32": 1e-4, "bf16": 1e-3}
 
 
+def _train_argv(args, data, run_dir, method):
+    """The command line every smoke run shares: one short epoch of `method` on the generated data."""
+    return [
+        "--method", method, "--student", args.student, "--data", str(data), "--out", str(run_dir),
+        "--epochs", "1", "--batch-size", str(args.batch_size), "--train-n", str(args.train_n),
+        "--eval-n", str(args.eval_n), "--device", args.device, "--no-progress", "--overwrite",
+    ]  # fmt: skip
+
+
+def _last_metrics(run_dir, row, *keys):
+    """Add the run's last metrics.jsonl record (train loss, clean and PGD-20 accuracy, `keys`) to `row`."""
+    metrics = run_dir / "metrics.jsonl"
+    if row["rc"] == 0 and metrics.is_file():
+        rec = json.loads(metrics.read_text().splitlines()[-1])
+        row.update({k: rec.get(k) for k in ("train_loss", "clean_acc", "pgd20_acc", *keys)})
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def _one(args, data, teacher, out, method, amp, graph):
     run_dir = out / f"{method}-{amp}-{'graph' if graph else 'eager'}"
-    argv = [
-        "--method",
-        method,
-        "--student",
-        args.student,
-        "--data",
-        str(data),
-        "--out",
-        str(run_dir),
-        "--epochs",
-        "1",
-        "--batch-size",
-        str(args.batch_size),
-        "--train-n",
-        str(args.train_n),
-        "--eval-n",
-        str(args.eval_n),
-        "--device",
-        args.device,
-        "--amp",
-        amp,
-        "--no-progress",
-        "--overwrite",
-    ]
+    argv = _train_argv(args, data, run_dir, method) + ["--amp", amp]
     if methods.get(method).needs_teacher:
         argv += ["--teacher", str(teacher), "--teacher-arch", args.teacher_arch]
     if method == "rslad":  # on: required on CUDA (an error if it cannot be used), auto (eager) on the CPU dry run
@@ -82,54 +78,14 @@ def _one(args, data, teacher, out, method, amp, graph):
         "error": error,
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    metrics = run_dir / "metrics.jsonl"
-    if rc == 0 and metrics.is_file():
-        rec = json.loads(metrics.read_text().splitlines()[-1])
-        row.update(
-            train_loss=rec["train_loss"],
-            clean_acc=rec["clean_acc"],
-            pgd20_acc=rec["pgd20_acc"],
-            images_per_s=rec.get("images_per_s"),
-        )
-    print(json.dumps(row), flush=True)
-    return row
+    return _last_metrics(run_dir, row, "images_per_s")
 
 
 def _torchrun(args, data, teacher, out):
     run_dir = out / "torchrun-rslad"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=1",
-        "--standalone",
-        "-m",
-        "rslad_fast.train",
-        "--method",
-        "rslad",
-        "--student",
-        args.student,
-        "--data",
-        str(data),
-        "--out",
-        str(run_dir),
-        "--epochs",
-        "1",
-        "--batch-size",
-        str(args.batch_size),
-        "--train-n",
-        str(args.train_n),
-        "--eval-n",
-        str(args.eval_n),
-        "--device",
-        args.device,
-        "--teacher",
-        str(teacher),
-        "--teacher-arch",
-        args.teacher_arch,
-        "--no-progress",
-        "--overwrite",
-    ]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--standalone", "-m"]
+    cmd += ["rslad_fast.train"] + _train_argv(args, data, run_dir, "rslad")
+    cmd += ["--teacher", str(teacher), "--teacher-arch", args.teacher_arch]
     t0 = time.perf_counter()
     env = {
         **os.environ,
@@ -144,17 +100,7 @@ def _torchrun(args, data, teacher, out):
         "error": done.stderr[-1500:] if done.returncode else None,
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    metrics = run_dir / "metrics.jsonl"
-    if done.returncode == 0 and metrics.is_file():
-        rec = json.loads(metrics.read_text().splitlines()[-1])
-        row.update(
-            train_loss=rec["train_loss"],
-            clean_acc=rec["clean_acc"],
-            pgd20_acc=rec["pgd20_acc"],
-            world_size=rec.get("world_size"),
-        )
-    print(json.dumps(row), flush=True)
-    return row
+    return _last_metrics(run_dir, row, "world_size")
 
 
 def _evaluate(args, data, out):

@@ -137,10 +137,7 @@ class DaliLoader(EpochBatches):
         prefetch: int = 2,
         with_views: bool = False,
     ):
-        if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4:
-            raise ValueError(f"images must be uint8 [N, C, H, W], got {images_uint8.dtype} {tuple(images_uint8.shape)}")
-        if labels.shape != (images_uint8.shape[0],):
-            raise ValueError(f"labels shape {tuple(labels.shape)} does not match {images_uint8.shape[0]} images")
+        self.check_source(images_uint8, labels, batch_size)
         self.device = torch.device(device)
         self._nhwc = images_uint8.detach().cpu().permute(0, 2, 3, 1).contiguous().numpy()
         self._labels = labels.detach().cpu().to(torch.int64).numpy()

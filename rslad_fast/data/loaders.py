@@ -68,6 +68,15 @@ class EpochBatches:
     """What the loaders share: the epoch the next iteration draws for, and this rank's batches per epoch
     (``num_samples`` per rank, ``batch_size``, ``drop_last``, set by the subclass)."""
 
+    @staticmethod
+    def check_source(images_uint8: torch.Tensor, labels: torch.Tensor, batch_size: int) -> None:
+        if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4:
+            raise ValueError(f"images must be uint8 [N, C, H, W], got {images_uint8.dtype} {tuple(images_uint8.shape)}")
+        if labels.shape != (images_uint8.shape[0],):
+            raise ValueError(f"labels shape {tuple(labels.shape)} does not match {images_uint8.shape[0]} images")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose shuffle order and augmentation draws the next iteration uses."""
         self.epoch = int(epoch)
@@ -107,12 +116,7 @@ class TensorLoader(EpochBatches):
         padding: int = 4,
         with_views: bool = False,
     ):
-        if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4:
-            raise ValueError(f"images must be uint8 [N, C, H, W], got {images_uint8.dtype} {tuple(images_uint8.shape)}")
-        if labels.shape != (images_uint8.shape[0],):
-            raise ValueError(f"labels shape {tuple(labels.shape)} does not match {images_uint8.shape[0]} images")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.check_source(images_uint8, labels, batch_size)
         self.device = torch.device(device)
         self.images = images_uint8.to(self.device).contiguous()
         self.labels = labels.to(self.device, torch.int64)
