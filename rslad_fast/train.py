@@ -437,6 +437,7 @@ def _main(args, dist, given) -> int:
 def _train(args, dist, run_dir, cfg, prep) -> int:
     from rslad_fast.engine import Diverged, run
     from rslad_fast.engine.checkpoint import WriteError
+    from rslad_fast.engine.estimate import self_trained_teacher_note
     from rslad_fast.errors import UserError
 
     try:
@@ -457,6 +458,11 @@ def _train(args, dist, run_dir, cfg, prep) -> int:
                 f"{', channels_last' if cfg.channels_last else ''}" + (f", teacher {teacher}" if teacher else ""),
                 flush=True,
             )
+            if not args.resume and prep.teacher_prep is not None:  # a resume's teacher may be trained already
+                note = self_trained_teacher_note(
+                    cfg, len(prep.train[0]), len(prep.teacher_prep.train[0]), dist.world_size
+                )
+                print(f"note: {note}", flush=True)
         summary = run(prep, run_dir, dist=dist, progress=not args.no_progress)
     except WriteError as e:  # disk full, a folder turned read-only: rank 0's writes; torchrun stops the others
         print_error(f"{e}; once that is fixed, continue with: python -m rslad_fast.train --resume {run_dir}")

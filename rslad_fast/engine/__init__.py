@@ -4,6 +4,7 @@ config.py      resolved, validated run configuration (config.json)
 runner.py      prepare (all checks, no writes) -> create_run_dir -> run (train / resume, teacher first)
 loop.py        one training epoch; clean + PGD-20 evaluation on the held test subset
 step.py        one training step (the loop's and the benchmarks'); the teacher's logits
+estimate.py    time estimates measured on this machine (the train log's estimate line, reproduce --dry-run)
 teacher_cache.py  the teacher's logits per augmented view, computed once per run (--teacher-cache)
 precision.py   the TF32 policy shared with evaluate
 allocator.py   keep freed CPU memory in the process (glibc)

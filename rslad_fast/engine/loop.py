@@ -55,6 +55,7 @@ def train_one_epoch(
     channels_last: bool = False,
     dist=None,
     teacher_cache=None,
+    on_batch=None,
 ) -> dict:
     """Train ``student`` for one epoch (``epoch`` counts from 0); return the epoch's means and timings.
 
@@ -71,6 +72,9 @@ def train_one_epoch(
     ``teacher_cache`` (an ``engine.teacher_cache.TeacherCache``; the loader then yields view ids): T(x) from
     it, and the epoch's ``teacher_cache_hit_rate`` (fraction of the epoch's images whose T(x) was served)
     and ``teacher_forwards_saved`` (those images: teacher forwards skipped), over every rank.
+
+    ``on_batch`` (a callable or None) is called after each batch with the number of batches done (the
+    runner's time estimate, ``estimate.FirstBatches``).
     """
     device = next(student.parameters()).device
     loader.set_epoch(epoch)
@@ -108,6 +112,8 @@ def train_one_epoch(
             stat_sums[key] = stat_sums.get(key, 0.0) + v
         n_batches += 1
         n_images += x.shape[0]
+        if on_batch is not None:
+            on_batch(n_batches)
         if bar is not None:
             bar.update(1)
             if n_batches % 10 == 1 or n_batches == len(loader):

@@ -35,6 +35,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -60,6 +61,7 @@ from rslad_fast.errors import UserError
 from rslad_fast.models import build
 from rslad_fast.models.loading import load_checkpoint_into
 
+from . import estimate
 from .allocator import keep_freed_memory
 from .checkpoint import WriteError, atomic_write_bytes, load_checkpoint, restore, save_checkpoint, saved_world_size
 from .config import NUM_CLASSES, Config, check_ops_device, read_config_file, validate
@@ -433,12 +435,14 @@ def run(
     progress: bool = True,
     tag: str = "",
     stop_after: Optional[int] = None,
+    then: Optional[str] = None,
 ) -> dict:
     """Train (or continue training) the run in ``run_dir``, whose config.json must already exist, under the
     run's TF32 policy (engine/precision.py, restored afterwards).
 
     Returns the last epoch's metrics record plus ``best_acc``. ``stop_after`` (tests) returns after that
-    many completed epochs, as if the process had been killed right after the checkpoint.
+    many completed epochs, as if the process had been killed right after the checkpoint. ``then``: what runs
+    after this run (the student's run after its self-trained teacher), for the time estimate's log line.
 
     ``dist``: this process's place in a torchrun launch (default: the single process). Every rank calls
     ``run``; the student trains under DDP, the attacks on the plain module, the teacher is replicated in eval
@@ -446,11 +450,21 @@ def run(
     """
     tag = tag or f"{prep.cfg.method}/{prep.cfg.student}"
     with tf32(prep.cfg.allow_tf32):
-        return _run(prep, Path(run_dir), dist=dist, progress=progress, tag=tag, stop_after=stop_after)
+        return _run(prep, Path(run_dir), dist=dist, progress=progress, tag=tag, stop_after=stop_after, then=then)
 
 
-def _run(prep: Prepared, run_dir: Path, *, dist: Dist, progress: bool, tag: str, stop_after: Optional[int]) -> dict:
-    """:func:`run`'s steps: build, resume, then train and close each epoch."""
+def _run(
+    prep: Prepared,
+    run_dir: Path,
+    *,
+    dist: Dist,
+    progress: bool,
+    tag: str,
+    stop_after: Optional[int],
+    then: Optional[str] = None,
+) -> dict:
+    """:func:`run`'s steps: build, resume, then train and close each epoch; the time estimate once the
+    first batches of this process are timed (rank 0)."""
     from tqdm import tqdm
 
     cfg = prep.cfg
@@ -479,6 +493,9 @@ def _run(prep: Prepared, run_dir: Path, *, dist: Dist, progress: bool, tag: str,
         disable=not (progress and dist.is_main),
         file=sys.stderr,
     )
+    timer = estimate.FirstBatches(
+        r.device, steps, lambda s: _log_estimate(r, s, cfg.epochs - start, steps, dist=dist, tag=tag, then=then)
+    )
     record = {}
     try:
         for epoch in range(start, cfg.epochs):
@@ -498,6 +515,7 @@ def _run(prep: Prepared, run_dir: Path, *, dist: Dist, progress: bool, tag: str,
                     channels_last=cfg.channels_last,
                     dist=dist,
                     teacher_cache=r.teacher_cache,
+                    on_batch=timer if epoch == start and dist.is_main else None,
                 )
             except Diverged as e:
                 raise Diverged(f"{e}; {_kept(r, epoch)}; a lower --lr may help") from None
@@ -509,6 +527,23 @@ def _run(prep: Prepared, run_dir: Path, *, dist: Dist, progress: bool, tag: str,
         bar.close()
     dist.barrier()  # rank 0's files of this run are complete before any rank goes on (and reads them)
     return {**record, "best_acc": best_acc}
+
+
+def _log_estimate(r: "_Training", step_s: float, epochs: int, batches: int, *, dist: Dist, tag: str, then) -> None:
+    """The run's time estimate from its measured seconds per batch, plus one timed evaluation pass on the
+    student itself (its weights, modes and the RNG streams untouched: the run stays bitwise the same)."""
+    cfg = r.cfg
+    images = math.ceil(len(r.held[0]) / dist.world_size)  # this rank's slice of the held-out set
+    eval_s = estimate.measure_eval_seconds(cfg, images=images, model=r.module, device=r.device)
+    total = estimate.estimate_run(cfg, step_s, batches, epochs, eval_seconds=eval_s)
+    _log(
+        f"[{tag}] estimate: about {estimate.fmt_duration(total)} for the remaining {estimate.count(epochs, 'epoch')} "
+        f"x {estimate.count(batches, 'batch')} ({step_s:.3g} s/batch on {estimate.device_text(r.device)}, + per-epoch "
+        f"evaluation {estimate.fmt_duration(eval_s)})" + (f"; then {then}" if then else ""),
+        dist,
+    )
+    if r.device.type == "cpu" and total > estimate.CPU_POINTER_SECONDS and cfg.preset != "quick":
+        _log(f"[{tag}] on a CPU, --preset quick trains a CPU-sized run ({estimate.QUICK_PRESET_CPU})", dist)
 
 
 @dataclass
@@ -547,7 +582,14 @@ def _build(prep: Prepared, run_dir: Path, *, dist: Dist, progress: bool) -> _Tra
     if prep.teacher_model is not None:
         teacher = prep.teacher_model.to(device)
     elif prep.teacher_prep is not None:
-        teacher = ensure_teacher(prep.teacher_prep, run_dir / cfg.teacher["dir"], dist=dist, progress=progress)
+        batches = estimate.batches_per_epoch(len(prep.train[0]), cfg.batch_size, dist.world_size)
+        then = (
+            f"the student's run follows: {cfg.method} {cfg.student}, {estimate.count(cfg.epochs, 'epoch')} x "
+            f"{estimate.count(batches, 'batch')}"
+        )
+        teacher = ensure_teacher(
+            prep.teacher_prep, run_dir / cfg.teacher["dir"], dist=dist, progress=progress, then=then
+        )
         teacher = teacher.to(device)
 
     seed_everything(cfg.seed)  # every rank: the same initial weights (DDP also broadcasts rank 0's)
@@ -736,11 +778,14 @@ def _end_of_epoch(
     return record, best_acc
 
 
-def ensure_teacher(prep: Prepared, teacher_dir, *, dist: Dist, progress: bool) -> torch.nn.Module:
+def ensure_teacher(
+    prep: Prepared, teacher_dir, *, dist: Dist, progress: bool, then: Optional[str] = None
+) -> torch.nn.Module:
     """Train (or finish training, or just reuse) the self-trained teacher in ``teacher_dir``; load it.
 
     Under torchrun the teacher trains under DDP like any run; rank 0 writes its directory, every rank then
-    loads ``teacher/last.pt`` once ``run`` has returned (its closing barrier: the file is complete)."""
+    loads ``teacher/last.pt`` once ``run`` has returned (its closing barrier: the file is complete). ``then``:
+    see :func:`run`."""
     teacher_dir = Path(teacher_dir)
     cfg = prep.cfg
     # every rank checks (reads only), so that a mismatch stops all of them, not only rank 0
@@ -751,7 +796,7 @@ def ensure_teacher(prep: Prepared, teacher_dir, *, dist: Dist, progress: bool) -
         teacher_dir.mkdir(parents=True, exist_ok=True)
         write_config(teacher_dir, cfg)
     t0 = time.perf_counter()
-    run(prep, teacher_dir, dist=dist, progress=progress, tag=f"teacher {cfg.method}/{cfg.student}")
+    run(prep, teacher_dir, dist=dist, progress=progress, tag=f"teacher {cfg.method}/{cfg.student}", then=then)
     _log(f"[teacher] ready ({time.perf_counter() - t0:.0f}s): {teacher_dir / LAST}", dist)
     model = build(cfg.student)
     load_checkpoint_into(model, teacher_dir / LAST, cfg.student)
