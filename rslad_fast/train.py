@@ -36,6 +36,7 @@ documented once, next to it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 import threading
@@ -362,21 +363,30 @@ def _settings_given(parser: argparse.ArgumentParser, args: argparse.Namespace) -
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    given = _settings_given(parser, args)
+    with sigterm_as_interrupt():
+        return torchrun_main(lambda dist: run_parsed(parser, args, dist))
 
-    def body(dist):
-        try:
-            return _main(args, dist, given)
-        except KeyboardInterrupt as e:  # during the checks: nothing written, nothing to continue
-            what, status = _stop_status(e)
-            if dist.is_main:
-                print(f"\n{what}", file=sys.stderr)
-            return status
 
-    in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there
+def run_parsed(parser: argparse.ArgumentParser, args: argparse.Namespace, dist) -> int:
+    """One run from parsed arguments in an already joined process group (``dist``): what ``main`` does after
+    parsing, and what ``reproduce`` calls for each run of its sweep. Returns the exit status."""
+    try:
+        return _main(args, dist, _settings_given(parser, args))
+    except KeyboardInterrupt as e:  # during the checks: nothing written, nothing to continue
+        what, status = _stop_status(e)
+        if dist.is_main:
+            print(f"\n{what}", file=sys.stderr)
+        return status
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM raises :class:`Terminated` (a KeyboardInterrupt) while inside; only the main thread can
+    install signal handlers, elsewhere (a test's thread) nothing changes."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
     try:
-        return torchrun_main(body)
+        yield
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)

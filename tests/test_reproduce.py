@@ -1,0 +1,236 @@
+"""``python -m rslad_fast.reproduce``: the sweep end to end at test sizes, resumed after a kill, its refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from rslad_fast import reproduce, train
+from rslad_fast.engine import runner
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = ["--students", "tiny", "--teacher-arch", "tiny", "--preset", "quick", "--no-progress"]
+# train's flags, passed through: a tiny run of 2 epochs on 128 images
+TRAIN = ["--train-n", "128", "--epochs", "2", "--eval-n", "32", "--batch-size", "64", "--threads", "1"]
+EVAL = ["--attacks", "clean,fgsm,pgd20-sat", "--n", "32", "--eval-batch-size", "32"]
+
+
+@pytest.fixture(scope="module")
+def data(fake_cifar10):
+    return fake_cifar10(n_train=256, n_test=64, seed=0)
+
+
+def sweep(out, data, *extra, methods="sat,rslad"):
+    return reproduce.main(["--out", str(out), "--methods", methods, *TINY, *EVAL, *TRAIN, "--data", str(data), *extra])
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, data):
+    out = tmp_path_factory.mktemp("sweep") / "full"
+    assert sweep(out, data) == 0
+    return out
+
+
+def test_sweep_end_to_end(finished, data):
+    out = finished
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["runs"] == ["teacher", "sat-tiny", "rslad-tiny"]
+    for name in plan["runs"]:
+        assert (out / name / "last.pt").is_file()
+    for name in ("sat-tiny", "rslad-tiny"):
+        assert json.loads((out / name / "eval.json").read_text())["n"] == 32
+    assert not (out / "teacher" / "eval.json").exists()  # the teacher is no row of the table
+    for name in ("table2.md", "table2.csv", "table2.json", "curves-tiny.png"):
+        assert (out / name).stat().st_size > 0
+    # the distillation run learnt from the sweep's teacher, the file it trained
+    rslad_cfg = json.loads((out / "rslad-tiny" / "config.json").read_text())
+    assert rslad_cfg["teacher"]["source"] == "file"
+    assert rslad_cfg["teacher"]["path"] == str((out / "teacher" / "last.pt").resolve())
+    assert rslad_cfg["teacher"]["sha256"] == runner.file_sha256(out / "teacher" / "last.pt")
+    sat_cfg = json.loads((out / "sat-tiny" / "config.json").read_text())
+    assert sat_cfg["teacher"] is None and sat_cfg["epochs"] == 2 and sat_cfg["train_n"] == 128
+
+
+def test_teacher_is_the_one_train_would_train(finished, data):
+    """DIR/teacher's config equals the self-trained teacher that ``train`` resolves for the same run."""
+    args = train.build_parser().parse_args(
+        ["--method", "rslad", "--student", "tiny", "--teacher-arch", "tiny", "--preset", "quick", *TRAIN]
+        + ["--data", str(data)]
+    )
+    expected = dict(train.resolve_config(args).teacher_run)
+    got = json.loads((finished / "teacher" / "config.json").read_text())
+    for d in (expected, got):
+        d.pop("versions")
+    assert got == expected
+
+
+def test_table_holds_the_runs_eval_json_figures(finished):
+    table = json.loads((finished / "table2.json").read_text())
+    rows = {(r["method"], r["checkpoint"]): r for r in table["rows"]}
+    assert set(rows) == {(m, c) for m in ("SAT", "RSLAD") for c in ("best", "last")}
+    for method, run in (("SAT", "sat-tiny"), ("RSLAD", "rslad-tiny")):
+        report = json.loads((finished / run / "eval.json").read_text())
+        for r in report["rows"]:
+            cols = rows[method, r["label"]]["columns"]
+            assert {c: v["ours"] for c, v in cols.items()} == {
+                c: r["accuracy"][c] for c in ("clean", "fgsm", "pgd20-sat")
+            }
+            assert rows[method, r["label"]]["n"] == 32
+    csv_lines = (finished / "table2.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("model,method,checkpoint,n,clean_ours,clean_paper,clean_diff")
+    assert len(csv_lines) == 5
+    md = (finished / "table2.md").read_text()
+    assert "| tiny | RSLAD | last |" in md and "Test images: 32" in md
+    # fake data: not the official release, and the table says so
+    assert table["data"]["official"] is False and "not the official cifar10 files" in md
+
+
+def test_paper_figures_beside_ours():
+    """The paper's figures and the difference, for a Table 2 row (last checkpoint only)."""
+    assert reproduce.PAPER[("resnet18", "rslad")]["aa"] == 51.32
+    assert reproduce.PAPER[("mnv2", "sat")]["pgd20-sat"] == 49.71
+    cell = reproduce._cell({"ours": 50.0, "paper": 51.32, "diff": 50.0 - 51.32})
+    assert cell == "50.00 (51.32, -1.32)"
+
+
+def test_rerun_skips_everything(finished, data, capsys):
+    mtimes = {p: p.stat().st_mtime_ns for p in finished.glob("*/last.pt")} | {
+        p: p.stat().st_mtime_ns for p in finished.glob("*/eval.json")
+    }
+    capsys.readouterr()
+    assert sweep(finished, data) == 0
+    out = capsys.readouterr().out
+    assert out.count("finished before, skipped") == 5  # teacher, 2 runs, 2 evaluations
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+
+
+def test_killed_sweep_resumes_to_the_same_table(tmp_path, finished, data, monkeypatch, capsys):
+    out = tmp_path / "killed"
+    real = runner._end_of_epoch
+
+    def kill_after_first_rslad_epoch(r, epoch, *a, **k):
+        result = real(r, epoch, *a, **k)
+        if r.cfg.method == "rslad" and epoch == 0:
+            raise KeyboardInterrupt  # as Ctrl-C right after epoch 1's last.pt
+        return result
+
+    monkeypatch.setattr(runner, "_end_of_epoch", kill_after_first_rslad_epoch)
+    assert sweep(out, data) == 130
+    assert reproduce.completed_epochs(out / "rslad-tiny") == (1, 2)
+    assert not (out / "sat-tiny" / "eval.json").exists()
+    monkeypatch.setattr(runner, "_end_of_epoch", real)
+    done = {p: p.stat().st_mtime_ns for p in (out / "teacher" / "last.pt", out / "sat-tiny" / "last.pt")}
+    capsys.readouterr()
+    assert sweep(out, data) == 0
+    log = capsys.readouterr().out
+    assert "train teacher: finished before, skipped" in log and "train sat-tiny: finished before, skipped" in log
+    assert "resuming" in log and "already complete" not in log
+    assert {p: p.stat().st_mtime_ns for p in done} == done  # finished runs not redone
+    killed, full = (json.loads((d / "table2.json").read_text())["rows"] for d in (out, finished))
+    assert [r["columns"] for r in killed] == [r["columns"] for r in full]
+    for name in ("sat-tiny", "rslad-tiny"):
+        a, b = (torch.load(d / name / "last.pt", weights_only=True)["model"] for d in (out, finished))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_interrupted_evaluation_is_redone(tmp_path, finished, data):
+    """An eval.json older than last.pt (or with other attacks) is not a finished evaluation."""
+    plan = reproduce.make_plan(
+        reproduce.build_parser().parse_known_args(["--out", str(finished), "--methods", "sat,rslad", *TINY, *EVAL])[0],
+        [*TRAIN, "--data", str(data)],
+    )
+    assert reproduce.eval_done(plan, finished / "sat-tiny")
+    last = finished / "sat-tiny" / "last.pt"
+    ev = finished / "sat-tiny" / "eval.json"
+    stat = ev.stat()
+    os.utime(ev, ns=(stat.st_atime_ns, last.stat().st_mtime_ns - 10**9))
+    try:
+        assert not reproduce.eval_done(plan, finished / "sat-tiny")
+    finally:
+        os.utime(ev, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_a_different_plan_is_refused(finished, data, capsys):
+    before = (finished / "plan.json").read_text()
+    assert sweep(finished, data, methods="rslad") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "holds a different plan (methods" in err and len(err.splitlines()) == 1
+    assert sweep(finished, data, "--seed", "1") == 2
+    assert "different plan (train_flags" in capsys.readouterr().err
+    assert (finished / "plan.json").read_text() == before
+
+
+def test_dry_run_prints_plan_and_estimate_and_writes_nothing(tmp_path, data, capsys):
+    out = tmp_path / "dry"
+    assert sweep(out, data, "--dry-run") == 0
+    printed = capsys.readouterr().out
+    assert not out.exists()
+    assert "teacher" in printed and "train rslad tiny: 2 epochs x 2 batches of 64" in printed
+    assert "3 training runs (8 epochs), 2 evaluations; remaining work: about" in printed
+
+
+def test_dry_run_of_a_finished_sweep_costs_nothing(finished, data, capsys):
+    assert sweep(finished, data, "--dry-run") == 0
+    printed = capsys.readouterr().out
+    assert printed.count("[finished]") == 5 and "remaining work: none, every stage is finished" in printed
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--methods", "sat,bogus"], "unknown method 'bogus'"),
+        (["--students", "tiny,resnet99"], "unknown student 'resnet99'"),
+        (["--method", "sat"], "--method: set by reproduce"),
+        (["--methods", "sat", "--beta", "6"], "--beta: a hyperparameter of none of the methods sat"),
+        (["--methods", "sat", "--teacher-cache", "on"], "--teacher-cache: no distillation method"),
+        (["--bogus-flag"], "unrecognized arguments: --bogus-flag"),
+    ],
+)
+def test_bad_input_one_line(tmp_path, data, capsys, argv, words):
+    out = tmp_path / "bad"
+    base = ["--out", str(out), "--students", "tiny", "--no-progress", "--data", str(data)]
+    try:
+        rc = reproduce.main(base + argv)
+    except SystemExit as e:  # argparse's own errors (the one-line Parser)
+        rc = e.code
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and words in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_teacher_that_does_not_fit(tmp_path, data, capsys, natural_teacher):
+    teacher = natural_teacher(data, "--student", "tiny", "--epochs", "1", "--threads", "1", "--no-progress")
+    out = tmp_path / "t"
+    argv = ["--out", str(out), "--students", "tiny", "--methods", "rslad", "--teacher", str(teacher)]
+    assert reproduce.main(argv + ["--teacher-arch", "resnet8", "--data", str(data), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "resnet8" in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+    assert reproduce.main(argv[:-2] + ["--teacher", str(tmp_path / "missing.pt"), "--data", str(data)]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_unwritable_out(tmp_path, data, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert sweep(blocker / "sweep", data) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "file" in err and len(err.splitlines()) == 1, err
+    notdir = tmp_path / "notdir"
+    notdir.write_text("x")
+    assert sweep(notdir, data) == 2
+    assert "exists and is not a directory" in capsys.readouterr().err
+
+
+def test_folder_that_is_no_sweep_is_refused(tmp_path, data, capsys):
+    out = tmp_path / "other"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert sweep(out, data) == 2
+    assert "not empty and holds no plan.json" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
