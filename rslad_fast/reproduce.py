@@ -176,8 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--n",
         type=integer(1),
         default=DefaultN(10000),
-        help="test images per evaluation, the first N (default: the whole test set)",
+        help="test images per evaluation, the first N (default: the whole test set; under torchrun: --n-images)",
     )
+    # under torchrun, whose own parser takes --n for an abbreviation of its --nnodes/--nproc-per-node (as evaluate)
+    p.add_argument("--n-images", dest="n", type=integer(1), default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.add_argument("--eval-batch-size", type=integer(1), default=250, help="evaluate's --batch-size (default 250)")
     p.add_argument(
         "--data-provenance",
@@ -321,7 +323,8 @@ def make_plan(opts: argparse.Namespace, rest_tokens: list) -> Plan:
             "arch": teacher_arch,
             "sha256": _sha256(opts.teacher) if opts.teacher and distill else None,
         },
-        "train_flags": _given(parser, rest),
+        # data as an absolute path: the same command from another folder is another data set
+        "train_flags": {**_given(parser, rest), **({"data": str(Path(rest.data).resolve())} if rest.data else {})},
         "evaluate_flags": eval_argv,
         "runs": [s.name for s in stages if s.kind == "train"],
     }
@@ -589,6 +592,7 @@ def write_curves(plan: Plan) -> list:
     epoch on the held-out subset the runs evaluate after each epoch (the paper's Figs. 2 and 3)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     from rslad_fast.engine.checkpoint import atomic_write_bytes
 
@@ -608,6 +612,7 @@ def write_curves(plan: Plan) -> list:
         for ax, title in zip(axes, ("clean accuracy (%)", "PGD-20 accuracy (%)", "training loss (each method's own)")):
             ax.set_title(f"{MODEL_NAMES.get(student, student)}: {title}")
             ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
             ax.legend()
         fig.tight_layout()

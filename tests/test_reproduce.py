@@ -53,6 +53,10 @@ def test_sweep_end_to_end(finished, data):
     assert rslad_cfg["teacher"]["sha256"] == runner.file_sha256(out / "teacher" / "last.pt")
     sat_cfg = json.loads((out / "sat-tiny" / "config.json").read_text())
     assert sat_cfg["teacher"] is None and sat_cfg["epochs"] == 2 and sat_cfg["train_n"] == 128
+    # train's --data reached every run and evaluation (reproduce takes no abbreviation of its own flags)
+    for name in plan["runs"]:
+        assert json.loads((out / name / "config.json").read_text())["data"] == str(data.resolve())
+    assert json.loads((out / "sat-tiny" / "eval.json").read_text())["config"]["data"] == str(data)
 
 
 def test_teacher_is_the_one_train_would_train(finished, data):
@@ -234,3 +238,31 @@ def test_folder_that_is_no_sweep_is_refused(tmp_path, data, capsys):
     assert sweep(out, data) == 2
     assert "not empty and holds no plan.json" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_under_torchrun_every_run_and_evaluation_is_distributed(tmp_path, data):
+    """``torchrun --nproc_per_node=2 -m rslad_fast.reproduce``: the teacher, the runs and the evaluations on 2
+    gloo processes, rank 0 alone writing and printing."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    argv = ["--out", str(out), "--methods", "natural,rslad", *TINY, "--attacks", "clean,fgsm", "--n-images", "16"]
+    argv += ["--eval-batch-size", "8", "--train-n", "64", "--epochs", "1", "--batch-size", "16", "--eval-n", "16"]
+    argv += ["--threads", "1", "--device", "cpu", "--data", str(data)]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    res = subprocess.run(
+        [*torchrun, "-m", "rslad_fast.reproduce", *argv],
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.count("[reproduce] all done") == 1 and res.stdout.count("| tiny | RSLAD | last |") == 1
+    for name in ("teacher", "natural-tiny", "rslad-tiny"):
+        records = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+        assert records and all(r["world_size"] == 2 for r in records), name
+    for name in ("natural-tiny", "rslad-tiny"):
+        assert json.loads((out / name / "eval.json").read_text())["world_size"] == 2
+    assert json.loads((out / "table2.json").read_text())["rows"][0]["n"] == 16
