@@ -5,8 +5,12 @@ what to evaluate, printing); the evaluation of a model is ``evaluation/robustnes
     python -m rslad_fast.evaluate --run RUN_DIR                     # RUN_DIR/best.pt and RUN_DIR/last.pt
     python -m rslad_fast.evaluate --ckpt model_cifar_wrn.pt --arch wrn34-10
     python -m rslad_fast.evaluate --run RUN_DIR --attacks clean,fgsm,pgd20-sat --n 1000 --sanity
+    python -m rslad_fast.evaluate --ckpt cifar100_linf_wrn70-16_without.pt --arch wrn70-16 --dataset cifar100
 
-Columns (CIFAR-10 test set, first --n images, eps 8/255 for every attack unless --eps):
+The data set (--dataset cifar10 or cifar100; with --run, the run's, from its config.json) gives the test set
+and every model's class count. Columns (its test set, first --n images, eps 8/255 for every attack unless
+--eps; the attacks are the same on both data sets: CW's margin is over all the classes, AutoAttack's
+targeted attacks take the standard version's 9 target classes):
     Clean, FGSM, PGD_SAT (pgd20-sat), PGD_TRADES (pgd20-trades), CW∞ (cw), AA (aa), and "worst": per image,
     correct on the clean image AND under every attack that ran.
 The hyperparameters and their sources are in ``attacks/eval_attacks.py`` and ``attacks/autoattack.py``;
@@ -44,13 +48,14 @@ import torch
 from rslad_fast.attacks.eval_attacks import EVAL_ATTACKS, INIT_STD, PGD
 from rslad_fast.attacks.pgd import STARTS
 from rslad_fast.cli import Parser, agreed, fmt_value, fraction, integer, nonneg, print_error, torchrun_main
+from rslad_fast.data.cifar import NAMES as DATASETS
 from rslad_fast.engine.config import check_ops_device, read_config_file, resolve_device
 from rslad_fast.engine.runner import BEST, CONFIG, LAST
 from rslad_fast.errors import UserError
 from rslad_fast.evaluation import report as eval_report
 from rslad_fast.evaluation.report import WORST_LABEL, table
 from rslad_fast.evaluation.robustness import ATTACKS, evaluate_model, fingerprint, sanity_check, summarize
-from rslad_fast.models import ARCHS, canonical_name
+from rslad_fast.models import ARCHS, WRN70_NORMS, canonical_name
 
 RUN_CHECKPOINTS = (BEST, LAST)
 
@@ -85,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     }
     p = Parser(
         prog="python -m rslad_fast.evaluate",
-        description="Robustness evaluation of CIFAR-10 checkpoints: the RSLAD paper's Table 2 row "
+        description="Robustness evaluation of CIFAR-10 / CIFAR-100 checkpoints: the RSLAD paper's Table 2 row "
         "(Clean, FGSM, PGD_SAT, PGD_TRADES, CW-inf, AutoAttack) per checkpoint.",
     )
     src = p.add_argument_group("what to evaluate (one of)")
@@ -131,8 +136,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--device", default=None, help="auto (default: cuda if available), cpu, cuda, cuda:N")
     g.add_argument("--seed", type=integer(0), default=0, help="seed of every random start and of AutoAttack")
-    g.add_argument("--data", default="./data", help="folder holding cifar-10-batches-py/ (default ./data)")
-    g.add_argument("--no-download", action="store_true", help="never try to download CIFAR-10")
+    g.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        help="cifar10 or cifar100: the test set and the models' class count (default: with --run the run's, "
+        "from config.json; else cifar10)",
+    )
+    g.add_argument(
+        "--data", default="./data", help="folder holding cifar-10-batches-py/ or cifar-100-python/ (default ./data)"
+    )
+    g.add_argument("--no-download", action="store_true", help="never try to download the data set")
+    g.add_argument(
+        "--wrn70-16-norm",
+        choices=WRN70_NORMS,
+        help="the mean/std a WRN-70-16 normalizes its input with (default: with --run the run's; else "
+        "cifar10, as the official RSLAD code; cifar100: DeepMind's constants for its CIFAR-100 models)",
+    )
     g.add_argument(
         "--eps",
         type=fraction,
@@ -188,9 +207,21 @@ def build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------- plan: validate, no work yet
 
 
-def _read_run(run_dir: Path, arch_flag):
-    """A training run's checkpoints (rows of the table) and notes on those missing; only the keys of
-    config.json that name the architecture and method are read, so older or partial runs still evaluate."""
+def _run_setting(config: dict, cfg_path: Path, key: str, flag: str, given, choices) -> str:
+    """A setting of the run (config.json's ``key``; "cifar10" where absent: runs written before it existed
+    trained CIFAR-10 models) that the flag ``flag`` (``given``, None: not given) may only repeat."""
+    value = config.get(key, "cifar10")
+    if value not in choices:
+        raise UserError(f"{cfg_path}: {key} {value!r} is not one of {', '.join(choices)}")
+    if given is not None and given != value:
+        raise UserError(f"{flag} {given} disagrees with {cfg_path}, which says {key} {value!r}")
+    return value
+
+
+def _read_run(run_dir: Path, arch_flag, dataset_flag=None, norm_flag=None):
+    """A training run's checkpoints (rows of the table), its data set and WRN-70-16 normalization, and notes
+    on the checkpoints missing; only the keys of config.json that name the architecture, method, data set and
+    normalization are read, so older or partial runs still evaluate."""
     if not run_dir.exists():
         raise UserError(f"run dir {run_dir}: no such directory")
     if not run_dir.is_dir():
@@ -211,18 +242,21 @@ def _read_run(run_dir: Path, arch_flag):
     if not ckpts:
         raise UserError(f"run dir {run_dir}: no checkpoint ({' or '.join(RUN_CHECKPOINTS)}) in it")
     method = config.get("method") if isinstance(config.get("method"), str) else None
+    dataset = _run_setting(config, cfg_path, "dataset", "--dataset", dataset_flag, DATASETS)
+    norm = _run_setting(config, cfg_path, "wrn70_16_norm", "--wrn70-16-norm", norm_flag, WRN70_NORMS)
     notes = [
         f"{name} not in {run_dir}; evaluated {', '.join(p.name for p in ckpts)} only"
         for name in RUN_CHECKPOINTS
         if not (run_dir / name).is_file()
     ]
-    return [{"label": p.stem, "path": p, "arch": arch, "method": method} for p in ckpts], notes
+    rows = [{"label": p.stem, "path": p, "arch": arch, "method": method} for p in ckpts]
+    return rows, notes, dataset, norm
 
 
 def make_plan(args) -> dict:
     """What to evaluate and where the report goes, validated; UserError before any work or file written."""
     if args.run is not None:
-        rows, notes = _read_run(Path(args.run), args.arch)
+        rows, notes, dataset, norm = _read_run(Path(args.run), args.arch, args.dataset, args.wrn70_16_norm)
         out = Path(args.out) if args.out else Path(args.run)
     else:
         if args.arch is None:
@@ -234,10 +268,11 @@ def make_plan(args) -> dict:
         if not ckpt.is_file():
             raise UserError(f"checkpoint {ckpt}: not a file")
         rows, notes = [{"label": ckpt.name, "path": ckpt, "arch": arch, "method": None}], []
+        dataset, norm = args.dataset or "cifar10", args.wrn70_16_norm or "cifar10"
         out = Path(args.out) if args.out else ckpt.parent
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a directory")
-    return {"rows": rows, "out": out, "notes": notes}
+    return {"rows": rows, "out": out, "notes": notes, "dataset": dataset, "wrn70_16_norm": norm}
 
 
 def build_attacks(args, log=None) -> dict:
@@ -270,7 +305,7 @@ def _device(name):
 def _load(args, log, dist):
     """Every check that can fail on user input, in order, before any attack runs: (plan, device, attacks,
     sanity attack, models, test images, labels)."""
-    from rslad_fast.data import load_cifar10
+    from rslad_fast.data import load_cifar, num_classes
     from rslad_fast.models import build
     from rslad_fast.models.loading import load_checkpoint_into
 
@@ -283,8 +318,14 @@ def _load(args, log, dist):
             eps=args.sanity_eps, alpha=args.sanity_alpha, steps=args.sanity_steps, start="uniform", name="sanity"
         )
     # every checkpoint loads (or fails) before any attack runs
-    models = [load_checkpoint_into(build(row["arch"]), row["path"], row["arch"]).eval() for row in plan["rows"]]
-    images, labels = load_cifar10(args.data, train=False, download=False if args.no_download else "auto")
+    classes, norm = num_classes(plan["dataset"]), plan["wrn70_16_norm"]
+    models = [
+        load_checkpoint_into(build(row["arch"], classes, normalization=norm), row["path"], row["arch"]).eval()
+        for row in plan["rows"]
+    ]
+    images, labels = load_cifar(
+        args.data, train=False, dataset=plan["dataset"], download=False if args.no_download else "auto"
+    )
     # the rule shared with train's --eval-n: the default shrinks to a smaller test set (and says so), a
     # value the user gave must fit
     if args.n > len(labels):
@@ -389,6 +430,8 @@ def run(args, argv=None, dist=None) -> dict:
         seconds=time.perf_counter() - t0,
         out=plan["out"],
         notes=plan["notes"],
+        dataset=plan["dataset"],
+        wrn70_16_norm=plan["wrn70_16_norm"],
     )
 
 

@@ -150,7 +150,9 @@ def _per_preset(field: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from rslad_fast import methods
-    from rslad_fast.models import ARCHS
+    from rslad_fast.data import NAMES as DATASETS
+    from rslad_fast.engine.config import TEACHER_DTYPES
+    from rslad_fast.models import ARCHS, WRN70_NORMS
 
     p = Parser(
         prog="python -m rslad_fast.train",
@@ -171,8 +173,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--teacher-arch",
-        help="the teacher's architecture (default wrn34-10; for a self-trained "
-        "teacher the preset's: " + _per_preset("teacher_arch") + ")",
+        help="the teacher's architecture (default for --teacher: wrn34-10, on cifar100 wrn70-16, the official "
+        "RSLAD teachers; for a self-trained teacher the preset's: " + _per_preset("teacher_arch") + ")",
+    )
+    g.add_argument(
+        "--teacher-dtype",
+        choices=TEACHER_DTYPES,
+        help="precision of the teacher's weights and forward, its logits handed on in fp32 (default: fp32; "
+        "fp16 on cifar100, as the official RSLAD CIFAR-100 scripts' teacher.half())",
+    )
+    g.add_argument(
+        "--wrn70-16-norm",
+        choices=WRN70_NORMS,
+        help="the mean/std a WRN-70-16 (teacher or student) normalizes its input with: cifar10 (default, on "
+        "both data sets: the official RSLAD cifar100_models/wideresnet.py builds its CIFAR-100 teacher so) or "
+        "cifar100 (the constants DeepMind's model zoo uses for its CIFAR-100 models)",
     )
     g.add_argument(
         "--preset",
@@ -180,7 +195,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="paper (default): the method's official settings; quick: a CPU-sized run, see rslad_fast/train.py",
     )
     g = p.add_argument_group("data and output")
-    g.add_argument("--data", metavar="DIR", help="folder holding cifar-10-batches-py/ (default ./data)")
+    g.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        help="cifar10 (default) or cifar100: every model's class count (10 or 100); on cifar100 RSLAD's loss "
+        "is the official CIFAR-100 scripts' (--kl-scale 10, --log-of-softmax) and the teacher runs in fp16",
+    )
+    g.add_argument(
+        "--data",
+        metavar="DIR",
+        help="folder holding cifar-10-batches-py/ or cifar-100-python/ (the official python layouts; default ./data)",
+    )
     g.add_argument(
         "--train-n",
         type=int,
@@ -203,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RUN_DIR",
         help="continue the run in RUN_DIR from its last.pt, with its config.json (no other settings allowed)",
     )
-    g.add_argument("--no-download", action="store_true", help="never try to download CIFAR-10")
+    g.add_argument("--no-download", action="store_true", help="never try to download the data set")
     g = p.add_argument_group("optimization (default: the method's official schedule)")
     g.add_argument("--epochs", type=int, help="training epochs")
     g.add_argument(
@@ -304,8 +329,8 @@ def resolve_config(args: argparse.Namespace):
     cli = {**vars(args), "student": args.student or "resnet18", "method": args.method or "rslad", "hparams": hparams}
     cfg = resolve(cli, preset_name, preset, EVAL_ATTACK)
     if cfg.teacher is not None and cfg.teacher["source"] == "trained":
-        # The teacher: TRADES on the teacher architecture with the preset's settings; only the data,
-        # execution settings and seed are shared with the student.
+        # The teacher: TRADES on the teacher architecture with the preset's settings; only the data (and its
+        # class count), execution settings and seed are shared with the student.
         # A preset may size the teacher's run apart from the student's (quick: a cheap teacher, more images);
         # an explicit --train-n applies to both.
         train_n = cfg.train_n
@@ -316,6 +341,8 @@ def resolve_config(args: argparse.Namespace):
             method="trades",
             hparams={},
             data=cfg.data,
+            dataset=cfg.dataset,
+            wrn70_16_norm=cfg.wrn70_16_norm,
             seed=cfg.seed,
             device=cfg.device,
             loader=cfg.loader,

@@ -1,12 +1,13 @@
-"""What several test files share: a fake CIFAR-10 folder, a naturally trained tiny teacher, one intra-op
-thread, a tiny model trained on given images, and the `cuda` mark's skip where no GPU is visible."""
+"""What several test files share: a fake CIFAR-10 folder, a fake CIFAR-100 folder, a naturally trained tiny
+teacher, one intra-op thread, a tiny model trained on given images, and the `cuda` mark's skip where no GPU
+is visible."""
 
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from fake_cifar import write_fake_cifar10
+from fake_cifar import write_fake_cifar10, write_fake_cifar100
 
 HERE = Path(__file__).resolve().parent
 
@@ -30,6 +31,19 @@ def fake_cifar10(tmp_path_factory):
     def make(n_train, n_test, seed):
         root = tmp_path_factory.mktemp("cifar")
         write_fake_cifar10(root, n_train=n_train, n_test=n_test, seed=seed)
+        return root
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def fake_cifar100(tmp_path_factory):
+    """``fake_cifar100(n_train, n_test, seed)``: a fresh folder holding a fake CIFAR-100 in the official
+    ``cifar-100-python/{train,test,meta}`` layout (tests/fake_cifar.py), the root to pass as ``--data``."""
+
+    def make(n_train, n_test, seed):
+        root = tmp_path_factory.mktemp("cifar100")
+        write_fake_cifar100(root, n_train=n_train, n_test=n_test, seed=seed)
         return root
 
     return make

@@ -1,4 +1,5 @@
-"""A tiny, learnable fake CIFAR-10 written in the official python layout, for the tests and the GPU smoke run.
+"""A tiny, learnable fake CIFAR-10 (and CIFAR-100) written in the official python layouts, for the tests and the
+GPU smoke run.
 
 Why: tests must run without the real data (users run the suite without it) and in seconds on 2 CPU
 cores. The files go through the very same reader as the real ones (``load_cifar10``), pickled the way
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rslad_fast.data.cifar import FOLDER, TEST_FILES, TRAIN_FILES
+from rslad_fast.data.cifar import DATASETS, FOLDER, TEST_FILES, TRAIN_FILES
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -45,8 +46,9 @@ def _dump(obj, path: Path) -> None:
         _Pickler(f, protocol=2).dump(obj)
 
 
-def fake_images(labels: np.ndarray, rng: np.random.Generator, noise: int = 24) -> np.ndarray:
-    """uint8 [N, 3, 32, 32]: colour of the class + stripes (period and direction by class) + noise."""
+def fake_images(labels: np.ndarray, rng: np.random.Generator, noise: int = 24, num_classes: int = 10) -> np.ndarray:
+    """uint8 [N, 3, 32, 32]: colour of the class + stripes (period and direction by class) + noise. With 100
+    classes, class c has the colour of c % 10 and the stripes of c // 10: 100 distinct patterns."""
     n = len(labels)
     palette = np.array(
         [
@@ -65,12 +67,13 @@ def fake_images(labels: np.ndarray, rng: np.random.Generator, noise: int = 24) -
     )
     yy, xx = np.mgrid[0:32, 0:32]
     img = np.empty((n, 3, 32, 32), np.float32)
-    for c in range(10):
+    for c in range(num_classes):
         idx = np.flatnonzero(labels == c)
-        period = 2 + c % 5
-        coord = yy if c < 5 else xx
+        colour, pattern = (c, c) if num_classes == 10 else (c % 10, c // 10)
+        period = 2 + pattern % 5
+        coord = yy if pattern < 5 else xx
         stripes = ((coord // period) % 2).astype(np.float32) * 60.0 - 30.0  # +-30 brightness bands
-        img[idx] = palette[c][:, None, None] + stripes[None]
+        img[idx] = palette[colour][:, None, None] + stripes[None]
     img += rng.integers(-noise, noise + 1, size=img.shape).astype(np.float32)
     return np.clip(img, 0, 255).astype(np.uint8)
 
@@ -105,5 +108,39 @@ def write_fake_cifar10(root: str | os.PathLike, n_train: int = 256, n_test: int 
             k("num_vis"): 3072,
         },
         out / "batches.meta",
+    )
+    return out
+
+
+def write_fake_cifar100(root: str | os.PathLike, n_train: int = 400, n_test: int = 200, seed: int = 0) -> Path:
+    """Write ``root/cifar-100-python/{train, test, meta}`` as the official CIFAR-100 files are written (one
+    pickle per split with ``filenames``, ``batch_label``, ``fine_labels``, ``coarse_labels`` and ``data``;
+    ``meta`` with the 100 ``fine_label_names`` and 20 ``coarse_label_names``); return that folder.
+
+    Fine labels are balanced (``i % 100``, shuffled); the coarse label of fine class c is c // 5 here (the
+    real grouping differs; nothing reads it). Deterministic in ``seed``."""
+    spec = DATASETS["cifar100"]
+    rng = np.random.default_rng(seed)
+    out = Path(root) / spec.folder
+    out.mkdir(parents=True, exist_ok=True)
+    k = _Py2Str
+    for name, n in (("train", n_train), ("test", n_test)):
+        labels = rng.permutation(np.arange(n) % 100)
+        _dump(
+            {
+                k("filenames"): [k(f"fake_{name}_{i}.png") for i in range(n)],
+                k("batch_label"): k(f"{name}ing batch 1 of 1"),
+                k("fine_labels"): labels.tolist(),
+                k("coarse_labels"): (labels // 5).tolist(),
+                k("data"): fake_images(labels, rng, num_classes=100).reshape(n, -1),
+            },
+            out / name,
+        )
+    _dump(
+        {
+            k("fine_label_names"): [k(f"class_{c:02d}") for c in range(100)],
+            k("coarse_label_names"): [k(f"superclass_{c:02d}") for c in range(20)],
+        },
+        out / "meta",
     )
     return out

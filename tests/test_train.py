@@ -100,6 +100,7 @@ def test_run_directory_is_well_formed(data, teacher_ckpt, tmp_path):
         "source": "file",
         "path": str(teacher_ckpt.resolve()),
         "arch": "tiny",
+        "dtype": "fp32",  # CIFAR-10's default (cifar100: fp16, tests/test_cifar100.py)
         "sha256": hashlib.sha256(teacher_ckpt.read_bytes()).hexdigest(),
     }
     assert cfg["eval_attack"] == dict(eps=8 / 255, alpha=0.003, steps=20, start="uniform")
@@ -174,7 +175,7 @@ def test_self_trained_teacher_then_distillation_and_reuse(data, tmp_path):
     assert tcfg["hparams"]["steps"] == quick.attack_steps
     assert tcfg["hparams"]["step_size"] == pytest.approx(0.007 * 10 / quick.attack_steps)
     cfg = json.loads((run / "config.json").read_text())
-    assert cfg["teacher"] == {"source": "trained", "arch": "tiny", "dir": "teacher"}
+    assert cfg["teacher"] == {"source": "trained", "arch": "tiny", "dir": "teacher", "dtype": "fp32"}
     assert cfg["teacher_run"] == tcfg and len(_records(run)) == 2
     assert cfg["milestones"] == [1] and tcfg["milestones"] == [quick.teacher_epochs - 1]  # last epoch x0.1
 
@@ -377,7 +378,8 @@ def test_hyperparameter_flags_cover_every_method():
     assert cfg.hparams["begin"] == 3 and cfg.milestones == [9]  # 60 of 200 epochs -> 3 of 10
     k = train.PRESETS["quick"].attack_steps  # IAD: 10 steps of 2/255, the travel kept: k steps of 20/k /255
     assert cfg.hparams["steps"] == k and cfg.hparams["step_size"] == pytest.approx(10 * 2 / 255 / k)
-    assert cfg.teacher == {"source": "trained", "arch": train.PRESETS["quick"].teacher_arch, "dir": "teacher"}
+    quick_teacher = train.PRESETS["quick"].teacher_arch
+    assert cfg.teacher == {"source": "trained", "arch": quick_teacher, "dir": "teacher", "dtype": "fp32"}
 
 
 # ---- divergence: stop before any non-finite checkpoint is written -------------------------------------------

@@ -1,4 +1,4 @@
-"""CIFAR-10 data layer: reader of the official files, train-time augmentation, GPU-resident loaders.
+"""CIFAR-10 / CIFAR-100 data layer: readers of the official files, train-time augmentation, GPU-resident loaders.
 
 DALI (``rslad_fast.data.dali``) is imported lazily by :func:`make_loader`, never here.
 """
@@ -12,19 +12,24 @@ from .augment import (
     sample_crop_flip_params,
     view_ids,
 )
-from .cifar import load_cifar10
+from .cifar import DATASETS, NAMES, load_cifar, load_cifar10, load_cifar100, num_classes
 from .loaders import KINDS, TensorLoader, dali_available, epoch_indices, make_loader
 
 __all__ = [
     "CropFlipParams",
+    "DATASETS",
     "KINDS",
+    "NAMES",
     "TensorLoader",
     "apply_crop_flip",
     "dali_available",
     "decode_views",
     "epoch_indices",
+    "load_cifar",
     "load_cifar10",
+    "load_cifar100",
     "make_loader",
+    "num_classes",
     "num_views",
     "random_crop_flip",
     "sample_crop_flip_params",

@@ -20,11 +20,19 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
+from rslad_fast.data.cifar import NAMES as DATASETS
+from rslad_fast.data.cifar import num_classes
 from rslad_fast.errors import UserError
-from rslad_fast.models import canonical_name
+from rslad_fast.models import WRN70_NORMS, canonical_name
 
 CONFIG_FORMAT = 1
-NUM_CLASSES = 10  # CIFAR-10, the engine's dataset
+TEACHER_DTYPES = ("fp32", "fp16", "bf16")  # --teacher-dtype: the teacher's weights and forward
+# the teacher's dtype where --teacher-dtype is not given: the official RSLAD CIFAR-100 scripts run their
+# teacher in half precision (resnet18_rslad_cifar100.py `teacher = teacher.half()`), the CIFAR-10 ones in fp32
+DEFAULT_TEACHER_DTYPE = {"cifar10": "fp32", "cifar100": "fp16"}
+# a --teacher file's architecture where --teacher-arch is not given: the official RSLAD teachers, TRADES'
+# WRN-34-10 on CIFAR-10 and DeepMind's WRN-70-16 on CIFAR-100 (resnet18_rslad_cifar100.py WideResNet_70_16())
+DEFAULT_TEACHER_ARCH = {"cifar10": "wrn34-10", "cifar100": "wrn70-16"}
 
 
 @dataclass(frozen=True)
@@ -44,8 +52,9 @@ class Preset:
     scale_epoch_hparams: bool = False  # `epoch_hparams` scaled by epochs / official epochs
     epoch_hparams: Tuple[str, ...] = ()  # method hyperparameters counted in epochs
     channels_last: Optional[bool] = None  # channels_last memory format (None: off)
-    per_image_loss_lr: bool = False  # a per-logit-mean loss (Method.LOSS_PER_ELEMENT): lr x C, weight
-    # decay / C, i.e. SGD on its per-image form at the official values
+    per_image_loss_lr: bool = False  # a per-logit-mean loss (Method.LOSS_PER_ELEMENT): lr x f, weight
+    # decay / f with f = Method.per_image_factor(C) (C / kl_scale for RSLAD: 10 on CIFAR-10 and, at the
+    # official kl_scale 10, on CIFAR-100), i.e. SGD on its per-image form at the official values
     teacher_train_n: Optional[int] = None  # a self-trained teacher's training images (None: train_n)
     teacher_epochs: Optional[int] = None  # a self-trained teacher's epochs (None: its official ones)
 
@@ -57,7 +66,7 @@ class Config:
     hparams: dict  # all of the method's hyperparameters, resolved
     preset: str  # "paper" or "quick"
     seed: int
-    data: str  # absolute path of the folder holding cifar-10-batches-py/
+    data: str  # absolute path of the folder holding the data set's folder (cifar-10-batches-py/, cifar-100-python/)
     train_n: Optional[int]  # first train_n training images (None: all 50,000)
     eval_n: int  # first eval_n test images, evaluated after every epoch
     epochs: int
@@ -84,9 +93,14 @@ class Config:
     teacher_cache: str = "off"  # --teacher-cache: "auto" (on for Method.TEACHER_CACHE_AUTO methods, off
     # with a note when it does not fit), "on", "off" (engine/teacher_cache.py);
     # "off" for runs written before the field existed, as they trained
-    teacher: Optional[dict] = None  # {"source": "file", "path", "arch"} | {"source": "trained", "arch", "dir"}
+    teacher: Optional[dict] = None  # {"source": "file", "path", "arch", "dtype"} | {"source": "trained", "arch",
+    # "dir", "dtype"}; "dtype" (TEACHER_DTYPES): the teacher's forward, "fp32" where absent (older runs)
     teacher_run: Optional[dict] = None  # the self-trained teacher's own Config, as a dict
     schedule_source: str = ""  # where the method's official schedule comes from
+    dataset: str = "cifar10"  # data.NAMES; every model has its class count; "cifar10" for runs written
+    # before the field existed, as they trained
+    wrn70_16_norm: str = "cifar10"  # the mean/std every WRN-70-16 of the run normalizes with
+    # (models.WRN70_NORMS; the official RSLAD code's CIFAR-10 constants by default, models/wrn_dm.py)
     versions: dict = field(default_factory=dict)
     format: int = CONFIG_FORMAT
 
@@ -94,6 +108,15 @@ class Config:
         """Plain JSON types only (a JSON round trip): what config.json holds and what checkpoints embed,
         so that checkpoints stay weights_only-loadable and compare equal to a config read back from disk."""
         return json.loads(json.dumps(asdict(self)))
+
+    @property
+    def num_classes(self) -> int:
+        """The data set's class count: every model's outputs."""
+        return num_classes(self.dataset)
+
+    @property
+    def teacher_dtype(self) -> str:
+        return (self.teacher or {}).get("dtype", "fp32")
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
@@ -188,14 +211,18 @@ def resolve(cli: dict, preset_name: str, preset: Preset, eval_attack: dict) -> C
 
     ``cli`` keys: student, method, hparams (dict of explicitly given method hyperparameters), teacher,
     teacher_arch, data, epochs, batch_size, lr, momentum, weight_decay, milestones, gamma, seed, device,
-    loader, threads, train_n, eval_n, amp, channels_last, allow_tf32, sync_bn, teacher_cache.
+    loader, threads, train_n, eval_n, amp, channels_last, allow_tf32, sync_bn, teacher_cache, dataset,
+    teacher_dtype, wrn70_16_norm.
     """
     from rslad_fast import methods
 
     method_cls = methods.get(cli["method"])
     student = canonical_name(cli["student"])
-    # the official schedule and defaults for this student's architecture (MART's code has two settings)
-    sch, defaults = method_cls.official_setting(student)
+    dataset = _pick(cli.get("dataset"), "cifar10")
+    _check(dataset in DATASETS, f"--dataset must be one of {', '.join(DATASETS)}, got {dataset!r}")
+    # the official schedule and defaults for this student's architecture (MART's code has two settings) and
+    # data set (RSLAD's CIFAR-100 scripts scale its loss)
+    sch, defaults = method_cls.official_setting(student, dataset)
 
     given = dict(cli.get("hparams") or {})
     unknown = sorted(set(given) - set(method_cls.HPARAMS))
@@ -229,12 +256,13 @@ def resolve(cli: dict, preset_name: str, preset: Preset, eval_attack: dict) -> C
         milestones = list(method.milestones())  # the decays the official code really applies (lr_bug)
 
     teacher = None
+    teacher_dtype = _pick(cli.get("teacher_dtype"), DEFAULT_TEACHER_DTYPE[dataset])
     if method_cls.needs_teacher:
         if cli.get("teacher"):
             teacher = {
                 "source": "file",
                 "path": str(Path(cli["teacher"]).expanduser().resolve()),
-                "arch": canonical_name(cli.get("teacher_arch") or "wrn34-10"),
+                "arch": canonical_name(cli.get("teacher_arch") or DEFAULT_TEACHER_ARCH[dataset]),
             }
         else:
             teacher = {
@@ -242,9 +270,10 @@ def resolve(cli: dict, preset_name: str, preset: Preset, eval_attack: dict) -> C
                 "arch": canonical_name(cli.get("teacher_arch") or preset.teacher_arch),
                 "dir": "teacher",
             }
-    elif cli.get("teacher") or cli.get("teacher_arch"):
+        teacher["dtype"] = teacher_dtype
+    elif cli.get("teacher") or cli.get("teacher_arch") or cli.get("teacher_dtype"):
         raise UserError(
-            f"method '{method_cls.name}' trains without a teacher; drop --teacher/--teacher-arch "
+            f"method '{method_cls.name}' trains without a teacher; drop --teacher/--teacher-arch/--teacher-dtype "
             f"(distillation methods: "
             f"{', '.join(n for n, c in sorted(methods.REGISTRY.items()) if c.needs_teacher)})"
         )
@@ -255,11 +284,13 @@ def resolve(cli: dict, preset_name: str, preset: Preset, eval_attack: dict) -> C
             raise UserError(f"--teacher-cache on: method '{method_cls.name}' trains without a teacher")
         teacher_cache = "off"
     lr, weight_decay = sch.lr, sch.weight_decay
-    if preset.per_image_loss_lr and method_cls.LOSS_PER_ELEMENT:
+    factor = method.per_image_factor(num_classes(dataset))
+    if preset.per_image_loss_lr and factor != 1:
         # A loss averaged over the B*C logits (RSLAD) has 1/C the gradient of the same loss averaged per
-        # image. lr x C with weight decay / C is exactly SGD on the per-image loss at the official lr and
-        # weight decay (momentum included): a preset too short to absorb the factor C uses it.
-        lr, weight_decay = sch.lr * NUM_CLASSES, sch.weight_decay / NUM_CLASSES
+        # image (1/f with RSLAD's kl_scale: f = C / kl_scale, 10 on both data sets at the official values).
+        # lr x f with weight decay / f is exactly SGD on the per-image loss at the official lr and weight
+        # decay (momentum included): a preset too short to absorb the factor uses it.
+        lr, weight_decay = sch.lr * factor, sch.weight_decay / factor
     device = resolve_device(cli.get("device"))
     threads = _pick(cli.get("threads"), torch.get_num_threads())
     cfg = Config(
@@ -291,6 +322,8 @@ def resolve(cli: dict, preset_name: str, preset: Preset, eval_attack: dict) -> C
         teacher=teacher,
         schedule_source=sch.source,
         versions=versions(),
+        dataset=dataset,
+        wrn70_16_norm=_pick(cli.get("wrn70_16_norm"), "cifar10"),
     )
     validate(cfg)
     return cfg
@@ -357,5 +390,16 @@ def validate(cfg: Config) -> None:
         f"--teacher-cache on: method '{cfg.method}' trains without a teacher",
     )
     _check(_is_int(cfg.eval_batch_size) and cfg.eval_batch_size >= 1, "eval batch size must be >= 1")
+    _check(cfg.dataset in DATASETS, f"--dataset must be one of {', '.join(DATASETS)}, got {cfg.dataset!r}")
+    _check(
+        cfg.wrn70_16_norm in WRN70_NORMS,
+        f"--wrn70-16-norm must be one of {', '.join(WRN70_NORMS)}, got {cfg.wrn70_16_norm!r}",
+    )
+    _check(
+        cfg.teacher is None or (isinstance(cfg.teacher, dict) and cfg.teacher_dtype in TEACHER_DTYPES),
+        f"--teacher-dtype must be one of {', '.join(TEACHER_DTYPES)}, got {cfg.teacher_dtype!r}"
+        if isinstance(cfg.teacher, dict)
+        else f"teacher must be a mapping, got {cfg.teacher!r}",
+    )
     ea = cfg.eval_attack
     _check(0 <= ea["eps"] <= 1, f"evaluation eps must be in [0, 1], got {ea['eps']}")

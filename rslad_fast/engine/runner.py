@@ -55,7 +55,7 @@ except ImportError:  # not POSIX
     fcntl = None
 
 from rslad_fast import methods
-from rslad_fast.data import load_cifar10, make_loader, num_views
+from rslad_fast.data import load_cifar, make_loader, num_views
 from rslad_fast.data.loaders import SALT_ATTACK, SALT_EVAL, dali_available, mix_seed
 from rslad_fast.errors import UserError
 from rslad_fast.models import build
@@ -64,13 +64,13 @@ from rslad_fast.models.loading import load_checkpoint_into
 from . import estimate
 from .allocator import keep_freed_memory
 from .checkpoint import WriteError, atomic_write_bytes, load_checkpoint, restore, save_checkpoint, saved_world_size
-from .config import NUM_CLASSES, Config, check_ops_device, read_config_file, validate
+from .config import Config, check_ops_device, read_config_file, validate
 from .dist import Dist
 from .loop import Diverged, evaluate, first_non_finite, train_one_epoch
 from .metrics import MetricsLog, plot_curves
 from .precision import tf32
 from .step import AMP_DTYPES
-from .teacher import freeze, load_teacher
+from .teacher import cast_teacher, freeze, load_teacher
 from .teacher_cache import TeacherCache, check_fits
 
 CONFIG = "config.json"
@@ -98,10 +98,11 @@ class Prepared:
 
 
 def read_data(cfg: Config, download="auto") -> tuple:
-    """All of CIFAR-10 as uint8 CPU tensors: ((train_x, train_y), (test_x, test_y))."""
+    """All of the run's data set (CIFAR-10 or CIFAR-100) as uint8 CPU tensors: ((train_x, train_y), (test_x,
+    test_y))."""
     return (
-        load_cifar10(cfg.data, train=True, download=download),
-        load_cifar10(cfg.data, train=False, download=download),
+        load_cifar(cfg.data, train=True, dataset=cfg.dataset, download=download),
+        load_cifar(cfg.data, train=False, dataset=cfg.dataset, download=download),
     )
 
 
@@ -152,7 +153,14 @@ def prepare(cfg: Config, *, download="auto", full=None, eval_n_given: bool = Tru
     prep = Prepared(cfg=cfg, train=train, held=held, notes=notes)
     if cfg.teacher is not None:
         if cfg.teacher["source"] == "file":
-            prep.teacher_model = load_teacher(cfg.teacher["path"], cfg.teacher["arch"], "cpu")
+            prep.teacher_model = load_teacher(
+                cfg.teacher["path"],
+                cfg.teacher["arch"],
+                "cpu",
+                num_classes=cfg.num_classes,
+                dtype=cfg.teacher_dtype,
+                normalization=cfg.wrn70_16_norm,
+            )
             digest = file_sha256(cfg.teacher["path"])
             if cfg.teacher.get("sha256") is None:  # a new run records which file it distills from
                 cfg.teacher["sha256"] = digest
@@ -185,7 +193,7 @@ def use_teacher_cache(cfg: Config, num_images: int, notes: list) -> bool:
     dist = Dist.from_env()
     device = dist.device(cfg.device)  # this rank's own GPU under torchrun (cuda:LOCAL_RANK), not the current one
     processes = dist.local_world_size if device.type == "cpu" else 1
-    why = check_fits(num_images, views, NUM_CLASSES, device, processes)
+    why = check_fits(num_images, views, cfg.num_classes, device, processes)
     if why is not None:
         if cfg.teacher_cache == "on":
             raise UserError(f"--teacher-cache on: {why}; train with --teacher-cache off")
@@ -590,10 +598,10 @@ def _build(prep: Prepared, run_dir: Path, *, dist: Dist, progress: bool) -> _Tra
         teacher = ensure_teacher(
             prep.teacher_prep, run_dir / cfg.teacher["dir"], dist=dist, progress=progress, then=then
         )
-        teacher = teacher.to(device)
+        teacher = cast_teacher(teacher, cfg.teacher_dtype).to(device)
 
     seed_everything(cfg.seed)  # every rank: the same initial weights (DDP also broadcasts rank 0's)
-    module = build(cfg.student).to(device)
+    module = build(cfg.student, cfg.num_classes, normalization=cfg.wrn70_16_norm).to(device)
     if cfg.channels_last:  # after the seeded init: the same initial weights either way
         module = module.to(memory_format=torch.channels_last)
         if teacher is not None:
@@ -622,7 +630,7 @@ def _build(prep: Prepared, run_dir: Path, *, dist: Dist, progress: bool) -> _Tra
         with_views=cached,
     )
     # every rank caches the whole set: its shard changes every epoch
-    cache = TeacherCache(len(prep.train[0]), loader.num_views, NUM_CLASSES, device) if cached else None
+    cache = TeacherCache(len(prep.train[0]), loader.num_views, cfg.num_classes, device) if cached else None
     held = (prep.held[0].to(device), prep.held[1].to(device))
     return _Training(
         cfg=cfg,
@@ -798,6 +806,6 @@ def ensure_teacher(
     t0 = time.perf_counter()
     run(prep, teacher_dir, dist=dist, progress=progress, tag=f"teacher {cfg.method}/{cfg.student}", then=then)
     _log(f"[teacher] ready ({time.perf_counter() - t0:.0f}s): {teacher_dir / LAST}", dist)
-    model = build(cfg.student)
+    model = build(cfg.student, cfg.num_classes, normalization=cfg.wrn70_16_norm)
     load_checkpoint_into(model, teacher_dir / LAST, cfg.student)
     return freeze(model)

@@ -10,15 +10,45 @@
   checkpoint, not a test-set-selected one). See ``runner.run``.
 
 Either way the teacher is frozen: eval mode (BatchNorm uses its running statistics, as the official codes'
-``teacher.eval()``) and ``requires_grad=False`` on every parameter.
+``teacher.eval()``) and ``requires_grad=False`` on every parameter, built with the data set's class count
+(a file with another count is a UserError saying so).
+
+``--teacher-dtype`` (``Config.teacher_dtype``): ``fp32``, or ``fp16`` / ``bf16``, the teacher's weights and
+forward in that precision (the official RSLAD CIFAR-100 scripts: ``teacher = teacher.half()``), its logits
+handed on in fp32 (:class:`CastTeacher`).
 """
 
 from __future__ import annotations
 
 import torch
 
+from rslad_fast.errors import UserError
 from rslad_fast.models import build
 from rslad_fast.models.loading import load_checkpoint_into
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class CastTeacher(torch.nn.Module):
+    """A frozen teacher whose weights, buffers (WRN-70-16's mean/std too) and forward are in ``dtype``: the
+    input is cast to it and the logits back to fp32. The forward runs outside autocast, so that ``--amp
+    bf16`` does not turn an fp16 teacher into a bf16 one."""
+
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.model = model.to(dtype)
+        self.dtype = dtype
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            return self.model(x.to(self.dtype)).float()
+
+
+def cast_teacher(model: torch.nn.Module, dtype: str) -> torch.nn.Module:
+    """``model`` in the precision ``dtype`` (DTYPES): unchanged for fp32, else a :class:`CastTeacher`."""
+    if dtype not in DTYPES:
+        raise UserError(f"--teacher-dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return model if dtype == "fp32" else freeze(CastTeacher(model, DTYPES[dtype]))
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
@@ -28,8 +58,15 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def load_teacher(path, arch: str, device="cpu") -> torch.nn.Module:
-    """Build ``arch``, load ``path`` into it strictly and safely, freeze it, move it to ``device``."""
-    model = build(arch)
-    load_checkpoint_into(model, path, arch)
-    return freeze(model).to(device)
+def load_teacher(
+    path, arch: str, device="cpu", *, num_classes: int = 10, dtype: str = "fp32", normalization: str = "cifar10"
+) -> torch.nn.Module:
+    """Build ``arch`` with ``num_classes`` outputs (WRN-70-16: ``normalization``), load ``path`` into it
+    strictly and safely (in fp32), freeze it, cast it to ``dtype`` (:func:`cast_teacher`), move it to
+    ``device``."""
+    model = build(arch, num_classes, normalization=normalization)
+    try:
+        load_checkpoint_into(model, path, arch)
+    except UserError as e:
+        raise UserError(f"teacher: {e}") from None
+    return cast_teacher(freeze(model), dtype).to(device)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from rslad_fast.data.cifar import DATASETS
 from rslad_fast.engine.checkpoint import atomic_write_bytes
 from rslad_fast.errors import UserError
 
@@ -106,11 +107,14 @@ def build(
     seconds: float,
     out,
     notes: list,
+    dataset: str = "cifar10",
+    wrn70_16_norm: str = "cifar10",
 ) -> dict:
     """The report of one evaluation (what eval.json holds): ``rows`` (one per checkpoint) and the facts
     that make them reproducible: the parsed flags ``args``, each attack's hyperparameters, AutoAttack's
     configuration as it ran, the device and versions, the command line (``argv``; None: sys.argv)."""
     config = dict(vars(args))
+    config.update(dataset=dataset, wrn70_16_norm=wrn70_16_norm)  # as resolved (from the run's config.json)
     config["attacks"] = {name: a.hparams() for name, a in attacks.items()}
     if sanity is not None:
         config["sanity_attack"] = sanity.hparams()
@@ -131,7 +135,8 @@ def build(
         "n": n,
         "n_requested": args.n,
         "seed": args.seed,
-        "data": {"root": str(args.data), "split": "CIFAR-10 test"},
+        "dataset": dataset,
+        "data": {"root": str(args.data), "dataset": dataset, "split": f"{DATASETS[dataset].title} test"},
         "config": config,
         "device": str(device),
         "world_size": world_size,

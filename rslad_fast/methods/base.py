@@ -4,7 +4,7 @@ A method is a small class: its hyperparameters (with the official code's default
 value), the objective of its inner maximization (`objective`, defined once: `attack` climbs it and
 `attack_objective` evaluates it, so tests can check the attack raises it), the attack (`attack`) and its
 outer loss (`loss`, or `loss_at` for a given x'). The training engine knows nothing else about a method: it
-builds SGD from `SCHEDULE` (via `official_setting(student)`, which for MART picks the official setting of
+builds SGD from `SCHEDULE` (via `official_setting(student, dataset)`, which for MART picks the official setting of
 the student's architecture), decays the lr at `milestones()`, calls `loss` once per batch and steps the
 optimizer.
 """
@@ -94,6 +94,9 @@ class Method:
     # caches its T(x) part.
     TEACHER_CACHE_AUTO: bool = False
     HPARAMS: Dict[str, HParam] = {}
+    # data set -> the hyperparameters whose official value differs there (RSLAD's CIFAR-100 scripts scale
+    # the loss); every other data set trains with the HPARAMS defaults
+    DATASET_DEFAULTS: Dict[str, Dict[str, object]] = {}
     SCHEDULE: Schedule = Schedule(epochs=1, lr=0.1, milestones=())
     # How the attack runs (attacks.pgd.pgd's `mode` and `start`): the model's mode during the attack and
     # `attack_objective` ("eval", or "train" as in ARD's code; SAT makes it a hyperparameter), and the random
@@ -113,11 +116,20 @@ class Method:
         self.validate()
 
     @classmethod
-    def official_setting(cls, student: str) -> Tuple[Schedule, Dict[str, object]]:
+    def official_setting(cls, student: str, dataset: str = "cifar10") -> Tuple[Schedule, Dict[str, object]]:
         """The official schedule and hyperparameter defaults for training a `student` (canonical architecture
-        name): what the engine resolves a run from, before presets and command-line values. One setting for
-        every architecture by default; a method whose official code has several (MART) overrides this."""
-        return cls.SCHEDULE, {key: hp.default for key, hp in cls.HPARAMS.items()}
+        name) on `dataset` (data.NAMES): what the engine resolves a run from, before presets and command-line
+        values. One setting for every architecture by default, with `DATASET_DEFAULTS` applied; a method
+        whose official code has several (MART) overrides this."""
+        defaults = {key: hp.default for key, hp in cls.HPARAMS.items()}
+        return cls.SCHEDULE, {**defaults, **cls.DATASET_DEFAULTS.get(dataset, {})}
+
+    def per_image_factor(self, num_classes: int) -> float:
+        """How many times the loss its per-image form is (the per-image form: summed over the classes,
+        averaged over the images): `num_classes` for a loss averaged over the B*C logits
+        (`LOSS_PER_ELEMENT`), 1 otherwise. The quick preset's `per_image_loss_lr` multiplies the lr by it
+        and divides the weight decay by it."""
+        return float(num_classes) if self.LOSS_PER_ELEMENT else 1.0
 
     def validate(self) -> None:
         """Raise UserError on out-of-range hyperparameters (eps outside [0, 1], negative steps, ...)."""

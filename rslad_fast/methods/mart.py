@@ -86,8 +86,8 @@ class MART(Method):
     WIDE = ("wrn34-10", "wrn70-16")  # the students that get train_wideresnet.py's setting
 
     @classmethod
-    def official_setting(cls, student: str):
-        schedule, defaults = super().official_setting(student)
+    def official_setting(cls, student: str, dataset: str = "cifar10"):
+        schedule, defaults = super().official_setting(student, dataset)
         if student in cls.WIDE:
             return schedule, defaults
         return cls.RESNET_SCHEDULE, dict(defaults, beta=cls.RESNET_BETA)

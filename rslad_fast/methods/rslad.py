@@ -13,11 +13,18 @@ Official code: zibojia/RSLAD, `rslad_loss.py` (`rslad_inner_loss`) and `resnet18
   the mean over the B*C elements (ops.softmax_kl reduction "mean"). The official kl adds 1e-5 inside
   log p_T, which shifts the loss by a constant and leaves its gradient unchanged. x' and x go through the
   student in two separate train-mode forwards, x' first.
+- CIFAR-100 (`resnet18_rslad_cifar100.py`, `mobilenet_v2_rslad_cifar100.py`, `DATASET_DEFAULTS`): the same
+  attack, schedule and loss, except that each KL term is `10*torch.mean(kl)` ("multiply 10 to keep consistent
+  with CIFAR-10 dataset": the mean over B*100 elements is 10x smaller than over B*10), hyperparameter
+  `kl_scale` (1 on CIFAR-10), and the student's log-probabilities are `torch.log(F.softmax(S))` where the
+  CIFAR-10 scripts take `F.log_softmax(S)` (`log_of_softmax`): equal up to rounding, except that a
+  probability that underflows to 0 gives an infinite loss there, as in the official code.
 - Schedule: SGD lr 0.1, momentum 0.9, weight decay 2e-4, batch 128, 300 epochs, lr x0.1 after epochs 215,
   260, 285 (`if epoch in [215, 260, 285]` at the end of 1-based epoch: 0-based milestones 215, 260, 285).
 """
 
 import torch
+import torch.nn.functional as F
 
 from .. import ops
 from ..attacks.pgd import fused_kl_pgd, kl_objective
@@ -29,11 +36,21 @@ from .base import (
     Schedule,
     accuracy,
     check_attack,
+    check_flag,
     check_range,
     pgd_hparams,
     register,
     teacher_logits,
+    upcast,
 )
+
+
+def mean_kl_log_of_softmax(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """mean over the B*C elements of p_T * (log p_T - log(softmax(S))), the student's log-probabilities as
+    the official CIFAR-100 scripts take them (`torch.log(F.softmax(...))`); in fp32, as softmax_kl."""
+    p_t = F.softmax(upcast(teacher_logits), dim=1)
+    log_s = torch.log(F.softmax(upcast(student_logits), dim=1))
+    return (torch.xlogy(p_t, p_t) - p_t * log_s).mean()
 
 
 @register
@@ -57,12 +74,25 @@ class RSLAD(Method):
             "weight of the adversarial KL term; 1-alpha weighs the natural one (RSLAD "
             "resnet18_rslad_cifar10.py `5/6.0*kl_Loss1 + 1/6.0*kl_Loss2`)",
         ),
+        "kl_scale": HParam(
+            1.0,
+            "factor on both KL terms (RSLAD resnet18_rslad_cifar10.py: none; 10 on CIFAR-100, "
+            "resnet18_rslad_cifar100.py `kl_Loss1 = 10*torch.mean(kl_Loss1)`)",
+        ),
+        "log_of_softmax": HParam(
+            False,
+            "the loss takes the student's log-probabilities as torch.log(F.softmax(S)) instead of "
+            "F.log_softmax(S) (RSLAD resnet18_rslad_cifar10.py: log_softmax; true on CIFAR-100, "
+            "resnet18_rslad_cifar100.py `kl_loss(torch.log(F.softmax(adv_logits,dim=1)), ...)`)",
+        ),
         "cuda_graph": HParam(
             "auto",
             "implementation switch, not from the paper: fused_kl_pgd's cuda_graph "
             "('auto': CUDA graph on CUDA inputs, eager on the CPU; True; False)",
         ),
     }
+    # RSLAD resnet18_rslad_cifar100.py / mobilenet_v2_rslad_cifar100.py (see the module docstring)
+    DATASET_DEFAULTS = {"cifar100": {"kl_scale": 10.0, "log_of_softmax": True}}
     SCHEDULE = Schedule(
         epochs=300,
         lr=0.1,
@@ -76,12 +106,19 @@ class RSLAD(Method):
     def validate(self) -> None:
         check_attack(self)
         self.alpha = check_range(self.name, "alpha", self.alpha, 0.0, 1.0)
+        self.kl_scale = check_range(self.name, "kl_scale", self.kl_scale, 0.0, lo_open=True)
+        self.log_of_softmax = check_flag(self.name, "log_of_softmax", self.log_of_softmax)
         value = self.cuda_graph
         if isinstance(value, str) and value.strip().lower() in ("auto", "true", "false"):
             value = {"auto": "auto", "true": True, "false": False}[value.strip().lower()]
         if not (value == "auto" or isinstance(value, bool)):
             raise UserError(f"method 'rslad': cuda_graph must be 'auto', true or false, got {self.cuda_graph!r}")
         self.cuda_graph = value
+
+    def per_image_factor(self, num_classes: int) -> float:
+        # kl_scale * sum / (B*C) is the per-image KL (sum / B) over C / kl_scale: 10 on CIFAR-10, and on
+        # CIFAR-100 at the official kl_scale 10 too
+        return num_classes / self.kl_scale
 
     def objective(self, ctx: Context):
         return kl_objective(teacher_logits(ctx))  # what fused_kl_pgd maximizes
@@ -103,8 +140,9 @@ class RSLAD(Method):
         t_logits = teacher_logits(ctx)
         logits_adv = ctx.student(x_adv)
         logits_nat = ctx.student(ctx.x)
-        loss_adv = ops.softmax_kl(logits_adv, t_logits, reduction="mean")
-        loss_nat = ops.softmax_kl(logits_nat, t_logits, reduction="mean")
+        kl = mean_kl_log_of_softmax if self.log_of_softmax else lambda s, t: ops.softmax_kl(s, t, reduction="mean")
+        loss_adv = self.kl_scale * kl(logits_adv, t_logits)
+        loss_nat = self.kl_scale * kl(logits_nat, t_logits)
         loss = self.alpha * loss_adv + (1.0 - self.alpha) * loss_nat
         ctx.stats.update(
             loss=loss.detach(),

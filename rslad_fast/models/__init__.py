@@ -4,9 +4,12 @@ Canonical names (``ARCHS``):
 - ``resnet18``  CIFAR ResNet-18 (RSLAD student; kuangliu layout)
 - ``mnv2``      CIFAR MobileNetV2 (RSLAD student; kuangliu layout)
 - ``wrn34-10``  TRADES WRN-34-10 (RSLAD teacher; loads TRADES' ``model_cifar_wrn.pt`` strictly)
-- ``wrn70-16``  DeepMind WRN-70-16 (RobustBench layout, normalizes internally)
+- ``wrn70-16``  DeepMind WRN-70-16 (RobustBench layout, normalizes internally; the RSLAD CIFAR-100 teacher)
 - ``resnet8``   a small CIFAR ResNet (He et al.'s n = 1, ~78k parameters): the quick preset's CPU teacher
 - ``tiny``      a ~5k-parameter CNN for tests and CPU demos; not from any paper
+
+Every model takes its class count from the data set (``build(name, num_classes)``: 10 for CIFAR-10, 100 for
+CIFAR-100; the engine and ``evaluate`` always pass it).
 
 Names are matched case-insensitively, ignoring ``-``, ``_``, ``.`` and spaces, so ``ResNet-18``,
 ``resnet_18``, ``rn18``, ``MobileNet_V2``, ``WRN_34_10`` and ``wideresnet70-16`` all work.
@@ -19,6 +22,8 @@ import torch.nn as nn
 from rslad_fast.errors import UserError
 
 ARCHS = ("resnet18", "mnv2", "wrn34-10", "wrn70-16", "resnet8", "tiny")
+# WRN-70-16's input normalizations (models/wrn_dm.py NORMALIZATIONS), the default first
+WRN70_NORMS = ("cifar10", "cifar100")
 
 # normalized alias -> canonical name (see _norm for the normalization)
 _ALIASES = {
@@ -75,8 +80,10 @@ def canonical_name(name: str) -> str:
     return canon
 
 
-def build(name: str, num_classes: int = 10) -> nn.Module:
-    """Build a freshly initialised model of architecture ``name`` with ``num_classes`` outputs.
+def build(name: str, num_classes: int = 10, *, normalization: str = "cifar10") -> nn.Module:
+    """Build a freshly initialised model of architecture ``name`` with ``num_classes`` outputs (the data set's
+    class count). ``normalization``: the mean/std WRN-70-16 normalizes its input with (``WRN70_NORMS``; the
+    other architectures take raw [0, 1] inputs and ignore it).
 
     Imports are local so that building the tiny model does not pay for importing every architecture."""
     canon = canonical_name(name)
@@ -87,6 +94,8 @@ def build(name: str, num_classes: int = 10) -> nn.Module:
     if n is None or n < 1:
         raise UserError(f"num_classes must be a positive integer, got {num_classes!r}")
     num_classes = n
+    if normalization not in WRN70_NORMS:
+        raise UserError(f"unknown WRN-70-16 normalization {normalization!r}; choose one of: {', '.join(WRN70_NORMS)}")
     if canon == "resnet18":
         from .resnet import resnet18
 
@@ -106,8 +115,8 @@ def build(name: str, num_classes: int = 10) -> nn.Module:
     if canon == "wrn70-16":
         from .wrn_dm import wrn70_16
 
-        return wrn70_16(num_classes)
+        return wrn70_16(num_classes, normalization)
     return TinyCNN(num_classes)
 
 
-__all__ = ["ARCHS", "TinyCNN", "build", "canonical_name"]
+__all__ = ["ARCHS", "WRN70_NORMS", "TinyCNN", "build", "canonical_name"]

@@ -164,9 +164,16 @@ def _drop_matching_constants(model: nn.Module, sd: dict, path: str) -> dict:
         if value.numel() != buf.numel() or not torch.allclose(
             value.detach().float().reshape(-1).cpu(), buf.detach().float().reshape(-1).cpu(), atol=1e-4
         ):
+            hint = ""
+            if name in ("mean", "std") and value.numel() == 3:  # a WRN-70-16 file: is it the other normalization?
+                from .wrn_dm import NORMALIZATIONS
+
+                for norm, pair in NORMALIZATIONS.items():
+                    if torch.allclose(value.float().reshape(-1), torch.tensor(pair[name == "std"]), atol=1e-4):
+                        hint = f" (the {norm} {name}: build it with that normalization, --wrn70-16-norm {norm})"
             raise UserError(
                 f"checkpoint {path}: {name!r} = {value.flatten().tolist()} differs from this "
-                f"architecture's fixed {buf.flatten().tolist()}"
+                f"architecture's fixed {buf.flatten().tolist()}{hint}"
             )
     return out
 
@@ -195,6 +202,21 @@ def _check_finite(sd: dict, path: str) -> None:
         )
 
 
+def _class_count_mismatch(model: nn.Module, sd: dict, expected: dict):
+    """(the checkpoint's, the model's) output count when the classifier (the model's last Linear) is the only
+    shape that differs, and only in its outputs; else None."""
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        return None
+    head = {f"{linears[-1]}.weight", f"{linears[-1]}.bias"} & set(expected)
+    differ = {k for k, v in expected.items() if tuple(sd[k].shape) != tuple(v.shape)}
+    if not differ or not differ <= head or not all(sd[k].dim() == expected[k].dim() for k in differ):
+        return None
+    if any(tuple(sd[k].shape[1:]) != tuple(expected[k].shape[1:]) for k in differ):
+        return None
+    return int(sd[next(iter(differ))].shape[0]), int(expected[next(iter(differ))].shape[0])
+
+
 def load_checkpoint_into(model: nn.Module, path, arch_name: str = None) -> nn.Module:
     """Load the weights in ``path`` into ``model`` strictly (in place) and return ``model``.
 
@@ -221,10 +243,16 @@ def load_checkpoint_into(model: nn.Module, path, arch_name: str = None) -> nn.Mo
     ]
     if wrong:
         more = f" ... and {len(wrong) - _MAX_LISTED} more" if len(wrong) > _MAX_LISTED else ""
+        classes = _class_count_mismatch(model, sd, expected)
+        why = (
+            "(wrong number of classes or width?)"
+            if classes is None
+            else f"(the checkpoint has {classes[0]} output classes, the model here {classes[1]}, the data set's "
+            f"class count: a checkpoint of another data set? see --dataset)"
+        )
         raise UserError(
             f"checkpoint {path} does not match architecture {arch}: {len(wrong)} shape "
-            f"mismatch(es) (checkpoint vs model): {', '.join(wrong[:_MAX_LISTED])}{more} "
-            f"(wrong number of classes or width?)"
+            f"mismatch(es) (checkpoint vs model): {', '.join(wrong[:_MAX_LISTED])}{more} {why}"
         )
     _check_finite(sd, path)
     try:

@@ -9,9 +9,16 @@ Gowal et al. 2020, WRN-70-16) load strictly:
 - Swish (x * sigmoid(x)) activations;
 - TensorFlow "SAME" padding emulated by hand: ``conv_0`` has padding 0 and its input is padded
   ``(1,1,1,1)`` at stride 1 and asymmetrically ``(0,1,0,1)`` at stride 2 (TF pads right/bottom only);
-- input normalization inside ``forward`` with the CIFAR-10 mean/std. Here they are NON-persistent buffers:
+- input normalization inside ``forward`` with a fixed mean/std. Here they are NON-persistent buffers:
   they are constants of the architecture, not learned weights, so they stay out of our state dicts
   (``loading.py`` drops matching ``mean``/``std`` entries found in RobustBench files).
+
+Which mean/std (``NORMALIZATIONS``, ``normalization=``): ``cifar10``, the default, is what the official
+RSLAD code builds its CIFAR-100 teacher with (zibojia/RSLAD ``cifar100_models/wideresnet.py``:
+``WideResNet_70_16()`` passes ``mean=CIFAR10_MEAN, std=CIFAR10_STD`` with ``num_classes=100``), so it is
+the faithful choice on both data sets; ``cifar100`` is the CIFAR-100 mean/std the same file defines and
+DeepMind's own model zoo normalizes its CIFAR-100 models with (deepmind-research
+``adversarial_robustness/pytorch``). The state dict is the same either way; only the logits differ.
 """
 
 import torch
@@ -20,6 +27,10 @@ import torch.nn.functional as F
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2471, 0.2435, 0.2616)
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+# normalization name -> (mean, std); the first is the default (see the module docstring)
+NORMALIZATIONS = {"cifar10": (CIFAR10_MEAN, CIFAR10_STD), "cifar100": (CIFAR100_MEAN, CIFAR100_STD)}
 
 
 class Swish(nn.SiLU):
@@ -103,5 +114,6 @@ class DMWideResNet(nn.Module):
         return self.logits(out.reshape(-1, self.num_channels))
 
 
-def wrn70_16(num_classes: int = 10) -> DMWideResNet:
-    return DMWideResNet(num_classes=num_classes, depth=70, width=16)
+def wrn70_16(num_classes: int = 10, normalization: str = "cifar10") -> DMWideResNet:
+    mean, std = NORMALIZATIONS[normalization]
+    return DMWideResNet(num_classes=num_classes, depth=70, width=16, mean=mean, std=std)
