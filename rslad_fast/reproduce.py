@@ -72,9 +72,10 @@ TEACHER_SHARED = (
     "allow_tf32",
     "sync_bn",
     "no_download",
+    "wrn70_16_norm",
 )
 # train's flags that only a distillation run takes
-TEACHER_ONLY = ("teacher_cache", "teacher_dtype", "teacher_norm")
+TEACHER_ONLY = ("teacher_cache", "teacher_dtype")
 # the dry run times each training step at most at this batch size and scales it linearly: a paper-sized step
 # (WRN-34-10 TRADES at 128) takes minutes on a CPU, and a step's cost is close to linear in the batch
 MEASURE_BATCH = 32
@@ -507,15 +508,21 @@ def provenance_text(prov: dict) -> str:
     return "; ".join(parts) + f" ({prov['root']})"
 
 
+def dataset_of(plan: Plan) -> str:
+    return getattr(plan.rest, "dataset", None) or "cifar10"
+
+
 def collect(plan: Plan) -> list:
-    """The table's rows: one per (run, checkpoint) with ours, the paper's and the difference per column."""
+    """The table's rows: one per (run, checkpoint) with ours, the paper's and the difference per column (the
+    paper's CIFAR-10 figures, so on CIFAR-10 only)."""
     rows = []
+    figures = PAPER if dataset_of(plan) == "cifar10" else {}
     for s in plan.stages:
         if s.kind != "evaluate":
             continue
         report = json.loads((s.run_dir / "eval.json").read_text())
         for r in report["rows"]:
-            paper = PAPER.get((s.student, s.method), {}) if r["label"] == "last" else {}
+            paper = figures.get((s.student, s.method), {}) if r["label"] == "last" else {}
             cols = {}
             for c in report["columns"]:
                 ours = r["accuracy"][c]
@@ -550,10 +557,11 @@ def write_table(plan: Plan, rows: list, prov: dict) -> list:
     ns = sorted({r["n"] for r in rows})
     head = ["model", "method", "checkpoint"] + [COLUMNS[c] for c in columns]
     md = [
-        f"# Table 2, reproduced ({plan.opts.preset} preset)",
+        f"# Table 2, reproduced ({dataset_of(plan)}, {plan.opts.preset} preset)",
         "",
         "Each cell: ours (the paper's, ours - paper). The paper's figures (Zi et al., ICCV 2021, Table 2, as "
-        "../shared/METHODS.md transcribes them) are of the last checkpoint, so only the `last` rows have them.",
+        "../shared/METHODS.md transcribes them) are CIFAR-10's, of the last checkpoint: only CIFAR-10's `last` "
+        "rows have them.",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -737,8 +745,7 @@ def _sweep(plan: Plan, dist) -> int:
     if dist.is_main:
         rows = collect(plan)
         data = plan.rest.data or "./data"
-        dataset = getattr(plan.rest, "dataset", None) or "cifar10"
-        prov = provenance(str(Path(data).expanduser().resolve()), dataset, plan.opts.data_provenance)
+        prov = provenance(str(Path(data).expanduser().resolve()), dataset_of(plan), plan.opts.data_provenance)
         try:
             paths = write_table(plan, rows, prov) + write_curves(plan)
         except OSError as e:

@@ -266,3 +266,17 @@ def test_under_torchrun_every_run_and_evaluation_is_distributed(tmp_path, data):
     for name in ("natural-tiny", "rslad-tiny"):
         assert json.loads((out / name / "eval.json").read_text())["world_size"] == 2
     assert json.loads((out / "table2.json").read_text())["rows"][0]["n"] == 16
+
+
+def test_cifar100_sweep_has_no_cifar10_paper_figures(tmp_path, fake_cifar100):
+    """--dataset cifar100 reaches every run and evaluation; the paper's (CIFAR-10) figures stay out."""
+    data = fake_cifar100(n_train=128, n_test=32, seed=0)
+    out = tmp_path / "c100"
+    argv = ["--out", str(out), "--methods", "natural", "--students", "tiny", "--preset", "quick", "--no-progress"]
+    argv += ["--attacks", "clean,fgsm", "--n", "32", "--dataset", "cifar100", "--train-n", "128", "--epochs", "1"]
+    assert reproduce.main(argv + ["--eval-n", "32", "--threads", "1", "--data", str(data)]) == 0
+    assert json.loads((out / "natural-tiny" / "config.json").read_text())["dataset"] == "cifar100"
+    table = json.loads((out / "table2.json").read_text())
+    assert table["data"]["dataset"] == "cifar100" and table["data"]["official"] is False
+    assert all(c["paper"] is None for r in table["rows"] for c in r["columns"].values())
+    assert "(cifar100, quick preset)" in (out / "table2.md").read_text()
