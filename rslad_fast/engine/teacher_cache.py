@@ -8,9 +8,10 @@ them afterwards skips about 54% of the teacher's forwards, with the same targets
 What is cached: ``step.teacher_logits`` of the natural augmented batch (``ctx.teacher_logits``), nothing
 else; a method's own teacher calls (IAD's T(x') through ``ctx.teacher``) never come here. The table is dense
 fp32 ``[N * V, C]`` plus a filled mask, on the training device: 50,000 x 162 x 10 x 4 bytes = 324 MB, with the
-mask 332 MB. It is derived state: never in a checkpoint (a resumed run refills it lazily), never shared
-between runs (a changed teacher cannot reuse it), one per process under torchrun (each rank's shard changes
-every epoch, so each keeps the whole set's table).
+mask 332 MB, for CIFAR-10; C is the data set's class count, so CIFAR-100's table is 3.24 GB (3.25 GB with
+the mask). It is derived state: never in a checkpoint (a resumed run refills it lazily), never shared between
+runs (a changed teacher cannot reuse it), one per process under torchrun (each rank's shard changes every
+epoch, so each keeps the whole set's table).
 
 Exactness: a hit returns the logits the teacher gave for that view in an earlier batch. The teacher's
 per-image result does not depend on the rest of its batch mathematically, but kernels may reduce in another
