@@ -460,9 +460,29 @@ def estimate_stages(plan: Plan) -> dict:
         elif not eval_done(plan, s.run_dir):
             cfg = seen.get(s.name) or train_cli.resolve_config(next(t.args for t in plan.stages if t.name == s.name))
             n = min(plan.opts.n, 10000)
-            one = estimate.eval_attack_seconds(cfg.student, plan.opts.attacks, n, cfg.device, plan.opts.eval_batch_size)
+            one = estimate.eval_attack_seconds(
+                cfg.student,
+                plan.opts.attacks,
+                n,
+                cfg.device,
+                plan.opts.eval_batch_size,
+                num_classes=cfg.num_classes,
+                **_accuracies(s.run_dir),
+            )
             est[s.name, s.kind] = 2 * one  # best.pt and last.pt (once when they hold the same weights)
     return est
+
+
+def _accuracies(run_dir: Path) -> dict:
+    """A trained run's last held-out clean and PGD-20 accuracy (fractions), which size AutoAttack's work: its
+    APGD-CE runs on the correctly classified points, its later attacks on those still robust; {} (the
+    estimate's defaults) before the run has an epoch."""
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        last = json.loads(lines[-1])
+        return {"clean": float(last["clean_acc"]), "robust": float(last["pgd20_acc"])}
+    except (OSError, ValueError, IndexError, KeyError, TypeError):
+        return {}
 
 
 # ---- The table and the curves ------------------------------------------------------------------------------

@@ -181,6 +181,10 @@ def test_attack_pass_counts_follow_the_registry():
     assert estimate.attack_passes("cw") == (30, 1)
     aa = estimate.attack_passes("aa")
     assert aa[0] == pytest.approx(100 + 0.6 * 1800) and aa[1] == pytest.approx(1 + 0.6 * 5900)
+    # a run's own accuracies: APGD-CE on the 40% it classifies, the later attacks on the 20% still robust
+    weak = estimate.attack_passes("aa", clean=0.4, robust=0.2)
+    assert weak[0] == pytest.approx(0.4 * 100 + 0.2 * 1800) and weak[1] == pytest.approx(1 + 0.2 * 5900)
+    assert estimate.attack_passes("pgd20-sat", clean=0.4, robust=0.2) == (20, 1)  # every point, whatever its fate
     with pytest.raises(ValueError, match="unknown attack"):
         estimate.attack_passes("pgd1000")
 

@@ -239,11 +239,13 @@ def estimate_run(
     return max(epochs_left, 0) * (batches_per_epoch * step_seconds + eval_seconds)
 
 
-def attack_passes(name: str) -> tuple:
+def attack_passes(name: str, *, clean: float = 1.0, robust: float = AA_ROBUST_FRACTION) -> tuple:
     """(passes, forwards) per image of ``evaluate``'s attack ``name`` at its standard settings: each attack's
     steps (its ``steps`` default in ``EVAL_ATTACKS``; FGSM one step) plus the forward its accuracy is counted
-    from. AutoAttack: see the AA_* constants, with AA_ROBUST_FRACTION of the points going past APGD-CE; an
-    upper-bound-ish count (every iteration a full pass, no early stop but Square's on fooled points)."""
+    from. AutoAttack: see the AA_* constants; APGD-CE runs on the ``clean`` fraction of the points that the
+    model classifies correctly, the later attacks on the ``robust`` fraction still standing after it (default
+    AA_ROBUST_FRACTION; a trained run's own PGD-20 accuracy is the better guess); an upper-bound-ish count
+    (every iteration a full pass, no early stop but Square's on fooled points)."""
     from rslad_fast.attacks.eval_attacks import EVAL_ATTACKS
 
     if name not in EVAL_ATTACKS:
@@ -251,28 +253,36 @@ def attack_passes(name: str) -> tuple:
     if name == "clean":
         return 0, 1
     if name == "aa":
-        r = AA_ROBUST_FRACTION
-        return AA_APGD_CE + r * (AA_APGD_T + AA_FAB_T), 1 + r * (AA_FAB_T + AA_SQUARE)
+        return clean * AA_APGD_CE + robust * (AA_APGD_T + AA_FAB_T), 1 + robust * (AA_FAB_T + AA_SQUARE)
     entry = EVAL_ATTACKS[name]
     steps = entry.default("steps") if "steps" in inspect.signature(entry.make).parameters else 1
     return int(steps), 1
 
 
 def eval_attack_seconds(
-    arch: str, attacks: Iterable[str], n: int, device, batch: int, *, num_classes: int = 10
+    arch: str,
+    attacks: Iterable[str],
+    n: int,
+    device,
+    batch: int,
+    *,
+    num_classes: int = 10,
+    clean: float = 1.0,
+    robust: float = AA_ROBUST_FRACTION,
 ) -> float:
     """Estimated seconds of ``python -m rslad_fast.evaluate`` on one checkpoint of ``arch``: ``n`` images,
     ``attacks`` (names of ``EVAL_ATTACKS``; clean always runs, as evaluate adds it) at their standard settings,
     ``batch`` images per batch on ``device``. One timed no-grad forward and one forward + input gradient of
     the architecture on random data at ``min(batch, n)`` images, times each attack's counts (:func:`attack_passes`).
     With AutoAttack an upper-bound-ish estimate: its later attacks are assumed to run on AA_ROBUST_FRACTION of
-    the points for all their iterations. A run's ``--run`` evaluates two checkpoints: twice this."""
+    the points (``robust``; APGD-CE on the ``clean`` fraction) for all their iterations. A run's ``--run``
+    evaluates two checkpoints: twice this."""
     from rslad_fast.models import build
 
     if n <= 0:
         return 0.0
     names = dict.fromkeys(["clean", *attacks])
-    counts = [attack_passes(a) for a in names]
+    counts = [attack_passes(a, clean=clean, robust=robust) for a in names]
     device = torch.device(device)
     b = min(batch, n)
     with preserved_state(device):
