@@ -474,7 +474,7 @@ def _main(args, dist, given) -> int:
 def _train(args, dist, run_dir, cfg, prep) -> int:
     from rslad_fast.engine import Diverged, run
     from rslad_fast.engine.checkpoint import WriteError
-    from rslad_fast.engine.estimate import self_trained_teacher_note
+    from rslad_fast.engine.estimate import batches_per_epoch, long_cpu_run_note, self_trained_teacher_note
     from rslad_fast.errors import UserError
 
     try:
@@ -500,6 +500,16 @@ def _train(args, dist, run_dir, cfg, prep) -> int:
                     cfg, len(prep.train[0]), len(prep.teacher_prep.train[0]), dist.world_size
                 )
                 print(f"note: {note}", flush=True)
+            if not args.resume and cfg.preset != "quick":
+                batches = batches_per_epoch(len(prep.train[0]), cfg.batch_size, dist.world_size) * cfg.epochs
+                if prep.teacher_prep is not None:
+                    t = prep.teacher_prep.cfg
+                    batches += (
+                        batches_per_epoch(len(prep.teacher_prep.train[0]), t.batch_size, dist.world_size) * t.epochs
+                    )
+                note = long_cpu_run_note(cfg.device, batches)
+                if note:
+                    print(f"note: {note}", flush=True)
         summary = run(prep, run_dir, dist=dist, progress=not args.no_progress)
     except WriteError as e:  # disk full, a folder turned read-only: rank 0's writes; torchrun stops the others
         print_error(f"{e}; once that is fixed, continue with: python -m rslad_fast.train --resume {run_dir}")

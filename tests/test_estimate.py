@@ -172,6 +172,32 @@ def test_the_cpu_pointer_appears_above_the_threshold_only(data, tmp_path, monkey
     assert "estimate: about" in out
 
 
+@pytest.mark.parametrize("long", [False, True])
+def test_a_long_cpu_run_points_to_the_quick_preset_before_it_starts(data, tmp_path, monkeypatch, capsys, long):
+    """The design card's `train --student mnv2` on a CPU: 147,016 batches, minutes before the first estimate."""
+    if long:
+        monkeypatch.setattr(estimate, "CPU_LONG_BATCHES", 4)  # this run: 1 epoch x 4 batches
+    args = ["--method", "natural", "--epochs", "1", "--data", str(data), "--out", str(tmp_path / "run"), *COMMON]
+    capsys.readouterr()
+    assert train.main(args) == 0
+    out = capsys.readouterr().out
+    note = (
+        "note: 4 batches on a CPU: the time estimate follows once the first batches are timed; --preset quick "
+        "trains a CPU-sized run (about 17 min on 2 cores)"
+    )
+    assert (note in out) == long, out
+    assert (note in out.split("[natural/tiny] estimate")[0]) == long  # before training starts
+
+
+def test_the_paper_schedule_counts_its_teacher():
+    """The count behind the note, for the paper's mnv2 RSLAD with a self-trained WRN-34-10 teacher."""
+    student, teacher = 300 * estimate.batches_per_epoch(50000, 128), 76 * estimate.batches_per_epoch(50000, 128)
+    assert (student, teacher) == (117300, 29716)
+    assert estimate.long_cpu_run_note("cpu", student + teacher).startswith("147,016 batches on a CPU")
+    assert estimate.long_cpu_run_note("cuda", student + teacher) is None
+    assert estimate.long_cpu_run_note("cpu", 4999) is None
+
+
 def test_attack_pass_counts_follow_the_registry():
     from rslad_fast.attacks.eval_attacks import EVAL_ATTACKS
 

@@ -28,6 +28,11 @@ import torch
 # On a CPU, an estimate above this points to --preset quick: past a couple of hours a CPU run is the paper's
 # schedule (weeks there), and the quick preset shows the whole pipeline in minutes.
 CPU_POINTER_SECONDS = 2 * 3600
+# The same pointer before anything is timed, for a CPU run of at least this many batches (teacher included):
+# the timed estimate comes only after the first batches, which for the paper's WRN-34-10 TRADES teacher take
+# minutes each on a CPU. The cheapest Table 2 step here (mnv2, batch 128, a 10-step attack) is ~15 s: 5,000
+# batches are a day of CPU, the paper's mnv2 RSLAD with its teacher 147,016.
+CPU_LONG_BATCHES = 5000
 # README "The two commands": the quick preset measured end to end on this project's 2-core machine.
 QUICK_PRESET_CPU = "about 17 min on 2 cores"
 # Batches of a run the in-run estimate skips (CUDA graph capture, cuDNN autotuning, allocator growth) and then
@@ -329,4 +334,15 @@ def self_trained_teacher_note(cfg, train_images: int, teacher_images: int, world
         f"no --teacher: this run first trains its own {t['student']} teacher with {t['method'].upper()}: "
         f"{count(t['epochs'], 'epoch')} x {count(t_batches, 'batch')} = {count(t['epochs'] * t_batches, 'batch')}, "
         f"then {count(cfg.epochs, 'epoch')} x {count(s_batches, 'batch')} of {cfg.method}"
+    )
+
+
+def long_cpu_run_note(device, batches: int) -> Optional[str]:
+    """The line ``train`` prints before a CPU run of ``batches`` batches (its teacher's included) at least
+    CPU_LONG_BATCHES long; None otherwise."""
+    if torch.device(device).type != "cpu" or batches < CPU_LONG_BATCHES:
+        return None
+    return (
+        f"{batches:,} batches on a CPU: the time estimate follows once the first batches are timed; "
+        f"--preset quick trains a CPU-sized run ({QUICK_PRESET_CPU})"
     )
