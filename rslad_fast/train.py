@@ -1,4 +1,4 @@
-"""Train a robust CIFAR-10 model: ``python -m rslad_fast.train``.
+"""Train a robust CIFAR-10 or CIFAR-100 model: ``python -m rslad_fast.train``.
 
     # the README's first command: a CPU-sized RSLAD run (trains its own TRADES teacher first), minutes
     python -m rslad_fast.train --preset quick --student mnv2 --data ./data --out runs/quick
@@ -17,9 +17,10 @@
     torchrun --nproc_per_node=4 -m rslad_fast.train --student resnet18 --teacher model_cifar_wrn.pt \
         --batch-size 32 --out runs/rslad_rn18_ddp
 
-Data: ``--data DIR`` is the folder holding ``cifar-10-batches-py/`` (default ``./data``). On these
-machines prepare it from the shared JPEG copy with ``python ../shared/data/prepare_cifar10.py ./data``;
-elsewhere a missing set is downloaded when the host is reachable.
+Data: ``--data DIR`` is the folder holding ``cifar-10-batches-py/`` or, with ``--dataset cifar100``,
+``cifar-100-python/`` (default ``./data``; README "Data sets"). On these machines prepare CIFAR-10 from the
+shared JPEG copy with ``python ../shared/data/prepare_cifar10.py ./data``; elsewhere a missing set is
+downloaded when the host is reachable.
 
 What a run writes (see rslad_fast/engine/runner.py): config.json, metrics.jsonl, curves.png, last.pt,
 best.pt and, for a distillation method without --teacher, the teacher's own run in teacher/.
@@ -492,7 +493,9 @@ def _train(args, dist, run_dir, cfg, prep) -> int:
                 f"{cfg.preset}, {cfg.epochs} epochs, {batch}, lr {cfg.lr:g} "
                 f"(x{cfg.gamma:g} at {cfg.milestones}), wd {cfg.weight_decay:g}, train images "
                 f"{len(prep.train[0])}, eval {cfg.eval_n}, device {cfg.device}, {cfg.threads} threads, {cfg.amp}"
-                f"{', channels_last' if cfg.channels_last else ''}" + (f", teacher {teacher}" if teacher else ""),
+                f"{', channels_last' if cfg.channels_last else ''}"
+                + (f", teacher {teacher} in {cfg.teacher_dtype}" if teacher else "")
+                + (f", {cfg.dataset}" if cfg.dataset != "cifar10" else ""),
                 flush=True,
             )
             if not args.resume and prep.teacher_prep is not None:  # a resume's teacher may be trained already

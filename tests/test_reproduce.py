@@ -268,13 +268,14 @@ def test_under_torchrun_every_run_and_evaluation_is_distributed(tmp_path, data):
     assert json.loads((out / "table2.json").read_text())["rows"][0]["n"] == 16
 
 
-def test_cifar100_sweep_has_no_cifar10_paper_figures(tmp_path, fake_cifar100):
+def test_cifar100_sweep_has_no_cifar10_paper_figures(tmp_path, fake_cifar100, capsys):
     """--dataset cifar100 reaches every run and evaluation; the paper's (CIFAR-10) figures stay out."""
     data = fake_cifar100(n_train=128, n_test=32, seed=0)
     out = tmp_path / "c100"
     argv = ["--out", str(out), "--methods", "natural", "--students", "tiny", "--preset", "quick", "--no-progress"]
     argv += ["--attacks", "clean,fgsm", "--n", "32", "--dataset", "cifar100", "--train-n", "128", "--epochs", "1"]
     assert reproduce.main(argv + ["--eval-n", "32", "--threads", "1", "--data", str(data)]) == 0
+    assert "device cpu, 1 threads, fp32, channels_last, cifar100" in capsys.readouterr().out  # train's start line
     assert json.loads((out / "natural-tiny" / "config.json").read_text())["dataset"] == "cifar100"
     table = json.loads((out / "table2.json").read_text())
     assert table["data"]["dataset"] == "cifar100" and table["data"]["official"] is False
