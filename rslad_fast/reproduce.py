@@ -79,6 +79,7 @@ TEACHER_ONLY = ("teacher_cache", "teacher_dtype")
 # the dry run times each training step at most at this batch size and scales it linearly: a paper-sized step
 # (WRN-34-10 TRADES at 128) takes minutes on a CPU, and a step's cost is close to linear in the batch
 MEASURE_BATCH = 32
+TRAIN_IMAGES = 50000  # CIFAR-10's and CIFAR-100's training sets, for a run on all of them
 
 # ---- The paper's Table 2 (CIFAR-10, last checkpoint), as ../shared/METHODS.md transcribes it ------------
 PAPER_COLUMNS = ("clean", "fgsm", "pgd20-sat", "pgd20-trades", "cw", "aa")
@@ -246,6 +247,9 @@ def make_plan(opts: argparse.Namespace, rest_tokens: list) -> Plan:
     parser = train_cli.build_parser()
     parser.prog = "python -m rslad_fast.reproduce"  # its errors name the command the user typed
     rest = parser.parse_args(rest_tokens)
+    # one absolute data path for every run, every evaluation and the plan: the same command from another
+    # folder is another data set
+    rest.data = str(Path(rest.data or "./data").expanduser().resolve())
     owned = [f"--{k.replace('_', '-')}" for k in OWNED if getattr(rest, k, None) not in (None, False)]
     if owned:
         raise UserError(f"{', '.join(owned)}: set by reproduce for each run; see --help")
@@ -306,13 +310,13 @@ def make_plan(opts: argparse.Namespace, rest_tokens: list) -> Plan:
             train_cli.resolve_config(args)  # every setting of every run checked before any work
             runs.append(Stage("train", name, out / name, args, method, student))
     stages += runs
-    _check_inputs(stages, rest)
+    _check_inputs(stages, rest, opts)
     stages += [Stage("evaluate", r.name, r.run_dir, None, r.method, r.student) for r in runs]
 
-    eval_argv = ["--attacks", ",".join(opts.attacks), "--batch-size", str(opts.eval_batch_size)]
+    eval_argv = ["--batch-size", str(opts.eval_batch_size), "--attacks", ",".join(opts.attacks)]
     if not isinstance(opts.n, DefaultN):
         eval_argv += ["--n", str(opts.n)]
-    eval_argv += ["--data", rest.data or "./data"] + (["--device", rest.device] if rest.device else [])
+    eval_argv += ["--data", rest.data] + (["--device", rest.device] if rest.device else [])
     eval_argv += ["--no-download"] if rest.no_download else []
     settings = {
         "format": PLAN_FORMAT,
@@ -324,30 +328,40 @@ def make_plan(opts: argparse.Namespace, rest_tokens: list) -> Plan:
             "arch": teacher_arch,
             "sha256": _sha256(opts.teacher) if opts.teacher and distill else None,
         },
-        # data as an absolute path: the same command from another folder is another data set
-        "train_flags": {**_given(parser, rest), **({"data": str(Path(rest.data).resolve())} if rest.data else {})},
-        "evaluate_flags": eval_argv,
+        "train_flags": _given(parser, rest),
+        # without --batch-size, which changes memory only: an evaluation that ran out of it can be retried smaller
+        "evaluate_flags": eval_argv[2:],
         "runs": [s.name for s in stages if s.kind == "train"],
     }
     return Plan(out, settings, stages, parser, eval_argv, opts, rest)
 
 
-def _check_inputs(stages: list, rest: argparse.Namespace) -> None:
-    """The data (and a given teacher file) through train's own checks, before anything is written: the first
-    run's, and the first distillation run's when it distills from a given file (its teacher is loaded and
-    matched against its architecture and the data set's class count)."""
+def _check_inputs(stages: list, rest: argparse.Namespace, opts: argparse.Namespace) -> None:
+    """What can fail on user input, through train's and evaluate's own checks, before anything is written
+    (a failure found after hours of training would need another --out): the data and the first run's
+    settings; a given teacher file (loaded and matched against its architecture and the data set's class
+    count) through the first distillation run, and with a self-trained teacher that run's teacher-logit cache;
+    evaluate's --n against the test set. A dry run never downloads."""
     from rslad_fast import methods
     from rslad_fast import train as train_cli
-    from rslad_fast.engine.runner import prepare, read_data
+    from rslad_fast.engine.runner import prepare, read_data, use_teacher_cache
+    from rslad_fast.evaluate import DefaultN
 
-    download = False if rest.no_download else "auto"
+    download = False if (rest.no_download or opts.dry_run) else "auto"
     distill = [s for s in stages if methods.get(s.method).needs_teacher and s.name != TEACHER_DIR]
-    checks = stages[:1] + [s for s in distill[:1] if s is not stages[0] and stages[0].name != TEACHER_DIR]
+    self_trained = stages[0].name == TEACHER_DIR
+    checks = stages[:1] + [s for s in distill[:1] if s is not stages[0] and not self_trained]
     full = None
     for stage in checks:
         cfg = train_cli.resolve_config(stage.args)
         full = full or read_data(cfg, download)
         prepare(cfg, download=download, full=full, eval_n_given=rest.eval_n is not None)
+    if self_trained and distill:  # its teacher file does not exist yet: the cache is sized from the data alone
+        cfg = train_cli.resolve_config(distill[0].args)
+        use_teacher_cache(cfg, min(cfg.train_n or len(full[0][1]), len(full[0][1])), [])
+    n_test = len(full[1][1])
+    if not isinstance(opts.n, DefaultN) and opts.n > n_test:
+        raise UserError(f"--n {opts.n} exceeds the {n_test} test images in {rest.data}")
 
 
 def _sha256(path) -> str:
@@ -374,6 +388,8 @@ def check_plan_file(plan: Plan) -> bool:
     if not isinstance(old, dict):
         raise UserError(f"{path}: not a plan (a JSON object expected)")
     diff = [k for k in sorted(set(old) | set(plan.settings)) if old.get(k) != plan.settings.get(k)]
+    if diff and not _started(plan.out, old):
+        return False  # nothing of it ran: the new plan replaces it
     if diff:
         k = diff[0]
         raise UserError(
@@ -381,6 +397,14 @@ def check_plan_file(plan: Plan) -> bool:
             f"now); rerun with its settings to continue it, or use another --out"
         )
     return True
+
+
+def _started(out: Path, old: dict) -> bool:
+    """Whether any run of the plan ``old`` has begun (its run directory holds a config.json)."""
+    runs = old.get("runs")
+    if not isinstance(runs, list):
+        return True  # not a plan we can read: never replaced
+    return any(isinstance(n, str) and (out / Path(n).name / "config.json").exists() for n in runs)
 
 
 def write_plan(plan: Plan) -> None:
@@ -417,30 +441,49 @@ def train_state(stage: Stage) -> str:
     return "done" if done >= epochs else "resume"
 
 
+# evaluate's settings that do not change its figures: not compared with a finished eval.json's
+EVAL_NEUTRAL = ("run", "ckpt", "out", "batch_size", "no_progress", "verbose", "attacks")
+
+
+def _json(value):
+    return json.loads(json.dumps(value, default=str))
+
+
 def eval_done(plan: Plan, run_dir: Path) -> bool:
-    """An eval.json newer than last.pt, with the planned attacks and number of images."""
+    """An eval.json newer than last.pt made with the planned evaluation: the same attacks and every other
+    setting of evaluate's (images, eps, seed, data, each attack's hyperparameters) as planned, so that one
+    made by hand with other settings is redone, not taken into the table."""
+    from rslad_fast import evaluate as evaluate_cli
+
     path, last = run_dir / "eval.json", run_dir / "last.pt"
     if not (path.is_file() and last.is_file()) or path.stat().st_mtime < last.stat().st_mtime:
         return False
     try:
         report = json.loads(path.read_text())
-    except (OSError, ValueError):
+        config = report["config"]
+        planned = vars(evaluate_cli.build_parser().parse_args(["--run", str(run_dir)] + plan.eval_argv))
+        # a setting the plan leaves to evaluate (None: the data set and normalization from the run's
+        # config.json) is whatever evaluate made of it
+        same = all(
+            _json(v) == _json(config.get(k)) for k, v in planned.items() if k not in EVAL_NEUTRAL and v is not None
+        )
+        return (
+            same
+            and report.get("columns") == list(plan.opts.attacks)
+            and {r.get("label") for r in report.get("rows", [])} >= {"best", "last"}
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
-    from rslad_fast.evaluate import DefaultN
-
-    n = None if isinstance(plan.opts.n, DefaultN) else plan.opts.n
-    return (
-        report.get("columns") == list(plan.opts.attacks)
-        and (n is None or report.get("n_requested") == n)
-        and {r.get("label") for r in report.get("rows", [])} >= {"best", "last"}
-    )
 
 
 # ---- The estimate ------------------------------------------------------------------------------------------
 
 
-def estimate_stages(plan: Plan) -> dict:
-    """Stage -> estimated seconds of its remaining work on this machine, from a short measured step."""
+def estimate_stages(plan: Plan, dist=None) -> dict:
+    """Stage -> estimated seconds of its remaining work on this machine, from a short measured step.
+
+    Under torchrun (``dist``) every rank measures on its own device, at once: none waits minutes in a
+    collective for rank 0's timing."""
     from rslad_fast import train as train_cli
     from rslad_fast.engine import estimate
 
@@ -452,10 +495,12 @@ def estimate_stages(plan: Plan) -> dict:
             if done >= cfg.epochs:
                 continue
             small = dataclasses.replace(cfg, batch_size=min(cfg.batch_size, MEASURE_BATCH))
-            per_batch = estimate.measure_train_step(small) * cfg.batch_size / small.batch_size
-            n_train = cfg.train_n or 50000
-            batches = math.ceil(n_train / cfg.batch_size)
-            est[s.name, s.kind] = estimate.estimate_run(cfg, per_batch, batches, cfg.epochs - done)
+            device = dist.device(cfg.device) if dist is not None else None
+            per_batch = estimate.measure_train_step(small, device=device) * cfg.batch_size / small.batch_size
+            world = dist.world_size if dist is not None else 1
+            batches = estimate.batches_per_epoch(cfg.train_n or TRAIN_IMAGES, cfg.batch_size, world)
+            eval_s = estimate.measure_eval_seconds(cfg, images=math.ceil(cfg.eval_n / world), device=device)
+            est[s.name, s.kind] = estimate.estimate_run(cfg, per_batch, batches, cfg.epochs - done, eval_seconds=eval_s)
             seen[s.name] = cfg
         elif not eval_done(plan, s.run_dir):
             cfg = seen.get(s.name) or train_cli.resolve_config(next(t.args for t in plan.stages if t.name == s.name))
@@ -464,7 +509,7 @@ def estimate_stages(plan: Plan) -> dict:
                 cfg.student,
                 plan.opts.attacks,
                 n,
-                cfg.device,
+                dist.device(cfg.device) if dist is not None else cfg.device,
                 plan.opts.eval_batch_size,
                 num_classes=cfg.num_classes,
                 **_accuracies(s.run_dir),
@@ -664,7 +709,7 @@ def print_plan(plan: Plan, est: dict) -> None:
         if s.kind == "train":
             cfg = train_cli.resolve_config(s.args)
             done, _ = completed_epochs(s.run_dir)
-            batches = math.ceil((cfg.train_n or 50000) / cfg.batch_size)
+            batches = math.ceil((cfg.train_n or TRAIN_IMAGES) / cfg.batch_size)
             state = {"done": "finished", "resume": f"resume at epoch {done + 1}", "new": "new"}[train_state(s)]
             what = f"train {cfg.method} {cfg.student}: {cfg.epochs} epochs x {batches} batches of {cfg.batch_size}" + (
                 f", teacher {cfg.teacher['arch']}" if cfg.teacher else ""
@@ -728,7 +773,7 @@ def _sweep(plan: Plan, dist) -> int:
     from rslad_fast import train as train_cli
     from rslad_fast.engine.estimate import fmt_duration
 
-    est = estimate_stages(plan) if dist.is_main else {}
+    est = estimate_stages(plan, dist)
     _say(dist, f"{len(plan.stages)} stages; remaining work about {fmt_duration(sum(est.values()))} on this machine")
     t_start, spent, spent_est = time.perf_counter(), 0.0, 0.0
     eparser = evaluate_cli.build_parser()
@@ -741,7 +786,9 @@ def _sweep(plan: Plan, dist) -> int:
                 _say(dist, f"{head}: finished before, skipped")
                 continue
             if state == "resume":
-                args = plan.train_parser.parse_args(["--resume", str(s.run_dir)])
+                args = plan.train_parser.parse_args(
+                    ["--resume", str(s.run_dir)] + (["--no-download"] if plan.rest.no_download else [])
+                )
             else:
                 args = s.args
             args.no_progress = plan.opts.no_progress
@@ -764,8 +811,7 @@ def _sweep(plan: Plan, dist) -> int:
         _say(dist, f"{head}: done in {fmt_duration(took)}; remaining about {fmt_duration(left)}")
     if dist.is_main:
         rows = collect(plan)
-        data = plan.rest.data or "./data"
-        prov = provenance(str(Path(data).expanduser().resolve()), dataset_of(plan), plan.opts.data_provenance)
+        prov = provenance(plan.rest.data, dataset_of(plan), plan.opts.data_provenance)
         try:
             paths = write_table(plan, rows, prov) + write_curves(plan)
         except OSError as e:

@@ -39,6 +39,7 @@ def test_sweep_end_to_end(finished, data):
     out = finished
     plan = json.loads((out / "plan.json").read_text())
     assert plan["runs"] == ["teacher", "sat-tiny", "rslad-tiny"]
+    assert plan["train_flags"]["data"] == str(data.resolve())
     for name in plan["runs"]:
         assert (out / name / "last.pt").is_file()
     for name in ("sat-tiny", "rslad-tiny"):
@@ -123,13 +124,17 @@ def test_killed_sweep_resumes_to_the_same_table(tmp_path, finished, data, monkey
         return result
 
     monkeypatch.setattr(runner, "_end_of_epoch", kill_after_first_rslad_epoch)
-    assert sweep(out, data) == 130
+    assert sweep(out, data, "--no-download") == 130
     assert reproduce.completed_epochs(out / "rslad-tiny") == (1, 2)
     assert not (out / "sat-tiny" / "eval.json").exists()
     monkeypatch.setattr(runner, "_end_of_epoch", real)
     done = {p: p.stat().st_mtime_ns for p in (out / "teacher" / "last.pt", out / "sat-tiny" / "last.pt")}
     capsys.readouterr()
-    assert sweep(out, data) == 0
+    resumed = []
+    real_run_parsed = train.run_parsed
+    monkeypatch.setattr(train, "run_parsed", lambda p, a, d: resumed.append(a) or real_run_parsed(p, a, d))
+    assert sweep(out, data, "--no-download") == 0
+    assert [(a.resume, a.no_download) for a in resumed] == [(str(out / "rslad-tiny"), True)]  # the flag kept
     log = capsys.readouterr().out
     assert "train teacher: finished before, skipped" in log and "train sat-tiny: finished before, skipped" in log
     assert "resuming" in log and "already complete" not in log
@@ -281,3 +286,57 @@ def test_cifar100_sweep_has_no_cifar10_paper_figures(tmp_path, fake_cifar100, ca
     assert table["data"]["dataset"] == "cifar100" and table["data"]["official"] is False
     assert all(c["paper"] is None for r in table["rows"] for c in r["columns"].values())
     assert "(cifar100, quick preset)" in (out / "table2.md").read_text()
+
+
+def test_an_evaluation_made_by_hand_with_other_settings_is_redone(tmp_path, finished, data):
+    """An eval.json of the same attacks and images but another eps is not the planned evaluation."""
+    import shutil
+
+    from rslad_fast import evaluate
+
+    out = tmp_path / "copy"
+    shutil.copytree(finished, out)
+    args = ["--run", str(out / "sat-tiny"), "--attacks", "clean,fgsm,pgd20-sat", "--n", "32", "--data", str(data)]
+    assert evaluate.main([*args, "--no-progress", "--eps", "1.0"]) == 0
+    assert sweep(out, data) == 0  # redoes that evaluation, skips everything else
+    redone = json.loads((out / "sat-tiny" / "eval.json").read_text())
+    assert redone["config"]["eps"] == pytest.approx(8 / 255)
+    assert json.loads((out / "table2.json").read_text())["rows"] == [
+        {**r, "run": r["run"].replace(str(finished), str(out))}
+        for r in json.loads((finished / "table2.json").read_text())["rows"]
+    ]
+
+
+def test_eval_batch_size_is_no_part_of_the_plan(finished, data, capsys):
+    """Memory only: an evaluation that ran out of it can be retried smaller in the same folder."""
+    assert sweep(finished, data, "--eval-batch-size", "16") == 0
+    assert capsys.readouterr().out.count("finished before, skipped") == 5
+
+
+def test_a_plan_nothing_of_which_started_is_replaced(tmp_path, data):
+    def plan_of(methods):
+        argv = ["--out", str(tmp_path / "p"), "--methods", methods, "--students", "tiny", *EVAL]
+        return reproduce.make_plan(reproduce.build_parser().parse_known_args(argv)[0], [*TRAIN, "--data", str(data)])
+
+    first = plan_of("sat")
+    reproduce.write_plan(first)
+    assert reproduce.check_plan_file(plan_of("sat")) is True  # the same plan: continue it
+    assert reproduce.check_plan_file(plan_of("natural")) is False  # nothing ran: replaced
+    (tmp_path / "p" / "sat-tiny").mkdir()
+    (tmp_path / "p" / "sat-tiny" / "config.json").write_text("{}")  # a run began
+    with pytest.raises(reproduce.UserError, match="holds a different plan"):
+        reproduce.check_plan_file(plan_of("natural"))
+
+
+def test_too_many_test_images_is_refused_before_any_training(tmp_path, data, capsys):
+    out = tmp_path / "n"
+    assert sweep(out, data, "--n", "65") == 2  # the generated test set holds 64
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: --n 65 exceeds the 64 test images in {data.resolve()}" and not out.exists()
+
+
+def test_a_dry_run_never_downloads(tmp_path, capsys):
+    assert sweep(tmp_path / "d", tmp_path / "no-data", "--dry-run") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: CIFAR-10 not found") and "download disabled" in err, err
+    assert not (tmp_path / "d").exists() and not (tmp_path / "no-data").exists()
