@@ -568,7 +568,12 @@ def provenance_text(prov: dict) -> str:
     elif prov.get("official") is False:
         parts.append(
             f"not the official {prov['dataset']} files ({', '.join(prov['differs'])} differ from the official "
-            f"release's md5): e.g. a JPEG re-encoded copy, whose accuracies land near, not on, published figures"
+            f"release's md5)"
+            + (
+                ": e.g. a JPEG re-encoded copy, whose accuracies land near, not on, published figures"
+                if prov["dataset"] == "cifar10"
+                else ""
+            )
         )
     return "; ".join(parts) + f" ({prov['root']})"
 

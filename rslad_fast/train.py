@@ -99,8 +99,9 @@ PRESETS = {
         epoch_hparams=("begin",),  # method hyperparameters counted in epochs (IAD's warm-up length)
         channels_last=True,  # mnv2 on this CPU: 1.75 s vs 2.19 s per forward + input gradient of 128
         # images (resnet18: 2.45 vs 2.31 s, so --no-channels-last for it)
-        per_image_loss_lr=True,  # RSLAD averages its KL over the B*C logits, so its gradient is 1/C (C = 10)
-        # of a per-image KL's: 300 epochs absorb that, a few hundred steps do not (lr 0.1:
+        per_image_loss_lr=True,  # RSLAD averages its KL over the B*C logits, so its gradient is 1/C of a
+        # per-image KL's (C = 10; on CIFAR-100 its x10 kl_scale makes the factor C / kl_scale = 10 again:
+        # Method.per_image_factor): 300 epochs absorb that, a few hundred steps do not (lr 0.1:
         # 29.5% clean but 0.0% PGD-20 after 4,000 images x 3 epochs; lr 1.0 with
         # weight decay 2e-5: 36.0% / 15.0%). So lr x C and weight decay / C, which
         # is exactly SGD on the per-image KL at lr 0.1, weight decay 2e-4

@@ -504,3 +504,24 @@ def test_wrn70_16_norm_is_recorded_and_a_file_of_the_other_normalization_says_so
     torch.save(sd, tmp_path / "dm.pt")
     with pytest.raises(UserError, match="'mean'.*differs.*the cifar100 mean.*--wrn70-16-norm cifar100"):
         load_checkpoint_into(model, tmp_path / "dm.pt", "wrn70-16")
+
+
+def test_the_issue_commands_mnv2_quick_preset_then_evaluate(data, tmp_path, capsys):
+    """`train --dataset cifar100 --student mnv2` (quick preset, its self-trained teacher in fp16) and
+    `evaluate --dataset cifar100` on its checkpoint, at test sizes."""
+    run_dir = tmp_path / "mnv2"
+    argv = ["--dataset", "cifar100", "--preset", "quick", "--student", "mnv2", "--teacher-arch", "tiny"]
+    argv += ["--train-n", "64", "--epochs", "1", "--eval-n", "16", "--threads", "1", "--no-progress"]
+    assert train.main([*argv, "--no-download", "--data", str(data), "--out", str(run_dir)]) == 0
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert (cfg["dataset"], cfg["student"], cfg["teacher"]["dtype"]) == ("cifar100", "mnv2", "fp16")
+    assert cfg["hparams"]["kl_scale"] == 10.0 and cfg["lr"] == pytest.approx(1.0)
+    ev = ["--ckpt", str(run_dir / "last.pt"), "--arch", "mnv2", "--dataset", "cifar100", "--data", str(data)]
+    capsys.readouterr()
+    assert evaluate.main([*ev, "--attacks", "clean,fgsm,cw", "--n", "8", "--no-progress", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["data"]["split"] == "CIFAR-100 test" and report["n"] == 8
+    assert set(report["rows"][0]["accuracy"]) >= {"clean", "fgsm", "cw"}
+    # the same checkpoint without --dataset is a 10-class model: one error naming the class counts
+    assert evaluate.main([*ev[:4], "--data", str(data), "--n", "8", "--no-progress", "--out", str(tmp_path)]) == 2
+    assert "100 output classes" in capsys.readouterr().err

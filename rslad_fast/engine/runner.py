@@ -135,7 +135,7 @@ def select_data(cfg: Config, full: tuple, *, eval_n_given: bool = True, notes: O
 def prepare(cfg: Config, *, download="auto", full=None, eval_n_given: bool = True) -> Prepared:
     """All checks that can fail on user input, and the loading they need. Writes nothing.
 
-    ``full``: CIFAR-10 as :func:`read_data` returns it, when already read (the self-trained teacher reuses
+    ``full``: the data set as :func:`read_data` returns it, when already read (the self-trained teacher reuses
     the student's copy and takes its own ``train_n`` of it). A teacher file's sha256 is added to
     ``cfg.teacher`` (new run) or checked against it (resume). ``eval_n_given``: see :func:`select_data`."""
     check_ops_device(cfg.device)  # new run and resume alike (the build may have changed in between)

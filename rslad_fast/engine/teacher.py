@@ -1,9 +1,9 @@
 """The teacher of the distillation methods: loaded from a user's checkpoint, or trained by the run itself.
 
-- ``--teacher PATH``: :func:`load_teacher` builds ``--teacher-arch`` (default wrn34-10, the RSLAD teacher)
-  and loads the file with ``models.loading.load_checkpoint_into`` (weights_only, strict: a missing, corrupt
-  or mismatching file, or one with NaN/inf weights or buffers, is a one-line UserError before the run
-  directory exists).
+- ``--teacher PATH``: :func:`load_teacher` builds ``--teacher-arch`` (default wrn34-10, the RSLAD CIFAR-10
+  teacher; wrn70-16 on CIFAR-100) and loads the file with ``models.loading.load_checkpoint_into``
+  (weights_only, strict: a missing, corrupt or mismatching file, or one with NaN/inf weights or buffers, is
+  a one-line UserError before the run directory exists).
 - no ``--teacher``: the run trains its own teacher with TRADES first, in ``RUN_DIR/teacher/`` (a complete
   run directory of its own: config.json, metrics.jsonl, last.pt, best.pt, curves.png), resumed like any
   run, and then distills from its final weights (``teacher/last.pt``: the official codes use the last

@@ -13,8 +13,12 @@ Official code: zibojia/RSLAD, `rslad_loss.py` (`rslad_inner_loss`) and `resnet18
   the mean over the B*C elements (ops.softmax_kl reduction "mean"). The official kl adds 1e-5 inside
   log p_T, which shifts the loss by a constant and leaves its gradient unchanged. x' and x go through the
   student in two separate train-mode forwards, x' first.
-- CIFAR-100 (`resnet18_rslad_cifar100.py`, `mobilenet_v2_rslad_cifar100.py`, `DATASET_DEFAULTS`): the same
-  attack, schedule and loss, except that each KL term is `10*torch.mean(kl)` ("multiply 10 to keep consistent
+- CIFAR-100 (`resnet18_rslad_cifar100.py`, `mobilenet_v2_rslad_cifar100.py`, `DATASET_DEFAULTS`): the
+  scripts do not run as published (their attack is `trades_loss_without_celoss6(..., epsilon=epsilon)`, a
+  function rslad_loss.py does not define with a name the script never sets, and the fp16 teacher is fed
+  fp32 images), so ours is a reading of them: the CIFAR-10 attack (`rslad_inner_loss`, which the call's
+  step_size=2/255 and perturb_steps=10 match), the teacher's input cast to its dtype, and the same
+  schedule and loss, except that each KL term is `10*torch.mean(kl)` ("multiply 10 to keep consistent
   with CIFAR-10 dataset": the mean over B*100 elements is 10x smaller than over B*10), hyperparameter
   `kl_scale` (1 on CIFAR-10), and the student's log-probabilities are `torch.log(F.softmax(S))` where the
   CIFAR-10 scripts take `F.log_softmax(S)` (`log_of_softmax`): equal up to rounding, except that a
