@@ -76,8 +76,10 @@ TEACHER_SHARED = (
 )
 # train's flags that only a distillation run takes
 TEACHER_ONLY = ("teacher_cache", "teacher_dtype")
-# the dry run times each training step at most at this batch size and scales it linearly: a paper-sized step
-# (WRN-34-10 TRADES at 128) takes minutes on a CPU, and a step's cost is close to linear in the batch
+# the dry run times each training step and evaluation pass at most at this batch size and scales it linearly:
+# a paper-sized step (WRN-34-10 TRADES at 128) takes minutes on a CPU, a step's cost is close to linear in the
+# batch there, and on a GPU a small batch errs on the slow side; it also bounds the dry run's memory (a paper
+# sweep's dry run that timed its evaluation passes at evaluate's batch of 250 was seen at 14.6 GB on the CPU)
 MEASURE_BATCH = 32
 TRAIN_IMAGES = 50000  # CIFAR-10's and CIFAR-100's training sets, for a run on all of them
 
@@ -510,7 +512,7 @@ def estimate_stages(plan: Plan, dist=None) -> dict:
                 plan.opts.attacks,
                 n,
                 dist.device(cfg.device) if dist is not None else cfg.device,
-                plan.opts.eval_batch_size,
+                min(plan.opts.eval_batch_size, MEASURE_BATCH),  # timed small and scaled, as training's step
                 num_classes=cfg.num_classes,
                 **_accuracies(s.run_dir),
             )
