@@ -33,8 +33,9 @@
 #   graphs             45   replay == eager (contiguous, channels_last, caller's autocast, across optimizer
 #                           steps, load_state_dict and replaced parameters, a thread using CUDA during capture):
 #                           ~12 captures of tiny / MobileNetV2 loops
-#   smoke             100   scripts/gpu_smoke.py: 7 methods x fp32/bf16 + RSLAD graph off, each one epoch of 4
-#                           batches of 128 (MobileNetV2) and a 128-image PGD-20, ~3 s each; evaluate with all six
+#   smoke             110   scripts/gpu_smoke.py: 7 methods x fp32/bf16 + RSLAD graph off + RSLAD on CIFAR-100
+#                           with an fp16 teacher (fp32/bf16), each one epoch of 4 batches of 128 (MobileNetV2)
+#                           and a 128-image PGD-20, ~3 s each; evaluate with all six
 #                           attacks on 128 images ~20 s; torchrun (NCCL) ~25 s
 #   bench_ops          30   the op rows (fused, eager) on CUDA: 24 rows of ~1 s
 #   bench_inner        40   the 10-step inner loop, eager / fused / fused + graph, batch 128 and 512, 5 rounds
@@ -69,7 +70,7 @@ finalize() {  # summary + archive; after every stage, so a killed run still retu
   "$PY" scripts/gpu_summary.py "$WORK" --md "$OUT/summary.md" --json "$WORK/summary.json" >/dev/null 2>>"$WORK/gpu_check.log"
   # Logs and JSON only: the smoke's checkpoints (MobileNetV2 runs, ~60 MB) and data would make the archive slow
   # to write after every stage, and too big to come back.
-  tar -czf "$OUT/gpu_check_logs.tar.gz" --exclude='*.pt' --exclude='./smoke/data' -C "$WORK" . 2>/dev/null
+  tar -czf "$OUT/gpu_check_logs.tar.gz" --exclude='*.pt' --exclude='./smoke/data' --exclude='./smoke/data100' -C "$WORK" . 2>/dev/null
 }
 
 stage() {  # stage NAME ESTIMATE_S COMMAND...: run it if it fits, stop it at 2 x ESTIMATE_S or the deadline
@@ -177,7 +178,7 @@ if [ "$MODE" = quick ]; then
 
   # ---- 5. training smoke: every method, fp32 and bf16, graph on and off, then torchrun -------------------------
   if [ $GPU = 1 ]; then
-    stage smoke 100 "$PY" scripts/gpu_smoke.py --out "$WORK/smoke"
+    stage smoke 110 "$PY" scripts/gpu_smoke.py --out "$WORK/smoke"
   else
     stage smoke 90 "$PY" scripts/gpu_smoke.py --out "$WORK/smoke" --tiny
   fi

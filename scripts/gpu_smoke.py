@@ -6,6 +6,8 @@ On generated CIFAR-shaped data (tests/fake_cifar.py), in one process (the CLI's 
 imports and CUDA start-up are paid once):
 - each of the seven methods in fp32 and in bf16, MobileNetV2 students (a distillation method distils from a
   saved random ResNet-8 teacher file: the smoke is about the code paths, not accuracy);
+- RSLAD on generated CIFAR-100 (100 classes, the official CIFAR-100 loss, an fp16 teacher as the
+  official scripts' `teacher.half()`), fp32 and bf16;
 - RSLAD with the CUDA-graph attack on and off, fp32 and bf16: the graph replays the eager loop's kernels, so
   the two runs must give the same epoch loss. cuDNN runs deterministic algorithms here (the engine's
   cudnn.benchmark alone may pick non-deterministic weight-gradient kernels, whose rounding SGD then
@@ -29,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "tests"))  # the test data writer, fake_cifar
-from fake_cifar import write_fake_cifar10  # noqa: E402
+from fake_cifar import write_fake_cifar10, write_fake_cifar100  # noqa: E402
 
 from rslad_fast import methods, train  # noqa: E402
 from rslad_fast.models import build  # noqa: E402
@@ -56,9 +58,9 @@ def _last_metrics(run_dir, row, *keys):
     return row
 
 
-def _one(args, data, teacher, out, method, amp, graph):
-    run_dir = out / f"{method}-{amp}-{'graph' if graph else 'eager'}"
-    argv = _train_argv(args, data, run_dir, method) + ["--amp", amp]
+def _one(args, data, teacher, out, method, amp, graph, dataset="cifar10"):
+    run_dir = out / f"{method}-{amp}-{'graph' if graph else 'eager'}{'' if dataset == 'cifar10' else '-' + dataset}"
+    argv = _train_argv(args, data, run_dir, method) + ["--amp", amp, "--dataset", dataset]
     if methods.get(method).needs_teacher:
         argv += ["--teacher", str(teacher), "--teacher-arch", args.teacher_arch]
     if method == "rslad":  # on: required on CUDA (an error if it cannot be used), auto (eager) on the CPU dry run
@@ -71,7 +73,7 @@ def _one(args, data, teacher, out, method, amp, graph):
     else:
         error = None
     row = {
-        "method": method,
+        "method": method if dataset == "cifar10" else f"{method} {dataset} (fp16 teacher)",
         "amp": amp,
         "graph": graph,
         "rc": rc,
@@ -216,6 +218,11 @@ def main(argv=None):
             )
         else:
             pairs.append({"amp": amp, "on": None, "off": None, "rel_diff": "-", "ok": False})
+    data100, teacher100 = out / "data100", out / "teacher100.pt"
+    write_fake_cifar100(data100, n_train=args.train_n, n_test=max(args.eval_n, 16), seed=0)
+    torch.save(build(args.teacher_arch, 100).state_dict(), teacher100)
+    for amp in ("fp32", "bf16"):
+        rows.append(_one(args, data100, teacher100, out, "rslad", amp, graph=True, dataset="cifar100"))
     rows.append(_evaluate(args, data, out))
     if not args.no_torchrun:
         rows.append(_torchrun(args, data, teacher, out))
