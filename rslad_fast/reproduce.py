@@ -243,6 +243,7 @@ def make_plan(opts: argparse.Namespace, rest_tokens: list) -> Plan:
     """Validate everything and lay out the stages; reads files, writes nothing."""
     from rslad_fast import methods
     from rslad_fast import train as train_cli
+    from rslad_fast.engine.runner import file_sha256
     from rslad_fast.evaluate import DefaultN
     from rslad_fast.models import canonical_name
 
@@ -328,7 +329,7 @@ def make_plan(opts: argparse.Namespace, rest_tokens: list) -> Plan:
         "teacher": {
             "file": str(Path(opts.teacher).expanduser().resolve()) if opts.teacher else None,
             "arch": teacher_arch,
-            "sha256": _sha256(opts.teacher) if opts.teacher and distill else None,
+            "sha256": file_sha256(opts.teacher) if opts.teacher and distill else None,
         },
         "train_flags": _given(parser, rest),
         # without --batch-size, which changes memory only: an evaluation that ran out of it can be retried smaller
@@ -364,14 +365,6 @@ def _check_inputs(stages: list, rest: argparse.Namespace, opts: argparse.Namespa
     n_test = len(full[1][1])
     if not isinstance(opts.n, DefaultN) and opts.n > n_test:
         raise UserError(f"--n {opts.n} exceeds the {n_test} test images in {rest.data}")
-
-
-def _sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_plan_file(plan: Plan) -> bool:

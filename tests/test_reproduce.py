@@ -222,6 +222,11 @@ def test_teacher_that_does_not_fit(tmp_path, data, capsys, natural_teacher):
     assert not out.exists()
     assert reproduce.main(argv[:-2] + ["--teacher", str(tmp_path / "missing.pt"), "--data", str(data)]) == 2
     assert "no such file" in capsys.readouterr().err
+    # the right architecture: the plan names the file by its content, so that another file is another plan
+    opts, rest = reproduce.build_parser().parse_known_args(argv + ["--teacher-arch", "tiny", "--data", str(data)])
+    plan = reproduce.make_plan(opts, rest)
+    assert plan.settings["teacher"] == {"file": str(teacher), "arch": "tiny", "sha256": runner.file_sha256(teacher)}
+    assert [s.name for s in plan.stages] == ["rslad-tiny", "rslad-tiny"]  # no teacher stage: train, evaluate
 
 
 def test_unwritable_out(tmp_path, data, capsys):
