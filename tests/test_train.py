@@ -523,7 +523,7 @@ def test_a_full_disk_stops_with_one_line_and_keeps_the_last_checkpoint(data, tmp
     new run: no run directory at all."""
     import builtins
 
-    from rslad_fast.engine import checkpoint
+    from rslad_fast import atomic
 
     saves = []
 
@@ -534,7 +534,7 @@ def test_a_full_disk_stops_with_one_line_and_keeps_the_last_checkpoint(data, tmp
                 return builtins.open("/dev/full", mode, *a, **k)
         return builtins.open(path, mode, *a, **k)
 
-    monkeypatch.setattr(checkpoint, "open", open_, raising=False)
+    monkeypatch.setattr(atomic, "open", open_, raising=False)
     run = tmp_path / "run"
     args = ["--method", "natural", "--data", str(data), "--epochs", "3", *COMMON]
     capsys.readouterr()

@@ -19,15 +19,13 @@ uninterrupted run, on the CPU); at another world size the model, optimizer, sche
 exactly, and the per-rank streams are re-derived (see ``runner.run``): a correct continuation, not bitwise
 any uninterrupted run, since the shards, the per-rank batches and the gradient averaging differ.
 
-Atomic: the file is written to a temporary name in the same directory, flushed and fsynced, then
-``os.replace``d over the target, so a run killed at any moment leaves either the old or the new checkpoint,
-never a torn one.
+Atomic: written through ``rslad_fast.atomic`` (temporary file, fsync, ``os.replace``), so a run killed at any
+moment leaves either the old or the new checkpoint, never a torn one.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import pickle
 import random
 import re
@@ -37,63 +35,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+# WriteError and atomic_write_bytes are re-exported: they lived here first, and the engine, train and reproduce
+# still import them from this module
+from rslad_fast.atomic import WriteError, atomic_write, atomic_write_bytes  # noqa: F401
 from rslad_fast.errors import UserError
 from rslad_fast.models.loading import non_finite_names
 
 FORMAT = 1
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _os_error(e: BaseException):
-    """The OSError behind ``e``: torch.save turns a failed write of its file object into a RuntimeError
-    ("unexpected pos ...") raised while handling the OSError."""
-    while e is not None and not isinstance(e, OSError):
-        e = e.__cause__ or e.__context__
-    return e
-
-
-class WriteError(UserError):
-    """A file could not be written (disk full, read-only or unwritable folder); the old file is intact."""
-
-
-def atomic_write(path, write) -> None:
-    """Call ``write(file_object)`` on a temporary file beside ``path``, then atomically replace ``path``.
-    An OSError (ENOSPC, EROFS, ...) becomes one :class:`WriteError` naming the file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:
-        cause = _os_error(e)
-        if cause is None:
-            raise
-        raise WriteError(f"cannot write {path}: {cause.strerror or cause}") from None
-    finally:
-        try:
-            tmp.unlink()
-        except OSError:  # gone (replaced), or the folder is unwritable: a stale temporary is never read
-            pass
-    _fsync_dir(path.parent)
-
-
-def atomic_write_bytes(path, data: bytes) -> None:
-    atomic_write(path, lambda f: f.write(data))
 
 
 def atomic_save(obj, path) -> None:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
+from rslad_fast.atomic import atomic_write_bytes
 from rslad_fast.data.cifar import DATASETS
-from rslad_fast.engine.checkpoint import atomic_write_bytes
 from rslad_fast.errors import UserError
 
 from .robustness import ATTACKS, COLUMNS, WORST
