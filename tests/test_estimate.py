@@ -199,7 +199,7 @@ def test_the_paper_schedule_counts_its_teacher():
 
 
 def test_attack_pass_counts_follow_the_registry():
-    from rslad_fast.attacks.eval_attacks import EVAL_ATTACKS
+    from rslad_fast.attacks.registry import EVAL_ATTACKS
 
     assert estimate.attack_passes("clean") == (0, 1)
     assert estimate.attack_passes("fgsm") == (1, 1)

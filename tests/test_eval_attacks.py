@@ -14,7 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rslad_fast.attacks.eval_attacks import EPS, FGSM, PGD, PRESETS, CWInf, cw_loss, pgd20_sat, pgd20_trades
+from rslad_fast.attacks.eval_attacks import EPS, FGSM, PGD, CWInf, cw_loss, pgd20_sat, pgd20_trades
+from rslad_fast.attacks.registry import PRESETS
 from rslad_fast.data import load_cifar10
 from rslad_fast.errors import UserError
 

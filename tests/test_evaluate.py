@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from rslad_fast import evaluate as ev
-from rslad_fast.attacks.eval_attacks import PGD, PRESETS
+from rslad_fast.attacks.eval_attacks import PGD
+from rslad_fast.attacks.registry import PRESETS
 from rslad_fast.data import load_cifar10
 from rslad_fast.evaluation.robustness import ordering_warnings
 

@@ -546,7 +546,7 @@ def test_other_methods_have_one_setting_for_every_architecture():
 def test_fused_kl_pgd_says_what_it_expects():
     """A model returning a tuple (logits, features) got "'tuple' object has no attribute 'float'", and a NaN,
     inf or negative init_std ran (a NaN start); now one clear error each."""
-    from rslad_fast.attacks.pgd import fused_kl_pgd
+    from rslad_fast.attacks.kl_pgd import fused_kl_pgd
 
     class Pair(nn.Module):
         def __init__(self):

@@ -1,6 +1,7 @@
 """CIFAR-10 / CIFAR-100 data layer: readers of the official files, train-time augmentation, GPU-resident loaders.
 
-DALI (``rslad_fast.data.dali``) is imported lazily by :func:`make_loader`, never here.
+Loaders by name in factory.py (:func:`make_loader`); NVIDIA DALI (``nvidia.dali``) is imported only when a DALI
+pipeline is built, never here.
 """
 
 from .augment import (
@@ -13,7 +14,8 @@ from .augment import (
     view_ids,
 )
 from .cifar import DATASETS, NAMES, load_cifar, load_cifar10, load_cifar100, num_classes
-from .loaders import KINDS, TensorLoader, dali_available, epoch_indices, make_loader
+from .factory import KINDS, make_loader
+from .loaders import TensorLoader, dali_available, epoch_indices
 
 __all__ = [
     "CropFlipParams",

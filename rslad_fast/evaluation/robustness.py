@@ -9,7 +9,8 @@ import zlib
 
 import torch
 
-from rslad_fast.attacks.eval_attacks import EVAL_ATTACKS, Clean
+from rslad_fast.attacks.eval_attacks import Clean
+from rslad_fast.attacks.registry import EVAL_ATTACKS
 from rslad_fast.data.loaders import mix_seed
 
 # attack name on the command line -> column of the paper's Table 2, in the table's order
