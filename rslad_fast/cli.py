@@ -5,14 +5,16 @@ torchrun frame around a main (join the process group, leave it, agree on failed 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
+import signal
 import sys
-from typing import Callable, Optional, TypeVar
+import threading
+from typing import Callable
 
+from rslad_fast.engine.dist import Dist, agreed  # noqa: F401  (agreed: the command lines' phases)
 from rslad_fast.errors import UserError
-
-T = TypeVar("T")
 
 
 class Parser(argparse.ArgumentParser):
@@ -97,8 +99,6 @@ def fmt_value(v) -> str:
 def torchrun_main(body: Callable[..., int]) -> int:
     """``body(dist)`` between joining torchrun's process group and leaving it (a single process: plain
     ``body(Dist())``); a broken torchrun environment is one error line and status 2."""
-    from rslad_fast.engine.dist import Dist
-
     try:
         dist = Dist.from_env()
     except UserError as e:
@@ -111,16 +111,35 @@ def torchrun_main(body: Callable[..., int]) -> int:
         dist.close()
 
 
-def agreed(dist, check: Callable[[], T]) -> T:
-    """``check()`` on every rank; where it raises UserError on any rank, every rank raises the first rank's
-    error (one collective), so that all of them stop together and none waits in a later collective."""
-    error: Optional[str] = None
-    result = None
+# ---- SIGTERM as Ctrl-C --------------------------------------------------------------------------------
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, what schedulers (and torchrun, when a rank fails) send before a kill: handled as Ctrl-C is,
+    a clean stop between two writes, each of which is atomic."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def stop_status(e: KeyboardInterrupt) -> tuple:
+    """(what happened, exit status): 128 + the signal number, as a shell reports a process it ended."""
+    return (
+        ("terminated (SIGTERM)", 128 + signal.SIGTERM)
+        if isinstance(e, Terminated)
+        else ("interrupted", 128 + signal.SIGINT)
+    )
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM raises :class:`Terminated` (a KeyboardInterrupt) while inside; only the main thread can
+    install signal handlers, elsewhere (a test's thread) nothing changes."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
     try:
-        result = check()
-    except UserError as e:
-        error = str(e)
-    error = dist.first_error(error)
-    if error is not None:
-        raise UserError(error)
-    return result
+        yield
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)

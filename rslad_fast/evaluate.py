@@ -37,27 +37,19 @@ written nothing.
 from __future__ import annotations
 
 import argparse
-import datetime
-import math
-import sys
-import time
-from pathlib import Path
 
-import torch
-
-from rslad_fast.attacks.eval_attacks import EVAL_ATTACKS, INIT_STD, PGD
+from rslad_fast.attacks.eval_attacks import INIT_STD
 from rslad_fast.attacks.pgd import STARTS
-from rslad_fast.cli import Parser, agreed, fmt_value, fraction, integer, nonneg, print_error, torchrun_main
+from rslad_fast.attacks.registry import EVAL_ATTACKS
+from rslad_fast.cli import Parser, fmt_value, fraction, integer, nonneg, print_error, torchrun_main
 from rslad_fast.data.cifar import NAMES as DATASETS
-from rslad_fast.engine.config import check_ops_device, read_config_file, resolve_device
-from rslad_fast.engine.runner import BEST, CONFIG, LAST
 from rslad_fast.errors import UserError
 from rslad_fast.evaluation import report as eval_report
 from rslad_fast.evaluation.report import WORST_LABEL, table
-from rslad_fast.evaluation.robustness import ATTACKS, evaluate_model, fingerprint, sanity_check, summarize
-from rslad_fast.models import ARCHS, WRN70_NORMS, canonical_name
-
-RUN_CHECKPOINTS = (BEST, LAST)
+from rslad_fast.evaluation.robustness import ATTACKS
+from rslad_fast.evaluation.run import evaluate
+from rslad_fast.evaluation.settings import DefaultN, EvalSettings, flag_dest
+from rslad_fast.models import ARCHS, WRN70_NORMS
 
 
 def _attack_list(text: str):
@@ -70,14 +62,6 @@ def _attack_list(text: str):
             f"unknown attack(s) {', '.join(map(repr, unknown))}; choose from {','.join(ATTACKS)}"
         )
     return [a for a in ATTACKS if a in names]  # the table's order, duplicates dropped
-
-
-class DefaultN(int):
-    """--n's default, told apart from the same number given on the command line (see the --n rule)."""
-
-
-def _flag_dest(entry, hparam: str) -> str:
-    return f"{entry.flag_prefix}_{hparam}".replace("-", "_")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
             kind, what = hparam_flags[hp]
             a.add_argument(
                 f"--{e.flag_prefix}-{hp}",
-                dest=_flag_dest(e, hp),
+                dest=flag_dest(e, hp),
                 default=e.default(hp),
                 **kind,
                 help=f"{e.column} {what} ({fmt_value(e.default(hp))}; {e.source})",
@@ -204,235 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# ----------------------------------------------------------------------------- plan: validate, no work yet
-
-
-def _run_setting(config: dict, cfg_path: Path, key: str, flag: str, given, choices) -> str:
-    """A setting of the run (config.json's ``key``; "cifar10" where absent: runs written before it existed
-    trained CIFAR-10 models) that the flag ``flag`` (``given``, None: not given) may only repeat."""
-    value = config.get(key, "cifar10")
-    if value not in choices:
-        raise UserError(f"{cfg_path}: {key} {value!r} is not one of {', '.join(choices)}")
-    if given is not None and given != value:
-        raise UserError(f"{flag} {given} disagrees with {cfg_path}, which says {key} {value!r}")
-    return value
-
-
-def _read_run(run_dir: Path, arch_flag, dataset_flag=None, norm_flag=None):
-    """A training run's checkpoints (rows of the table), its data set and WRN-70-16 normalization, and notes
-    on the checkpoints missing; only the keys of config.json that name the architecture, method, data set and
-    normalization are read, so older or partial runs still evaluate."""
-    if not run_dir.exists():
-        raise UserError(f"run dir {run_dir}: no such directory")
-    if not run_dir.is_dir():
-        raise UserError(f"run dir {run_dir}: not a directory")
-    cfg_path = run_dir / CONFIG
-    if not cfg_path.is_file():
-        raise UserError(
-            f"run dir {run_dir}: no {CONFIG} (the training run's resolved config); pass the "
-            f"checkpoint with --ckpt PATH --arch NAME instead"
-        )
-    config = read_config_file(cfg_path)
-    if not isinstance(config.get("student"), str):
-        raise UserError(f"{cfg_path}: no 'student' architecture name in it")
-    arch = canonical_name(config["student"])
-    if arch_flag is not None and canonical_name(arch_flag) != arch:
-        raise UserError(f"--arch {arch_flag} disagrees with {cfg_path}, which says student {config['student']!r}")
-    ckpts = [run_dir / name for name in RUN_CHECKPOINTS if (run_dir / name).is_file()]
-    if not ckpts:
-        raise UserError(f"run dir {run_dir}: no checkpoint ({' or '.join(RUN_CHECKPOINTS)}) in it")
-    method = config.get("method") if isinstance(config.get("method"), str) else None
-    dataset = _run_setting(config, cfg_path, "dataset", "--dataset", dataset_flag, DATASETS)
-    norm = _run_setting(config, cfg_path, "wrn70_16_norm", "--wrn70-16-norm", norm_flag, WRN70_NORMS)
-    notes = [
-        f"{name} not in {run_dir}; evaluated {', '.join(p.name for p in ckpts)} only"
-        for name in RUN_CHECKPOINTS
-        if not (run_dir / name).is_file()
-    ]
-    rows = [{"label": p.stem, "path": p, "arch": arch, "method": method} for p in ckpts]
-    return rows, notes, dataset, norm
-
-
-def make_plan(args) -> dict:
-    """What to evaluate and where the report goes, validated; UserError before any work or file written."""
-    if args.run is not None:
-        rows, notes, dataset, norm = _read_run(Path(args.run), args.arch, args.dataset, args.wrn70_16_norm)
-        out = Path(args.out) if args.out else Path(args.run)
-    else:
-        if args.arch is None:
-            raise UserError(f"--ckpt needs --arch ({', '.join(ARCHS)})")
-        arch = canonical_name(args.arch)
-        ckpt = Path(args.ckpt)
-        if not ckpt.exists():
-            raise UserError(f"checkpoint {ckpt}: no such file")
-        if not ckpt.is_file():
-            raise UserError(f"checkpoint {ckpt}: not a file")
-        rows, notes = [{"label": ckpt.name, "path": ckpt, "arch": arch, "method": None}], []
-        dataset, norm = args.dataset or "cifar10", args.wrn70_16_norm or "cifar10"
-        out = Path(args.out) if args.out else ckpt.parent
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: exists and is not a directory")
-    return {"rows": rows, "out": out, "notes": notes, "dataset": dataset, "wrn70_16_norm": norm}
-
-
-def build_attacks(args, log=None) -> dict:
-    """name -> attack object for the names in --attacks, with the flags' hyperparameters."""
-    settings = {
-        "eps": args.eps,
-        "init_std": args.init_std,
-        "seed": args.seed,
-        "batch_size": args.batch_size,
-        "log": log,
-        "verbose": args.verbose,
-    }
-    made = {}
-    for name in args.attacks:
-        e = EVAL_ATTACKS[name]
-        own = {hp: getattr(args, _flag_dest(e, hp)) for hp in e.flags}
-        # AutoAttack: a UserError here if pyautoattack is missing, before any work
-        made[name] = e.make(**own, **{k: settings[k] for k in e.takes})
-    return made
-
-
-def _device(name):
-    """--device (None: cuda if available) for the evaluation, on which the compiled ops must run: one error
-    line now (a library built without CUDA kernels, say) instead of a traceback from the first attack."""
-    device = resolve_device(name)
-    check_ops_device(device)
-    return torch.device(device)
-
-
-def _load(args, log, dist):
-    """Every check that can fail on user input, in order, before any attack runs: (plan, device, attacks,
-    sanity attack, models, test images, labels)."""
-    from rslad_fast.data import load_cifar, num_classes
-    from rslad_fast.models import build
-    from rslad_fast.models.loading import load_checkpoint_into
-
-    plan = make_plan(args)
-    device = dist.device(str(_device(args.device)))  # torchrun: cuda:LOCAL_RANK
-    attacks = build_attacks(args, log=log)
-    sanity = None
-    if args.sanity:
-        sanity = PGD(
-            eps=args.sanity_eps, alpha=args.sanity_alpha, steps=args.sanity_steps, start="uniform", name="sanity"
-        )
-    # every checkpoint loads (or fails) before any attack runs
-    classes, norm = num_classes(plan["dataset"]), plan["wrn70_16_norm"]
-    models = [
-        load_checkpoint_into(build(row["arch"], classes, normalization=norm), row["path"], row["arch"]).eval()
-        for row in plan["rows"]
-    ]
-    images, labels = load_cifar(
-        args.data, train=False, dataset=plan["dataset"], download=False if args.no_download else "auto"
-    )
-    # the rule shared with train's --eval-n: the default shrinks to a smaller test set (and says so), a
-    # value the user gave must fit
-    if args.n > len(labels):
-        if not isinstance(args.n, DefaultN):
-            raise UserError(f"--n {args.n} exceeds the {len(labels)} test images in {args.data}")
-        plan["notes"].append(
-            f"the test set in {args.data} holds {len(labels)} images, fewer than the default "
-            f"--n {args.n}: the whole test set is evaluated"
-        )
-    return plan, device, attacks, sanity, models, images, labels
-
-
-def run(args, argv=None, dist=None) -> dict:
-    """Validate, load, evaluate; returns the report (not yet written).
-
-    ``dist`` (``engine.dist.Dist``, torchrun): every rank runs this; the checks are agreed on (all ranks
-    fail together), then each rank evaluates its slice (see :func:`evaluate_model`)."""
-    from tqdm import tqdm
-
-    from rslad_fast.engine.dist import Dist
-    from rslad_fast.engine.precision import restore_tf32, set_tf32
-
-    dist = Dist() if dist is None else dist
-    bar_holder = {}
-
-    def log(line):
-        bar = bar_holder.get("bar")
-        (bar.write if bar is not None else print)(line, file=sys.stderr)
-
-    plan, device, attacks, sanity, models, images, labels = agreed(dist, lambda: _load(args, log, dist))
-    if device.type == "cuda" and device.index is not None:
-        torch.cuda.set_device(device)
-    n = min(args.n, len(labels))
-    images, labels = images[:n], labels[:n]
-
-    started = datetime.datetime.now(datetime.timezone.utc)
-    t0 = time.perf_counter()
-    saved_tf32 = set_tf32(args.allow_tf32)  # the training engine's policy (engine/precision.py)
-    lo, hi = dist.shard(n)
-    n_batches = math.ceil((hi - lo) / args.batch_size)  # this rank's (the bar is rank 0's)
-    per_model = (len(attacks) + ("clean" not in attacks) + (sanity is not None)) * n_batches
-    rows = []
-    try:
-        with tqdm(
-            total=per_model * len(models),
-            unit="batch",
-            file=sys.stderr,
-            disable=args.no_progress or not dist.is_main,
-            dynamic_ncols=True,
-        ) as bar:
-            bar_holder["bar"] = bar
-            done = {}  # weights fingerprint -> (label, results): best.pt is often last.pt, attacked once
-            for row, model in zip(plan["rows"], models):
-                key = fingerprint(model)
-                if key in done:
-                    first, res = done[key]
-                    plan["notes"].append(f"{row['label']} holds the same weights as {first}: evaluated once")
-                    bar.update(per_model)
-                else:
-                    res = evaluate_model(
-                        model,
-                        images,
-                        labels,
-                        attacks,
-                        batch_size=args.batch_size,
-                        device=device,
-                        seed=args.seed,
-                        bar=bar,
-                        sanity=sanity,
-                        label=row["label"],
-                        dist=dist,
-                    )
-                    done[key] = (row["label"], res)
-                entry = {
-                    "label": row["label"],
-                    "checkpoint": str(row["path"]),
-                    "arch": row["arch"],
-                    "method": row["method"],
-                    **summarize(res, attacks, args.tolerance),
-                }
-                if sanity is not None:
-                    with torch.no_grad():
-                        classes = model.eval()(images[:1].to(device).float().div(255)).shape[1]
-                    entry["sanity"], warning = sanity_check(sanity, res["sanity"]["accuracy"], classes)
-                    if warning:
-                        entry["warnings"].append(warning)
-                rows.append(entry)
-    finally:
-        restore_tf32(saved_tf32)
-        bar_holder.pop("bar", None)
-
-    return eval_report.build(
-        args=args,
-        argv=argv,
-        attacks=attacks,
-        sanity=sanity,
-        rows=rows,
-        n=n,
-        device=device,
-        world_size=dist.world_size,
-        started=started,
-        seconds=time.perf_counter() - t0,
-        out=plan["out"],
-        notes=plan["notes"],
-        dataset=plan["dataset"],
-        wrn70_16_norm=plan["wrn70_16_norm"],
-    )
+def settings_from_args(args) -> EvalSettings:
+    return EvalSettings.from_dict(vars(args))
 
 
 def main(argv=None) -> int:
@@ -442,7 +199,7 @@ def main(argv=None) -> int:
 
 def _main(args, argv, dist) -> int:
     try:
-        report = run(args, argv, dist)
+        report = evaluate(settings_from_args(args), dist=dist, argv=argv)
         if not dist.is_main:  # rank 0 alone writes and prints
             return 0
         json_path, md_path = eval_report.write(report)

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from rslad_fast import train
+from rslad_fast.engine import build as engine_build
 from rslad_fast.engine import runner
 from rslad_fast.engine.dist import Dist
 from rslad_fast.models import build
@@ -50,8 +51,10 @@ class NoBN(torch.nn.Module):
 def _patch(setattr_, *, no_bn: bool, no_augment: bool):
     """The test-only changes, applied with `setattr_(obj, name, value)` (monkeypatch or plain setattr)."""
     if no_bn:
-        real_build = runner.build
-        setattr_(runner, "build", lambda name, *a, **k: NoBN() if name == "tiny" else real_build(name, *a, **k))
+        real_build = engine_build.build_model
+        setattr_(
+            engine_build, "build_model", lambda name, *a, **k: NoBN() if name == "tiny" else real_build(name, *a, **k)
+        )
     if no_augment:
         real_loader = runner.make_loader
         setattr_(runner, "make_loader", lambda *a, **k: real_loader(*a, **{**k, "augment": False}))
@@ -62,7 +65,7 @@ def _worker(argv) -> int:
     import argparse
     import functools
 
-    import rslad_fast.engine as engine
+    from rslad_fast.engine import train_run
 
     p = argparse.ArgumentParser()
     p.add_argument("--no-bn", action="store_true")
@@ -73,14 +76,14 @@ def _worker(argv) -> int:
     opts, train_args = p.parse_args(argv[:split]), argv[split + 1 :]
     _patch(setattr, no_bn=opts.no_bn, no_augment=opts.no_augment)
     if opts.stop_after is not None:
-        engine.run = functools.partial(runner.run, stop_after=opts.stop_after)
+        train_run.run = functools.partial(runner.run, stop_after=opts.stop_after)
     if opts.fail_rank is not None and int(os.environ["RANK"]) == opts.fail_rank:
         from rslad_fast.errors import UserError
 
         def fail(*a, **k):
             raise UserError("this rank cannot see the data")
 
-        engine.prepare = fail
+        train_run.prepare = fail
     return train.main(train_args)
 
 

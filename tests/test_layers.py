@@ -23,12 +23,7 @@ LOWER = ("attacks", "data", "ops", "models", "methods", "evaluation", "atomic", 
 
 # PEP 562 ``__getattr__`` re-exports kept while code elsewhere still imports a moved name from its old module;
 # each is a circle back to the module the name moved to. Delete an entry with its shim.
-COMPAT_SHIMS = {
-    # EVAL_ATTACKS / PRESETS / Entry, moved to attacks/registry.py; engine/estimate.py imports them from here
-    ("rslad_fast.attacks.eval_attacks", "rslad_fast.attacks.registry"): "engine/estimate.py",
-    # fused_kl_pgd, moved to attacks/kl_pgd.py; methods/rslad.py imports it from attacks.pgd
-    ("rslad_fast.attacks.pgd", "rslad_fast.attacks.kl_pgd"): "methods/rslad.py",
-}
+COMPAT_SHIMS: dict = {}
 
 _OPTIONAL = {"ImportError", "ModuleNotFoundError"}
 

@@ -490,16 +490,10 @@ def test_other_methods_use_their_schedule_milestones():
 # ---- MART: two official settings, chosen by the student's architecture ---------------------------------
 
 
-def _resolve(method, student, **cli):
-    from rslad_fast import train
-    from rslad_fast.engine.config import resolve
+def _resolve(method, student, **given):
+    from rslad_fast.engine import RunSettings, resolve
 
-    return resolve(
-        dict(method=method, student=student, device="cpu", threads=1, **cli),
-        "paper",
-        train.PRESETS["paper"],
-        train.EVAL_ATTACK,
-    )
+    return resolve(RunSettings(method=method, student=student, device="cpu", threads=1, **given))
 
 
 @pytest.mark.parametrize(

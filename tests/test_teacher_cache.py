@@ -373,7 +373,7 @@ def test_a_cache_that_does_not_fit(data, teacher_ckpt, tmp_path, monkeypatch, ca
 def test_configs_without_the_field_resume_uncached(tmp_path, capsys):
     """config.json of runs written before --teacher-cache existed: read as "off", what they trained with; and
     --resume refuses the flag like any other setting."""
-    from rslad_fast.engine.runner import _same_run
+    from rslad_fast.engine.config import same_run as _same_run
 
     d = train.resolve_config(
         train.build_parser().parse_args(

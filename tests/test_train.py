@@ -407,11 +407,11 @@ def test_non_finite_buffer_keeps_the_last_good_checkpoint(data, tmp_path, capsys
 
     original = runner.train_one_epoch
 
-    def poisoned(**kw):
-        out = original(**kw)
-        if kw["epoch"] == 1:
+    def poisoned(state, epoch, **kw):
+        out = original(state, epoch, **kw)
+        if epoch == 1:
             with torch.no_grad():
-                kw["student"].bn2.running_var[3] = float("inf")
+                state.student.bn2.running_var[3] = float("inf")
         return out
 
     monkeypatch.setattr(runner, "train_one_epoch", poisoned)
@@ -451,9 +451,9 @@ def test_the_run_directory_is_locked_for_the_life_of_the_run(data, tmp_path, mon
     seen = []
     original = runner.train_one_epoch
 
-    def spy(**kw):
+    def spy(*a, **kw):
         seen.append(_try_lock(run / ".lock"))
-        return original(**kw)
+        return original(*a, **kw)
 
     monkeypatch.setattr(runner, "train_one_epoch", spy)
     args = ["--method", "natural", "--data", str(data), "--out", str(run), "--epochs", "1", *COMMON]

@@ -247,16 +247,6 @@ class CWInf(PGD):
         return {**super().hparams(), "kappa": self.kappa}
 
 
-def __getattr__(name):
-    # The registry moved to registry.py (it needs AutoAttack, whose adapter imports this module); code elsewhere
-    # (engine/estimate.py) still imports it from here. Drop this once nothing does.
-    if name in ("EVAL_ATTACKS", "PRESETS", "Entry"):
-        from . import registry
-
-        return getattr(registry, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 __all__ = [
     "EPS",
     "INIT_STD",

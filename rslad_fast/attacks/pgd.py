@@ -131,13 +131,3 @@ def kl_objective(teacher_logits: torch.Tensor) -> Callable[[torch.Tensor], torch
         return ops.softmax_kl(check_logits(logits, target).float(), target, reduction="sum")
 
     return objective
-
-
-def __getattr__(name):
-    # fused_kl_pgd moved to kl_pgd.py (it dispatches to graphed.py, which builds on this module);
-    # methods/rslad.py still imports it from here. Drop this once it imports rslad_fast.attacks.kl_pgd.
-    if name == "fused_kl_pgd":
-        from .kl_pgd import fused_kl_pgd
-
-        return fused_kl_pgd
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -20,11 +20,13 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional, TypeVar
 
 import torch
 
 from rslad_fast.errors import UserError
+
+T = TypeVar("T")
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -205,3 +207,22 @@ class Dist:
         """This rank's contiguous slice [lo, hi) of n items, sizes differing by at most one, no padding
         (evaluation: every image counted exactly once)."""
         return n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size
+
+
+def agreed(dist: "Dist", check: Callable[[], T]) -> T:
+    """``check()`` on every rank; where it raises UserError on any rank, every rank raises the first rank's
+    error (one collective), so that all of them stop together and none waits in a later collective."""
+    error: Optional[str] = None
+    result = None
+    try:
+        result = check()
+    except UserError as e:
+        error = str(e)
+    error = dist.first_error(error)
+    if error is not None:
+        raise Agreed(error)
+    return result
+
+
+class Agreed(UserError):
+    """A UserError that :func:`agreed` raised on every rank at once: rank 0 alone says it."""

@@ -137,43 +137,23 @@ def measure_train_step(cfg, *, batches: int = 2, device=None) -> float:
     frozen teacher of ``cfg.teacher``'s architecture with random weights; the mean of ``batches`` timed
     batches after one untimed warm-up batch. The teacher-logit cache is left out: its first epoch misses
     every view, and later epochs run faster than this by the teacher forwards it saves."""
-    from rslad_fast import methods
-
-    from .allocator import keep_freed_memory
-    from .step import AMP_DTYPES, train_step
-    from .teacher import freeze
+    from .build import build_parts, random_teacher, setup_device
+    from .step import train_step
 
     if batches < 1:
         raise ValueError(f"measure_train_step: batches must be >= 1, got {batches}")
     device = torch.device(device or cfg.device)
-    method_cls = methods.get(cfg.method)
     with preserved_state(device, cfg.threads):
-        keep_freed_memory()  # as the run does (runner._build): the CPU step is ~2x slower without it
-        torch.backends.cudnn.benchmark = True  # as the run does on CUDA
+        setup_device(cfg, device)  # as the run does: the allocator (a CPU step is ~2x slower without it), cuDNN
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = bool(cfg.allow_tf32)
-        memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-        student = _model(cfg, cfg.student).to(device).to(memory_format=memory_format)
-        teacher = None
-        if method_cls.needs_teacher:
-            if cfg.teacher is None:
-                raise ValueError(f"measure_train_step: method {cfg.method} needs a teacher, cfg.teacher is None")
-            teacher = freeze(_model(cfg, cfg.teacher["arch"]))
-            dtype = getattr(cfg, "teacher_dtype", "fp32")  # --teacher-dtype, where the Config has it
-            if dtype != "fp32":
-                from .teacher import cast_teacher
-
-                teacher = cast_teacher(teacher, dtype)
-            teacher = teacher.to(device).to(memory_format=memory_format)
-        optimizer = torch.optim.SGD(
-            student.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-        )
-        method = method_cls(**cfg.hparams)
-        generator = torch.Generator(device=device).manual_seed(0)
+        teacher = random_teacher(cfg) if cfg.teacher is not None else None
+        p = build_parts(cfg, device, teacher, generator_seed=0)
         x, y = _inputs(cfg.batch_size, device, cfg.channels_last)
-        amp = AMP_DTYPES[cfg.amp]
 
         def step():
-            train_step(student, method, optimizer, x, y, teacher=teacher, generator=generator, amp_dtype=amp)
+            train_step(
+                p.student, p.method, p.optimizer, x, y, teacher=p.teacher, generator=p.generator, amp_dtype=p.amp_dtype
+            )
 
         step()
         sync(device)
@@ -251,7 +231,7 @@ def attack_passes(name: str, *, clean: float = 1.0, robust: float = AA_ROBUST_FR
     model classifies correctly, the later attacks on the ``robust`` fraction still standing after it (default
     AA_ROBUST_FRACTION; a trained run's own PGD-20 accuracy is the better guess); an upper-bound-ish count
     (every iteration a full pass, no early stop but Square's on fooled points)."""
-    from rslad_fast.attacks.eval_attacks import EVAL_ATTACKS
+    from rslad_fast.attacks.registry import EVAL_ATTACKS
 
     if name not in EVAL_ATTACKS:
         raise ValueError(f"unknown attack {name!r}; one of {', '.join(EVAL_ATTACKS)}")

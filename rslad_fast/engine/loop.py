@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -41,41 +43,42 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_one_epoch(
-    *,
-    student,
-    method,
-    loader,
-    optimizer,
-    epoch: int,
-    teacher=None,
-    generator: torch.Generator | None = None,
-    bar=None,
-    amp_dtype: torch.dtype | None = None,
-    channels_last: bool = False,
-    dist=None,
-    teacher_cache=None,
-    on_batch=None,
-) -> dict:
-    """Train ``student`` for one epoch (``epoch`` counts from 0); return the epoch's means and timings.
+@dataclass
+class EpochState:
+    """What :func:`train_one_epoch` trains with: the runner's objects (``build.Parts``), the loader and the
+    run's precision, memory format, process group and teacher cache.
 
-    ``amp_dtype`` (None: fp32, or torch.bfloat16) autocasts the student's and the teacher's passes;
-    ``channels_last`` puts each batch in channels_last memory format (the models must be converted by the
-    caller).
+    ``student`` may be the DDP wrapper. ``amp_dtype`` (None: fp32, or torch.bfloat16) autocasts the
+    student's and the teacher's passes; ``channels_last`` puts each batch in channels_last memory format
+    (the models are converted by the builder). ``dist`` (an active ``engine.dist.Dist``): the returned means
+    are over every rank's batches and ``images_per_s`` counts every rank's images. ``teacher_cache`` (an
+    ``engine.teacher_cache.TeacherCache``; the loader then yields view ids): T(x) from it, and the epoch's
+    ``teacher_cache_hit_rate`` and ``teacher_forwards_saved`` over every rank."""
+
+    student: torch.nn.Module
+    method: object
+    loader: object
+    optimizer: torch.optim.Optimizer
+    teacher: Optional[torch.nn.Module] = None
+    generator: Optional[torch.Generator] = None
+    amp_dtype: Optional[torch.dtype] = None
+    channels_last: bool = False
+    dist: object = None
+    teacher_cache: object = None
+
+
+def train_one_epoch(state: EpochState, epoch: int, *, bar=None, on_batch=None) -> dict:
+    """Train ``state.student`` for one epoch (``epoch`` counts from 0); return the epoch's means and timings.
 
     ``bar`` (a tqdm bar or None) is advanced once per batch; its postfix shows the running loss and img/s,
     refreshed every few batches so that reading the loss (a device sync) stays rare.
 
-    ``dist`` (an active ``engine.dist.Dist``): the returned means are over every rank's batches and
-    ``images_per_s`` counts every rank's images (the bar shows this rank's running numbers).
-
-    ``teacher_cache`` (an ``engine.teacher_cache.TeacherCache``; the loader then yields view ids): T(x) from
-    it, and the epoch's ``teacher_cache_hit_rate`` (fraction of the epoch's images whose T(x) was served)
-    and ``teacher_forwards_saved`` (those images: teacher forwards skipped), over every rank.
-
     ``on_batch`` (a callable or None) is called after each batch with the number of batches done (the
     runner's time estimate, ``estimate.FirstBatches``).
     """
+    student, method, loader, optimizer = state.student, state.method, state.loader, state.optimizer
+    teacher, generator, amp_dtype, dist = state.teacher, state.generator, state.amp_dtype, state.dist
+    channels_last, teacher_cache = state.channels_last, state.teacher_cache
     device = next(student.parameters()).device
     loader.set_epoch(epoch)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)

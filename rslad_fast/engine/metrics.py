@@ -34,7 +34,7 @@ import json
 import math
 from pathlib import Path
 
-from .checkpoint import atomic_write_bytes
+from rslad_fast.atomic import atomic_write_bytes
 
 
 class MetricsLog:

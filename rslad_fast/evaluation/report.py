@@ -97,6 +97,7 @@ def build(
     *,
     args,
     argv,
+    command=None,
     attacks: dict,
     sanity,
     rows: list,
@@ -113,7 +114,7 @@ def build(
     """The report of one evaluation (what eval.json holds): ``rows`` (one per checkpoint) and the facts
     that make them reproducible: the parsed flags ``args``, each attack's hyperparameters, AutoAttack's
     configuration as it ran, the device and versions, the command line (``argv``; None: sys.argv)."""
-    config = dict(vars(args))
+    config = args.to_dict() if hasattr(args, "to_dict") else dict(vars(args))
     config.update(dataset=dataset, wrn70_16_norm=wrn70_16_norm)  # as resolved (from the run's config.json)
     config["attacks"] = {name: a.hparams() for name, a in attacks.items()}
     if sanity is not None:
@@ -146,7 +147,8 @@ def build(
         "torch": torch.__version__,
         "pyautoattack": aa_version,
         "python": platform.python_version(),
-        "command": " ".join(["python -m rslad_fast.evaluate"] + list(sys.argv[1:] if argv is None else argv)),
+        "command": command
+        or " ".join(["python -m rslad_fast.evaluate"] + list(sys.argv[1:] if argv is None else argv)),
         "time": {"started": started.isoformat(timespec="seconds"), "seconds": round(seconds, 3)},
         "out": str(out),
         "notes": notes,

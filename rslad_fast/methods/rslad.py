@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from ..attacks.pgd import fused_kl_pgd, kl_objective
+from ..attacks.kl_pgd import fused_kl_pgd
+from ..attacks.pgd import kl_objective
 from ..errors import UserError
 from .base import (
     Context,

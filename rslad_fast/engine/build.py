@@ -1,0 +1,97 @@
+"""The one builder of what a training step needs, from a :class:`Config`: the device set up, the seeded
+student in its memory format, the teacher cast and placed, SGD, the lr schedule, the method and the attacks'
+generator. The runner, the time estimate (``estimate.measure_train_step``) and the benchmarks all build here,
+so what is timed is what trains."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from rslad_fast import methods
+from rslad_fast.models import build as build_model
+
+from .allocator import keep_freed_memory
+from .config import Config
+from .step import AMP_DTYPES
+from .teacher import CastTeacher, cast_teacher
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def setup_device(cfg: Config, device: torch.device) -> None:
+    """The process-wide settings a run trains under: its thread count, the allocator, cuDNN autotuning."""
+    torch.set_num_threads(cfg.threads)
+    keep_freed_memory()  # CPU: ~2x faster steps on glibc (see allocator.py)
+    if device.type == "cuda":
+        if device.index is not None:
+            torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+
+
+def memory_format(cfg: Config) -> torch.memory_format:
+    return torch.channels_last if cfg.channels_last else torch.contiguous_format
+
+
+def place_teacher(teacher: torch.nn.Module, cfg: Config, device: torch.device) -> torch.nn.Module:
+    """A frozen teacher in the run's teacher dtype (``--teacher-dtype``; a loaded teacher file is cast
+    already), device and memory format."""
+    if not isinstance(teacher, CastTeacher):
+        teacher = cast_teacher(teacher, cfg.teacher_dtype)
+    return teacher.to(device).to(memory_format=memory_format(cfg))
+
+
+def random_teacher(cfg: Config) -> torch.nn.Module:
+    """A frozen teacher of ``cfg.teacher``'s architecture with random weights, for timing."""
+    from .teacher import freeze
+
+    if cfg.teacher is None:
+        raise ValueError(f"method {cfg.method} needs a teacher, cfg.teacher is None")
+    return freeze(build_model(cfg.teacher["arch"], cfg.num_classes, normalization=cfg.wrn70_16_norm))
+
+
+@dataclass
+class Parts:
+    """The objects of :func:`train_step` (``engine/step.py``), as :func:`build_parts` makes them."""
+
+    device: torch.device
+    student: torch.nn.Module  # the plain module (the runner wraps it for DDP)
+    teacher: Optional[torch.nn.Module]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.MultiStepLR
+    method: methods.Method
+    generator: torch.Generator  # the attacks' random starts
+    amp_dtype: Optional[torch.dtype]
+
+
+def build_parts(cfg: Config, device: torch.device, teacher: Optional[torch.nn.Module], *, generator_seed: int) -> Parts:
+    """The seeded student (``cfg.seed``: the same initial weights on every rank and either memory format)
+    and its optimizer, schedule, method and generator; ``teacher`` (frozen, any dtype, or None) placed as
+    :func:`place_teacher` does."""
+    if teacher is not None:
+        teacher = place_teacher(teacher, cfg, device)
+    seed_everything(cfg.seed)
+    student = build_model(cfg.student, cfg.num_classes, normalization=cfg.wrn70_16_norm).to(device)
+    student = student.to(memory_format=memory_format(cfg))  # after the seeded init
+    if cfg.sync_bn:  # same parameters and buffers, same state_dict keys: checkpoints load either way
+        student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
+    optimizer = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.milestones), gamma=cfg.gamma)
+    return Parts(
+        device=device,
+        student=student,
+        teacher=teacher,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        method=methods.get(cfg.method)(**cfg.hparams),
+        generator=torch.Generator(device=device).manual_seed(generator_seed),
+        amp_dtype=AMP_DTYPES[cfg.amp],
+    )

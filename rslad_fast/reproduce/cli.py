@@ -1,0 +1,364 @@
+"""The paper's Table 2 and training curves from one resumable command: ``python -m rslad_fast.reproduce``.
+
+    # what it would do and what it would cost on this machine; changes nothing
+    python -m rslad_fast.reproduce --out sweeps/quick --preset quick --dry-run
+
+    # a CPU-sized sweep: RSLAD and SAT, MobileNetV2, the quick preset's self-trained teacher, 500 test images
+    python -m rslad_fast.reproduce --out sweeps/quick --preset quick --students mnv2 --methods sat,rslad --n 500
+
+    # the paper (a GPU machine): every method, both students, TRADES' WRN-34-10 as the teacher, 10,000 images
+    python -m rslad_fast.reproduce --out sweeps/paper --teacher model_cifar_wrn.pt --teacher-arch wrn34-10
+
+    # killed at any moment: the same command again skips what is finished and resumes the rest
+    python -m rslad_fast.reproduce --out sweeps/paper --teacher model_cifar_wrn.pt --teacher-arch wrn34-10
+
+The sweep is a list of stages, each a typed engine call in this process (``engine.train`` / ``resume`` with a
+Config, ``evaluation.evaluate_run`` with EvalSettings):
+
+1. without ``--teacher`` and with a distillation method in the sweep, ``DIR/teacher``: the teacher that
+   ``train`` would train for itself (TRADES on the preset's teacher architecture, the preset's teacher size),
+   trained once and used by every distillation run (``--teacher DIR/teacher/last.pt``);
+2. per (student, method): ``DIR/<method>-<student>``, the run ``python -m rslad_fast.train --method M
+   --student S --preset P --out DIR/<method>-<student>`` plus every other flag given here that applies to it
+   (a method hyperparameter goes to the methods that have it; a flag no run takes is an error);
+3. per run: ``python -m rslad_fast.evaluate --run DIR/<method>-<student>`` (best.pt and last.pt) with
+   ``--attacks``, ``--n`` and ``--eval-batch-size``;
+4. ``table2.md``, ``table2.csv``, ``table2.json`` (the paper's figures beside ours) and ``curves-<student>.png``
+   (every method's clean and PGD-20 accuracy and loss per epoch, as the paper's Figs. 2 and 3).
+
+``DIR/plan.json`` holds the sweep's settings, written before anything starts; a rerun with other settings
+is refused (use another --out). A stage is finished when its files say so (a run's ``last.pt`` at its last
+epoch; an ``eval.json`` newer than it with the planned attacks and n): a rerun skips those, resumes a killed
+run from its ``last.pt`` and redoes an interrupted evaluation. Under torchrun every run and every evaluation
+is distributed as ``train`` and ``evaluate`` are, and rank 0 alone writes.
+"""
+
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import time
+from pathlib import Path
+
+from rslad_fast import engine, methods
+from rslad_fast.attacks.registry import EVAL_ATTACKS
+from rslad_fast.cli import Parser, integer, print_error, sigterm_as_interrupt, stop_status, torchrun_main
+from rslad_fast.engine import estimate
+from rslad_fast.engine.checkpoint import WriteError
+from rslad_fast.engine.dist import Agreed, agreed
+from rslad_fast.engine.estimate import fmt_duration
+from rslad_fast.engine.rundir import RunDir
+from rslad_fast.errors import UserError
+from rslad_fast.evaluation import report as eval_report
+from rslad_fast.evaluation.robustness import ATTACKS
+from rslad_fast.evaluation.run import evaluate_run
+from rslad_fast.evaluation.settings import DefaultN
+from rslad_fast.models import ARCHS, canonical_name
+from rslad_fast.run_flags import add_run_flags
+
+from .plan import Plan, check_plan_file, completed_epochs, eval_done, make_plan, train_state, write_plan
+from .table import collect, dataset_of, provenance, write_curves, write_table
+
+DEFAULT_STUDENTS = ("resnet18", "mnv2")  # the paper's two students (Table 2)
+DEFAULT_METHODS = ("natural", "sat", "trades", "ard", "iad", "rslad")  # Table 2's rows (MART: --methods)
+# the dry run times each training step and evaluation pass at most at this batch size and scales it linearly:
+# a paper-sized step (WRN-34-10 TRADES at 128) takes minutes on a CPU, a step's cost is close to linear in the
+# batch there, and on a GPU a small batch errs on the slow side; it also bounds the dry run's memory (a paper
+# sweep's dry run that timed its evaluation passes at evaluate's batch of 250 was seen at 14.6 GB on the CPU)
+MEASURE_BATCH = 32
+TRAIN_IMAGES = 50000  # CIFAR-10's and CIFAR-100's training sets, for a run on all of them
+
+
+def _attack_list(text: str):
+    names = [t.strip().lower() for t in text.split(",") if t.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("no attack given")
+    unknown = [n for n in names if n not in EVAL_ATTACKS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown attack(s) {', '.join(map(repr, unknown))}; choose from {','.join(ATTACKS)}"
+        )
+    return [a for a in ATTACKS if a in names]  # the table's order, duplicates dropped
+
+
+def _names(kind: str, known, canon=lambda s: s):
+    def parse(text: str) -> list:
+        names, seen = [], set()
+        for raw in text.split(","):
+            raw = raw.strip()
+            if not raw:
+                continue
+            try:
+                name = canon(raw)
+            except UserError:
+                name = None
+            if name not in known:
+                raise argparse.ArgumentTypeError(f"unknown {kind} {raw!r}; choose from {','.join(known)}")
+            if name not in seen:
+                seen.add(name)
+                names.append(name)
+        if not names:
+            raise argparse.ArgumentTypeError(f"no {kind} given")
+        return names
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(
+        prog="python -m rslad_fast.reproduce",
+        description=__doc__.split("\n\n")[0],
+        epilog="Examples:\n" + __doc__.split("\n\n", 1)[1].split("\n\nThe sweep")[0] + "\n\nThe run settings "
+        "(--data, --device, --seed, --epochs, --amp, a method's hyperparameter, ...) are train's and go to every "
+        "run they apply to.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        # no abbreviations: "--data" must not be taken for --data-provenance
+        allow_abbrev=False,
+    )
+    p.add_argument("--out", metavar="DIR", required=True, help="the sweep's folder: plan, runs, table, curves")
+    p.add_argument(
+        "--students",
+        type=_names("student", ARCHS, canonical_name),
+        default=list(DEFAULT_STUDENTS),
+        help=f"comma-separated architectures (default {','.join(DEFAULT_STUDENTS)}; any of {', '.join(ARCHS)})",
+    )
+    p.add_argument(
+        "--methods",
+        type=_names("method", methods.names()),
+        default=list(DEFAULT_METHODS),
+        help=f"comma-separated methods (default {','.join(DEFAULT_METHODS)}: Table 2's rows; any of "
+        f"{', '.join(methods.names())})",
+    )
+    p.add_argument(
+        "--teacher",
+        metavar="FILE",
+        help="the teacher of every distillation run (default: one teacher trained first, in DIR/teacher, "
+        "as train trains its own)",
+    )
+    p.add_argument("--teacher-arch", help="the teacher's architecture (default: train's)")
+    p.add_argument("--preset", choices=("paper", "quick"), default="paper", help="train's preset (default paper)")
+    p.add_argument(
+        "--attacks",
+        type=_attack_list,
+        default=list(ATTACKS),
+        help=f"evaluation attacks, comma-separated subset of {','.join(ATTACKS)} (default: all six)",
+    )
+    p.add_argument(
+        "--n",
+        type=integer(1),
+        default=DefaultN(10000),
+        help="test images per evaluation, the first N (default: the whole test set; under torchrun: --n-images)",
+    )
+    # under torchrun, whose own parser takes --n for an abbreviation of its --nnodes/--nproc-per-node (as evaluate)
+    p.add_argument("--n-images", dest="n", type=integer(1), default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p.add_argument("--eval-batch-size", type=integer(1), default=250, help="evaluate's --batch-size (default 250)")
+    p.add_argument(
+        "--data-provenance",
+        metavar="TEXT",
+        help="where the data set comes from, for the table (default: the files' checksums against the "
+        "official release say whether it is the official one)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the plan and its estimated cost; change nothing")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-download", action="store_true", help="never try to download the data set")
+    # train's own options that a sweep sets per run: refused with one line (make_plan)
+    p.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--overwrite", action="store_true", help=argparse.SUPPRESS)
+    add_run_flags(p, skip=("teacher", "teacher_arch", "preset"))  # reproduce has its own of these three
+    return p
+
+
+# ---- The estimate ----------------------------------------------------------------------------------------
+
+
+def estimate_stages(plan: Plan, dist=None) -> dict:
+    """Stage -> estimated seconds of its remaining work on this machine, from a short measured step.
+
+    Under torchrun (``dist``) every rank measures on its own device, at once: none waits minutes in a
+    collective for rank 0's timing."""
+    est, seen = {}, {}
+    for s in plan.stages:
+        if s.kind == "train":
+            done, _ = completed_epochs(s.run_dir)
+            cfg = s.cfg
+            if done >= cfg.epochs:
+                continue
+            small = dataclasses.replace(cfg, batch_size=min(cfg.batch_size, MEASURE_BATCH))
+            device = dist.device(cfg.device) if dist is not None else None
+            per_batch = estimate.measure_train_step(small, device=device) * cfg.batch_size / small.batch_size
+            world = dist.world_size if dist is not None else 1
+            batches = estimate.batches_per_epoch(cfg.train_n or TRAIN_IMAGES, cfg.batch_size, world)
+            eval_s = estimate.measure_eval_seconds(cfg, images=math.ceil(cfg.eval_n / world), device=device)
+            est[s.name, s.kind] = estimate.estimate_run(cfg, per_batch, batches, cfg.epochs - done, eval_seconds=eval_s)
+            seen[s.name] = cfg
+        elif not eval_done(plan, s.run_dir):
+            cfg = seen.get(s.name) or s.cfg
+            n = min(plan.opts.n, 10000)
+            one = estimate.eval_attack_seconds(
+                cfg.student,
+                plan.opts.attacks,
+                n,
+                dist.device(cfg.device) if dist is not None else cfg.device,
+                min(plan.opts.eval_batch_size, MEASURE_BATCH),  # timed small and scaled, as training's step
+                num_classes=cfg.num_classes,
+                **_accuracies(s.run_dir),
+            )
+            est[s.name, s.kind] = 2 * one  # best.pt and last.pt (once when they hold the same weights)
+    return est
+
+
+def _accuracies(run_dir: Path) -> dict:
+    """A trained run's last held-out clean and PGD-20 accuracy (fractions), which size AutoAttack's work: its
+    APGD-CE runs on the correctly classified points, its later attacks on those still robust; {} (the
+    estimate's defaults) before the run has an epoch."""
+    try:
+        last = RunDir(run_dir).metrics_records()[-1]
+        return {"clean": float(last["clean_acc"]), "robust": float(last["pgd20_acc"])}
+    except (OSError, ValueError, IndexError, KeyError, TypeError):
+        return {}
+
+
+# ---- The sweep ---------------------------------------------------------------------------------------------
+
+
+def print_plan(plan: Plan, est: dict) -> None:
+    print(f"plan for {plan.out} ({plan.opts.preset} preset):")
+    for i, s in enumerate(plan.stages, 1):
+        if s.kind == "train":
+            cfg = s.cfg
+            done, _ = completed_epochs(s.run_dir)
+            batches = math.ceil((cfg.train_n or TRAIN_IMAGES) / cfg.batch_size)
+            state = {"done": "finished", "resume": f"resume at epoch {done + 1}", "new": "new"}[train_state(s)]
+            what = f"train {cfg.method} {cfg.student}: {cfg.epochs} epochs x {batches} batches of {cfg.batch_size}" + (
+                f", teacher {cfg.teacher['arch']}" if cfg.teacher else ""
+            )
+        else:
+            state = "finished" if eval_done(plan, s.run_dir) else "to do"
+            what = f"evaluate best.pt, last.pt: {','.join(plan.opts.attacks)}"
+        cost = est.get((s.name, s.kind))
+        print(f"  {i:2d}. {s.name:<18} {what} [{state}]" + (f" ~{fmt_duration(cost)}" if cost else ""))
+    total = sum(est.values())
+    epochs = sum(s.cfg.epochs for s in plan.stages if s.kind == "train")
+    print(
+        f"{sum(s.kind == 'train' for s in plan.stages)} training runs ({epochs} epochs), "
+        f"{sum(s.kind == 'evaluate' for s in plan.stages)} evaluations; remaining work: "
+        + (
+            f"about {fmt_duration(total)} on this machine (each step timed once here, at most at batch "
+            f"{MEASURE_BATCH}, scaled)"
+            if est
+            else "none, every stage is finished"
+        )
+    )
+
+
+def main(argv=None) -> int:
+    opts = build_parser().parse_args(argv)
+    with sigterm_as_interrupt():
+        return torchrun_main(lambda dist: _main(opts, dist))
+
+
+def _main(opts, dist) -> int:
+    try:
+        plan = agreed(dist, lambda: make_plan(opts))
+        if opts.dry_run:
+            if dist.is_main:
+                check_plan_file(plan)
+                print_plan(plan, estimate_stages(plan))
+            return 0
+        agreed(dist, lambda: check_plan_file(plan))
+        agreed(dist, lambda: write_plan(plan) if dist.is_main else None)
+        dist.barrier()
+        return _sweep(plan, dist)
+    except UserError as e:
+        if dist.is_main:
+            print_error(e)
+        return 2
+    except KeyboardInterrupt as e:
+        what, status = stop_status(e)
+        if dist.is_main:
+            print(f"\n{what}; rerun the same command to continue", file=sys.stderr)
+        return status
+
+
+def _say(dist, msg: str) -> None:
+    if dist.is_main:
+        print(f"[reproduce] {msg}", flush=True)
+
+
+def _sweep(plan: Plan, dist) -> int:
+    est = estimate_stages(plan, dist)
+    _say(dist, f"{len(plan.stages)} stages; remaining work about {fmt_duration(sum(est.values()))} on this machine")
+    t_start, spent, spent_est = time.perf_counter(), 0.0, 0.0
+    for i, s in enumerate(plan.stages, 1):
+        head = f"{i}/{len(plan.stages)} {s.kind} {s.name}"
+        t0 = time.perf_counter()
+        if s.kind == "train":
+            state = train_state(s)
+            if state == "done":
+                _say(dist, f"{head}: finished before, skipped")
+                continue
+            _say(dist, f"{head}: {'resuming' if state == 'resume' else 'starting'} {s.run_dir}")
+            status = _stage(dist, head, lambda s=s, state=state: _train(plan, s, state, dist))
+        else:
+            if eval_done(plan, s.run_dir):
+                _say(dist, f"{head}: finished before, skipped")
+                continue
+            _say(dist, f"{head}: evaluate {s.run_dir} ({','.join(plan.eval_settings.attacks)})")
+            status = _stage(dist, head, lambda s=s: _evaluate(plan, s, dist))
+        if status != 0:
+            return status
+        took = time.perf_counter() - t0
+        spent += took
+        spent_est += est.pop((s.name, s.kind), 0.0)
+        left = sum(est.values()) * (spent / spent_est if spent_est > 0 else 1.0)  # scaled by how estimates fared
+        _say(dist, f"{head}: done in {fmt_duration(took)}; remaining about {fmt_duration(left)}")
+    if dist.is_main:
+        rows = collect(plan)
+        prov = provenance(plan.run_settings.data, dataset_of(plan), plan.opts.data_provenance)
+        try:
+            paths = write_table(plan, rows, prov) + write_curves(plan)
+        except OSError as e:
+            raise UserError(f"--out {plan.out}: {e.strerror or e}") from None
+        print(Path(paths[0]).read_text())
+        _say(dist, f"all done in {fmt_duration(time.perf_counter() - t_start)}: {', '.join(map(str, paths))}")
+    dist.barrier()
+    return 0
+
+
+def _train(plan: Plan, s, state: str, dist) -> None:
+    download = False if plan.opts.no_download else "auto"
+    progress = not plan.opts.no_progress
+    if state == "resume":
+        engine.resume(s.run_dir, dist=dist, download=download, progress=progress)
+    else:
+        eval_n_given = s.settings is None or s.settings.eval_n is not None
+        engine.train(s.cfg, s.run_dir, dist=dist, download=download, eval_n_given=eval_n_given, progress=progress)
+
+
+def _evaluate(plan: Plan, s, dist) -> None:
+    command = "python -m rslad_fast.reproduce " + " ".join(sys.argv[1:])
+    report = evaluate_run(s.run_dir, plan.eval_settings, dist=dist, command=command)
+    if dist.is_main:
+        eval_report.write(report)
+
+
+def _stage(dist, head: str, body) -> int:
+    """Run one stage; a failure is one error line with the sweep's own advice (rerun the same command: the
+    finished stages are skipped, a killed run resumes), and its exit status."""
+    try:
+        body()
+        return 0
+    except engine.Diverged as e:
+        status, msg = 1, str(e)
+    except (UserError, WriteError) as e:
+        if isinstance(e, Agreed) and not dist.is_main:
+            return 2
+        status, msg = 2, str(e)
+    except OSError as e:
+        status, msg = 2, f"{e.filename or head}: {e.strerror or e}"
+    if dist.is_main or status != 1:
+        print_error(f"{msg}; {head} stopped: rerun the same command to continue from there")
+    return status

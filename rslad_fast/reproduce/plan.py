@@ -1,0 +1,258 @@
+"""The sweep's plan: its stages as typed engine calls (a :class:`Config` per training run, one
+:class:`EvalSettings` for every evaluation), ``DIR/plan.json``, and what of it is done.
+
+The runs' settings come from the flags ``reproduce`` shares with ``train`` (``run_flags.py``) as one
+``RunSettings``; each run takes the part that applies to its method (``RunSettings.for_method``), the
+self-trained teacher is the one ``train`` would train for itself (``engine.resolve``'s ``teacher_run``)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+from typing import Optional
+
+from rslad_fast import methods
+from rslad_fast.atomic import atomic_write_bytes
+from rslad_fast.engine.config import Config
+from rslad_fast.engine.prepare import file_sha256, prepare, read_data, use_teacher_cache
+from rslad_fast.engine.resolve import resolve
+from rslad_fast.engine.rundir import TEACHER, RunDir
+from rslad_fast.engine.settings import RunSettings
+from rslad_fast.errors import UserError
+from rslad_fast.evaluation.settings import DefaultN, EvalSettings
+from rslad_fast.models import canonical_name
+from rslad_fast.run_flags import flag_of, settings_from_args
+
+PLAN = "plan.json"
+PLAN_FORMAT = 1
+# the run settings reproduce sets itself, per run (their flags are refused)
+OWNED = ("method", "student")
+# evaluate's settings that do not change its figures: not compared with a finished eval.json's
+EVAL_NEUTRAL = ("run", "ckpt", "out", "batch_size", "no_progress", "verbose", "attacks")
+
+
+@dataclasses.dataclass
+class Stage:
+    kind: str  # "train" or "evaluate"
+    name: str  # "teacher" or "<method>-<student>"
+    run_dir: Path
+    cfg: Optional[Config] = None  # the run's Config (train; an evaluation's run's, too)
+    settings: Optional[RunSettings] = None  # what resolved into cfg (its eval_n given or the preset's)
+    method: Optional[str] = None
+    student: Optional[str] = None
+
+
+@dataclasses.dataclass
+class Plan:
+    out: Path
+    settings: dict  # what plan.json holds and a rerun must match
+    stages: list
+    eval_settings: EvalSettings  # every evaluation's, but for its run
+    opts: argparse.Namespace  # reproduce's own options
+    run_settings: RunSettings  # the run settings given, shared by every run they apply to
+
+
+def make_plan(opts: argparse.Namespace) -> Plan:
+    """Validate everything and lay out the stages; reads files, writes nothing."""
+    # reproduce's own --preset, --teacher and --teacher-arch share their names with run settings: not those
+    given = settings_from_args(opts).replace(preset=None, teacher=None, teacher_arch=None)
+    owned = [flag_of(k) for k in OWNED if getattr(given, k) is not None]
+    owned += [f"--{k}" for k in ("resume", "overwrite") if getattr(opts, k, None)]
+    if owned:
+        raise UserError(f"{', '.join(owned)}: set by reproduce for each run; see --help")
+    # one absolute data path for every run, every evaluation and the plan: the same command from another
+    # folder is another data set
+    given = given.replace(data=str(Path(given.data or "./data").expanduser().resolve()))
+    out = Path(opts.out)
+    distill = [m for m in opts.methods if methods.get(m).needs_teacher]
+    if opts.teacher_arch and not distill:
+        raise UserError("--teacher-arch: no distillation method in --methods")
+    if opts.teacher is not None and not distill:
+        raise UserError("--teacher: no distillation method in --methods")
+    unused = sorted(set(given.hparams) - {k for m in opts.methods for k in methods.get(m).HPARAMS})
+    if unused:
+        flags = ", ".join(flag_of(k) for k in unused)
+        raise UserError(f"{flags}: a hyperparameter of none of the methods {','.join(opts.methods)}")
+    for name in RunSettings.TEACHER_ONLY:
+        if getattr(given, name) is not None and not distill:
+            raise UserError(f"{flag_of(name)}: no distillation method in --methods")
+
+    stages = []
+    teacher_arch = canonical_name(opts.teacher_arch) if opts.teacher_arch else None
+    base = given.replace(preset=opts.preset, teacher_arch=teacher_arch)
+    if distill and opts.teacher is None:
+        # the teacher train would train for itself, trained once for every distillation run
+        first = resolve(base.for_method(methods.get(distill[0])).replace(method=distill[0], student=opts.students[0]))
+        tcfg = Config.from_dict(dict(first.teacher_run))
+        teacher_arch = tcfg.student
+        stages.append(Stage("train", TEACHER, out / TEACHER, tcfg, None, "trades", teacher_arch))
+        base = base.replace(teacher=str(RunDir(out / TEACHER).last), teacher_arch=teacher_arch)
+    elif distill:
+        path = Path(opts.teacher).expanduser()
+        if not path.is_file():
+            raise UserError(f"--teacher {opts.teacher}: no such file")
+        base = base.replace(teacher=str(path.resolve()))
+
+    runs = []
+    for student in opts.students:
+        for method in opts.methods:
+            name = f"{method}-{student}"
+            s = base.for_method(methods.get(method)).replace(method=method, student=student)
+            cfg = resolve(s)  # every setting of every run checked before any work
+            runs.append(Stage("train", name, out / name, cfg, s, method, student))
+    stages += runs
+    _check_inputs(stages, given, opts)
+    stages += [Stage("evaluate", r.name, r.run_dir, r.cfg, r.settings, r.method, r.student) for r in runs]
+
+    eval_settings = EvalSettings(
+        attacks=list(opts.attacks),
+        n=opts.n,
+        batch_size=opts.eval_batch_size,
+        data=given.data,
+        device=given.device,
+        no_download=bool(opts.no_download),
+        no_progress=bool(opts.no_progress),
+    )
+    train_flags = given.given()
+    if opts.no_download:
+        train_flags["no_download"] = True
+    settings = {
+        "format": PLAN_FORMAT,
+        "preset": opts.preset,
+        "students": opts.students,
+        "methods": opts.methods,
+        "teacher": {
+            "file": str(Path(opts.teacher).expanduser().resolve()) if opts.teacher else None,
+            "arch": teacher_arch if (opts.teacher_arch or opts.teacher is None) and distill else None,
+            "sha256": file_sha256(opts.teacher) if opts.teacher and distill else None,
+        },
+        "train_flags": train_flags,
+        # without the batch size, which changes memory only: an evaluation that ran out of it can be retried
+        # smaller
+        "evaluate_flags": _evaluate_record(eval_settings),
+        "runs": [s.name for s in stages if s.kind == "train"],
+    }
+    return Plan(out, settings, stages, eval_settings, opts, given)
+
+
+def _evaluate_record(e: EvalSettings) -> list:
+    """The evaluation's planned settings as plan.json has recorded them since its first version (evaluate's
+    flags), so that a sweep begun then is the same plan now."""
+    rec = ["--attacks", ",".join(e.attacks)]
+    rec += [] if isinstance(e.n, DefaultN) else ["--n", str(e.n)]
+    rec += ["--data", e.data] + (["--device", e.device] if e.device else [])
+    return rec + (["--no-download"] if e.no_download else [])
+
+
+def _check_inputs(stages: list, given: RunSettings, opts: argparse.Namespace) -> None:
+    """What can fail on user input, through the engine's own checks, before anything is written (a failure
+    found after hours of training would need another --out): the data and the first run's settings; a given
+    teacher file (loaded and matched against its architecture and the data set's class count) through the
+    first distillation run, and with a self-trained teacher that run's teacher-logit cache; --n against the
+    test set. A dry run never downloads."""
+    download = False if (opts.no_download or opts.dry_run) else "auto"
+    distill = [s for s in stages if methods.get(s.method).needs_teacher and s.name != TEACHER]
+    self_trained = stages[0].name == TEACHER
+    checks = stages[:1] + [s for s in distill[:1] if s is not stages[0] and not self_trained]
+    full = None
+    for stage in checks:
+        cfg = dataclasses.replace(stage.cfg)
+        full = full or read_data(cfg, download)
+        prepare(cfg, download=download, full=full, eval_n_given=given.eval_n is not None)
+    if self_trained and distill:  # its teacher file does not exist yet: the cache is sized from the data alone
+        cfg = distill[0].cfg
+        use_teacher_cache(cfg, min(cfg.train_n or len(full[0][1]), len(full[0][1])), [])
+    n_test = len(full[1][1])
+    if not isinstance(opts.n, DefaultN) and opts.n > n_test:
+        raise UserError(f"--n {opts.n} exceeds the {n_test} test images in {given.data}")
+
+
+def check_plan_file(plan: Plan) -> bool:
+    """True when DIR already holds this plan; UserError when it holds another (or DIR cannot be a sweep)."""
+    out, path = plan.out, plan.out / PLAN
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a directory")
+    if not path.is_file():
+        if out.is_dir() and RunDir(out).content():
+            raise UserError(f"--out {out}: not empty and holds no {PLAN}; not a sweep folder, use another --out")
+        return False
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: unreadable ({e}); not a sweep of this version, use another --out") from None
+    if not isinstance(old, dict):
+        raise UserError(f"{path}: not a plan (a JSON object expected)")
+    diff = [k for k in sorted(set(old) | set(plan.settings)) if old.get(k) != plan.settings.get(k)]
+    if diff and not _started(plan.out, old):
+        return False  # nothing of it ran: the new plan replaces it
+    if diff:
+        k = diff[0]
+        raise UserError(
+            f"{path} holds a different plan ({k}: {json.dumps(old.get(k))} there, {json.dumps(plan.settings.get(k))} "
+            f"now); rerun with its settings to continue it, or use another --out"
+        )
+    return True
+
+
+def _started(out: Path, old: dict) -> bool:
+    """Whether any run of the plan ``old`` has begun (its run directory holds a config.json)."""
+    runs = old.get("runs")
+    if not isinstance(runs, list):
+        return True  # not a plan we can read: never replaced
+    return any(isinstance(n, str) and RunDir(out / Path(n).name).has_config() for n in runs)
+
+
+def write_plan(plan: Plan) -> None:
+    try:
+        plan.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(plan.out / PLAN, (json.dumps(plan.settings, indent=2) + "\n").encode())
+    except OSError as e:
+        raise UserError(f"--out {plan.out}: cannot write {PLAN}: {e.strerror or e}") from None
+
+
+# ---- What is done ------------------------------------------------------------------------------------------
+
+
+def completed_epochs(run_dir: Path) -> tuple:
+    """(completed epochs, planned epochs) of a run directory; (0, None) without config.json."""
+    return RunDir(run_dir).completed_epochs()
+
+
+def train_state(stage: Stage) -> str:
+    """``done``, ``resume`` (a run directory with config.json) or ``new``."""
+    done, epochs = completed_epochs(stage.run_dir)
+    if epochs is None:
+        return "new"
+    return "done" if done >= epochs else "resume"
+
+
+def _json(value):
+    return json.loads(json.dumps(value, default=str))
+
+
+def eval_done(plan: Plan, run_dir: Path) -> bool:
+    """An eval.json newer than last.pt made with the planned evaluation: the same attacks and every other
+    setting of evaluate's (images, eps, seed, data, each attack's hyperparameters) as planned, so that one
+    made by hand with other settings is redone, not taken into the table."""
+    rd = RunDir(run_dir)
+    path, last = rd.eval_json, rd.last
+    if not (path.is_file() and last.is_file()) or path.stat().st_mtime < last.stat().st_mtime:
+        return False
+    try:
+        report = json.loads(path.read_text())
+        config = report["config"]
+        planned = plan.eval_settings.replace(run=str(run_dir)).to_dict()
+        # a setting the plan leaves to evaluate (None: the data set and normalization from the run's
+        # config.json) is whatever evaluate made of it
+        same = all(
+            _json(v) == _json(config.get(k)) for k, v in planned.items() if k not in EVAL_NEUTRAL and v is not None
+        )
+        return (
+            same
+            and report.get("columns") == list(plan.opts.attacks)
+            and {r.get("label") for r in report.get("rows", [])} >= {"best", "last"}
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
