@@ -12,7 +12,7 @@ import pytest
 import torch
 from crop_flip import chi2_uniform
 
-from rslad_fast import train
+from rslad_fast import engine, train
 from rslad_fast.data import TensorLoader, apply_crop_flip, decode_views, num_views
 from rslad_fast.engine import runner, teacher_cache
 from rslad_fast.engine.config import Config
@@ -308,10 +308,10 @@ def test_resume_with_the_cache_equals_the_uninterrupted_cached_run(data, teacher
     assert train.main(_distill("rslad", data, straight, teacher_ckpt)) == 0  # auto: on for RSLAD
     args = _distill("rslad", data, resumed, teacher_ckpt)
     cfg = train.resolve_config(train.build_parser().parse_args(args))
-    prep = runner.prepare(cfg)
+    prep = engine.prepare(cfg)
     assert prep.teacher_cache
-    runner.create_run_dir(resumed, cfg).close()
-    runner.run(prep, resumed, progress=False, stop_after=1)
+    engine.create_run_dir(resumed, cfg).close()
+    engine.run(prep, resumed, progress=False, stop_after=1)
     assert train.main(["--resume", str(resumed), "--no-progress"]) == 0
     _assert_close_runs(straight, resumed)
     # the cache is not in last.pt: the resumed process refills it in its first epoch
@@ -325,7 +325,7 @@ def test_auto_per_method_and_on_without_a_teacher_is_an_error(data, teacher_ckpt
         cfg = train.resolve_config(
             train.build_parser().parse_args(_distill(method, data, tmp_path / method, teacher_ckpt, *extra))
         )
-        return cfg.teacher_cache, runner.prepare(cfg).teacher_cache
+        return cfg.teacher_cache, engine.prepare(cfg).teacher_cache
 
     assert resolved("rslad") == ("auto", True) and resolved("ard") == ("auto", True)
     assert resolved("iad") == ("auto", False)  # its teacher also sees x': off unless asked for

@@ -28,9 +28,9 @@ from .loop import Diverged, evaluate, train_one_epoch
 from .prepare import prepare
 from .resolve import resolve, teacher_settings
 from .rundir import RunDir, check_out_dir, create_run_dir, read_config
-from .runner import run
 from .settings import RunSettings
 from .train_run import resume, train
+from .train_run import run_prepared as run  # the teacher's stage, then the student's run
 
 __all__ = [
     "Config",

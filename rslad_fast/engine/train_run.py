@@ -25,7 +25,7 @@ from rslad_fast.errors import UserError
 from rslad_fast.models import build as build_model
 from rslad_fast.models.loading import load_checkpoint_into
 
-from . import estimate
+from . import estimate, runner
 from .config import Config, same_run
 from .dist import Dist, agreed
 from .prepare import Prepared, prepare
@@ -95,6 +95,16 @@ def _locked(prep: Prepared, run_dir: RunDir, lock, *, dist: Dist, new: bool, pro
             lock.close()
 
 
+def run_prepared(prep: Prepared, run_dir, *, dist: Optional[Dist] = None, progress: bool = True, **kw) -> dict:
+    """The stages of a prepared run whose directory exists (``create_run_dir``): the self-trained teacher's,
+    then the student's ``runner.run`` (``kw``: its ``stop_after`` or ``tag``). What :func:`train` does after its
+    checks and lock, for code that prepares a run itself (tests, the benchmarks)."""
+    dist = dist or Dist()
+    if prep.teacher_prep is not None and prep.teacher_model is None:
+        prep.teacher_model = train_teacher(prep, RunDir(run_dir), dist=dist, progress=progress)
+    return run(prep, run_dir, dist=dist, progress=progress, **kw)
+
+
 def train_teacher(prep: Prepared, run_dir: RunDir, *, dist: Dist, progress: bool) -> torch.nn.Module:
     """The self-trained teacher's stage: train (or finish training, or just reuse) it in
     ``RUN_DIR/teacher``, then load it, frozen, in the run's teacher dtype.
@@ -116,7 +126,7 @@ def train_teacher(prep: Prepared, run_dir: RunDir, *, dist: Dist, progress: bool
         tdir.path.mkdir(parents=True, exist_ok=True)
         write_config(tdir.path, tcfg)
     t0 = time.perf_counter()
-    run(tprep, tdir.path, dist=dist, progress=progress, tag=f"teacher {tcfg.method}/{tcfg.student}", then=then)
+    runner.run(tprep, tdir.path, dist=dist, progress=progress, tag=f"teacher {tcfg.method}/{tcfg.student}", then=then)
     _log(f"[teacher] ready ({time.perf_counter() - t0:.0f}s): {tdir.last}", dist)
     model = build_model(tcfg.student, tcfg.num_classes, normalization=tcfg.wrn70_16_norm)
     load_checkpoint_into(model, tdir.last, tcfg.student)
