@@ -18,7 +18,8 @@ from rslad_fast import evaluate as ev
 from rslad_fast.attacks.eval_attacks import PGD
 from rslad_fast.attacks.registry import PRESETS
 from rslad_fast.data import load_cifar10
-from rslad_fast.evaluation.robustness import ordering_warnings
+from rslad_fast.evaluation.robustness import evaluate_model, ordering_warnings, sanity_check
+from rslad_fast.evaluation.run import build_attacks
 
 N = 16
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -267,7 +268,7 @@ def test_cli_defaults_are_the_attack_defaults():
         import pyautoattack  # noqa: F401
     except ImportError:  # the AA adapter refuses to load without it; the other defaults still count
         args.attacks.remove("aa")
-    made = ev.build_attacks(args)
+    made = build_attacks(ev.settings_from_args(args))
     for name, factory in PRESETS.items():
         assert made[name].hparams() == factory().hparams(), name
     if "aa" in made:
@@ -279,7 +280,7 @@ def test_worst_is_the_per_image_and(env):
     model = env["model"]
     x, y = load_cifar10(env["data"], train=False, download=False)
     attacks = {"fgsm": PRESETS["fgsm"](eps=16 / 255), "pgd20-sat": PRESETS["pgd20-sat"](eps=16 / 255, steps=3)}
-    res = ev.evaluate_model(model, x[:N], y[:N], attacks, batch_size=6, device="cpu", seed=1)
+    res = evaluate_model(model, x[:N], y[:N], attacks, batch_size=6, device="cpu", seed=1)
     expected = res["clean"]["correct"] & res["fgsm"]["correct"] & res["pgd20-sat"]["correct"]
     assert torch.equal(res["worst"]["correct"], expected)
     assert res["worst"]["accuracy"] == 100.0 * int(expected.sum()) / N
@@ -319,11 +320,11 @@ class _Masked(torch.nn.Module):
 def test_sanity_check_flags_a_broken_attack(env):
     x, y = load_cifar10(env["data"], train=False, download=False)
     sanity = PGD(eps=1.0, alpha=0.1, steps=5, name="sanity")
-    good = ev.evaluate_model(env["model"], x[:N], y[:N], {}, batch_size=N, device="cpu", sanity=sanity)
-    entry, warning = ev.sanity_check(sanity, good["sanity"]["accuracy"], 10)
+    good = evaluate_model(env["model"], x[:N], y[:N], {}, batch_size=N, device="cpu", sanity=sanity)
+    entry, warning = sanity_check(sanity, good["sanity"]["accuracy"], 10)
     assert entry["ok"] and warning is None and entry["accuracy"] <= 10.0
-    bad = ev.evaluate_model(_Masked(env["model"]), x[:N], y[:N], {}, batch_size=N, device="cpu", sanity=sanity)
-    entry, warning = ev.sanity_check(sanity, bad["sanity"]["accuracy"], 10)
+    bad = evaluate_model(_Masked(env["model"]), x[:N], y[:N], {}, batch_size=N, device="cpu", sanity=sanity)
+    entry, warning = sanity_check(sanity, bad["sanity"]["accuracy"], 10)
     assert not entry["ok"] and "above chance" in warning
     assert bad["worst"]["accuracy"] == bad["clean"]["accuracy"]  # the sanity run is not part of "worst"
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import rslad_fast
-from rslad_fast import evaluate, ops, train
-from rslad_fast.engine import config as engine_config
-from rslad_fast.engine import runner
+from rslad_fast import engine, evaluate, ops, train
+from rslad_fast.engine.resolve import check_ops_device
 from rslad_fast.errors import UserError
+from rslad_fast.evaluation import run as eval_run
 
 
 @pytest.fixture(scope="module")
@@ -94,13 +94,13 @@ def test_evaluate_uses_the_same_policy_and_records_it(data, tmp_path, monkeypatc
     ckpt = tmp_path / "m.pt"
     torch.manual_seed(0)
     torch.save({"model": rslad_fast.models.build("tiny").state_dict()}, ckpt)
-    seen, original = [], evaluate.evaluate_model
+    seen, original = [], eval_run.evaluate_model
 
     def spy(*a, **kw):
         seen.append(_flags())
         return original(*a, **kw)
 
-    monkeypatch.setattr(evaluate, "evaluate_model", spy)
+    monkeypatch.setattr(eval_run, "evaluate_model", spy)
     argv = [
         "--ckpt",
         str(ckpt),
@@ -153,13 +153,13 @@ def test_training_and_evaluate_fail_at_start_without_cuda_kernels(data, tmp_path
     cfg = train.resolve_config(args)
     cfg.device = "cuda"  # as a resumed run's config.json would say; no GPU is needed to reach the check
     with pytest.raises(UserError, match="built without CUDA kernels") as e:
-        runner.prepare(cfg)
+        engine.prepare(cfg)
     assert "\n" not in str(e.value)
     with pytest.raises(UserError, match="built without CUDA kernels"):
-        engine_config.check_ops_device("cuda:0")
+        check_ops_device("cuda:0")
     if torch.cuda.is_available():
         with pytest.raises(UserError, match="built without CUDA kernels"):
-            evaluate._device("cuda")
+            eval_run._device("cuda")
 
 
 @pytest.mark.parametrize("require,ok", [("compiled", True), ("cuda", None), ("bogus", False)])
