@@ -33,7 +33,6 @@ run from its ``last.pt`` and redoes an interrupted evaluation. Under torchrun ev
 is distributed as ``train`` and ``evaluate`` are, and rank 0 alone writes.
 """
 
-
 from __future__ import annotations
 
 import argparse
