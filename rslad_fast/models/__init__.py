@@ -21,6 +21,8 @@ import torch.nn as nn
 
 from rslad_fast.errors import UserError
 
+from .fold import FoldedCopy, fold_bn
+
 ARCHS = ("resnet18", "mnv2", "wrn34-10", "wrn70-16", "resnet8", "tiny")
 # WRN-70-16's input normalizations (models/wrn_dm.py NORMALIZATIONS), the default first
 WRN70_NORMS = ("cifar10", "cifar100")
@@ -119,4 +121,4 @@ def build(name: str, num_classes: int = 10, *, normalization: str = "cifar10") -
     return TinyCNN(num_classes)
 
 
-__all__ = ["ARCHS", "WRN70_NORMS", "TinyCNN", "build", "canonical_name"]
+__all__ = ["ARCHS", "WRN70_NORMS", "FoldedCopy", "TinyCNN", "build", "canonical_name", "fold_bn"]
