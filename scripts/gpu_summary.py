@@ -2,12 +2,15 @@
 
     python scripts/gpu_summary.py WORK_DIR --md summary.md [--json summary.json]
 
-WORK_DIR is scripts/gpu_check.sh's working folder (machine.txt, stages.tsv, each stage's log, JUnit XML and
-JSON). Written after every stage, so it reads whatever is there and never fails on a missing piece.
+WORK_DIR is scripts/gpu_check.sh's working folder (machine.txt, plan.tsv, stages.tsv, each stage's log, JUnit
+XML and JSON). Written after every stage, so it reads whatever is there and never fails on a missing piece;
+each output is written under a temporary name beside it and renamed, so a kill mid-write leaves the last
+whole copy.
 """
 
 import argparse
 import json
+import os
 import re
 import sys
 import xml.etree.ElementTree as ET
@@ -61,6 +64,38 @@ def _junit(path: Path):
     }
 
 
+def write_atomic(path, text: str) -> None:
+    """`text` to `path` by way of a temporary file in the same folder and a rename (atomic on POSIX)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _int(text, default=None):
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        return default
+
+
+def plan_projection(plan, startup_s, deadline_s):
+    """Which planned stages fit if each takes its estimate: the script runs a stage only while its estimate fits
+    in what is left before the deadline (`deadline_s` after the start, `startup_s` of it spent before the first
+    stage). Returns (fits, does_not_fit) lists of names."""
+    fits, not_fit, t = [], [], startup_s
+    for name, est in plan:
+        if deadline_s - t >= est:
+            fits.append(name)
+            t += est
+        else:
+            not_fit.append(name)
+    return fits, not_fit
+
+
 def summarise(work: Path) -> dict:
     machine = dict(line.split(": ", 1) for line in _read(work / "machine.txt").splitlines() if ": " in line)
     stages = []
@@ -68,7 +103,29 @@ def summarise(work: Path) -> dict:
         parts = line.split("\t")
         if len(parts) == 5:
             stages.append(dict(zip(("stage", "status", "seconds", "estimate_s", "note"), parts)))
-    out = {"machine": machine, "stages": stages, "tests": {}, "probes": {}, "sanitizer": {}}
+    plan = []
+    for line in _read(work / "plan.tsv").splitlines():
+        parts = line.split("\t")
+        if len(parts) == 2 and _int(parts[1]) is not None:
+            plan.append((parts[0], int(parts[1])))
+    # Planned stages with no record yet: the run has not reached them (or was killed before it did).
+    recorded = {st["stage"] for st in stages}
+    not_reached = [{"stage": n, "estimate_s": e} for n, e in plan if n not in recorded]
+    deadline, startup = _int(machine.get("deadline_s")), _int(machine.get("startup_s"), 0)
+    projection = None
+    if plan and deadline is not None:
+        fits, not_fit = plan_projection(plan, startup, deadline)
+        projection = {"deadline_s": deadline, "startup_s": startup, "fits": fits, "does_not_fit": not_fit}
+    out = {
+        "machine": machine,
+        "stages": stages,
+        "plan": [{"stage": n, "estimate_s": e} for n, e in plan],
+        "not_reached": not_reached,
+        "projection": projection,
+        "tests": {},
+        "probes": {},
+        "sanitizer": {},
+    }
     for name in ("tests_cuda", "graphs"):
         j = _junit(work / f"{name}.xml")
         if j is not None:
@@ -85,7 +142,11 @@ def summarise(work: Path) -> dict:
             out["probes"][name] = j
     out["smoke"] = _json(work / "smoke" / "smoke.json")
     out["bench"] = {}
-    for name in ("bench_ops", "bench_inner", "bench_epoch", "bench_full"):
+    # One JSON a benchmark stage (bench_ops, bench_inner, bench_epoch; full mode's bench_full_* a file), in the
+    # order the stages ran; a stage's `_compiled` JSON joins its groups (ratios against eager).
+    order = {st["stage"]: i for i, st in enumerate(stages)}
+    names = {p.stem.removesuffix("_compiled") for p in work.glob("bench_*.json")}
+    for name in sorted(names, key=lambda n: (min(order.get(n, 1e9), order.get(n + "_compiled", 1e9)), n)):
         data = _json(work / f"{name}.json")
         compiled = _json(work / f"{name}_compiled.json")  # its rows join their groups: ratios against eager
         if compiled and compiled.get("benchmarks"):
@@ -111,7 +172,23 @@ def markdown(s: dict, work: Path) -> str:
         "|---|---|---|---|---|",
     ]
     for st in s["stages"]:
-        lines.append(f"| {st['stage']} | {st['status']} | {st['seconds']} | {st['estimate_s']} | {st['note']} |")
+        note = st["note"].replace("|", "\\|")
+        lines.append(f"| {st['stage']} | {st['status']} | {st['seconds']} | {st['estimate_s']} | {note} |")
+    for st in s.get("not_reached", []):
+        note = "the run ended (or was killed) before it"
+        lines.append(f"| {st['stage']} | not reached | - | {st['estimate_s']} | {note} |")
+    ran = [st["stage"] for st in s["stages"] if st["status"] != "not run"]
+    not_run = [f"{st['stage']} ({st['note']})" for st in s["stages"] if st["status"] == "not run"]
+    lines += ["", f"- ran: {', '.join(ran) or 'none'}", f"- not run: {'; '.join(not_run) or 'none'}"]
+    if s.get("not_reached"):
+        lines.append(f"- not reached: {', '.join(st['stage'] for st in s['not_reached'])}")
+    proj = s.get("projection")
+    if proj:
+        lines.append(
+            f"- plan: {len(s['plan'])} stages; with {proj['startup_s']} s of start-up and the "
+            f"{proj['deadline_s']} s deadline, if each stage took its estimate these would fit: "
+            f"{', '.join(proj['fits']) or 'none'}; and these would not: {', '.join(proj['does_not_fit']) or 'none'}"
+        )
     for name, t in s["tests"].items():
         lines += ["", f"**{name}**: {t['passed']} passed, {t['failures'] + t['errors']} failed, {t['skipped']} skipped"]
         lines += [f"- FAILED {f}" for f in t["failed_tests"]]
@@ -131,12 +208,15 @@ def markdown(s: dict, work: Path) -> str:
                 f"mismatches, worst relative error {p.get('worst_rel_err'):.2e}",
             ]
         else:
-            gbps = p.get("GB_per_s")
+            gbps, first = p.get("GB_per_s"), p.get("first_call_s")
             lines += [
                 "",
                 f"**big_pgd** ({p.get('device')}): {p.get('numel')} fp16 elements "
                 f"(past 2^31: {p.get('over_2^31')}), {p.get('mismatched')} mismatches against the reference, "
-                f"{p.get('seconds', 0) * 1e3:.1f} ms" + (f", {gbps:.0f} GB/s" if gbps else ""),
+                f"{p.get('seconds', 0) * 1e3:.1f} ms"
+                + (f" (best of {p.get('repeats')} after a warm-up)" if p.get("repeats") else "")
+                + (f", {gbps:.3g} GB/s" if gbps else "")
+                + (f"; first call {first * 1e3:.1f} ms" if first is not None else ""),
             ]
     smoke_md = _read(work / "smoke" / "smoke.md")
     if smoke_md:
@@ -156,9 +236,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     work = Path(args.work)
     s = summarise(work)
-    Path(args.md).write_text(markdown(s, work))
+    write_atomic(args.md, markdown(s, work))
     if args.json:
-        Path(args.json).write_text(json.dumps(s, indent=2, default=str) + "\n")
+        write_atomic(args.json, json.dumps(s, indent=2, default=str) + "\n")
     return 0
 
 
