@@ -190,6 +190,15 @@ def add_run_flags(p: argparse.ArgumentParser, *, skip=()) -> dict:
         "BatchNorm per process, as single-GPU training",
     )
     g.add_argument(
+        "--fold-bn",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="eval-mode passes (the frozen teacher, and the student's attack where the method's official "
+        "attack runs in eval mode: rslad, trades, mart, sat, iad) through a copy of the model with every "
+        "BatchNorm that follows a conv folded into it, refreshed after each SGD step: the same function up "
+        "to float rounding, fewer passes over memory (default on; recorded in config.json)",
+    )
+    g.add_argument(
         "--teacher-cache",
         choices=("auto", "on", "off"),
         help="distillation: keep the frozen teacher's fp32 logits of each augmented view (image x crop x "

@@ -90,21 +90,28 @@ def _main(args, dist) -> int:
     """One run from parsed arguments in an already joined process group (``dist``). Returns the exit status."""
     from rslad_fast import engine
     from rslad_fast.engine.checkpoint import WriteError
+    from rslad_fast.engine.dist import agreed
     from rslad_fast.errors import UserError
 
     run_dir = None
     download = False if args.no_download else "auto"
+    progress = not args.no_progress
+
+    def settings():  # checked on every rank, agreed on, so that rank 0 alone says what is wrong
+        if not args.resume:
+            return engine.resolve(settings_from_args(args))
+        given = [flag_of(k) for k in settings_from_args(args).given()]
+        given += [f for f, v in (("--out", args.out), ("--overwrite", args.overwrite)) if v]
+        if given:
+            raise UserError(f"--resume takes every setting from RUN_DIR/config.json; drop {', '.join(given)}")
+        return None
+
     try:
-        progress = not args.no_progress
-        if args.resume:
-            given = [flag_of(k) for k in settings_from_args(args).given()]
-            if given or args.out or args.overwrite:
-                flags = given + [f for f, v in (("--out", args.out), ("--overwrite", args.overwrite)) if v]
-                raise UserError(f"--resume takes every setting from RUN_DIR/config.json; drop {', '.join(flags)}")
+        cfg = agreed(dist, settings)
+        if cfg is None:
             run_dir = Path(args.resume)
             summary = engine.resume(run_dir, dist=dist, download=download, progress=progress)
         else:
-            cfg = engine.resolve(settings_from_args(args))
             run_dir = Path(args.out or f"runs/{cfg.method}-{cfg.student}-{cfg.preset}-seed{cfg.seed}")
             summary = engine.train(
                 cfg,

@@ -8,7 +8,7 @@ import torch
 
 import rslad_fast
 from rslad_fast import engine, evaluate, ops, train
-from rslad_fast.engine.resolve import check_ops_device
+from rslad_fast.engine.resolution import check_ops_device
 from rslad_fast.errors import UserError
 from rslad_fast.evaluation import run as eval_run
 

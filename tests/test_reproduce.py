@@ -10,7 +10,7 @@ import torch
 
 from rslad_fast import engine, reproduce
 from rslad_fast.engine import runner
-from rslad_fast.engine.prepare import file_sha256
+from rslad_fast.engine.preparation import file_sha256
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -3,10 +3,10 @@ directory out (:func:`train`, :func:`resume`).
 
 settings.py    RunSettings: what a user asks of a run, every field None where not given
 presets.py     the presets and the per-epoch evaluation attack, each value documented
-resolve.py     RunSettings + preset + official values -> Config; the self-trained teacher's derivation
+resolution.py  RunSettings + preset + official values -> Config; the self-trained teacher's derivation
 config.py      the resolved, validated Config (config.json)
 rundir.py      a run directory: file layout, lock, out-dir checks, config/metrics/epochs read back
-prepare.py     phase 1: every check that can fail on user input and the loading it needs, no writes
+preparation.py phase 1: every check that can fail on user input and the loading it needs, no writes
 train_run.py   train() / resume(): checks, lock, the teacher's stage, the student's run
 build.py       the one builder of a step's objects (runner, estimate, benchmarks)
 runner.py      the training driver: build, resume from last.pt, epochs, checkpoints
@@ -25,8 +25,8 @@ dist.py        torchrun: rank / world size, the process group, the collectives (
 from .config import Config
 from .dist import Dist
 from .loop import Diverged, evaluate, train_one_epoch
-from .prepare import prepare
-from .resolve import resolve, teacher_settings
+from .preparation import prepare
+from .resolution import resolve, teacher_settings
 from .rundir import RunDir, check_out_dir, create_run_dir, read_config
 from .settings import RunSettings
 from .train_run import resume, train

@@ -14,6 +14,7 @@ import torch
 
 from rslad_fast import methods
 from rslad_fast.models import build as build_model
+from rslad_fast.models.fold import FoldedCopy, fold_bn
 
 from .allocator import keep_freed_memory
 from .config import Config
@@ -46,7 +47,9 @@ def place_teacher(teacher: torch.nn.Module, cfg: Config, device: torch.device) -
     already), device and memory format."""
     if not isinstance(teacher, CastTeacher):
         teacher = cast_teacher(teacher, cfg.teacher_dtype)
-    return teacher.to(device).to(memory_format=memory_format(cfg))
+    teacher = teacher.to(device).to(memory_format=memory_format(cfg))
+    # frozen and only ever run in eval mode: fold once (in its dtype and memory format)
+    return fold_bn(teacher) if cfg.fold_bn else teacher
 
 
 def random_teacher(cfg: Config) -> torch.nn.Module:
@@ -70,6 +73,7 @@ class Parts:
     method: methods.Method
     generator: torch.Generator  # the attacks' random starts
     amp_dtype: Optional[torch.dtype]
+    fold: Optional[FoldedCopy] = None  # the student's folded copy for its eval-mode attack (cfg.fold_bn)
 
 
 def build_parts(cfg: Config, device: torch.device, teacher: Optional[torch.nn.Module], *, generator_seed: int) -> Parts:
@@ -85,13 +89,18 @@ def build_parts(cfg: Config, device: torch.device, teacher: Optional[torch.nn.Mo
         student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
     optimizer = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.milestones), gamma=cfg.gamma)
+    method = methods.get(cfg.method)(**cfg.hparams)
+    # only where the official attack runs the student in eval mode (a train-mode attack, ARD's or SAT's
+    # attack_mode=train, needs the BatchNorms); built after the final device and memory format
+    fold = FoldedCopy(student) if cfg.fold_bn and method.has_attack and method.attack_mode == "eval" else None
     return Parts(
         device=device,
         student=student,
         teacher=teacher,
         optimizer=optimizer,
         scheduler=scheduler,
-        method=methods.get(cfg.method)(**cfg.hparams),
+        method=method,
         generator=torch.Generator(device=device).manual_seed(generator_seed),
         amp_dtype=AMP_DTYPES[cfg.amp],
+        fold=fold,
     )

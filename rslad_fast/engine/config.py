@@ -1,6 +1,6 @@
 """The resolved configuration of one training run: every value the run uses, validated, JSON-serializable.
 
-A :class:`Config` is made by ``resolve.py`` from a ``settings.RunSettings`` (what the user gave) and a
+A :class:`Config` is made by ``resolution.py`` from a ``settings.RunSettings`` (what the user gave) and a
 preset (``presets.py``); this module holds the type, its range checks (:func:`validate`) and the reader of
 ``config.json`` (``Config.to_dict()``; a resumed run is rebuilt from it with :meth:`Config.from_dict`).
 """
@@ -62,6 +62,10 @@ class Config:
     teacher_cache: str = "off"  # --teacher-cache: "auto" (on for Method.TEACHER_CACHE_AUTO methods, off
     # with a note when it does not fit), "on", "off" (engine/teacher_cache.py);
     # "off" for runs written before the field existed, as they trained
+    fold_bn: bool = False  # --fold-bn: the eval-mode passes (the frozen teacher; the student's attack where
+    # the method's official attack runs in eval mode) through a copy with each BatchNorm folded into its conv
+    # (models/fold.py): the same function up to float rounding. False for runs written before the field
+    # existed, as they trained
     teacher: Optional[dict] = None  # {"source": "file", "path", "arch", "dtype"} | {"source": "trained", "arch",
     # "dir", "dtype"}; "dtype" (TEACHER_DTYPES): the teacher's forward, "fp32" where absent (older runs)
     teacher_run: Optional[dict] = None  # the self-trained teacher's own Config, as a dict
@@ -154,6 +158,7 @@ def validate(cfg: Config) -> None:
         f"--cuda-graph true needs a CUDA device (the graph captures CUDA kernels) but the device is "
         f"{cfg.device}; use --cuda-graph auto (a graph on CUDA, eager elsewhere) or false",
     )
+    _check(isinstance(cfg.fold_bn, bool), f"fold_bn must be true or false, got {cfg.fold_bn!r}")
     _check(isinstance(cfg.sync_bn, bool), f"sync_bn must be true or false, got {cfg.sync_bn!r}")
     _check(
         not cfg.sync_bn or cfg.device.startswith("cuda"),

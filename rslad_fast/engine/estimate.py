@@ -152,7 +152,15 @@ def measure_train_step(cfg, *, batches: int = 2, device=None) -> float:
 
         def step():
             train_step(
-                p.student, p.method, p.optimizer, x, y, teacher=p.teacher, generator=p.generator, amp_dtype=p.amp_dtype
+                p.student,
+                p.method,
+                p.optimizer,
+                x,
+                y,
+                teacher=p.teacher,
+                generator=p.generator,
+                amp_dtype=p.amp_dtype,
+                fold=p.fold,
             )
 
         step()

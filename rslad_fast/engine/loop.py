@@ -65,6 +65,7 @@ class EpochState:
     channels_last: bool = False
     dist: object = None
     teacher_cache: object = None
+    fold: object = None  # build.Parts.fold: the student's folded copy for its eval-mode attack
 
 
 def train_one_epoch(state: EpochState, epoch: int, *, bar=None, on_batch=None) -> dict:
@@ -105,6 +106,7 @@ def train_one_epoch(state: EpochState, epoch: int, *, bar=None, on_batch=None) -
             amp_dtype=amp_dtype,
             cache=teacher_cache,
             views=views[0] if views else None,
+            fold=state.fold,
         )
         loss_sum += loss.double()
         n_finite += torch.isfinite(loss_sum)

@@ -2,7 +2,7 @@
 the method's official code sets it, each documented once, next to it (airbench's style).
 
 Every setting resolves as: the command line, else the preset, else the method's official value (its
-HPARAMS and SCHEDULE, cited in rslad_fast/methods/<method>.py); ``resolve.py`` applies them.
+HPARAMS and SCHEDULE, cited in rslad_fast/methods/<method>.py); ``resolution.py`` applies them.
 """
 
 from __future__ import annotations
@@ -104,4 +104,29 @@ PRESETS = {
         teacher_train_n=20000,  # the teacher's training images (an explicit --train-n sizes both runs)
         teacher_epochs=4,  # the teacher's epochs (its lr decays for the last one, as above)
     ),
+}
+
+
+# ---- CPU choices per architecture -----------------------------------------------------------------------
+# On a CPU, what pays depends on the architecture, so it is chosen per architecture from measurements, not by
+# one global switch: the memory format and, where the CPU has native bf16 dot products (avx512_bf16 or AMX,
+# engine/hardware.py), bf16 autocast of the student's passes (fp32 master weights) or the teacher's weights.
+# A setting given on the command line always wins; an architecture not listed keeps the preset's memory
+# format and fp32. CUDA is not measured yet (no GPU has been lent): there the preset's choices stand.
+# Measured on this project's AMD EPYC (avx512_bf16, no AMX), torch 2.14.1, eval-mode forward + input gradient
+# (an attack step), batch 32, 1 thread, median of 3, 2026-12-07 (another job on the second core):
+@dataclass(frozen=True)
+class CpuChoice:
+    channels_last: Optional[bool] = None  # a trained model's memory format (None: not measured, the preset's)
+    train_bf16: bool = False  # with native bf16: autocast of the model's training passes (attack included)
+    teacher_bf16: bool = False  # with native bf16: the model as a frozen teacher, in bf16 weights
+
+
+CPU_CHOICES = {
+    # fp32 1.42 s NCHW / 1.54 s channels_last; bf16 0.90 s NCHW / 0.75 s channels_last: 1.9x
+    "resnet18": CpuChoice(channels_last=True, train_bf16=True),
+    # fp32 1.02 s NCHW / 0.68 s channels_last; bf16 1.04 s / 0.70 s: depthwise convs gain nothing from bf16
+    "mnv2": CpuChoice(channels_last=True),
+    # the teacher's forward (inference mode), batch 16: fp32 2.65 s, bf16 weights 1.27 s (NCHW): 2.1x
+    "wrn34-10": CpuChoice(teacher_bf16=True),
 }

@@ -38,7 +38,7 @@ from .dist import Dist
 from .loop import Diverged, EpochState, evaluate, first_non_finite, train_one_epoch
 from .metrics import MetricsLog, plot_curves
 from .precision import tf32
-from .prepare import Prepared
+from .preparation import Prepared
 from .rundir import RunDir
 from .teacher_cache import TeacherCache
 
@@ -130,6 +130,7 @@ def _run(
         channels_last=cfg.channels_last,
         dist=dist,
         teacher_cache=r.teacher_cache,
+        fold=r.parts.fold,
     )
     record = {}
     try:

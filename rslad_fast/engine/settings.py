@@ -39,6 +39,7 @@ class RunSettings:
     channels_last: Optional[bool] = None
     allow_tf32: Optional[bool] = None
     sync_bn: Optional[bool] = None
+    fold_bn: Optional[bool] = None
 
     # the settings only a distillation run takes
     TEACHER_ONLY = ("teacher", "teacher_arch", "teacher_dtype", "teacher_cache")

@@ -54,12 +54,15 @@ def train_step(
     amp_dtype: Optional[torch.dtype] = None,
     cache=None,
     views: Optional[torch.Tensor] = None,
+    fold=None,
 ):
     """Runs one SGD step of `method` on (x, y); returns (detached loss, the method's Context with stats).
 
     `student` may be a DDP wrapper; the attacks then run on the module inside it (see the module doc).
     `cache` (an engine.teacher_cache.TeacherCache) with the batch's `views` serves T(x), the teacher run on
-    its misses only; every other teacher call of the method (ctx.teacher) bypasses it."""
+    its misses only; every other teacher call of the method (ctx.teacher) bypasses it. `fold` (a
+    models.fold.FoldedCopy of the student, for a method whose attack runs in eval mode) is refreshed from
+    the student's current weights and statistics and serves as the attack's model."""
     t_logits = None
     if teacher is not None:
         if cache is not None:
@@ -76,7 +79,7 @@ def train_step(
         teacher_logits=t_logits,
         epoch=epoch,
         generator=generator,
-        attack_model=unwrap(student),
+        attack_model=fold.refresh() if fold is not None else unwrap(student),
     )
     student.train()
     with autocast(x.device, amp_dtype):

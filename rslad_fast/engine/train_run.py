@@ -1,7 +1,7 @@
 """One training run end to end, the engine's typed entry point: :func:`train` (a new run: a :class:`Config`
 in, a run directory out) and :func:`resume` (a run directory's own config.json in).
 
-1. Every check that can fail on user input, on every rank, with nothing written (``prepare.py``); the ranks
+1. Every check that can fail on user input, on every rank, with nothing written (``preparation.py``); the ranks
    agree on the outcome, so all stop together.
 2. Rank 0 locks the run directory for the whole run (a new run: creates or empties it under the lock and
    writes config.json).
@@ -28,7 +28,7 @@ from rslad_fast.models.loading import load_checkpoint_into
 from . import estimate, runner
 from .config import Config, same_run
 from .dist import Dist, agreed
-from .prepare import Prepared, prepare
+from .preparation import Prepared, prepare
 from .rundir import RunDir, RunLock, check_out_dir, create_run_dir, write_config
 from .runner import _log, run
 from .teacher import cast_teacher, freeze
@@ -144,12 +144,20 @@ def _start_lines(prep: Prepared, run_dir: RunDir, dist: Dist, new: bool, say) ->
         batch += f" x {dist.world_size} processes = {cfg.batch_size * dist.world_size}" + (
             ", SyncBatchNorm" if cfg.sync_bn else ", BatchNorm per process"
         )
+    cpu = cfg.versions.get("cpu") if isinstance(cfg.versions, dict) else None
+    if new and cfg.device == "cpu" and isinstance(cpu, dict) and cpu.get("native_bf16"):
+        say(
+            f"note: this CPU ({cpu.get('model')}) has native bf16 ({', '.join(cpu.get('flags', []))}): bf16 is "
+            f"chosen where it pays for the architecture (engine/presets.py CPU_CHOICES): --amp {cfg.amp}"
+            + (f", --teacher-dtype {cfg.teacher_dtype}" if cfg.teacher else "")
+            + " (give either flag to choose)"
+        )
     say(
         f"{'run' if new else 'resume'} {run_dir.path}: {cfg.method} {cfg.student}, preset "
         f"{cfg.preset}, {cfg.epochs} epochs, {batch}, lr {cfg.lr:g} "
         f"(x{cfg.gamma:g} at {cfg.milestones}), wd {cfg.weight_decay:g}, train images "
         f"{len(prep.train[0])}, eval {cfg.eval_n}, device {cfg.device}, {cfg.threads} threads, {cfg.amp}"
-        f"{', channels_last' if cfg.channels_last else ''}"
+        f"{', channels_last' if cfg.channels_last else ''}{', BN folded in eval passes' if cfg.fold_bn else ''}"
         + (f", teacher {teacher} in {cfg.teacher_dtype}" if teacher else "")
         + (f", {cfg.dataset}" if cfg.dataset != "cifar10" else "")
     )

@@ -20,7 +20,7 @@ from rslad_fast.data import load_cifar, num_classes
 from rslad_fast.data.cifar import NAMES as DATASETS
 from rslad_fast.engine.dist import Dist, agreed
 from rslad_fast.engine.precision import restore_tf32, set_tf32
-from rslad_fast.engine.resolve import check_ops_device, resolve_device
+from rslad_fast.engine.resolution import check_ops_device, resolve_device
 from rslad_fast.engine.rundir import CHECKPOINTS, RunDir
 from rslad_fast.errors import UserError
 from rslad_fast.models import ARCHS, WRN70_NORMS, build, canonical_name

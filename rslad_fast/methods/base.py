@@ -103,6 +103,7 @@ class Method:
     # start ("uniform" in the eps ball, or "normal": x + init_std*N(0,1), with the method's `init_std`).
     attack_mode: str = "eval"
     attack_start: str = "uniform"
+    has_attack: bool = True  # False: no inner maximization (natural training): nothing to fold for
 
     def __init__(self, **overrides):
         unknown = set(overrides) - set(self.HPARAMS)

@@ -28,6 +28,8 @@ class Natural(Method):
         "momentum 0.9, batch 128",
     )
 
+    has_attack = False
+
     def attack(self, ctx: Context):
         return None
 

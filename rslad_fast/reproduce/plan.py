@@ -16,8 +16,8 @@ from typing import Optional
 from rslad_fast import methods
 from rslad_fast.atomic import atomic_write_bytes
 from rslad_fast.engine.config import Config
-from rslad_fast.engine.prepare import file_sha256, prepare, read_data, use_teacher_cache
-from rslad_fast.engine.resolve import resolve
+from rslad_fast.engine.preparation import file_sha256, prepare, read_data, use_teacher_cache
+from rslad_fast.engine.resolution import resolve
 from rslad_fast.engine.rundir import TEACHER, RunDir
 from rslad_fast.engine.settings import RunSettings
 from rslad_fast.errors import UserError

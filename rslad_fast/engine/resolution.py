@@ -21,7 +21,8 @@ from rslad_fast.errors import UserError
 from rslad_fast.models import canonical_name
 
 from .config import DEFAULT_TEACHER_ARCH, DEFAULT_TEACHER_DTYPE, Config, _check, validate
-from .presets import EVAL_ATTACK, PRESETS
+from .hardware import cpu_info
+from .presets import CPU_CHOICES, EVAL_ATTACK, PRESETS
 from .settings import RunSettings
 
 # ---- versions --------------------------------------------------------------------------------------------
@@ -55,6 +56,7 @@ def versions() -> dict:
         "platform": platform.platform(),
         "ops_backend": rslad_fast.ops.backend(),
         "ops_cuda_kernels": rslad_fast.ops.cuda_kernels_available(),
+        "cpu": cpu_info(),  # its native-bf16 flags decide the CPU defaults (presets.CPU_CHOICES)
     }
     if torch.cuda.is_available():
         out["gpu"] = torch.cuda.get_device_name(0)
@@ -133,11 +135,24 @@ def teacher_settings(s: RunSettings, cfg: Config) -> RunSettings:
         train_n=train_n,
         epochs=preset.teacher_epochs,
         eval_n=cfg.eval_n,
-        amp=cfg.amp,
-        channels_last=cfg.channels_last,
+        amp=s.amp,  # as given: where not given, the teacher's own architecture chooses (CPU_CHOICES)
+        channels_last=s.channels_last,
         allow_tf32=cfg.allow_tf32,
         sync_bn=cfg.sync_bn,
+        fold_bn=cfg.fold_bn,
     )
+
+
+def _cpu_bf16(device: str, arch: str, role: str) -> bool:
+    """bf16 pays for ``arch`` in ``role`` ("train_bf16" or "teacher_bf16", presets.CPU_CHOICES) and this CPU
+    has native bf16."""
+    choice = CPU_CHOICES.get(arch)
+    return device == "cpu" and choice is not None and getattr(choice, role) and cpu_info()["native_bf16"]
+
+
+def _cpu_channels_last(device: str, arch: str) -> Optional[bool]:
+    choice = CPU_CHOICES.get(arch)
+    return choice.channels_last if device == "cpu" and choice is not None else None
 
 
 def _resolve_one(s: RunSettings, default_threads: Optional[int], versions_info: Optional[dict]) -> Config:
@@ -186,8 +201,8 @@ def _resolve_one(s: RunSettings, default_threads: Optional[int], versions_info: 
     else:
         milestones = list(method.milestones())  # the decays the official code really applies (lr_bug)
 
+    device = resolve_device(s.device)
     teacher = None
-    teacher_dtype = _pick(s.teacher_dtype, DEFAULT_TEACHER_DTYPE[dataset])
     if method_cls.needs_teacher:
         if s.teacher:
             teacher = {
@@ -201,7 +216,14 @@ def _resolve_one(s: RunSettings, default_threads: Optional[int], versions_info: 
                 "arch": canonical_name(s.teacher_arch or preset.teacher_arch),
                 "dir": "teacher",
             }
-        teacher["dtype"] = teacher_dtype
+        # given; else the official CIFAR-100 scripts' fp16; else bf16 where this CPU runs it natively
+        # and it pays for the architecture (presets.CPU_CHOICES); else fp32
+        teacher["dtype"] = _pick(
+            s.teacher_dtype,
+            DEFAULT_TEACHER_DTYPE[dataset] if DEFAULT_TEACHER_DTYPE[dataset] != "fp32" else None,
+            "bf16" if _cpu_bf16(device, teacher["arch"], "teacher_bf16") else None,
+            "fp32",
+        )
     elif s.teacher or s.teacher_arch or s.teacher_dtype:
         raise UserError(
             f"method '{method_cls.name}' trains without a teacher; drop --teacher/--teacher-arch/--teacher-dtype "
@@ -222,7 +244,6 @@ def _resolve_one(s: RunSettings, default_threads: Optional[int], versions_info: 
         # lr x f with weight decay / f is exactly SGD on the per-image loss at the official lr and weight
         # decay (momentum included): a preset too short to absorb the factor uses it.
         lr, weight_decay = sch.lr * factor, sch.weight_decay / factor
-    device = resolve_device(s.device)
     threads = _pick(s.threads, default_threads, torch.get_num_threads())
     cfg = Config(
         student=student,
@@ -243,11 +264,12 @@ def _resolve_one(s: RunSettings, default_threads: Optional[int], versions_info: 
         device=device,
         loader=_pick(s.loader, "torch"),
         threads=threads,
-        amp=_pick(s.amp, "fp32"),
-        channels_last=bool(_pick(s.channels_last, preset.channels_last, False)),
+        amp=_pick(s.amp, "bf16" if _cpu_bf16(device, student, "train_bf16") else None, "fp32"),
+        channels_last=bool(_pick(s.channels_last, _cpu_channels_last(device, student), preset.channels_last, False)),
         allow_tf32=bool(s.allow_tf32 or False),
         sync_bn=bool(s.sync_bn or False),
         teacher_cache=_pick(teacher_cache, "auto"),
+        fold_bn=bool(_pick(s.fold_bn, True)),  # on unless --no-fold-bn: exact up to float rounding
         eval_attack=dict(EVAL_ATTACK),
         eval_batch_size=preset.eval_batch_size,
         teacher=teacher,

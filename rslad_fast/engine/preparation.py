@@ -17,7 +17,7 @@ from rslad_fast.errors import UserError
 
 from .config import Config
 from .dist import Dist
-from .resolve import check_ops_device
+from .resolution import check_ops_device
 from .teacher import load_teacher
 from .teacher_cache import check_fits
 

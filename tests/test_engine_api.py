@@ -1,0 +1,162 @@
+"""The engine's typed entry points driven directly (a `RunSettings` / `Config` in, a run directory out), and the
+machine-dependent choices `resolve` makes: folded BatchNorm, the CPU's bf16 and memory format per architecture."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rslad_fast import engine
+from rslad_fast.engine import RunDir, RunSettings, hardware, resolve
+from rslad_fast.engine.build import build_parts, random_teacher
+from rslad_fast.engine.config import Config
+from rslad_fast.engine.step import train_step
+from rslad_fast.models.fold import FoldedCopy
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = dict(student="tiny", device="cpu", threads=1, train_n=128, eval_n=32, batch_size=64, epochs=1)
+
+
+@pytest.fixture(scope="module")
+def data(fake_cifar10):
+    return fake_cifar10(n_train=256, n_test=64, seed=0)
+
+
+def test_train_and_resume_through_the_typed_api(data, tmp_path, capsys):
+    cfg = resolve(RunSettings(method="natural", data=str(data), **TINY))
+    record = engine.train(cfg, tmp_path / "run", progress=False)
+    rd = RunDir(tmp_path / "run")
+    assert rd.completed_epochs() == (1, 1) and rd.config_dict()["method"] == "natural"
+    assert [r["epoch"] for r in rd.metrics_records()] == [1] and record["epoch"] == 1
+    assert engine.resume(rd.path, progress=False)["epoch"] == 1  # already complete: nothing trains
+    assert "already complete" in capsys.readouterr().out
+    with pytest.raises(engine.dist.Agreed, match="already exists and is not empty"):
+        engine.train(cfg, rd.path, progress=False)
+
+
+def test_self_trained_teacher_is_a_stage_before_the_student(data, tmp_path):
+    s = RunSettings(method="rslad", teacher_arch="tiny", preset="quick", data=str(data), **TINY)
+    cfg = resolve(s)
+    assert cfg.teacher["source"] == "trained" and cfg.teacher_run["method"] == "trades"
+    assert cfg.teacher_run == resolve(engine.teacher_settings(s, cfg)).to_dict() | {"versions": cfg.versions}
+    engine.train(cfg, tmp_path / "run", progress=False)
+    teacher = RunDir(tmp_path / "run").teacher()
+    assert teacher.completed_epochs()[0] == cfg.teacher_run["epochs"] and RunDir(tmp_path / "run").last.is_file()
+
+
+# ---- folded BatchNorm -----------------------------------------------------------------------------------
+
+
+def test_fold_bn_is_on_for_new_runs_off_for_old_configs_and_a_switch(data):
+    cfg = resolve(RunSettings(method="rslad", teacher="t.pt", teacher_arch="tiny", data=str(data), **TINY))
+    assert cfg.fold_bn is True
+    assert resolve(RunSettings(method="rslad", fold_bn=False, teacher="t.pt", **TINY)).fold_bn is False
+    old = cfg.to_dict()
+    del old["fold_bn"]  # a config.json written before the field: it trained unfolded, and resumes so
+    assert Config.from_dict(old).fold_bn is False
+
+
+@pytest.mark.parametrize("method, folded", [("rslad", True), ("trades", True), ("ard", False), ("natural", False)])
+def test_the_student_is_folded_only_for_an_eval_mode_attack(method, folded):
+    teacher = {"teacher": "t.pt", "teacher_arch": "tiny"} if method in ("rslad", "ard") else {}
+    cfg = resolve(RunSettings(method=method, **TINY, **teacher))
+    parts = build_parts(cfg, torch.device("cpu"), random_teacher(cfg) if teacher else None, generator_seed=0)
+    assert isinstance(parts.fold, FoldedCopy) == folded  # ARD's attack runs in train mode: it needs its BNs
+    if teacher:  # the frozen teacher is folded once: no BatchNorm left in the tiny CNN
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in parts.teacher.modules())
+
+
+def _steps(fold_bn: bool, steps: int = 2):
+    cfg = resolve(
+        RunSettings(
+            method="rslad",
+            student="resnet8",
+            teacher="t.pt",
+            teacher_arch="tiny",
+            fold_bn=fold_bn,
+            device="cpu",
+            threads=1,
+            batch_size=16,
+            channels_last=False,
+        )
+    )
+    torch.manual_seed(1)
+    teacher = random_teacher(cfg)
+    parts = build_parts(cfg, torch.device("cpu"), teacher, generator_seed=0)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g)
+    assert (parts.fold is not None) == fold_bn
+    for _ in range(steps):
+        train_step(
+            parts.student,
+            parts.method,
+            parts.optimizer,
+            x,
+            y,
+            teacher=parts.teacher,
+            generator=parts.generator,
+            fold=parts.fold,
+        )
+    return parts.student.state_dict()
+
+
+def test_a_folded_run_trains_as_the_unfolded_one_up_to_rounding():
+    """Two RSLAD steps (each refreshes the folded copy from the weights and BatchNorm statistics the previous
+    step left) with and without folding: every weight and statistic agrees to float rounding."""
+    a, b = _steps(True), _steps(False)
+    for k in a:
+        if a[k].is_floating_point():
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+# ---- the CPU's choices per architecture -----------------------------------------------------------------
+
+
+@pytest.fixture
+def cpu_bf16(monkeypatch):
+    def set_(native: bool):
+        monkeypatch.setattr(hardware, "cpu_info", lambda: {"model": "test", "flags": [], "native_bf16": native})
+        import rslad_fast.engine.resolution as r
+
+        monkeypatch.setattr(r, "cpu_info", hardware.cpu_info)
+
+    return set_
+
+
+def test_cpu_choices_follow_the_architecture_and_native_bf16(cpu_bf16):
+    def pick(**s):
+        c = resolve(RunSettings(device="cpu", threads=1, **s))
+        return c.amp, c.channels_last, c.teacher_dtype
+
+    cpu_bf16(True)
+    assert pick(student="resnet18", teacher="t.pt") == ("bf16", True, "bf16")  # wrn34-10 teacher: bf16 pays
+    assert pick(student="mnv2", teacher="t.pt") == ("fp32", True, "bf16")  # depthwise: bf16 gains nothing
+    assert pick(student="tiny", method="natural") == ("fp32", False, "fp32")  # not measured: fp32, the preset's
+    assert pick(student="resnet18", teacher="t.pt", amp="fp32", teacher_dtype="fp32", channels_last=False) == (
+        "fp32",
+        False,
+        "fp32",
+    )  # what is given wins
+    assert pick(student="mnv2", teacher="t.pt", dataset="cifar100")[2] == "fp16"  # the official CIFAR-100 scripts
+    cpu_bf16(False)
+    assert pick(student="resnet18", teacher="t.pt") == ("fp32", True, "fp32")  # no native bf16: fp32
+
+
+def test_the_self_trained_teacher_chooses_for_its_own_architecture(cpu_bf16):
+    cpu_bf16(True)
+    cfg = resolve(RunSettings(student="resnet18", device="cpu", threads=1))
+    assert cfg.amp == "bf16" and cfg.teacher_run["student"] == "wrn34-10"
+    assert cfg.teacher_run["amp"] == "fp32"  # WRN-34-10's training in bf16 is not measured here
+    given = resolve(RunSettings(student="resnet18", device="cpu", threads=1, amp="fp32", channels_last=True))
+    assert given.teacher_run["amp"] == "fp32" and given.teacher_run["channels_last"] is True
+
+
+def test_the_choice_and_the_cpu_are_recorded(data, tmp_path):
+    cfg = resolve(RunSettings(method="natural", data=str(data), **TINY))
+    engine.train(cfg, tmp_path / "run", progress=False)
+    saved = json.loads(RunDir(tmp_path / "run").config.read_text())
+    assert saved["amp"] == cfg.amp and saved["fold_bn"] is True
+    assert saved["versions"]["cpu"] == hardware.cpu_info()
