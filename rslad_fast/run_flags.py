@@ -194,7 +194,7 @@ def add_run_flags(p: argparse.ArgumentParser, *, skip=()) -> dict:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="eval-mode passes (the frozen teacher, and the student's attack where the method's official "
-        "attack runs in eval mode: rslad, trades, mart, sat, iad) through a copy of the model with every "
+        "attack runs in eval mode: rslad, trades, mart, sat) through a copy of the model with every "
         "BatchNorm that follows a conv folded into it, refreshed after each SGD step: the same function up "
         "to float rounding, fewer passes over memory (default on; recorded in config.json)",
     )

@@ -93,6 +93,12 @@ def build_parts(cfg: Config, device: torch.device, teacher: Optional[torch.nn.Mo
     # only where the official attack runs the student in eval mode (a train-mode attack, ARD's or SAT's
     # attack_mode=train, needs the BatchNorms); built after the final device and memory format
     fold = FoldedCopy(student) if cfg.fold_bn and method.has_attack and method.attack_mode == "eval" else None
+    amp_dtype = AMP_DTYPES[cfg.amp]
+    if fold is not None and amp_dtype is not None:
+        # the copy's weights in the autocast dtype, cast once per refresh: autocast caches its casts only for
+        # weights that require grad, so each of the attack's passes would cast the fp32 copy again (the
+        # values are those autocast would make: the fold is computed in fp32 and rounded once)
+        fold.module.to(amp_dtype)
     return Parts(
         device=device,
         student=student,
@@ -101,6 +107,6 @@ def build_parts(cfg: Config, device: torch.device, teacher: Optional[torch.nn.Mo
         scheduler=scheduler,
         method=method,
         generator=torch.Generator(device=device).manual_seed(generator_seed),
-        amp_dtype=AMP_DTYPES[cfg.amp],
+        amp_dtype=amp_dtype,
         fold=fold,
     )
