@@ -205,3 +205,34 @@ def test_model_on_a_device_that_is_not_the_current_one():
     assert graph.device == x.device
     torch.testing.assert_close(graph, eager, rtol=0, atol=0)
     assert not torch.equal(graph, x)  # the graph really ran (an empty capture would return the start)
+
+
+def test_the_loop_key_includes_the_backend_math_flags():
+    """A graph captured under one TF32 / cuDNN setting is not replayed after the setting changes: the key
+    differs, so the cache captures anew (issue 23, item 8)."""
+    x, t = torch.zeros(2, 3, 4, 4), torch.zeros(2, 10)
+
+    def key():
+        return graphed.loop_key(x, t, eps=8 / 255, alpha=2 / 255, steps=10, init_std=0.001, amp_dtype=None)
+
+    saved = graphed.backend_flags()
+    try:
+        base = key()
+        assert key() == base  # deterministic
+        for flip in (
+            lambda: setattr(torch.backends.cudnn, "allow_tf32", not saved[0]),
+            lambda: setattr(torch.backends.cuda.matmul, "allow_tf32", not saved[1]),
+            lambda: setattr(torch.backends.cudnn, "benchmark", not saved[3]),
+        ):
+            flip()
+            assert key() != base
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved[0], saved[1]
+            torch.backends.cudnn.benchmark = saved[3]
+            assert key() == base
+        cache, model, built = graphed.GraphCache(), build("tiny"), []
+        cache.get(model, key(), lambda: built.append(1) or "loop A")
+        torch.backends.cudnn.allow_tf32 = not saved[0]
+        assert cache.get(model, key(), lambda: built.append(1) or "loop B") == "loop B" and len(built) == 2
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved[0], saved[1]
+        torch.backends.cudnn.benchmark = saved[3]

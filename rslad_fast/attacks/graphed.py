@@ -43,6 +43,38 @@ def tensor_signature(model: torch.nn.Module) -> tuple:
     )
 
 
+def backend_flags() -> tuple:
+    """The math settings a capture bakes in: cuDNN picks its convolution algorithms (TF32 or not, autotuned
+    or not, deterministic or not) and cuBLAS its matmul precision when the graph is captured, and a replay
+    runs those kernels whatever the flags say later."""
+    return (
+        torch.backends.cudnn.allow_tf32,
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.get_float32_matmul_precision(),
+        torch.backends.cudnn.benchmark,
+        torch.backends.cudnn.deterministic,
+    )
+
+
+def loop_key(x_nat, target, *, eps, alpha, steps, init_std, amp_dtype) -> tuple:
+    """What one captured loop is specific to, besides its model: the input's and target's layout, the attack's
+    settings, the autocast dtype and :func:`backend_flags` (a graph captured under TF32 is not replayed after
+    TF32 is turned off)."""
+    return (
+        tuple(x_nat.shape),
+        x_nat.stride(),
+        x_nat.dtype,
+        x_nat.device,
+        tuple(target.shape),
+        float(eps),
+        float(alpha),
+        int(steps),
+        float(init_std),
+        amp_dtype,
+        backend_flags(),
+    )
+
+
 class GraphCache:
     """Captured loops per model, that cannot outlive their model or survive the replacement of its tensors.
 
@@ -170,18 +202,7 @@ def graphed_kl_pgd(
         # Called inside the caller's autocast: capture with the same precision, but with our own autocast
         # (the caller's has its weight cache on, which a capture forbids).
         amp_dtype = torch.get_autocast_dtype("cuda")
-    key = (
-        tuple(x_nat.shape),
-        x_nat.stride(),
-        x_nat.dtype,
-        x_nat.device,
-        tuple(target.shape),
-        float(eps),
-        float(alpha),
-        int(steps),
-        float(init_std),
-        amp_dtype,
-    )
+    key = loop_key(x_nat, target, eps=eps, alpha=alpha, steps=steps, init_std=init_std, amp_dtype=amp_dtype)
     with torch.cuda.device(x_nat.device), model_mode(model, "eval"), torch.autocast("cuda", enabled=False):
         loop = _GRAPHS.get(
             model,
