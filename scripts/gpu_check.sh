@@ -38,7 +38,11 @@
 #   graphs             45   replay == eager (contiguous, channels_last, caller's autocast, across optimizer
 #                           steps, load_state_dict and replaced parameters, a thread using CUDA during capture):
 #                           ~12 captures of tiny / MobileNetV2 loops
-#   bench_epoch        75   the headline: the epoch rows, 4 batches x 2 rounds with the WRN-34-10 teacher (~20
+#   bench_headline     90   issue 20's headline: one RSLAD step at batch 128 with the WRN-34-10 teacher, the
+#                           official step against ours and the ablation (channels_last, folded BatchNorm, bf16
+#                           student and teacher, the teacher cache), both students: 18 rows of 1 warm-up + 2
+#                           steps, ~5 s a row with the WRN-34-10's build, fold and cuDNN autotuning
+#   bench_epoch        75   the epoch rows, 4 batches x 2 rounds with the WRN-34-10 teacher (~20
 #                           rows of ~3 s: throughput, ablation, the teacher cache at 0% / 60.5% / 54.4% hits),
 #                           and the loaders (10,240 images)
 #   bench_inner        40   the 10-step inner loop, eager / fused / fused + graph, batch 128 and 512, 5 rounds
@@ -57,12 +61,13 @@
 #   racecheck          30   compute-sanitizer racecheck over the same sweep
 #   bench_ops          30   the op rows (fused, eager) on CUDA: 24 rows of ~1 s
 #   bench_*_compiled  60+90 the torch.compile rows (inductor's default mode), only with what time is left
-# With every estimate met, the stages through smoke fit (~515 s of 520); racecheck and the rest run with what
-# the earlier stages leave. Where the sanitizer cannot run, the sweep takes 30 s less than memcheck, racecheck
+# With every estimate met, the stages through smoke fit (~475 s of 520); bench_epoch, bench_inner, racecheck and
+# the rest run with what the earlier stages leave. Where the sanitizer cannot run, the sweep takes 30 s less than memcheck, racecheck
 # is "not run" and bench_ops fits.
 # Full mode: the benchmarks at full size, one stage and one JSON a file (pytest-benchmark writes its JSON only
 # at the end of a session, so a stage stopped at its cap loses its own figures only), without torch.compile:
-# bench_full_epoch 150, bench_full_inner 60, bench_full_ops 40, bench_full_loaders 30 (~405 s with the build);
+# bench_full_headline 150 first, then bench_full_epoch 150, bench_full_inner 60, bench_full_ops 40,
+# bench_full_loaders 30 (~555 s with the build: the last of them run only if the earlier beat their estimates);
 # then, only with what is left, the quick preset on CIFAR-10 (prepare 40, quick_fp32 / quick_bf16 120 each,
 # quick_compare 10) and the compiled rows (ops 90; the epoch's, torch.compile max-autotune at full size, 240:
 # minutes of autotuning). Neither fits after the benchmarks: name them in GPU_CHECK_STAGES for a call of their own.
@@ -76,15 +81,15 @@ set -uo pipefail
 
 # ---- the stages' estimates (s), see above --------------------------------------------------------------------
 declare -A EST=(
-  [build]=100 [backend]=10 [tests_cuda]=40 [graphs]=45 [bench_epoch]=75 [bench_inner]=40 [memcheck]=60
+  [build]=100 [backend]=10 [tests_cuda]=40 [graphs]=45 [bench_headline]=90 [bench_epoch]=75 [bench_inner]=40 [memcheck]=60
   [racecheck]=30 [sweep]=30 [big_pgd]=20 [smoke]=110 [bench_ops]=30 [bench_ops_compiled]=60
   [bench_epoch_compiled]=90
-  [bench_full_epoch]=150 [bench_full_inner]=60 [bench_full_ops]=40 [bench_full_loaders]=30 [prepare]=40
+  [bench_full_headline]=150 [bench_full_epoch]=150 [bench_full_inner]=60 [bench_full_ops]=40 [bench_full_loaders]=30 [prepare]=40
   [quick_fp32]=120 [quick_bf16]=120 [quick_compare]=10 [bench_full_ops_compiled]=90 [bench_full_epoch_compiled]=240
 )
-PLAN_QUICK=(build backend tests_cuda graphs bench_epoch bench_inner memcheck big_pgd smoke racecheck bench_ops
-            bench_ops_compiled bench_epoch_compiled)
-PLAN_FULL=(build backend bench_full_epoch bench_full_inner bench_full_ops bench_full_loaders prepare quick_fp32
+PLAN_QUICK=(build backend tests_cuda graphs bench_headline memcheck big_pgd smoke bench_epoch bench_inner racecheck
+            bench_ops bench_ops_compiled bench_epoch_compiled)
+PLAN_FULL=(build backend bench_full_headline bench_full_epoch bench_full_inner bench_full_ops bench_full_loaders prepare quick_fp32
            quick_bf16 quick_compare bench_full_ops_compiled bench_full_epoch_compiled)
 
 # ---- helpers (tests/test_gpu_check.py sources this file with GPU_CHECK_LIB=1 and calls them) -----------------
@@ -278,6 +283,11 @@ r.ops.cuda_kernels_available())" ;;
         stage bench_ops "$PY" -m pytest benchmarks/test_ops_bench.py -q -p no:cacheprovider --benchmark-only \
           --benchmark-max-time=0.05 -k "cpu and not compiled and not backward" --benchmark-json="$WORK/bench_ops.json"
       fi ;;
+    bench_headline)
+      cuda_only bench_headline "${bench[@]}" benchmarks/test_headline_bench.py -k cuda \
+        --benchmark-json="$WORK/bench_headline.json" ;;
+    bench_full_headline)
+      stage "$name" "${full[@]}" benchmarks/test_headline_bench.py -k "$dev" --benchmark-json="$WORK/$name.json" ;;
     bench_inner)
       cuda_only bench_inner "${bench[@]}" benchmarks/test_inner_loop_bench.py -k cuda \
         --benchmark-json="$WORK/bench_inner.json" ;;
@@ -390,7 +400,9 @@ if [ $GPU = 0 ] && [ "${GPU_CHECK_ALLOW_CPU:-0}" != 1 ]; then
 fi
 if [ $GPU = 0 ]; then  # the dry run's CPU sizes; its CUDA-only stages take no time, its memcheck is the sweep
   EST[smoke]=90; EST[bench_ops]=60; EST[memcheck]=${EST[sweep]}
-  for s in build bench_epoch bench_inner racecheck bench_ops_compiled bench_epoch_compiled; do EST[$s]=0; done
+  for s in build bench_headline bench_epoch bench_inner racecheck bench_ops_compiled bench_epoch_compiled; do
+    EST[$s]=0
+  done
 fi
 for s in "${PLAN[@]}"; do printf '%s\t%s\n' "$s" "${EST[$s]}"; done >"$WORK/plan.tsv"
 
