@@ -37,9 +37,10 @@ import torch
 from bench_utils import DEVICES, REDUCED, ROUNDS, median_s, run_synced, save_result
 
 from rslad_fast.data import TensorLoader, dali_available, num_views
+from rslad_fast.engine import RunSettings, resolve
+from rslad_fast.engine.build import build_parts, random_teacher
 from rslad_fast.engine.step import train_step
 from rslad_fast.engine.teacher_cache import TeacherCache
-from rslad_fast.methods import get
 from rslad_fast.models import build
 
 SIZES = {
@@ -135,15 +136,38 @@ def _run(benchmark, provenance, device, student_arch, variant, group):
             "and an untimed row measures nothing"
         )
     benchmark.group = group
-    torch.manual_seed(0)
-    student = build(student_arch).to(device)
     teacher_arch = variant.teacher or size["teacher"]
-    teacher = build(teacher_arch).to(device).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
     memory_format = torch.channels_last if variant.channels_last else torch.contiguous_format
-    student, teacher = student.to(memory_format=memory_format), teacher.to(memory_format=memory_format)
-    optimizer = ref.sgd(student)
+    if variant.impl == "ours":  # built by the engine's own builder, as `train` builds a run with these settings
+        cfg = resolve(
+            RunSettings(
+                method="rslad",
+                student=student_arch,
+                teacher="random-weights.pt",  # never read: random_teacher below
+                teacher_arch=teacher_arch,
+                device=device,
+                threads=torch.get_num_threads(),
+                batch_size=size["batch"],
+                amp="bf16" if variant.bf16 and device == "cuda" else "fp32",
+                channels_last=variant.channels_last,
+                fold_bn=False,  # these rows predate folding: test_headline_bench.py adds it as its own lever
+                teacher_dtype="fp32",
+                hparams={"cuda_graph": variant.cuda_graph and device == "cuda"},
+            )
+        )
+        torch.manual_seed(0)
+        teacher = random_teacher(cfg)
+        parts = build_parts(cfg, torch.device(device), teacher, generator_seed=0)
+        student, teacher, optimizer, method = parts.student, parts.teacher, parts.optimizer, parts.method
+    else:
+        torch.manual_seed(0)
+        student = build(student_arch).to(device)
+        teacher = build(teacher_arch).to(device).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        student, teacher = student.to(memory_format=memory_format), teacher.to(memory_format=memory_format)
+        optimizer = ref.sgd(student)
+        method = None
     model = student
     if variant.compiled:  # parameters shared with `student`: the optimizer steps the compiled model's weights
         # max-autotune on CUDA (minutes of autotuning), inductor's default on the CPU and in the reduced run
@@ -151,7 +175,6 @@ def _run(benchmark, provenance, device, student_arch, variant, group):
     n = size["batch"] * size["batches"]
     images, labels = ref.random_cifar(n)
     loader = _loader(variant, images, labels, size["batch"], device)
-    method = None if variant.impl != "ours" else get("rslad")(cuda_graph=variant.cuda_graph and device == "cuda")
     amp = torch.bfloat16 if variant.bf16 and device == "cuda" else None
     cache = prefill = None
     if variant.cache_hit is not None:

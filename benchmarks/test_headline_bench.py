@@ -10,7 +10,8 @@ for both students, side by side in one run; and the ablation, one lever added pe
   `build_parts`, `step.train_step`), so a row is what `train` would run with those settings; the batch comes
   from the engine's tensor loader (its crop/flip included in the timed step). Each row adds one lever to the
   row above it: the fused ops and tensor loader (fp32, NCHW), channels_last, folded BatchNorm (the teacher,
-  and the student's eval-mode attack), bf16 autocast of the student's passes, the teacher in bf16, and the
+  and the student's eval-mode attack), bf16 autocast of the step (the student's passes and the teacher's forward
+  with them), the teacher's weights in bf16 (`--teacher-dtype bf16`, its forward outside autocast), and the
   teacher-logit cache at the hit rate of a whole 300-epoch run (54.4%: every round fills exactly that share
   of the batch's views).
 - "ours, defaults": `RunSettings` with nothing set, so the choices `resolve` makes for this student on this
@@ -68,8 +69,12 @@ ROWS = [
     Row("ours: fused ops, tensor loader (fp32, NCHW)", given=PLAIN),
     Row("+ channels_last", given=_with(PLAIN, channels_last=True)),
     Row("+ folded BatchNorm", given=_with(PLAIN, channels_last=True, fold_bn=True)),
-    Row("+ bf16 student", given=_with(PLAIN, channels_last=True, fold_bn=True, amp="bf16")),
-    Row("+ bf16 teacher", given=_with(PLAIN, channels_last=True, fold_bn=True, amp="bf16", teacher_dtype="bf16")),
+    # --amp bf16 autocasts the step's passes: the student's and the teacher's forward (step.teacher_logits)
+    Row("+ bf16 autocast (student and teacher)", given=_with(PLAIN, channels_last=True, fold_bn=True, amp="bf16")),
+    Row(
+        "+ bf16 teacher weights",
+        given=_with(PLAIN, channels_last=True, fold_bn=True, amp="bf16", teacher_dtype="bf16"),
+    ),
     Row(
         "+ teacher cache (54.4% hits)",
         given=_with(PLAIN, channels_last=True, fold_bn=True, amp="bf16", teacher_dtype="bf16"),
