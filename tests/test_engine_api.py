@@ -160,3 +160,77 @@ def test_the_choice_and_the_cpu_are_recorded(data, tmp_path):
     saved = json.loads(RunDir(tmp_path / "run").config.read_text())
     assert saved["amp"] == cfg.amp and saved["fold_bn"] is True
     assert saved["versions"]["cpu"] == hardware.cpu_info()
+
+
+# ---- each lever against the plain path (CPU, and the same on CUDA where a GPU is visible) ----------------
+
+
+def _one_step(device: str, **given):
+    """One RSLAD step from the same seed and batch; returns (loss, the student's state after it)."""
+    s = RunSettings(
+        method="rslad",
+        student="resnet8",
+        teacher="t.pt",
+        teacher_arch="resnet8",
+        device=device,
+        threads=1,
+        batch_size=16,
+        fold_bn=False,
+        channels_last=False,
+        amp="fp32",
+        teacher_dtype="fp32",
+    )
+    cfg = resolve(s.replace(**given))
+    torch.manual_seed(3)
+    teacher = random_teacher(cfg)
+    parts = build_parts(cfg, torch.device(device), teacher, generator_seed=0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(16, 3, 32, 32, generator=g).to(device)
+    y = torch.randint(0, 10, (16,), generator=g).to(device)
+    if cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    loss, _ = train_step(
+        parts.student,
+        parts.method,
+        parts.optimizer,
+        x,
+        y,
+        teacher=parts.teacher,
+        generator=parts.generator,
+        amp_dtype=parts.amp_dtype,
+        fold=parts.fold,
+    )
+    return float(loss), {k: v.float().cpu() for k, v in parts.student.state_dict().items() if v.is_floating_point()}
+
+
+# per-lever tolerances on the step's loss and the weights after it: fp32 levers are float rounding (a sign
+# of the attack's gradient may flip where it is ~0); bf16 keeps ~3 significant digits
+LEVERS = [
+    ("channels_last", dict(channels_last=True), 1e-4, 1e-4),
+    ("folded BatchNorm", dict(fold_bn=True), 1e-4, 1e-4),
+    ("bf16 autocast", dict(amp="bf16"), 3e-2, 3e-3),
+    ("bf16 teacher weights", dict(teacher_dtype="bf16"), 3e-2, 3e-3),
+    ("all of them", dict(channels_last=True, fold_bn=True, amp="bf16", teacher_dtype="bf16"), 3e-2, 3e-3),
+]
+
+
+def _check_lever(device, given, loss_tol, weight_tol):
+    base_loss, base = _one_step(device)
+    loss, state = _one_step(device, **given)
+    assert abs(loss - base_loss) <= loss_tol * abs(base_loss), (loss, base_loss)
+    for k in base:
+        torch.testing.assert_close(state[k], base[k], rtol=weight_tol, atol=weight_tol, msg=k)
+
+
+@pytest.mark.parametrize("name, given, loss_tol, weight_tol", LEVERS, ids=[lv[0] for lv in LEVERS])
+def test_each_lever_trains_as_the_plain_path_cpu(name, given, loss_tol, weight_tol):
+    _check_lever("cpu", given, loss_tol, weight_tol)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name, given, loss_tol, weight_tol", LEVERS, ids=[lv[0] for lv in LEVERS])
+def test_each_lever_trains_as_the_plain_path_cuda(name, given, loss_tol, weight_tol):
+    from rslad_fast.engine.precision import tf32
+
+    with tf32(False):  # fp32 means fp32 (cuDNN's default would round the convolutions to TF32)
+        _check_lever("cuda", given, loss_tol, weight_tol)
