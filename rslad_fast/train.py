@@ -41,8 +41,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from rslad_fast import engine
 from rslad_fast.cli import Parser, print_error, sigterm_as_interrupt, stop_status, torchrun_main
+from rslad_fast.engine import RunDir, resolve
+from rslad_fast.engine.checkpoint import WriteError
+from rslad_fast.engine.dist import agreed
 from rslad_fast.engine.presets import EVAL_ATTACK, PRESETS  # noqa: F401  (re-exported: train.PRESETS)
+from rslad_fast.errors import UserError
 from rslad_fast.run_flags import add_run_flags, flag_of, settings_from_args
 
 # options of the invocation, not settings of the run: with --resume (every setting from config.json) the only
@@ -75,7 +80,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_config(args: argparse.Namespace):
     """The validated Config of a new run (and of its self-trained teacher) from parsed arguments."""
-    from rslad_fast.engine import resolve
 
     return resolve(settings_from_args(args))
 
@@ -88,10 +92,6 @@ def main(argv=None) -> int:
 
 def _main(args, dist) -> int:
     """One run from parsed arguments in an already joined process group (``dist``). Returns the exit status."""
-    from rslad_fast import engine
-    from rslad_fast.engine.checkpoint import WriteError
-    from rslad_fast.engine.dist import agreed
-    from rslad_fast.errors import UserError
 
     run_dir = None
     download = False if args.no_download else "auto"
@@ -158,7 +158,6 @@ def _main(args, dist) -> int:
 
 def _started(run_dir) -> bool:
     """Whether an interrupted run has a run directory to continue (its config.json was written)."""
-    from rslad_fast.engine import RunDir
 
     return run_dir is not None and RunDir(run_dir).has_config()
 

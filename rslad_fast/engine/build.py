@@ -19,7 +19,7 @@ from rslad_fast.models.fold import FoldedCopy, fold_bn
 from .allocator import keep_freed_memory
 from .config import Config
 from .step import AMP_DTYPES
-from .teacher import CastTeacher, cast_teacher
+from .teacher import CastTeacher, cast_teacher, freeze
 
 
 def seed_everything(seed: int) -> None:
@@ -54,7 +54,6 @@ def place_teacher(teacher: torch.nn.Module, cfg: Config, device: torch.device) -
 
 def random_teacher(cfg: Config) -> torch.nn.Module:
     """A frozen teacher of ``cfg.teacher``'s architecture with random weights, for timing."""
-    from .teacher import freeze
 
     if cfg.teacher is None:
         raise ValueError(f"method {cfg.method} needs a teacher, cfg.teacher is None")

@@ -17,12 +17,15 @@ Nothing is stored in module globals: a :class:`Dist` is passed to whatever needs
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 from dataclasses import dataclass
 from typing import Callable, Optional, TypeVar
 
 import torch
+import torch.distributed as tdist
+from torch.nn.parallel import DistributedDataParallel
 
 from rslad_fast.errors import UserError
 
@@ -94,7 +97,6 @@ class Dist:
 
     def init(self) -> None:
         """Join the default process group (launched processes only; blocks until every rank has joined)."""
-        import torch.distributed as tdist
 
         if not self.launched or tdist.is_initialized():
             return
@@ -103,7 +105,6 @@ class Dist:
 
     def close(self) -> None:
         """Leave the process group (launched processes only)."""
-        import torch.distributed as tdist
 
         if self.launched and tdist.is_initialized():
             tdist.destroy_process_group()
@@ -140,15 +141,11 @@ class Dist:
     def barrier(self) -> None:
         """Wait until every rank gets here (a CPU all-reduce over gloo: no device, no NCCL warning)."""
         if self.active:
-            import torch.distributed as tdist
-
             tdist.all_reduce(torch.zeros(1))
 
     def all_reduce_sum_(self, t: torch.Tensor) -> torch.Tensor:
         """Sum ``t`` over the ranks, in place (gloo on the CPU, NCCL on CUDA); returns ``t``."""
         if self.active:
-            import torch.distributed as tdist
-
             tdist.all_reduce(t)
         return t
 
@@ -156,7 +153,6 @@ class Dist:
         """``[obj of rank 0, obj of rank 1, ...]`` (picklable objects, over gloo)."""
         if not self.active:
             return [obj]
-        import torch.distributed as tdist
 
         out = [None] * self.world_size
         tdist.all_gather_object(out, obj)
@@ -180,8 +176,6 @@ class Dist:
         own batches during the epoch. Before the evaluation and the checkpoint they are made rank 0's on
         every rank, so that every rank evaluates the very model rank 0 saves."""
         if self.active:
-            import torch.distributed as tdist
-
             for b in module.buffers():
                 tdist.broadcast(b, src=0)
 
@@ -192,9 +186,6 @@ class Dist:
         ``find_unused_parameters``: every method uses every parameter in every step."""
         if not self.launched:
             return module
-        import inspect
-
-        from torch.nn.parallel import DistributedDataParallel
 
         ids = [device.index] if device.type == "cuda" else None
         # torch >= 2.14 names it forward_sync_buffers (broadcast_buffers warns); both keep the buffers per rank

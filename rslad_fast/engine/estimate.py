@@ -25,6 +25,13 @@ from typing import Callable, Iterable, Optional
 import numpy as np
 import torch
 
+from rslad_fast.attacks.pgd import model_mode
+from rslad_fast.attacks.registry import EVAL_ATTACKS
+from rslad_fast.models import build
+
+from .build import build_parts, random_teacher, setup_device
+from .step import train_step
+
 # On a CPU, an estimate above this points to --preset quick: past a couple of hours a CPU run is the paper's
 # schedule (weeks there), and the quick preset shows the whole pipeline in minutes.
 CPU_POINTER_SECONDS = 2 * 3600
@@ -114,7 +121,6 @@ def preserved_state(device, threads: Optional[int] = None):
 def _model(cfg, arch: str) -> torch.nn.Module:
     """A freshly built ``arch`` as the run builds it: the data set's class count and WRN-70-16's input
     normalization where the Config has them (CIFAR-10's otherwise)."""
-    from rslad_fast.models import build
 
     norm = getattr(cfg, "wrn70_16_norm", None)
     return build(arch, getattr(cfg, "num_classes", 10), **({"normalization": norm} if norm else {}))
@@ -137,8 +143,6 @@ def measure_train_step(cfg, *, batches: int = 2, device=None) -> float:
     frozen teacher of ``cfg.teacher``'s architecture with random weights; the mean of ``batches`` timed
     batches after one untimed warm-up batch. The teacher-logit cache is left out: its first epoch misses
     every view, and later epochs run faster than this by the teacher forwards it saves."""
-    from .build import build_parts, random_teacher, setup_device
-    from .step import train_step
 
     if batches < 1:
         raise ValueError(f"measure_train_step: batches must be >= 1, got {batches}")
@@ -176,7 +180,6 @@ def _pass_seconds(model: torch.nn.Module, batch: int, device) -> tuple:
     """(seconds of a no-grad forward, seconds of a forward + input gradient) of ``model`` in eval mode, fp32,
     at ``batch`` contiguous images (how evaluation feeds them), each after one untimed warm-up. The model's
     modes, weights and gradients are left as they were (the gradient is the input's only)."""
-    from rslad_fast.attacks.pgd import model_mode
 
     x, y = _inputs(batch, device)
 
@@ -239,7 +242,6 @@ def attack_passes(name: str, *, clean: float = 1.0, robust: float = AA_ROBUST_FR
     model classifies correctly, the later attacks on the ``robust`` fraction still standing after it (default
     AA_ROBUST_FRACTION; a trained run's own PGD-20 accuracy is the better guess); an upper-bound-ish count
     (every iteration a full pass, no early stop but Square's on fooled points)."""
-    from rslad_fast.attacks.registry import EVAL_ATTACKS
 
     if name not in EVAL_ATTACKS:
         raise ValueError(f"unknown attack {name!r}; one of {', '.join(EVAL_ATTACKS)}")
@@ -270,7 +272,6 @@ def eval_attack_seconds(
     With AutoAttack an upper-bound-ish estimate: its later attacks are assumed to run on AA_ROBUST_FRACTION of
     the points (``robust``; APGD-CE on the ``clean`` fraction) for all their iterations. A run's ``--run``
     evaluates two checkpoints: twice this."""
-    from rslad_fast.models import build
 
     if n <= 0:
         return 0.0

@@ -15,6 +15,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+import rslad_fast
+from rslad_fast import methods, ops
 from rslad_fast.data.cifar import NAMES as DATASETS
 from rslad_fast.data.cifar import num_classes
 from rslad_fast.errors import UserError
@@ -31,7 +33,6 @@ from .settings import RunSettings
 @functools.lru_cache(maxsize=None)
 def _commit() -> Optional[str]:
     """The package checkout's git commit (None: not a checkout), read once per process."""
-    import rslad_fast
 
     try:
         root = Path(rslad_fast.__file__).resolve().parent.parent
@@ -44,7 +45,6 @@ def _commit() -> Optional[str]:
 
 
 def versions() -> dict:
-    import rslad_fast  # the package's own facts: imported here, as this module is part of it
 
     out = {
         "rslad_fast": rslad_fast.__version__,
@@ -92,7 +92,6 @@ def resolve_device(name: Optional[str]) -> str:
 def check_ops_device(device) -> None:
     """UserError, at start, when the compiled ops cannot run on `device` (a library built without CUDA
     kernels): the first attack would otherwise fail with a dispatcher traceback."""
-    from rslad_fast import ops
 
     try:
         ops.check_device(device)
@@ -156,7 +155,6 @@ def _cpu_channels_last(device: str, arch: str) -> Optional[bool]:
 
 
 def _resolve_one(s: RunSettings, default_threads: Optional[int], versions_info: Optional[dict]) -> Config:
-    from rslad_fast import methods
 
     preset_name = s.preset or "paper"
     if preset_name not in PRESETS:

@@ -32,8 +32,10 @@ except ImportError:  # not POSIX
 from rslad_fast.atomic import atomic_write_bytes
 from rslad_fast.errors import UserError
 
+from .checkpoint import load_checkpoint
 from .config import Config, read_config_file, validate
 from .dist import Dist
+from .metrics import MetricsLog
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -89,7 +91,6 @@ class RunDir:
 
     def completed_epochs(self) -> tuple:
         """(completed epochs, planned epochs): (0, None) without config.json, (0, planned) without last.pt."""
-        from .checkpoint import load_checkpoint
 
         if not self.has_config():
             return 0, None
@@ -100,7 +101,6 @@ class RunDir:
 
     def metrics_records(self) -> list:
         """metrics.jsonl's records, a torn or unparsable line skipped (the one reader of it)."""
-        from .metrics import MetricsLog
 
         return MetricsLog(self.metrics).read()
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from tqdm import tqdm
 
 from rslad_fast.data import make_loader
 from rslad_fast.data.loaders import SALT_ATTACK, SALT_EVAL, mix_seed
@@ -45,8 +46,6 @@ from .teacher_cache import TeacherCache
 
 def _log(msg: str, dist: Dist) -> None:
     if dist.is_main:
-        from tqdm import tqdm
-
         tqdm.write(msg, file=sys.stdout)
 
 
@@ -88,7 +87,6 @@ def _run(
 ) -> dict:
     """:func:`run`'s steps: build, resume, then train and close each epoch; the time estimate once the
     first batches of this process are timed (rank 0)."""
-    from tqdm import tqdm
 
     cfg = prep.cfg
     r = _build(prep, run_dir, dist=dist)

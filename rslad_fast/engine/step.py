@@ -16,6 +16,7 @@ import contextlib
 from typing import Optional
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from ..methods.base import Context
 
@@ -36,7 +37,6 @@ def teacher_logits(teacher: torch.nn.Module, x: torch.Tensor, amp_dtype: Optiona
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The module inside a DistributedDataParallel wrapper; any other model unchanged."""
-    from torch.nn.parallel import DistributedDataParallel
 
     return model.module if isinstance(model, DistributedDataParallel) else model
 

@@ -22,6 +22,10 @@ import torch.nn as nn
 from rslad_fast.errors import UserError
 
 from .fold import FoldedCopy, fold_bn
+from .mobilenetv2 import mobilenet_v2
+from .resnet import resnet8, resnet18
+from .wideresnet import wrn34_10
+from .wrn_dm import wrn70_16
 
 ARCHS = ("resnet18", "mnv2", "wrn34-10", "wrn70-16", "resnet8", "tiny")
 # WRN-70-16's input normalizations (models/wrn_dm.py NORMALIZATIONS), the default first
@@ -99,24 +103,14 @@ def build(name: str, num_classes: int = 10, *, normalization: str = "cifar10") -
     if normalization not in WRN70_NORMS:
         raise UserError(f"unknown WRN-70-16 normalization {normalization!r}; choose one of: {', '.join(WRN70_NORMS)}")
     if canon == "resnet18":
-        from .resnet import resnet18
-
         return resnet18(num_classes)
     if canon == "mnv2":
-        from .mobilenetv2 import mobilenet_v2
-
         return mobilenet_v2(num_classes)
     if canon == "resnet8":
-        from .resnet import resnet8
-
         return resnet8(num_classes)
     if canon == "wrn34-10":
-        from .wideresnet import wrn34_10
-
         return wrn34_10(num_classes)
     if canon == "wrn70-16":
-        from .wrn_dm import wrn70_16
-
         return wrn70_16(num_classes, normalization)
     return TinyCNN(num_classes)
 

@@ -26,6 +26,8 @@ import torch.nn as nn
 
 from rslad_fast.errors import UserError
 
+from .wrn_dm import NORMALIZATIONS
+
 # where the official codes and common tools put the weights: ours and IAD's ("state_dict"), ours
 # ("model"), ARD's .t7 files ("net"), the PyTorch tutorials' ("model_state_dict")
 _CONTAINER_KEYS = ("state_dict", "model", "net", "model_state_dict")
@@ -166,8 +168,6 @@ def _drop_matching_constants(model: nn.Module, sd: dict, path: str) -> dict:
         ):
             hint = ""
             if name in ("mean", "std") and value.numel() == 3:  # a WRN-70-16 file: is it the other normalization?
-                from .wrn_dm import NORMALIZATIONS
-
                 for norm, pair in NORMALIZATIONS.items():
                     if torch.allclose(value.float().reshape(-1), torch.tensor(pair[name == "std"]), atol=1e-4):
                         hint = f" (the {norm} {name}: build it with that normalization, --wrn70-16-norm {norm})"
