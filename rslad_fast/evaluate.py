@@ -8,9 +8,10 @@ what to evaluate, printing); the evaluation of a model is ``evaluation/robustnes
     python -m rslad_fast.evaluate --ckpt cifar100_linf_wrn70-16_without.pt --arch wrn70-16 --dataset cifar100
 
 The data set (--dataset cifar10 or cifar100; with --run, the run's, from its config.json) gives the test set
-and every model's class count. Columns (its test set, first --n images, eps 8/255 for every attack unless
---eps; the attacks are the same on both data sets: CW's margin is over all the classes, AutoAttack's
-targeted attacks take the standard version's 9 target classes):
+and every model's class count; with --run the data folder is the run's too (--data to look elsewhere).
+Columns (its test set, first --n images, eps 8/255 for every attack unless --eps; the attacks are the same
+on both data sets: CW's margin is over all the classes, AutoAttack's targeted attacks
+take the standard version's 9 target classes):
     Clean, FGSM, PGD_SAT (pgd20-sat), PGD_TRADES (pgd20-trades), CW∞ (cw), AA (aa), and "worst": per image,
     correct on the clean image AND under every attack that ran.
 The hyperparameters and their sources are in ``attacks/eval_attacks.py`` and ``attacks/autoattack.py``;
@@ -127,7 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
         "from config.json; else cifar10)",
     )
     g.add_argument(
-        "--data", default="./data", help="folder holding cifar-10-batches-py/ or cifar-100-python/ (default ./data)"
+        "--data",
+        help="folder holding cifar-10-batches-py/ or cifar-100-python/ (default: with --run the folder the run "
+        "trained from, its config.json's data; else ./data)",
     )
     g.add_argument("--no-download", action="store_true", help="never try to download the data set")
     g.add_argument(

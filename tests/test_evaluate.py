@@ -263,7 +263,8 @@ def test_eps_zero_reproduces_clean_accuracy_exactly(env, capsys):
 def test_cli_defaults_are_the_attack_defaults():
     args = ev.build_parser().parse_args(["--ckpt", "x.pt", "--arch", "tiny"])
     assert args.attacks == ["clean", "fgsm", "pgd20-sat", "pgd20-trades", "cw", "aa"]
-    assert (args.n, args.eps, args.seed, args.data) == (10000, 8 / 255, 0, "./data")
+    # --data: None is the run's data folder with --run, ./data with --ckpt (evaluation.run.make_plan)
+    assert (args.n, args.eps, args.seed, args.data) == (10000, 8 / 255, 0, None)
     try:
         import pyautoattack  # noqa: F401
     except ImportError:  # the AA adapter refuses to load without it; the other defaults still count
@@ -398,3 +399,35 @@ def test_n_default_uses_the_whole_smaller_test_set_and_an_explicit_n_too_large_i
     assert report["n"] == 64 and report["rows"][0]["correct"]["clean"] <= 64
     assert any("64" in note and "whole test set" in note for note in report["notes"]), report["notes"]
     assert "whole test set" in out
+
+
+def test_run_is_evaluated_on_the_data_folder_its_config_names(tmp_path, fake_cifar100, monkeypatch, capsys):
+    """Issue 22 item 7: ``--run`` takes the run's data folder from its config.json (as its data set), so a
+    run trained with ``--data c100`` evaluates without ``--data``; an explicit ``--data`` wins; a folder that
+    has moved since is one line naming config.json and --data."""
+    from rslad_fast.models import build
+
+    data = fake_cifar100(n_train=16, n_test=16, seed=0)
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.manual_seed(0)
+    torch.save({"model": build("tiny", 100).state_dict(), "epoch": 1}, run / "last.pt")
+    config = {"student": "tiny", "method": "natural", "dataset": "cifar100", "data": str(data)}
+    (run / "config.json").write_text(json.dumps(config))
+    monkeypatch.chdir(tmp_path)  # ./data holds no CIFAR-100 here
+    argv = ["--run", str(run), "--attacks", "clean", "--n", "8", "--no-download", "--no-progress"]
+    assert ev.main(argv) == 0
+    report = json.loads((run / "eval.json").read_text())
+    assert report["config"]["data"] == str(data) and report["data"]["root"] == str(data)
+    capsys.readouterr()
+
+    elsewhere = tmp_path / "elsewhere"
+    assert ev.main([*argv, "--data", str(elsewhere)]) == 2  # the flag wins over config.json
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: CIFAR-100 not found at {elsewhere}") and len(err.splitlines()) == 1, err
+
+    (run / "config.json").write_text(json.dumps({**config, "data": str(tmp_path / "moved")}))
+    assert ev.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"not found at {tmp_path / 'moved'}" in err and len(err.splitlines()) == 1, err
+    assert err.endswith(f"(the data folder {run / 'config.json'} names; pass --data DIR where it is now)"), err

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from tqdm import tqdm
 
 from rslad_fast.attacks.eval_attacks import PGD
 from rslad_fast.attacks.registry import EVAL_ATTACKS
@@ -28,7 +29,7 @@ from rslad_fast.models.loading import load_checkpoint_into
 
 from . import report as eval_report
 from .robustness import evaluate_model, fingerprint, sanity_check, summarize
-from .settings import DefaultN, EvalSettings
+from .settings import DEFAULT_DATA, DefaultN, EvalSettings
 
 
 def evaluate_run(
@@ -86,14 +87,20 @@ def _read_run(run_dir: Path, arch_flag, dataset_flag=None, norm_flag=None):
         if not (run_dir / name).is_file()
     ]
     rows = [{"label": p.stem, "path": p, "arch": arch, "method": method} for p in ckpts]
-    return rows, notes, dataset, norm
+    data = config.get("data") if isinstance(config.get("data"), str) else None
+    return rows, notes, dataset, norm, data
 
 
 def make_plan(args) -> dict:
     """What to evaluate and where the report goes, validated; UserError before any work or file written."""
+    run_data, data_from = None, None  # the run's data folder; config.json when it is used (for its errors)
     if args.run is not None:
-        rows, notes, dataset, norm = _read_run(Path(args.run), args.arch, args.dataset, args.wrn70_16_norm)
+        rows, notes, dataset, norm, run_data = _read_run(Path(args.run), args.arch, args.dataset, args.wrn70_16_norm)
         out = Path(args.out) if args.out else Path(args.run)
+        # the run's test set is in the folder it trained from (an explicit --data wins): a --data c100 run
+        # evaluated without --data must not look for CIFAR-100 in ./data
+        if args.data is None and run_data is not None:
+            data_from = RunDir(args.run).config
     else:
         if args.arch is None:
             raise UserError(f"--ckpt needs --arch ({', '.join(ARCHS)})")
@@ -108,7 +115,16 @@ def make_plan(args) -> dict:
         out = Path(args.out) if args.out else ckpt.parent
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a directory")
-    return {"rows": rows, "out": out, "notes": notes, "dataset": dataset, "wrn70_16_norm": norm}
+    data = args.data if args.data is not None else (run_data or DEFAULT_DATA)
+    return {
+        "rows": rows,
+        "out": out,
+        "notes": notes,
+        "dataset": dataset,
+        "wrn70_16_norm": norm,
+        "data": data,
+        "data_from": data_from,
+    }
 
 
 def build_attacks(args, log=None) -> dict:
@@ -155,16 +171,22 @@ def _load(args, log, dist):
         load_checkpoint_into(build(row["arch"], classes, normalization=norm), row["path"], row["arch"]).eval()
         for row in plan["rows"]
     ]
-    images, labels = load_cifar(
-        args.data, train=False, dataset=plan["dataset"], download=False if args.no_download else "auto"
-    )
+    data = plan["data"]
+    try:
+        images, labels = load_cifar(
+            data, train=False, dataset=plan["dataset"], download=False if args.no_download else "auto"
+        )
+    except UserError as e:
+        if plan["data_from"] is None:
+            raise
+        raise UserError(f"{e} (the data folder {plan['data_from']} names; pass --data DIR where it is now)") from None
     # the rule shared with train's --eval-n: the default shrinks to a smaller test set (and says so), a
     # value the user gave must fit
     if args.n > len(labels):
         if not isinstance(args.n, DefaultN):
-            raise UserError(f"--n {args.n} exceeds the {len(labels)} test images in {args.data}")
+            raise UserError(f"--n {args.n} exceeds the {len(labels)} test images in {data}")
         plan["notes"].append(
-            f"the test set in {args.data} holds {len(labels)} images, fewer than the default "
+            f"the test set in {data} holds {len(labels)} images, fewer than the default "
             f"--n {args.n}: the whole test set is evaluated"
         )
     return plan, device, attacks, sanity, models, images, labels
@@ -176,7 +198,6 @@ def evaluate(args: EvalSettings, *, dist: Optional[Dist] = None, argv=None, comm
 
     ``dist`` (``engine.dist.Dist``, torchrun): every rank runs this; the checks are agreed on (all ranks
     fail together), then each rank evaluates its slice (see :func:`evaluate_model`)."""
-    from tqdm import tqdm
 
     dist = Dist() if dist is None else dist
     bar_holder = {}
@@ -186,6 +207,7 @@ def evaluate(args: EvalSettings, *, dist: Optional[Dist] = None, argv=None, comm
         (bar.write if bar is not None else print)(line, file=sys.stderr)
 
     plan, device, attacks, sanity, models, images, labels = agreed(dist, lambda: _load(args, log, dist))
+    args = args.replace(data=plan["data"])  # the folder evaluated, as eval.json records it
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
     n = min(args.n, len(labels))

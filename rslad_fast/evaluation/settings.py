@@ -13,6 +13,8 @@ from rslad_fast.attacks.registry import EVAL_ATTACKS
 
 from .robustness import ATTACKS
 
+DEFAULT_DATA = "./data"  # --data where neither the flag nor a run's config.json names a folder
+
 
 class DefaultN(int):
     """--n's default, told apart from the same number given (an explicit n larger than the test set is an
@@ -40,7 +42,7 @@ class EvalSettings:
     device: Optional[str] = None  # None: cuda if available
     seed: int = 0
     dataset: Optional[str] = None  # None: the run's (config.json), else cifar10
-    data: str = "./data"
+    data: Optional[str] = None  # None: the run's data folder (config.json), else DEFAULT_DATA
     no_download: bool = False
     wrn70_16_norm: Optional[str] = None  # None: the run's, else cifar10
     eps: float = 8 / 255
