@@ -279,7 +279,8 @@ def test_cifar100_sweep_has_no_cifar10_paper_figures(tmp_path, fake_cifar100, ca
     argv = ["--out", str(out), "--methods", "natural", "--students", "tiny", "--preset", "quick", "--no-progress"]
     argv += ["--attacks", "clean,fgsm", "--n", "32", "--dataset", "cifar100", "--train-n", "128", "--epochs", "1"]
     assert reproduce.main(argv + ["--eval-n", "32", "--threads", "1", "--data", str(data)]) == 0
-    assert "device cpu, 1 threads, fp32, channels_last, cifar100" in capsys.readouterr().out  # train's start line
+    start = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("run "))  # train's
+    assert "device cpu, 1 threads, fp32" in start and start.endswith(", cifar100"), start
     assert json.loads((out / "natural-tiny" / "config.json").read_text())["dataset"] == "cifar100"
     table = json.loads((out / "table2.json").read_text())
     assert table["data"]["dataset"] == "cifar100" and table["data"]["official"] is False
@@ -339,3 +340,197 @@ def test_a_dry_run_never_downloads(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: CIFAR-10 not found") and "download disabled" in err, err
     assert not (tmp_path / "d").exists() and not (tmp_path / "no-data").exists()
+
+
+# ---- issue 22: what a user's disk and hands can do to a sweep -------------------------------------------
+
+
+def copy_of(finished, tmp_path, name="copy"):
+    """A copy of the finished sweep (mtimes kept: its evaluations stay newer than their last.pt)."""
+    import shutil
+
+    out = tmp_path / name
+    shutil.copytree(finished, out)
+    return out
+
+
+def rows_of(out):
+    """table2.json's rows without the run paths, which name the sweep's folder."""
+    return [{k: v for k, v in r.items() if k != "run"} for r in json.loads((out / "table2.json").read_text())["rows"]]
+
+
+def one_error_line(err: str) -> str:
+    err = err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_torn_metrics_line_still_draws_the_curves(tmp_path, finished, data, capsys):
+    """Item 1: a torn line (and a record without values) in a run's metrics.jsonl is skipped by the one
+    reader of metrics, never a JSONDecodeError / KeyError at the end of the sweep."""
+    out = copy_of(finished, tmp_path)
+    with open(out / "sat-tiny" / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 3}\ngarbage{\n')
+    (out / "curves-tiny.png").unlink()
+    assert sweep(out, data) == 0
+    assert "finished before, skipped" in capsys.readouterr().out
+    assert (out / "curves-tiny.png").stat().st_size > 0 and rows_of(out) == rows_of(finished)
+
+
+def test_missing_metrics_draws_the_curves_without_that_run(tmp_path, finished, data, capsys):
+    """Item 2: a run without metrics.jsonl is named and left out of its curves; the table is whole."""
+    out = copy_of(finished, tmp_path)
+    (out / "sat-tiny" / "metrics.jsonl").unlink()
+    assert sweep(out, data) == 0
+    log = capsys.readouterr().out
+    assert f"note: {out / 'sat-tiny' / 'metrics.jsonl'}: missing; curves-tiny.png drawn without sat-tiny" in log
+    assert (out / "curves-tiny.png").stat().st_size > 0 and rows_of(out) == rows_of(finished)
+
+
+def test_a_result_that_cannot_be_written_is_named_with_what_was_written(tmp_path, finished, data, capsys):
+    """Item 2: a failed write of the results names the file and says which of them were written."""
+    out = copy_of(finished, tmp_path)
+    (out / "curves-tiny.png").unlink()
+    (out / "curves-tiny.png").mkdir()  # a folder where the figure goes: its write fails
+    assert sweep(out, data) == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert str(out / "curves-tiny.png") in err
+    assert "written: table2.md, table2.csv, table2.json; once that is fixed, rerun the same command" in err
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random bytes", "a list", "deleted"])
+def test_a_damaged_plan_is_rebuilt_from_the_command(tmp_path, finished, data, capsys, damage):
+    """Item 3: plan.json gone or damaged while the runs are intact: the command's plan, checked against the
+    runs' config.json files, replaces it; nothing is redone."""
+    out = copy_of(finished, tmp_path)
+    plan = out / "plan.json"
+    text = plan.read_text()
+    if damage == "deleted":
+        plan.unlink()
+    else:
+        plan.write_bytes({"truncated": text[: len(text) // 2].encode(), "random bytes": bytes(range(256)) * 3,
+                          "a list": b"[1,2]"}[damage])  # fmt: skip
+    assert sweep(out, data) == 0
+    log = capsys.readouterr().out
+    assert f"note: {plan} was " in log and "rebuilt from this command, which agrees with the config.json of 3" in log
+    assert log.count("finished before, skipped") == 5  # teacher, 2 runs, 2 evaluations
+    assert plan.read_text() == text and rows_of(out) == rows_of(finished)
+
+
+@pytest.mark.parametrize(
+    "extra, methods, words",
+    [
+        (["--seed", "1"], "sat,rslad", "config.json says seed 0, this command 1"),
+        ([], "rslad", "sat-tiny/config.json: a run of no stage of this command"),
+    ],
+)
+def test_a_lost_plan_with_other_settings_is_refused(tmp_path, finished, data, capsys, extra, methods, words):
+    """Item 3: without plan.json, a real difference from the runs' config.json is refused, naming it."""
+    out = copy_of(finished, tmp_path)
+    (out / "plan.json").unlink()
+    assert sweep(out, data, *extra, methods=methods) == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert words in err and "rerun with" in err, err
+    assert not (out / "plan.json").exists()
+
+
+def test_an_evaluation_in_use_by_another_process_is_refused(tmp_path, finished, data, capsys):
+    """Item 4: the evaluation stage takes the run's lock, as training does: a second sweep on the same
+    --out stops with one line instead of evaluating the same run and racing to write eval.json."""
+    import subprocess
+    import sys
+
+    out = copy_of(finished, tmp_path)
+    (out / "sat-tiny" / "eval.json").unlink()
+    hold = "import fcntl,os,sys; f=open(sys.argv[1],'w'); fcntl.flock(f,fcntl.LOCK_EX); f.write(str(os.getpid()));"
+    hold += "f.flush(); print('held',flush=True); sys.stdin.read()"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold, str(out / "sat-tiny" / ".lock")], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert holder.stdout.readline() == b"held\n"
+        assert sweep(out, data) == 2
+        err = one_error_line(capsys.readouterr().err)
+        assert f"{out / 'sat-tiny'} is in use by another process (pid {holder.pid})" in err
+        assert not (out / "sat-tiny" / "eval.json").exists()
+    finally:
+        holder.communicate(b"")  # end of its stdin: it exits, the kernel drops its lock
+    assert sweep(out, data) == 0 and rows_of(out) == rows_of(finished)
+
+
+def test_a_deleted_teacher_is_not_retrained_when_no_run_needs_it(tmp_path, finished, data, capsys):
+    """Item 6: every distillation run finished and evaluated: a deleted teacher/ is not trained again."""
+    import shutil
+
+    out = copy_of(finished, tmp_path)
+    shutil.rmtree(out / "teacher")
+    assert sweep(out, data, "--dry-run") == 0
+    assert "[not needed: every distillation run is finished]" in capsys.readouterr().out
+    assert sweep(out, data) == 0
+    assert "train teacher: not needed, every distillation run is finished; skipped" in capsys.readouterr().out
+    assert not (out / "teacher").exists() and rows_of(out) == rows_of(finished)
+
+
+def test_sigterm_in_a_sweep_gives_only_the_sweeps_advice(tmp_path, data, monkeypatch, capsys):
+    """Item 5: SIGTERM while a run trains: the sweep's one continuation, never train's --resume advice."""
+    import signal
+
+    real = runner._end_of_epoch
+
+    def terminate(r, epoch, *a, **k):
+        result = real(r, epoch, *a, **k)
+        os.kill(os.getpid(), signal.SIGTERM)  # as `kill PID` right after epoch 1's last.pt
+        return result
+
+    monkeypatch.setattr(runner, "_end_of_epoch", terminate)
+    argv = ["--out", str(tmp_path / "t"), "--methods", "sat", "--students", "tiny", "--preset", "quick", *EVAL]
+    assert reproduce.main([*argv, *TRAIN, "--no-progress", "--data", str(data)]) == 128 + signal.SIGTERM
+    cap = capsys.readouterr()
+    both = cap.out + cap.err
+    assert "rslad_fast.train" not in both and both.count("rerun the same command") == 1, both
+    assert cap.err.strip().endswith("terminated (SIGTERM); rerun the same command to continue")
+
+
+def test_cifar100_sweep_with_the_fp16_teacher_cache_equals_the_uncached_one(
+    tmp_path, fake_cifar100, natural_teacher, monkeypatch, capsys
+):
+    """Item 8: ``--dataset cifar100`` end to end with the teacher-logit cache over an fp16 teacher, against the
+    same sweep uncached, which ``--teacher-cache auto`` chooses when the cache does not fit (memory made
+    small here), saying so. (At this size an image's view rarely repeats, so the cache's misses, the
+    teacher's forwards it stores, are what is compared; the hit path has its own tests.)"""
+    from rslad_fast.engine import teacher_cache
+
+    data = fake_cifar100(n_train=64, n_test=16, seed=0)
+    small = ["--train-n", "64", "--epochs", "2", "--eval-n", "16", "--batch-size", "32", "--threads", "1"]
+    teacher = natural_teacher(data, "--dataset", "cifar100", "--student", "tiny", "--preset", "quick", *small)
+    argv = ["--methods", "rslad", "--students", "tiny", "--teacher", str(teacher), "--teacher-arch", "tiny"]
+    argv += ["--preset", "quick", "--no-progress", "--attacks", "clean,fgsm", "--n", "16", "--dataset", "cifar100"]
+    argv += [*small, "--teacher-dtype", "fp16", "--data", str(data)]
+    cached, uncached = tmp_path / "cached", tmp_path / "uncached"
+    assert reproduce.main(["--out", str(cached), *argv, "--teacher-cache", "on"]) == 0
+    assert "teacher-logit cache: " in capsys.readouterr().out  # its size, said when it is used
+    monkeypatch.setattr(teacher_cache, "free_bytes", lambda device: 1 << 20)  # 1 MiB free: it does not fit
+    assert reproduce.main(["--out", str(uncached), *argv, "--teacher-cache", "auto"]) == 0
+    log = capsys.readouterr().out
+    note = "note: the teacher-logit cache needs "
+    assert note in log and "): training without it (--teacher-cache auto)" in log.split(note)[1].splitlines()[0], log
+    runs = [json.loads((d / "rslad-tiny" / "metrics.jsonl").read_text().splitlines()[-1]) for d in (cached, uncached)]
+    assert "teacher_cache_hit_rate" in runs[0] and "teacher_cache_hit_rate" not in runs[1]
+    a, b = (torch.load(d / "rslad-tiny" / "last.pt", weights_only=True)["model"] for d in (cached, uncached))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert rows_of(cached) == rows_of(uncached)
+    table = json.loads((cached / "table2.json").read_text())
+    assert table["data"]["dataset"] == "cifar100" and all(
+        c["paper"] is None for r in table["rows"] for c in r["columns"].values()
+    )
+
+
+def test_the_official_md5_copy_is_torchvisions():
+    """table.OFFICIAL_MD5 is torchvision's record of the official CIFAR files, copied (its import is slow)."""
+    from torchvision import datasets
+
+    from rslad_fast.reproduce.table import OFFICIAL_MD5
+
+    for name, cls in (("cifar10", datasets.CIFAR10), ("cifar100", datasets.CIFAR100)):
+        folder, files = OFFICIAL_MD5[name]
+        assert folder == cls.base_folder and [list(f) for f in files] == cls.train_list + cls.test_list

@@ -27,10 +27,13 @@ Config, ``evaluation.evaluate_run`` with EvalSettings):
    (every method's clean and PGD-20 accuracy and loss per epoch, as the paper's Figs. 2 and 3).
 
 ``DIR/plan.json`` holds the sweep's settings, written before anything starts; a rerun with other settings
-is refused (use another --out). A stage is finished when its files say so (a run's ``last.pt`` at its last
-epoch; an ``eval.json`` newer than it with the planned attacks and n): a rerun skips those, resumes a killed
-run from its ``last.pt`` and redoes an interrupted evaluation. Under torchrun every run and every evaluation
-is distributed as ``train`` and ``evaluate`` are, and rank 0 alone writes.
+is refused (use another --out); one that is gone or damaged is rebuilt from the command once every run
+folder's config.json agrees with it. Every stage holds its run directory's lock (``RunLock``): a second sweep
+on the same --out stops with one line instead of doing the same work. The self-trained teacher is trained
+only while a distillation run has epochs left to train. A stage is finished when its files say so (a run's
+``last.pt`` at its last epoch; an ``eval.json`` newer than it with the planned attacks and n): a rerun skips
+those, resumes a killed run from its ``last.pt`` and redoes an interrupted evaluation. Under torchrun every
+run and every evaluation is distributed as ``train`` and ``evaluate`` are, and rank 0 alone writes.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from rslad_fast.engine import estimate
 from rslad_fast.engine.checkpoint import WriteError
 from rslad_fast.engine.dist import Agreed, agreed
 from rslad_fast.engine.estimate import fmt_duration
-from rslad_fast.engine.rundir import RunDir
+from rslad_fast.engine.rundir import TEACHER, RunDir, RunLock
 from rslad_fast.errors import UserError
 from rslad_fast.evaluation import report as eval_report
 from rslad_fast.evaluation.robustness import ATTACKS
@@ -58,7 +61,16 @@ from rslad_fast.evaluation.settings import DefaultN
 from rslad_fast.models import ARCHS, canonical_name
 from rslad_fast.run_flags import add_run_flags
 
-from .plan import Plan, check_plan_file, completed_epochs, eval_done, make_plan, train_state, write_plan
+from .plan import (
+    Plan,
+    check_plan_file,
+    completed_epochs,
+    eval_done,
+    make_plan,
+    teacher_needed,
+    train_state,
+    write_plan,
+)
 from .table import collect, dataset_of, provenance, write_curves, write_table
 
 DEFAULT_STUDENTS = ("resnet18", "mnv2")  # the paper's two students (Table 2)
@@ -183,7 +195,7 @@ def estimate_stages(plan: Plan, dist=None) -> dict:
         if s.kind == "train":
             done, _ = completed_epochs(s.run_dir)
             cfg = s.cfg
-            if done >= cfg.epochs:
+            if done >= cfg.epochs or _teacher_idle(plan, s):
                 continue
             small = dataclasses.replace(cfg, batch_size=min(cfg.batch_size, MEASURE_BATCH))
             device = dist.device(cfg.device) if dist is not None else None
@@ -231,6 +243,8 @@ def print_plan(plan: Plan, est: dict) -> None:
             done, _ = completed_epochs(s.run_dir)
             batches = math.ceil((cfg.train_n or TRAIN_IMAGES) / cfg.batch_size)
             state = {"done": "finished", "resume": f"resume at epoch {done + 1}", "new": "new"}[train_state(s)]
+            if state != "finished" and _teacher_idle(plan, s):
+                state = "not needed: every distillation run is finished"
             what = f"train {cfg.method} {cfg.student}: {cfg.epochs} epochs x {batches} batches of {cfg.batch_size}" + (
                 f", teacher {cfg.teacher['arch']}" if cfg.teacher else ""
             )
@@ -265,9 +279,13 @@ def _main(opts, dist) -> int:
         if opts.dry_run:
             if dist.is_main:
                 check_plan_file(plan)
+                for note in plan.notes:
+                    print(f"note: {note}")
                 print_plan(plan, estimate_stages(plan))
             return 0
         agreed(dist, lambda: check_plan_file(plan))
+        for note in plan.notes:
+            _say(dist, f"note: {note}")
         agreed(dist, lambda: write_plan(plan) if dist.is_main else None)
         dist.barrier()
         return _sweep(plan, dist)
@@ -299,6 +317,9 @@ def _sweep(plan: Plan, dist) -> int:
             if state == "done":
                 _say(dist, f"{head}: finished before, skipped")
                 continue
+            if _teacher_idle(plan, s):
+                _say(dist, f"{head}: not needed, every distillation run is finished; skipped")
+                continue
             _say(dist, f"{head}: {'resuming' if state == 'resume' else 'starting'} {s.run_dir}")
             status = _stage(dist, head, lambda s=s, state=state: _train(plan, s, state, dist))
         else:
@@ -306,7 +327,7 @@ def _sweep(plan: Plan, dist) -> int:
                 _say(dist, f"{head}: finished before, skipped")
                 continue
             _say(dist, f"{head}: evaluate {s.run_dir} ({','.join(plan.eval_settings.attacks)})")
-            status = _stage(dist, head, lambda s=s: _evaluate(plan, s, dist))
+            status = _stage(dist, head, lambda s=s, head=head: _evaluate(plan, s, dist, head))
         if status != 0:
             return status
         took = time.perf_counter() - t0
@@ -315,16 +336,35 @@ def _sweep(plan: Plan, dist) -> int:
         left = sum(est.values()) * (spent / spent_est if spent_est > 0 else 1.0)  # scaled by how estimates fared
         _say(dist, f"{head}: done in {fmt_duration(took)}; remaining about {fmt_duration(left)}")
     if dist.is_main:
-        rows = collect(plan)
-        prov = provenance(plan.run_settings.data, dataset_of(plan), plan.opts.data_provenance)
-        try:
-            paths = write_table(plan, rows, prov) + write_curves(plan)
-        except OSError as e:
-            raise UserError(f"--out {plan.out}: {e.strerror or e}") from None
+        paths = _write_results(plan, dist)
         print(Path(paths[0]).read_text())
         _say(dist, f"all done in {fmt_duration(time.perf_counter() - t_start)}: {', '.join(map(str, paths))}")
     dist.barrier()
     return 0
+
+
+def _write_results(plan: Plan, dist) -> list:
+    """table2.* then the curves, each file replaced whole (atomic) or not at all. A failure is one line that
+    names the file and says what was written: every stage is finished, so a rerun only writes these."""
+    written: list = []
+    try:
+        rows = collect(plan)
+        prov = provenance(plan.run_settings.data, dataset_of(plan), plan.opts.data_provenance)
+        written += write_table(plan, rows, prov)
+        paths, notes = write_curves(plan)
+        written += paths
+    except (UserError, OSError) as e:
+        msg = f"{e.filename}: {e.strerror or e}" if isinstance(e, OSError) and e.filename else str(e)
+        done = f"written: {', '.join(p.name for p in written)}" if written else "nothing of the table written"
+        raise UserError(f"{msg}; {done}; once that is fixed, rerun the same command to write the rest") from None
+    for note in notes:
+        _say(dist, f"note: {note}")
+    return written
+
+
+def _teacher_idle(plan: Plan, s) -> bool:
+    """The self-trained teacher's stage when no distillation run has training left to use it."""
+    return s.kind == "train" and s.name == TEACHER and not teacher_needed(plan)
 
 
 def _train(plan: Plan, s, state: str, dist) -> None:
@@ -337,11 +377,22 @@ def _train(plan: Plan, s, state: str, dist) -> None:
         engine.train(s.cfg, s.run_dir, dist=dist, download=download, eval_n_given=eval_n_given, progress=progress)
 
 
-def _evaluate(plan: Plan, s, dist) -> None:
-    command = "python -m rslad_fast.reproduce " + " ".join(sys.argv[1:])
-    report = evaluate_run(s.run_dir, plan.eval_settings, dist=dist, command=command)
-    if dist.is_main:
-        eval_report.write(report)
+def _evaluate(plan: Plan, s, dist, head: str) -> None:
+    """One run's evaluation under its run lock (rank 0's, as training's): a second sweep on the same --out
+    stops with "in use by another process (pid N)" instead of attacking the same checkpoints and racing to
+    write eval.json; one that waited its turn finds the evaluation done under the lock and skips it."""
+    lock = agreed(dist, lambda: RunLock(s.run_dir) if dist.is_main else None)
+    try:
+        if dist.all_gather_object(eval_done(plan, s.run_dir))[0]:  # rank 0's answer for all
+            _say(dist, f"{head}: finished meanwhile by another process, skipped")
+            return
+        command = "python -m rslad_fast.reproduce " + " ".join(sys.argv[1:])
+        report = evaluate_run(s.run_dir, plan.eval_settings, dist=dist, command=command)
+        if dist.is_main:
+            eval_report.write(report)
+    finally:
+        if lock is not None:
+            lock.close()
 
 
 def _stage(dist, head: str, body) -> int:

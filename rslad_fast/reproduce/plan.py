@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -52,6 +53,7 @@ class Plan:
     eval_settings: EvalSettings  # every evaluation's, but for its run
     opts: argparse.Namespace  # reproduce's own options
     run_settings: RunSettings  # the run settings given, shared by every run they apply to
+    notes: list = dataclasses.field(default_factory=list)  # what check_plan_file found and did, for the log
 
 
 def make_plan(opts: argparse.Namespace) -> Plan:
@@ -170,20 +172,33 @@ def _check_inputs(stages: list, given: RunSettings, opts: argparse.Namespace) ->
 
 
 def check_plan_file(plan: Plan) -> bool:
-    """True when DIR already holds this plan; UserError when it holds another (or DIR cannot be a sweep)."""
+    """True when DIR already holds this plan; UserError when it holds another (or DIR cannot be a sweep).
+
+    A plan.json that is gone or damaged (truncated, random bytes, no plan object) while the runs are intact
+    strands nothing: the plan is rebuilt from this command and checked against what each run folder's own
+    config.json says (:func:`_check_runs`), refused only on a real difference; a note in ``plan.notes``
+    says so (write_plan then writes the rebuilt plan)."""
     out, path = plan.out, plan.out / PLAN
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a directory")
     if not path.is_file():
         if out.is_dir() and RunDir(out).content():
-            raise UserError(f"--out {out}: not empty and holds no {PLAN}; not a sweep folder, use another --out")
+            foreign = [p.name for p in RunDir(out).content() if not _sweep_entry(plan, p)]
+            if foreign:
+                raise UserError(
+                    f"--out {out}: not empty and holds no {PLAN} ({foreign[0]} is no part of a sweep); not a sweep "
+                    "folder, use another --out"
+                )
+            return _rebuilt(plan, "missing")
         return False
     try:
         old = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: unreadable ({e}); not a sweep of this version, use another --out") from None
-    if not isinstance(old, dict):
-        raise UserError(f"{path}: not a plan (a JSON object expected)")
+    except OSError as e:
+        raise UserError(f"{path}: unreadable ({e.strerror or e}); fix its permissions and rerun") from None
+    except ValueError as e:  # truncated JSON, random bytes (a UnicodeDecodeError is a ValueError)
+        return _rebuilt(plan, f"damaged ({type(e).__name__})")
+    if not isinstance(old, dict) or "format" not in old or not isinstance(old.get("runs"), list):
+        return _rebuilt(plan, "damaged (no plan object)")
     diff = [k for k in sorted(set(old) | set(plan.settings)) if old.get(k) != plan.settings.get(k)]
     if diff and not _started(plan.out, old):
         return False  # nothing of it ran: the new plan replaces it
@@ -194,6 +209,111 @@ def check_plan_file(plan: Plan) -> bool:
             f"now); rerun with its settings to continue it, or use another --out"
         )
     return True
+
+
+# what a sweep folder holds besides its run folders: the plan, the table and the curves
+_SWEEP_FILES = re.compile(r"plan\.json|table2\.(md|csv|json)|curves-.+\.png")
+
+
+def _sweep_entry(plan: Plan, p: Path) -> bool:
+    """Whether ``p`` (an entry of --out) can be part of a sweep: a file the sweep writes, a planned run's
+    folder, or a run folder (checked against the plan by :func:`_check_runs`)."""
+    if p.is_dir():
+        return p.name in {s.name for s in plan.stages} or RunDir(p).has_config()
+    return _SWEEP_FILES.fullmatch(p.name) is not None
+
+
+def _rebuilt(plan: Plan, why: str) -> bool:
+    """The plan of this command replaces a missing or damaged plan.json, once every run folder agrees."""
+    checked = _check_runs(plan)
+    if checked:
+        plan.notes.append(
+            f"{plan.out / PLAN} was {why}: rebuilt from this command, which agrees with the config.json of "
+            f"{checked} run folder{'s' if checked > 1 else ''} there"
+        )
+    return bool(checked)
+
+
+# Config fields this machine chooses where no flag does (engine/resolution.py): the same command on another
+# machine, or the runs' own choices, are no difference from what the command asks
+_MACHINE = {"device": "device", "threads": "threads", "amp": "amp", "channels_last": "channels_last"}
+
+
+def _check_runs(plan: Plan) -> int:
+    """How many run folders of --out this plan's runs agree with; UserError naming the first real
+    difference: a run folder of no planned run, or a config.json setting other than this command's."""
+    planned = {s.name: s for s in plan.stages if s.kind == "train"}
+    count = 0
+    for p in sorted(plan.out.iterdir()) if plan.out.is_dir() else []:
+        rd = RunDir(p)
+        if not (p.is_dir() and rd.has_config()):
+            continue
+        if p.name not in planned:
+            raise UserError(
+                f"{rd.config}: a run of no stage of this command (its runs: {', '.join(planned)}); rerun with "
+                f"the --students/--methods/--teacher that made it, or use another --out"
+            )
+        try:
+            d = rd.config_dict()  # its errors name the file
+            disk = Config.from_dict(d).to_dict()
+        except UserError as e:
+            where = "" if str(rd.config) in str(e) else f"{rd.config}: "
+            raise UserError(f"{where}{e}; move that folder away or use another --out") from None
+        stage = planned[p.name]
+        key = _difference(disk, stage.cfg.to_dict(), plan)
+        if key is not None:
+            there, now = _get(disk, key), _get(stage.cfg.to_dict(), key)
+            raise UserError(
+                f"{rd.config} says {key} {json.dumps(there)}, this command {json.dumps(now)}; rerun with the "
+                f"settings that made it, or use another --out"
+            )
+        count += 1
+    return count
+
+
+def _get(d: dict, key: str):
+    for part in key.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
+
+
+def _difference(disk: dict, planned: dict, plan: Plan) -> Optional[str]:
+    """The first key (dotted) where a run's config.json differs from the planned Config beyond what this
+    machine or the run's start filled in: the library versions, an unflagged machine choice (_MACHINE, the
+    teacher's dtype), a teacher file's sha256 recorded at the start, a preset eval_n shrunk to the test set."""
+    given = plan.run_settings
+    own_teacher = plan.stages[0].name == TEACHER  # the distillation runs learn from --out's teacher/last.pt
+
+    def norm(d: dict, other: dict) -> dict:
+        d = json.loads(json.dumps(d))
+        d.pop("versions", None)
+        for key, flag in _MACHINE.items():
+            if getattr(given, flag) is None:
+                d.pop(key, None)
+        if given.eval_n is None and isinstance(d.get("eval_n"), int) and isinstance(other.get("eval_n"), int):
+            d["eval_n"] = max(d["eval_n"], other["eval_n"])  # shrunk to a smaller test set by the engine
+        if isinstance(d.get("teacher"), dict):
+            d["teacher"].pop("sha256", None)
+            if given.teacher_dtype is None:
+                d["teacher"].pop("dtype", None)
+            if own_teacher and Path(str(d["teacher"].get("path"))).parts[-2:] == (TEACHER, "last.pt"):
+                d["teacher"]["path"] = "the sweep's teacher"  # the folder may have moved since (a copy)
+        if isinstance(d.get("teacher_run"), dict) and isinstance(other.get("teacher_run"), dict):
+            d["teacher_run"] = norm(d["teacher_run"], other["teacher_run"])
+        return d
+
+    a, b = norm(disk, planned), norm(planned, disk)
+    sha = plan.settings["teacher"].get("sha256")
+    if sha and isinstance(disk.get("teacher"), dict) and disk["teacher"].get("source") == "file":
+        if disk["teacher"].get("sha256") not in (None, sha):
+            return "teacher.sha256"  # another teacher file than the one given now
+    for k in sorted(set(a) | set(b)):
+        if a.get(k) != b.get(k):
+            if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+                sub = next(j for j in sorted(set(a[k]) | set(b[k])) if a[k].get(j) != b[k].get(j))
+                return f"{k}.{sub}"
+            return k
+    return None
 
 
 def _started(out: Path, old: dict) -> bool:
@@ -226,6 +346,15 @@ def train_state(stage: Stage) -> str:
     if epochs is None:
         return "new"
     return "done" if done >= epochs else "resume"
+
+
+def teacher_needed(plan: Plan) -> bool:
+    """Whether the self-trained teacher has work to serve: a distillation run not finished yet. The
+    evaluations and the table never load it, so a deleted teacher/ is not retrained for them."""
+    return any(
+        s.kind == "train" and s.name != TEACHER and methods.get(s.method).needs_teacher and train_state(s) != "done"
+        for s in plan.stages
+    )
 
 
 def _json(value):

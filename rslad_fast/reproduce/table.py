@@ -7,31 +7,51 @@ import csv
 import hashlib
 import io
 import json
+import math
 from pathlib import Path
 from typing import Optional
 
 from rslad_fast.atomic import atomic_write_bytes
 from rslad_fast.engine.rundir import TEACHER, RunDir
+from rslad_fast.errors import UserError
 from rslad_fast.evaluation.robustness import COLUMNS
 
 from .paper import METHOD_NAMES, MODEL_NAMES, PAPER
+
+# The official releases' files and md5, as torchvision's CIFAR10 / CIFAR100 record them (base_folder,
+# train_list + test_list; tests/test_reproduce.py checks the copy): copied, since importing
+# torchvision.datasets costs about 2 s of every sweep's start on a 2-core CPU, for two short lists
+OFFICIAL_MD5 = {
+    "cifar10": (
+        "cifar-10-batches-py",
+        (
+            ("data_batch_1", "c99cafc152244af753f735de768cd75f"),
+            ("data_batch_2", "d4bba439e000b95fd0a9bffe97cbabec"),
+            ("data_batch_3", "54ebc095f3ab1f0389bbae665268c751"),
+            ("data_batch_4", "634d18415352ddfa80567beed471001a"),
+            ("data_batch_5", "482c414d41f54cd18b22e5b47cb7c3cb"),
+            ("test_batch", "40351d587109b95175f43aff81a1287e"),
+        ),
+    ),
+    "cifar100": (
+        "cifar-100-python",
+        (("train", "16019d7e3df5f24257cddd939b257f8d"), ("test", "f0ef6b0ae62326f3e7ffdfab6717acfc")),
+    ),
+}
 
 
 def provenance(data_root: str, dataset: str, given: Optional[str]) -> dict:
     """Where the evaluation's test set comes from: the files' md5 against torchvision's record of the
     official release says whether it is the official one (a re-encoded copy, as ../shared/data's JPEG
     CIFAR-10, is not, and its accuracies land near, not on, published ones)."""
-    from torchvision import datasets
-
-    cls = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}.get(dataset)
     out = {"root": data_root, "dataset": dataset, "given": given}
-    if cls is None:
+    if dataset not in OFFICIAL_MD5:
         out["official"] = None
         return out
+    base_folder, files = OFFICIAL_MD5[dataset]
     folder = Path(data_root)
-    if folder.name != cls.base_folder:
-        folder = folder / cls.base_folder
-    files = cls.train_list + cls.test_list
+    if folder.name != base_folder:
+        folder = folder / base_folder
     mismatched = []
     for name, md5 in files:
         try:
@@ -74,7 +94,7 @@ def collect(plan) -> list:
     for s in plan.stages:
         if s.kind != "evaluate":
             continue
-        report = json.loads(RunDir(s.run_dir).eval_json.read_text())
+        report = _eval_report(RunDir(s.run_dir).eval_json)
         for r in report["rows"]:
             paper = figures.get((s.student, s.method), {}) if r["label"] == "last" else {}
             cols = {}
@@ -95,6 +115,20 @@ def collect(plan) -> list:
                 }
             )
     return rows
+
+
+def _eval_report(path: Path) -> dict:
+    """A run's eval.json, read just after the sweep checked or wrote it; changed since (by hand, by another
+    process) it is one line naming it: the rerun that it advises evaluates that run again."""
+    try:
+        report = json.loads(path.read_text())
+        for r in report["rows"]:
+            for c in report["columns"]:
+                float(r["accuracy"][c])
+        return report
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        why = e.strerror if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
+        raise UserError(f"{path}: not a readable evaluation report ({why})") from None
 
 
 def _cell(c: dict) -> str:
@@ -146,36 +180,50 @@ def write_table(plan, rows: list, prov: dict) -> list:
     return paths
 
 
-def write_curves(plan) -> list:
+def write_curves(plan) -> tuple:
     """Per student, ``curves-<student>.png``: every method's clean and PGD-20 accuracy and training loss per
-    epoch on the held-out subset the runs evaluate after each epoch (the paper's Figs. 2 and 3)."""
+    epoch on the held-out subset the runs evaluate after each epoch (the paper's Figs. 2 and 3). Returns the
+    paths and notes: a run whose metrics.jsonl is gone or holds no epoch is drawn without (the table does
+    not need it), a torn line or a record without a value leaves that point out, never the sweep."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    paths = []
+    paths, notes = [], []
     for student in plan.opts.students:
         fig = Figure(figsize=(15, 4.2))
         axes = fig.subplots(1, 3)
         for s in plan.stages:
             if s.kind != "train" or s.student != student or s.name == TEACHER:
                 continue
-            recs = RunDir(s.run_dir).metrics_records()  # the engine's reader: a torn line is skipped
+            rd = RunDir(s.run_dir)
+            recs = rd.metrics_records()  # the engine's reader: a torn line is skipped
+            if not recs:
+                why = "missing" if not rd.metrics.exists() else "holds no complete epoch"
+                notes.append(f"{rd.metrics}: {why}; curves-{student}.png drawn without {s.name}")
+                continue
             ep = [r["epoch"] for r in recs]
             label = METHOD_NAMES.get(s.method, s.method)
-            axes[0].plot(ep, [100 * r["clean_acc"] for r in recs], marker="o", label=label)
-            axes[1].plot(ep, [100 * r["pgd20_acc"] for r in recs], marker="o", label=label)
-            axes[2].plot(ep, [r["train_loss"] for r in recs], marker="o", label=label)
+            axes[0].plot(ep, [100 * _value(r, "clean_acc") for r in recs], marker="o", label=label)
+            axes[1].plot(ep, [100 * _value(r, "pgd20_acc") for r in recs], marker="o", label=label)
+            axes[2].plot(ep, [_value(r, "train_loss") for r in recs], marker="o", label=label)
         for ax, title in zip(axes, ("clean accuracy (%)", "PGD-20 accuracy (%)", "training loss (each method's own)")):
             ax.set_title(f"{MODEL_NAMES.get(student, student)}: {title}")
             ax.set_xlabel("epoch")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
-            ax.legend()
+            if ax.get_legend_handles_labels()[0]:  # no run to draw: no empty legend (matplotlib warns)
+                ax.legend()
         fig.tight_layout()
         buf = io.BytesIO()
         FigureCanvasAgg(fig).print_png(buf)
         path = plan.out / f"curves-{student}.png"
         atomic_write_bytes(path, buf.getvalue())
         paths.append(path)
-    return paths
+    return paths, notes
+
+
+def _value(record: dict, key: str) -> float:
+    """A metrics record's number, NaN (a gap in the curve) where absent or not a number."""
+    v = record.get(key)
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
