@@ -399,7 +399,7 @@ if [ $GPU = 0 ] && [ "${GPU_CHECK_ALLOW_CPU:-0}" != 1 ]; then
   log "no CUDA GPU visible: stopping (GPU_CHECK_ALLOW_CPU=1 dry-runs the logic on the CPU)"; finalize; exit 2
 fi
 if [ $GPU = 0 ]; then  # the dry run's CPU sizes; its CUDA-only stages take no time, its memcheck is the sweep
-  EST[smoke]=90; EST[bench_ops]=60; EST[memcheck]=${EST[sweep]}
+  EST[smoke]=150; EST[bench_ops]=60; EST[memcheck]=${EST[sweep]}
   for s in build bench_headline bench_epoch bench_inner racecheck bench_ops_compiled bench_epoch_compiled; do
     EST[$s]=0
   done

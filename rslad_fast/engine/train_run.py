@@ -29,6 +29,7 @@ from . import estimate, runner
 from .config import Config, same_run
 from .dist import Dist, agreed
 from .preparation import Prepared, prepare
+from .presets import CPU_CHOICES
 from .rundir import RunDir, RunLock, check_out_dir, create_run_dir, write_config
 from .runner import _log, run
 from .teacher import cast_teacher, freeze
@@ -145,7 +146,8 @@ def _start_lines(prep: Prepared, run_dir: RunDir, dist: Dist, new: bool, say) ->
             ", SyncBatchNorm" if cfg.sync_bn else ", BatchNorm per process"
         )
     cpu = cfg.versions.get("cpu") if isinstance(cfg.versions, dict) else None
-    if new and cfg.device == "cpu" and isinstance(cpu, dict) and cpu.get("native_bf16"):
+    chooses = cfg.student in CPU_CHOICES or (cfg.teacher or {}).get("arch") in CPU_CHOICES
+    if new and cfg.device == "cpu" and isinstance(cpu, dict) and cpu.get("native_bf16") and chooses:
         say(
             f"note: this CPU ({cpu.get('model')}) has native bf16 ({', '.join(cpu.get('flags', []))}): bf16 is "
             f"chosen where it pays for the architecture (engine/presets.py CPU_CHOICES): --amp {cfg.amp}"
