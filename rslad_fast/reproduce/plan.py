@@ -385,3 +385,8 @@ def eval_done(plan: Plan, run_dir: Path) -> bool:
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
+
+
+def teacher_idle(plan: Plan, s) -> bool:
+    """The self-trained teacher's stage when no distillation run has training left to use it."""
+    return s.kind == "train" and s.name == TEACHER and not teacher_needed(plan)
