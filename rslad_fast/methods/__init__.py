@@ -7,6 +7,7 @@
     ard      ARD, distillation on x'                            (CE attack, TRAIN mode; teacher)
     iad      IAD, ARD plus the teacher's reliability            (CE attack, TRAIN mode; teacher on x and x')
     rslad    RSLAD, robust soft labels                          (KL attack on the teacher, eval mode; teacher)
+    adaad    AdaAD, the teacher inside the attack               (KL(T(x')||S(x')) attack, eval mode; teacher)
 
 `get(name)` returns the class (aliases: madry/pgd_at/at -> sat, nat/standard -> natural; case and '-' are
 ignored), `names()` the registered names. A method is built with keyword overrides of its HPARAMS,
@@ -16,7 +17,8 @@ actually happen from `milestones()` (or `lr_at(epoch)`).
 
 from typing import Tuple
 
-from . import ard, iad, mart, natural, rslad, sat, trades  # noqa: E402,F401  (importing registers them)
+from . import adaad, ard, iad, mart, natural, rslad, sat, trades  # noqa: E402,F401  (importing registers them)
+from .adaad import AdaAD
 from .ard import ARD
 from .base import REGISTRY, Context, HParam, Method, Schedule, get, register
 from .iad import IAD
@@ -48,4 +50,5 @@ __all__ = [
     "ARD",
     "IAD",
     "RSLAD",
+    "AdaAD",
 ]
