@@ -40,7 +40,6 @@ from rslad_fast.data import TensorLoader
 from rslad_fast.engine import RunSettings, resolve
 from rslad_fast.engine.build import build_parts, memory_format, random_teacher, setup_device
 from rslad_fast.engine.hardware import cpu_info
-from rslad_fast.engine.step import train_step
 from rslad_fast.engine.teacher_cache import TeacherCache
 
 BATCH = 128  # the official batch size (rslad_train.py: batch_size=128)
@@ -132,19 +131,7 @@ def _ours(device: str, student_arch: str, batch: int, steps: int, teacher_arch: 
         if cache is not None:  # exactly round(hit x batch) of this batch's views filled
             cache.filled.zero_()
             cache.filled[views[0][: round(row.cache_hit * len(views[0]))]] = True
-        train_step(
-            parts.student,
-            parts.method,
-            parts.optimizer,
-            x.contiguous(memory_format=fmt),
-            y,
-            teacher=parts.teacher,
-            generator=parts.generator,
-            amp_dtype=parts.amp_dtype,
-            cache=cache,
-            views=views[0] if views else None,
-            fold=parts.fold,
-        )
+        parts.step(x.contiguous(memory_format=fmt), y, cache=cache, views=views[0] if views else None)
 
     chose = {k: getattr(cfg, k) for k in ("amp", "channels_last", "fold_bn")}
     return step, {**chose, "teacher_dtype": cfg.teacher_dtype}

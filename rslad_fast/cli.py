@@ -13,8 +13,10 @@ import sys
 import threading
 from typing import Callable
 
+from rslad_fast.attacks.registry import EVAL_ATTACKS
 from rslad_fast.engine.dist import Dist, agreed  # noqa: F401  (agreed: the command lines' phases)
 from rslad_fast.errors import UserError
+from rslad_fast.evaluation.robustness import ATTACKS
 
 
 class Parser(argparse.ArgumentParser):
@@ -23,6 +25,19 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         # under torchrun every process of a node parses the same command line: one of them says it
         self.exit(2, f"error: {message} (see --help)\n" if os.environ.get("LOCAL_RANK", "0") == "0" else None)
+
+
+def attack_list(text: str):
+    """--attacks of evaluate and reproduce: names of the evaluation-attack registry, in the table's order."""
+    names = [t.strip().lower() for t in text.split(",") if t.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("no attack given")
+    unknown = [n for n in names if n not in EVAL_ATTACKS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown attack(s) {', '.join(map(repr, unknown))}; choose from {','.join(ATTACKS)}"
+        )
+    return [a for a in ATTACKS if a in names]  # the table's order, duplicates dropped
 
 
 def print_error(message) -> None:

@@ -42,7 +42,7 @@ import argparse
 from rslad_fast.attacks.eval_attacks import INIT_STD
 from rslad_fast.attacks.pgd import STARTS
 from rslad_fast.attacks.registry import EVAL_ATTACKS
-from rslad_fast.cli import Parser, fmt_value, fraction, integer, nonneg, print_error, torchrun_main
+from rslad_fast.cli import Parser, attack_list, fmt_value, fraction, integer, nonneg, print_error, torchrun_main
 from rslad_fast.data.cifar import NAMES as DATASETS
 from rslad_fast.errors import UserError
 from rslad_fast.evaluation import report as eval_report
@@ -51,18 +51,6 @@ from rslad_fast.evaluation.robustness import ATTACKS
 from rslad_fast.evaluation.run import evaluate
 from rslad_fast.evaluation.settings import DefaultN, EvalSettings, flag_dest
 from rslad_fast.models import ARCHS, WRN70_NORMS
-
-
-def _attack_list(text: str):
-    names = [t.strip().lower() for t in text.split(",") if t.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError("no attack given")
-    unknown = [n for n in names if n not in EVAL_ATTACKS]
-    if unknown:
-        raise argparse.ArgumentTypeError(
-            f"unknown attack(s) {', '.join(map(repr, unknown))}; choose from {','.join(ATTACKS)}"
-        )
-    return [a for a in ATTACKS if a in names]  # the table's order, duplicates dropped
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("evaluation")
     g.add_argument(
         "--attacks",
-        type=_attack_list,
+        type=attack_list,
         default=list(ATTACKS),
         help=f"comma-separated subset of {','.join(ATTACKS)} (default: all)",
     )

@@ -24,7 +24,6 @@ import reference_rslad as ref  # noqa: E402
 from rslad_fast.engine import RunSettings, resolve  # noqa: E402
 from rslad_fast.engine.build import build_parts, memory_format, random_teacher, setup_device  # noqa: E402
 from rslad_fast.engine.hardware import cpu_info  # noqa: E402
-from rslad_fast.engine.step import train_step  # noqa: E402
 from rslad_fast.models import build  # noqa: E402
 
 
@@ -56,17 +55,7 @@ def our_step(student_arch: str, teacher_arch: str, batch: int, threads: int):
     y = torch.randint(0, 10, (batch,))
 
     def step():
-        train_step(
-            p.student,
-            p.method,
-            p.optimizer,
-            x,
-            y,
-            teacher=p.teacher,
-            generator=p.generator,
-            amp_dtype=p.amp_dtype,
-            fold=p.fold,
-        )
+        p.step(x, y)
 
     return step, cfg
 

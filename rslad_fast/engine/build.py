@@ -18,7 +18,7 @@ from rslad_fast.models.fold import FoldedCopy, fold_bn
 
 from .allocator import keep_freed_memory
 from .config import Config
-from .step import AMP_DTYPES
+from .step import AMP_DTYPES, train_step
 from .teacher import CastTeacher, cast_teacher, freeze
 
 
@@ -73,6 +73,23 @@ class Parts:
     generator: torch.Generator  # the attacks' random starts
     amp_dtype: Optional[torch.dtype]
     fold: Optional[FoldedCopy] = None  # the student's folded copy for its eval-mode attack (cfg.fold_bn)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, *, cache=None, views=None):
+        """One :func:`step.train_step` on (x, y) with these objects (the single-process step the estimate,
+        the benchmarks and the tests time; the training loop passes its DDP-wrapped student itself)."""
+        return train_step(
+            self.student,
+            self.method,
+            self.optimizer,
+            x,
+            y,
+            teacher=self.teacher,
+            generator=self.generator,
+            amp_dtype=self.amp_dtype,
+            cache=cache,
+            views=views,
+            fold=self.fold,
+        )
 
 
 def build_parts(cfg: Config, device: torch.device, teacher: Optional[torch.nn.Module], *, generator_seed: int) -> Parts:

@@ -30,7 +30,6 @@ from rslad_fast.attacks.registry import EVAL_ATTACKS
 from rslad_fast.models import build
 
 from .build import build_parts, random_teacher, setup_device
-from .step import train_step
 
 # On a CPU, an estimate above this points to --preset quick: past a couple of hours a CPU run is the paper's
 # schedule (weeks there), and the quick preset shows the whole pipeline in minutes.
@@ -155,17 +154,7 @@ def measure_train_step(cfg, *, batches: int = 2, device=None) -> float:
         x, y = _inputs(cfg.batch_size, device, cfg.channels_last)
 
         def step():
-            train_step(
-                p.student,
-                p.method,
-                p.optimizer,
-                x,
-                y,
-                teacher=p.teacher,
-                generator=p.generator,
-                amp_dtype=p.amp_dtype,
-                fold=p.fold,
-            )
+            p.step(x, y)
 
         step()
         sync(device)

@@ -59,17 +59,12 @@ class RunDir:
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
 
-    def __truediv__(self, name: str) -> Path:
-        return self.path / name
-
     config = property(lambda self: self.path / CONFIG)
     metrics = property(lambda self: self.path / METRICS)
     curves = property(lambda self: self.path / CURVES)
     last = property(lambda self: self.path / LAST)
     best = property(lambda self: self.path / BEST)
-    lock_file = property(lambda self: self.path / LOCK)
     eval_json = property(lambda self: self.path / EVAL_JSON)
-    eval_md = property(lambda self: self.path / EVAL_MD)
 
     def teacher(self, name: str = TEACHER) -> "RunDir":
         return RunDir(self.path / name)

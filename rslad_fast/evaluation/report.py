@@ -14,6 +14,7 @@ import torch
 
 from rslad_fast.atomic import atomic_write_bytes
 from rslad_fast.data.cifar import DATASETS
+from rslad_fast.engine.rundir import EVAL_JSON, EVAL_MD
 from rslad_fast.errors import UserError
 
 from .robustness import ATTACKS, COLUMNS, WORST
@@ -162,7 +163,7 @@ def write(report: dict) -> tuple:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create --out {out}: {e.strerror or e}") from None
-    json_path, md_path = out / "eval.json", out / "eval.md"
+    json_path, md_path = out / EVAL_JSON, out / EVAL_MD
     atomic_write_bytes(json_path, (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode())
     atomic_write_bytes(md_path, markdown(report).encode())
     return json_path, md_path

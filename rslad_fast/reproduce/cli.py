@@ -44,8 +44,7 @@ import time
 from pathlib import Path
 
 from rslad_fast import engine, methods
-from rslad_fast.attacks.registry import EVAL_ATTACKS
-from rslad_fast.cli import Parser, integer, print_error, sigterm_as_interrupt, stop_status, torchrun_main
+from rslad_fast.cli import Parser, attack_list, integer, print_error, sigterm_as_interrupt, stop_status, torchrun_main
 from rslad_fast.engine.checkpoint import WriteError
 from rslad_fast.engine.dist import Agreed, agreed
 from rslad_fast.engine.estimate import fmt_duration
@@ -72,18 +71,6 @@ from .table import collect, dataset_of, provenance, write_curves, write_table
 
 DEFAULT_STUDENTS = ("resnet18", "mnv2")  # the paper's two students (Table 2)
 DEFAULT_METHODS = ("natural", "sat", "trades", "ard", "iad", "rslad")  # Table 2's rows (MART: --methods)
-
-
-def _attack_list(text: str):
-    names = [t.strip().lower() for t in text.split(",") if t.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError("no attack given")
-    unknown = [n for n in names if n not in EVAL_ATTACKS]
-    if unknown:
-        raise argparse.ArgumentTypeError(
-            f"unknown attack(s) {', '.join(map(repr, unknown))}; choose from {','.join(ATTACKS)}"
-        )
-    return [a for a in ATTACKS if a in names]  # the table's order, duplicates dropped
 
 
 def _names(kind: str, known, canon=lambda s: s):
@@ -144,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=("paper", "quick"), default="paper", help="train's preset (default paper)")
     p.add_argument(
         "--attacks",
-        type=_attack_list,
+        type=attack_list,
         default=list(ATTACKS),
         help=f"evaluation attacks, comma-separated subset of {','.join(ATTACKS)} (default: all six)",
     )
