@@ -68,5 +68,10 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-benchmark", "torchattacks==3.5.1"],
         "dali": ["nvidia-dali-cuda130"],
+        # `python -m rslad_fast.export`: ONNX export (onnxscript: torch.onnx's dynamo exporter) and its
+        # verification in ONNX Runtime
+        "export": ["onnx==1.23.2", "onnxscript==0.7.2", "onnxruntime==1.32.0"],
+        # `--tensorboard`: the per-epoch scalars as TensorBoard event files
+        "tensorboard": ["tensorboard==2.21.0"],
     },
 )

@@ -17,7 +17,7 @@ pip install -q --upgrade pip
 # torchvision). They also run on machines without a GPU.
 pip install -q "torch==2.14.1" "torchvision==0.29.1" ninja pybind11 cmake "setuptools>=64" wheel numpy
 # The extension compiles against the installed torch, hence --no-build-isolation.
-MAX_JOBS=${MAX_JOBS:-2} pip install -q --no-build-isolation -e ".[test,dali]"
+MAX_JOBS=${MAX_JOBS:-2} pip install -q --no-build-isolation -e ".[test,dali,export,tensorboard]"
 "$VENV/bin/python" -c "import rslad_fast; print('rslad_fast ops backend:', rslad_fast.ops.backend(), \
 '| CUDA kernels:', rslad_fast.ops.cuda_kernels_available())"
 
