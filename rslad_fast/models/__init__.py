@@ -5,6 +5,7 @@ Canonical names (``ARCHS``):
 - ``mnv2``      CIFAR MobileNetV2 (RSLAD student; kuangliu layout)
 - ``wrn34-10``  TRADES WRN-34-10 (RSLAD teacher; loads TRADES' ``model_cifar_wrn.pt`` strictly)
 - ``wrn70-16``  DeepMind WRN-70-16 (RobustBench layout, normalizes internally; the RSLAD CIFAR-100 teacher)
+- ``resnet56``  CIFAR ResNet-56 (MTARD's natural CIFAR-10 teacher; MTARD / chenyaofo layout, raw [0, 1] input)
 - ``resnet8``   a small CIFAR ResNet (He et al.'s n = 1, ~78k parameters): the quick preset's CPU teacher
 - ``tiny``      a ~5k-parameter CNN for tests and CPU demos; not from any paper
 
@@ -24,10 +25,11 @@ from rslad_fast.errors import UserError
 from .fold import FoldedCopy, fold_bn
 from .mobilenetv2 import mobilenet_v2
 from .resnet import resnet8, resnet18
+from .resnet56 import resnet56
 from .wideresnet import wrn34_10
 from .wrn_dm import wrn70_16
 
-ARCHS = ("resnet18", "mnv2", "wrn34-10", "wrn70-16", "resnet8", "tiny")
+ARCHS = ("resnet18", "mnv2", "wrn34-10", "wrn70-16", "resnet56", "resnet8", "tiny")
 # WRN-70-16's input normalizations (models/wrn_dm.py NORMALIZATIONS), the default first
 WRN70_NORMS = ("cifar10", "cifar100")
 
@@ -46,6 +48,9 @@ _ALIASES = {
     "wrn7016": "wrn70-16",
     "wideresnet7016": "wrn70-16",
     "dmwrn7016": "wrn70-16",
+    "resnet56": "resnet56",
+    "rn56": "resnet56",
+    "res56": "resnet56",
     "resnet8": "resnet8",
     "rn8": "resnet8",
     "res8": "resnet8",
@@ -106,6 +111,8 @@ def build(name: str, num_classes: int = 10, *, normalization: str = "cifar10") -
         return resnet18(num_classes)
     if canon == "mnv2":
         return mobilenet_v2(num_classes)
+    if canon == "resnet56":
+        return resnet56(num_classes)
     if canon == "resnet8":
         return resnet8(num_classes)
     if canon == "wrn34-10":
