@@ -18,6 +18,11 @@ for both students, side by side in one run; and the ablation, one lever added pe
   machine (engine/presets.py CPU_CHOICES: channels_last, bf16 where the CPU has native bf16), uncached and
   with the cache at 54.4%.
 
+- AdaAD (`test_adaad_step`, issue 21): the teacher inside the attack (each of the 10 steps runs the teacher's
+  forward and backward as well as the student's), the case where the teacher's cost weighs most. The official
+  step (benchmarks/reference_adaad.py, boyellow/AdaAD's attack and loss) against ours in plain fp32 and with
+  the defaults, both students (the reduced GPU check: ResNet-18 only).
+
 Timing is per step (pytest-benchmark's median over the rounds, one warm-up step first); the ratios are
 taken against the "official" row of the same group, in one run. `RSLAD_FAST_BENCH_ROUNDS` sets the rounds
 (default 3). With timing off (`--benchmark-disable`, CI's smoke run) the rows run once at batch 8 with a
@@ -103,9 +108,9 @@ def _official(device: str, student_arch: str, batch: int, steps: int, teacher_ar
     return step, {"amp": "fp32", "channels_last": False, "fold_bn": False, "teacher_dtype": "fp32"}
 
 
-def _ours(device: str, student_arch: str, batch: int, steps: int, teacher_arch: str, row: Row):
+def _ours(device: str, student_arch: str, batch: int, steps: int, teacher_arch: str, row: Row, method="rslad"):
     settings = RunSettings(
-        method="rslad",
+        method=method,
         student=student_arch,
         teacher="random-weights.pt",  # never read: the teacher is built with random weights below
         teacher_arch=teacher_arch,
@@ -172,4 +177,62 @@ def test_headline_step(benchmark, provenance, case):
         save_result(
             f"headline-{device}-{arch}-{row.name}".replace(" ", "_").replace("%", "pct").replace(":", ""),
             {"device": device, "student": arch, "row": row.name, "step_s": median, **chose},
+        )
+
+
+# AdaAD (issue 21): the teacher inside the attack, so each of the 10 steps runs the WRN-34-10 forward and
+# backward too, the case where the teacher's cost dominates. The official step (reference_adaad.py) against
+# ours, plain fp32 and with the defaults `resolve` chooses; no cache row (AdaAD's T(x') is never cached).
+# The reduced GPU check times the ResNet-18 student only (its budget; scripts/gpu_check.sh EST[bench_headline]).
+ADAAD_ROWS = [
+    Row("official", official=True),
+    Row("ours: fused ops, tensor loader (fp32, NCHW)", given=PLAIN),
+    Row("ours, defaults"),
+]
+
+
+def _official_adaad(device: str, student_arch: str, batch: int, steps: int, teacher_arch: str):
+    import reference_adaad as ref_adaad
+
+    from rslad_fast.models import build
+
+    torch.manual_seed(0)
+    student = build(student_arch).to(device)
+    teacher = build(teacher_arch).to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    optimizer = ref_adaad.sgd(student)
+    images, labels = ref.random_cifar(batch * steps)
+    batches = iter(ref.make_dataloader(images, labels, batch, num_workers=2))
+
+    def step():
+        x, _ = next(batches)
+        ref_adaad.train_step(student, teacher, optimizer, x.to(device, non_blocking=True))
+
+    return step, {"amp": "fp32", "channels_last": False, "fold_bn": False, "teacher_dtype": "fp32"}
+
+
+@pytest.mark.parametrize(
+    "case",
+    list(itertools.product(DEVICES, ("resnet18",) if REDUCED else ("mnv2", "resnet18"), ADAAD_ROWS)),
+    ids=lambda c: f"{c[0]}-{c[1]}-adaad-{c[2].name}",
+)
+def test_adaad_step(benchmark, provenance, case):
+    device, arch, row = case
+    batch, teacher = (8, "resnet8") if benchmark.disabled else (BATCH, "wrn34-10")
+    rounds = ROUNDS or (2 if REDUCED else 3)
+    steps = rounds + 1  # one warm-up step
+    benchmark.group = f"AdaAD step {device} {arch} <- {teacher}, batch {batch}"
+    if row.official:
+        step, chose = _official_adaad(device, arch, batch, steps, teacher)
+    else:
+        step, chose = _ours(device, arch, batch, steps, teacher, row, method="adaad")
+    provenance(device, student=arch, teacher=teacher, batch=batch, impl=row.name, method="adaad", **chose)
+    run_synced(benchmark, step, device, rounds=1 if benchmark.disabled else rounds, warmup=1)
+    median = median_s(benchmark)
+    if median is not None:
+        benchmark.extra_info.update(images_per_s=batch / median)
+        save_result(
+            f"headline-adaad-{device}-{arch}-{row.name}".replace(" ", "_").replace(":", ""),
+            {"device": device, "student": arch, "method": "adaad", "row": row.name, "step_s": median, **chose},
         )

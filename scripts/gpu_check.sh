@@ -38,10 +38,12 @@
 #   graphs             45   replay == eager (contiguous, channels_last, caller's autocast, across optimizer
 #                           steps, load_state_dict and replaced parameters, a thread using CUDA during capture):
 #                           ~12 captures of tiny / MobileNetV2 loops
-#   bench_headline     90   issue 20's headline: one RSLAD step at batch 128 with the WRN-34-10 teacher, the
+#   bench_headline    110   issue 20's headline: one RSLAD step at batch 128 with the WRN-34-10 teacher, the
 #                           official step against ours and the ablation (channels_last, folded BatchNorm, bf16
 #                           student and teacher, the teacher cache), both students: 18 rows of 1 warm-up + 2
-#                           steps, ~5 s a row with the WRN-34-10's build, fold and cuDNN autotuning
+#                           steps, ~5 s a row with the WRN-34-10's build, fold and cuDNN autotuning; and AdaAD's
+#                           step (the teacher's forward and backward in each of the 10 attack steps), official /
+#                           ours fp32 / ours defaults, ResNet-18 only: 3 rows of ~6 s (not yet measured)
 #   bench_epoch        75   the epoch rows, 4 batches x 2 rounds with the WRN-34-10 teacher (~20
 #                           rows of ~3 s: throughput, ablation, the teacher cache at 0% / 60.5% / 54.4% hits),
 #                           and the loaders (10,240 images)
@@ -54,20 +56,21 @@
 #   (sweep)            30   sweep runs here instead, and memcheck and racecheck are "not run: <why>"
 #   big_pgd            20   pgd_step_ on 2^31 + 4099 fp16 elements (4 x 4.3 GB), checked in 17 chunks; its GB/s
 #                           the best of 3 calls after a warm-up call (module load, first launch)
-#   smoke             110   scripts/gpu_smoke.py: 7 methods x fp32/bf16 + RSLAD graph off + RSLAD on CIFAR-100
-#                           with an fp16 teacher (fp32/bf16), each one epoch of 4 batches of 128 (MobileNetV2)
+#   smoke             120   scripts/gpu_smoke.py: every registered method x fp32/bf16 + RSLAD graph off + RSLAD and
+#                           AdaAD on CIFAR-100 with an fp16 teacher (fp32/bf16; AdaAD's attack differentiates
+#                           through the fp16 teacher), each one epoch of 4 batches of 128 (MobileNetV2)
 #                           and a 128-image PGD-20, ~3 s each; evaluate with all six
 #                           attacks on 128 images ~20 s; torchrun (NCCL) ~25 s
 #   racecheck          30   compute-sanitizer racecheck over the same sweep
 #   bench_ops          30   the op rows (fused, eager) on CUDA: 24 rows of ~1 s
 #   bench_*_compiled  60+90 the torch.compile rows (inductor's default mode), only with what time is left
-# With every estimate met, the stages through smoke fit (~475 s of 520); bench_epoch, bench_inner, racecheck and
+# With every estimate met, the stages through smoke fit (~505 s of 520); bench_epoch, bench_inner, racecheck and
 # the rest run with what the earlier stages leave. Where the sanitizer cannot run, the sweep takes 30 s less than memcheck, racecheck
 # is "not run" and bench_ops fits.
 # Full mode: the benchmarks at full size, one stage and one JSON a file (pytest-benchmark writes its JSON only
 # at the end of a session, so a stage stopped at its cap loses its own figures only), without torch.compile:
-# bench_full_headline 150 first, then bench_full_epoch 150, bench_full_inner 60, bench_full_ops 40,
-# bench_full_loaders 30 (~555 s with the build: the last of them run only if the earlier beat their estimates);
+# bench_full_headline 180 (AdaAD's 6 rows included) first, then bench_full_epoch 150, bench_full_inner 60, bench_full_ops 40,
+# bench_full_loaders 30 (~585 s with the build: the last of them run only if the earlier beat their estimates);
 # then, only with what is left, the quick preset on CIFAR-10 (prepare 40, quick_fp32 / quick_bf16 120 each,
 # quick_compare 10) and the compiled rows (ops 90; the epoch's, torch.compile max-autotune at full size, 240:
 # minutes of autotuning). Neither fits after the benchmarks: name them in GPU_CHECK_STAGES for a call of their own.
@@ -81,10 +84,10 @@ set -uo pipefail
 
 # ---- the stages' estimates (s), see above --------------------------------------------------------------------
 declare -A EST=(
-  [build]=100 [backend]=10 [tests_cuda]=40 [graphs]=45 [bench_headline]=90 [bench_epoch]=75 [bench_inner]=40 [memcheck]=60
-  [racecheck]=30 [sweep]=30 [big_pgd]=20 [smoke]=110 [bench_ops]=30 [bench_ops_compiled]=60
+  [build]=100 [backend]=10 [tests_cuda]=40 [graphs]=45 [bench_headline]=110 [bench_epoch]=75 [bench_inner]=40 [memcheck]=60
+  [racecheck]=30 [sweep]=30 [big_pgd]=20 [smoke]=120 [bench_ops]=30 [bench_ops_compiled]=60
   [bench_epoch_compiled]=90
-  [bench_full_headline]=150 [bench_full_epoch]=150 [bench_full_inner]=60 [bench_full_ops]=40 [bench_full_loaders]=30 [prepare]=40
+  [bench_full_headline]=180 [bench_full_epoch]=150 [bench_full_inner]=60 [bench_full_ops]=40 [bench_full_loaders]=30 [prepare]=40
   [quick_fp32]=120 [quick_bf16]=120 [quick_compare]=10 [bench_full_ops_compiled]=90 [bench_full_epoch_compiled]=240
 )
 PLAN_QUICK=(build backend tests_cuda graphs bench_headline memcheck big_pgd smoke bench_epoch bench_inner racecheck

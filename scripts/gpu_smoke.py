@@ -4,10 +4,12 @@
 
 On generated CIFAR-shaped data (tests/fake_cifar.py), in one process (the CLI's `main`, so
 imports and CUDA start-up are paid once):
-- each of the seven methods in fp32 and in bf16, MobileNetV2 students (a distillation method distils from a
+- each registered method in fp32 and in bf16, MobileNetV2 students (a distillation method distils from a
   saved random ResNet-8 teacher file: the smoke is about the code paths, not accuracy);
 - RSLAD on generated CIFAR-100 (100 classes, the official CIFAR-100 loss, an fp16 teacher as the
   official scripts' `teacher.half()`), fp32 and bf16;
+- AdaAD on the same CIFAR-100 data, fp32 and bf16: the teacher inside the attack, so each attack step's input
+  gradient runs back through the fp16 teacher (and its loss is the official CIFAR-100 per-image sum);
 - RSLAD with the CUDA-graph attack on and off, fp32 and bf16: the graph replays the eager loop's kernels, so
   the two runs must give the same epoch loss. cuDNN runs deterministic algorithms here (the engine's
   cudnn.benchmark alone may pick non-deterministic weight-gradient kernels, whose rounding SGD then
@@ -174,6 +176,21 @@ def _markdown(rows, pairs):
     return "\n".join(lines + ([""] + errors if errors else [])) + "\n"
 
 
+def training_cases():
+    """The smoke's training runs, in order, as (method, amp, graph, dataset): every registered method in fp32
+    and bf16 on CIFAR-10 (RSLAD with the CUDA-graph attack on and off), then RSLAD and AdaAD on CIFAR-100 with
+    the fp16 teacher (AdaAD: the teacher inside the attack, its input gradient through the fp16 teacher)."""
+    cases = []
+    for method in methods.names():
+        for amp in ("fp32", "bf16"):
+            cases.append((method, amp, True, "cifar10"))
+            if method == "rslad":
+                cases.append((method, amp, False, "cifar10"))
+    for method in ("rslad", "adaad"):
+        cases += [(method, amp, True, "cifar100") for amp in ("fp32", "bf16")]
+    return cases
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
@@ -193,12 +210,8 @@ def main(argv=None):
     teacher = out / "teacher.pt"
     torch.save(build(args.teacher_arch).state_dict(), teacher)
 
-    rows = []
-    for method in methods.names():
-        for amp in ("fp32", "bf16"):
-            rows.append(_one(args, data, teacher, out, method, amp, graph=True))
-            if method == "rslad":
-                rows.append(_one(args, data, teacher, out, method, amp, graph=False))
+    cases = training_cases()
+    rows = [_one(args, data, teacher, out, m, amp, graph=g) for m, amp, g, ds in cases if ds == "cifar10"]
     pairs = []
     for amp in ("fp32", "bf16"):
         on, off = (
@@ -221,8 +234,9 @@ def main(argv=None):
     data100, teacher100 = out / "data100", out / "teacher100.pt"
     write_fake_cifar100(data100, n_train=args.train_n, n_test=max(args.eval_n, 16), seed=0)
     torch.save(build(args.teacher_arch, 100).state_dict(), teacher100)
-    for amp in ("fp32", "bf16"):
-        rows.append(_one(args, data100, teacher100, out, "rslad", amp, graph=True, dataset="cifar100"))
+    rows += [
+        _one(args, data100, teacher100, out, m, amp, graph=g, dataset=ds) for m, amp, g, ds in cases if ds == "cifar100"
+    ]
     rows.append(_evaluate(args, data, out))
     if not args.no_torchrun:
         rows.append(_torchrun(args, data, teacher, out))

@@ -324,3 +324,19 @@ def test_unknown_stage_is_refused_before_anything_runs(tmp_path):
     env = {**os.environ, "GPU_CHECK_STAGES": "build nope", "OUT": str(tmp_path / "out"), "TMPDIR": str(tmp_path)}
     r = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "unknown stage in GPU_CHECK_STAGES: nope" in r.stderr
+
+
+def test_smoke_trains_every_method_and_adaad_through_the_fp16_teacher():
+    """gpu_smoke.py's plan: every registered method in fp32 and bf16, RSLAD's graph pair, and the CIFAR-100
+    runs with the fp16 teacher: RSLAD's and AdaAD's (whose attack differentiates through that teacher)."""
+    import gpu_smoke
+
+    from rslad_fast import methods
+
+    cases = gpu_smoke.training_cases()
+    assert len(cases) == len(set(cases))
+    for method in methods.names():
+        assert {(method, amp, True, "cifar10") for amp in ("fp32", "bf16")} <= set(cases)
+    assert {("rslad", amp, False, "cifar10") for amp in ("fp32", "bf16")} <= set(cases)
+    c100 = [c for c in cases if c[3] == "cifar100"]
+    assert c100 == [(m, amp, True, "cifar100") for m in ("rslad", "adaad") for amp in ("fp32", "bf16")]
