@@ -130,6 +130,22 @@ def add_run_flags(p: argparse.ArgumentParser, *, skip=()) -> dict:
         "or the whole test set when it is smaller; an explicit N larger "
         "than the test set is an error)",
     )
+    g.add_argument(
+        "--val-n",
+        type=int,
+        help="hold out N training images (never trained on; the same N images on resume and under torchrun: "
+        "Rice et al.'s split, locuslab/robust_overfitting generate_validation.py) for the per-epoch "
+        "evaluation, so best.pt is picked by their PGD-20, not the test set's (default: off, best.pt by "
+        "the --eval-n test images, the official RSLAD script's habit, kept for reproduction)",
+    )
+    g.add_argument(
+        "--tensorboard",
+        action="store_true",
+        default=None,
+        help="also write the per-epoch scalars of metrics.jsonl and the config as TensorBoard events in "
+        "RUN_DIR/tensorboard/ (needs the tensorboard package: pip install 'rslad_fast[tensorboard]'); "
+        "reproduce: every run's under --out, one log root (tensorboard --logdir OUT)",
+    )
     g = groups["optimization"] = _Skipping(
         p.add_argument_group("optimization (default: the method's official schedule)"), skip
     )

@@ -18,6 +18,8 @@ from rslad_fast.data.cifar import num_classes
 from rslad_fast.errors import UserError
 from rslad_fast.models import WRN70_NORMS
 
+from .validation import selection_of
+
 CONFIG_FORMAT = 1
 TEACHER_DTYPES = ("fp32", "fp16", "bf16")  # --teacher-dtype: the teacher's weights and forward
 # the teacher's dtype where --teacher-dtype is not given: the official RSLAD CIFAR-100 scripts run their
@@ -74,6 +76,12 @@ class Config:
     # before the field existed, as they trained
     wrn70_16_norm: str = "cifar10"  # the mean/std every WRN-70-16 of the run normalizes with
     # (models.WRN70_NORMS; the official RSLAD code's CIFAR-10 constants by default, models/wrn_dm.py)
+    val_n: Optional[int] = None  # --val-n: N training images held out (never trained on) for the per-epoch
+    # evaluation and best.pt (engine/validation.py); None: the first eval_n test images, as before the field
+    best_selection: str = "test-subset"  # what picks best.pt (validation.SELECTIONS): "test-subset" (the
+    # default, the official RSLAD script's habit, resnet18_rslad_cifar10.py) or "validation" (--val-n)
+    tensorboard: bool = False  # --tensorboard: RUN_DIR/tensorboard/ event files of metrics.jsonl's scalars
+    # (engine/tb_log.py); False for runs written before the field existed
     versions: dict = field(default_factory=dict)
     format: int = CONFIG_FORMAT
 
@@ -148,6 +156,15 @@ def validate(cfg: Config) -> None:
         f"--train-n must be an integer >= 1, got {cfg.train_n!r}",
     )
     _check(_is_int(cfg.eval_n) and cfg.eval_n >= 1, f"--eval-n must be an integer >= 1, got {cfg.eval_n!r}")
+    _check(
+        cfg.val_n is None or (_is_int(cfg.val_n) and cfg.val_n >= 1),
+        f"--val-n must be an integer >= 1, got {cfg.val_n!r}",
+    )
+    _check(
+        cfg.best_selection == selection_of(cfg.val_n),
+        f"best_selection {cfg.best_selection!r} does not match val_n {cfg.val_n!r}",
+    )
+    _check(isinstance(cfg.tensorboard, bool), f"tensorboard must be true or false, got {cfg.tensorboard!r}")
     _check(_is_int(cfg.threads) and cfg.threads >= 1, f"--threads must be an integer >= 1, got {cfg.threads!r}")
     _check(cfg.loader in ("torch", "dali"), f"--loader must be torch or dali, got {cfg.loader!r}")
     _check(cfg.amp in ("fp32", "bf16"), f"--amp must be fp32 or bf16, got {cfg.amp!r}")

@@ -15,11 +15,13 @@ from rslad_fast.data import load_cifar, num_views
 from rslad_fast.data.loaders import dali_available
 from rslad_fast.errors import UserError
 
+from . import tb_log
 from .config import Config
 from .dist import Dist
 from .resolution import check_ops_device
 from .teacher import load_teacher
 from .teacher_cache import check_fits
+from .validation import split
 
 
 @dataclass
@@ -28,7 +30,7 @@ class Prepared:
 
     cfg: Config
     train: tuple  # (images uint8 [N, 3, 32, 32], labels int64 [N])
-    held: tuple  # the first eval_n test images and labels
+    held: tuple  # the first eval_n test images and labels; with val_n, the held-out training images
     teacher_model: Optional[torch.nn.Module] = None  # --teacher PATH, loaded and frozen (CPU)
     teacher_prep: Optional["Prepared"] = None  # the self-trained teacher's run
     notes: list = field(default_factory=list)  # what the checks adjusted, for the user to read
@@ -49,15 +51,19 @@ def read_data(cfg: Config, download="auto") -> tuple:
 
 def select_data(cfg: Config, full: tuple, *, eval_n_given: bool = True, notes: Optional[list] = None) -> tuple:
     """The run's training images (the first ``train_n``) and held-out images (the first ``eval_n`` of the
-    test set), checked against what ``full`` holds.
+    test set; with ``val_n``, the validation images, taken out of the training set first), checked against
+    what ``full`` holds.
 
     The rule shared with ``evaluate --n``: an ``eval_n`` the user gave (``eval_n_given``; a resumed run's
     config.json counts as given) that exceeds the test set is an error; the preset's default shrinks to the
     whole test set (``cfg.eval_n`` is set to it, so config.json records what runs), said in ``notes``."""
     (train_x, train_y), (test_x, test_y) = full
+    # --val-n: the held-out images leave the training set before anything else takes from it (validation.py)
+    (train_x, train_y), val = split((train_x, train_y), cfg.val_n)
     if cfg.train_n is not None:
         if cfg.train_n > len(train_x):
-            raise UserError(f"--train-n {cfg.train_n} exceeds the {len(train_x)} training images in {cfg.data}")
+            left = f" left after --val-n {cfg.val_n}" if val is not None else ""
+            raise UserError(f"--train-n {cfg.train_n} exceeds the {len(train_x)} training images{left} in {cfg.data}")
         train_x, train_y = train_x[: cfg.train_n], train_y[: cfg.train_n]
     if cfg.eval_n > len(test_x):
         if eval_n_given:
@@ -70,7 +76,7 @@ def select_data(cfg: Config, full: tuple, *, eval_n_given: bool = True, notes: O
         cfg.eval_n = len(test_x)
     if cfg.batch_size > len(train_x):
         raise UserError(f"--batch-size {cfg.batch_size} exceeds the {len(train_x)} training images")
-    return (train_x, train_y), (test_x[: cfg.eval_n], test_y[: cfg.eval_n])
+    return (train_x, train_y), val if val is not None else (test_x[: cfg.eval_n], test_y[: cfg.eval_n])
 
 
 def prepare(cfg: Config, *, download="auto", full=None, eval_n_given: bool = True) -> Prepared:
@@ -88,6 +94,8 @@ def prepare(cfg: Config, *, download="auto", full=None, eval_n_given: bool = Tru
                 "--loader dali needs NVIDIA DALI, which is not importable; install "
                 "nvidia-dali-cuda130 or use --loader torch"
             )
+    if cfg.tensorboard:
+        tb_log.require()  # the optional package: one line now, not a traceback after the first epoch
     full = full if full is not None else read_data(cfg, download)
     notes = []
     train, held = select_data(cfg, full, eval_n_given=eval_n_given, notes=notes)

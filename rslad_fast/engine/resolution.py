@@ -26,6 +26,7 @@ from .config import DEFAULT_TEACHER_ARCH, DEFAULT_TEACHER_DTYPE, Config, _check,
 from .hardware import cpu_info
 from .presets import CPU_CHOICES, EVAL_ATTACK, PRESETS
 from .settings import RunSettings
+from .validation import selection_of
 
 # ---- versions --------------------------------------------------------------------------------------------
 
@@ -134,6 +135,8 @@ def teacher_settings(s: RunSettings, cfg: Config) -> RunSettings:
         train_n=train_n,
         epochs=preset.teacher_epochs,
         eval_n=cfg.eval_n,
+        val_n=cfg.val_n,  # the teacher never trains on the student's held-out images either
+        tensorboard=cfg.tensorboard,  # RUN_DIR/teacher/tensorboard: under the student's log root
         amp=s.amp,  # as given: where not given, the teacher's own architecture chooses (CPU_CHOICES)
         channels_last=s.channels_last,
         allow_tf32=cfg.allow_tf32,
@@ -252,6 +255,9 @@ def _resolve_one(s: RunSettings, default_threads: Optional[int], versions_info: 
         data=str(Path(_pick(s.data, "./data")).expanduser().resolve()),
         train_n=_pick(s.train_n, preset.train_n),
         eval_n=_pick(s.eval_n, preset.eval_n),
+        val_n=s.val_n,  # None: best.pt by the test subset, the official habit (engine/validation.py)
+        best_selection=selection_of(s.val_n),
+        tensorboard=bool(s.tensorboard or False),
         epochs=epochs,
         batch_size=_pick(s.batch_size, preset.batch_size, sch.batch_size),
         lr=_pick(s.lr, lr),

@@ -11,6 +11,7 @@ Layout::
     best.pt          checkpoint of the epoch with the best held-out PGD-20 accuracy
     teacher/         the self-trained teacher's own run directory (distillation without --teacher)
     eval.json        ``evaluate``'s report of best.pt and last.pt (and eval.md, for people)
+    tensorboard/     --tensorboard: the per-epoch scalars and the config as TensorBoard events (tb_log.py)
     .lock            flock'ed by the process working in the directory, for the whole run (RunLock)
 """
 
@@ -46,6 +47,7 @@ LOCK = ".lock"  # flock'ed for the life of a run (RunLock)
 TEACHER = "teacher"  # a self-trained teacher's run directory, inside its student's
 EVAL_JSON = "eval.json"
 EVAL_MD = "eval.md"
+TENSORBOARD = "tensorboard"  # --tensorboard's event files (tb_log.py)
 CHECKPOINTS = (BEST, LAST)  # what ``evaluate --run`` evaluates, in this order
 
 
@@ -65,6 +67,7 @@ class RunDir:
     last = property(lambda self: self.path / LAST)
     best = property(lambda self: self.path / BEST)
     eval_json = property(lambda self: self.path / EVAL_JSON)
+    tensorboard = property(lambda self: self.path / TENSORBOARD)
 
     def teacher(self, name: str = TEACHER) -> "RunDir":
         return RunDir(self.path / name)

@@ -4,9 +4,10 @@
 bit (see ``checkpoint.py``). What comes before it (the checks, the run directory, the self-trained
 teacher's stage) is ``train_run.py``; the objects it trains with are built by ``build.py``.
 
-Per epoch, the writes happen in the order best.pt, metrics line, last.pt, curves.png: a run killed between
-any two of them resumes from the previous last.pt, drops the metrics lines after it and redoes the epoch,
-which produces the same weights again.
+Per epoch, the writes happen in the order best.pt, metrics line, TensorBoard events (--tensorboard), last.pt,
+curves.png: a run killed between any two of them resumes from the previous last.pt, drops the metrics lines
+(and, in TensorBoard's view, the events: ``tb_log.py``) after it and redoes the epoch, which produces the same
+weights again.
 
 Under torchrun (see ``dist.py``) every rank runs all of this: each builds the same seeded student, restores
 the same checkpoint, trains its shard through DDP and evaluates its slice of the held images; only rank 0
@@ -41,6 +42,7 @@ from .metrics import MetricsLog, plot_curves
 from .precision import tf32
 from .preparation import Prepared
 from .rundir import RunDir
+from .tb_log import TensorBoardLog
 from .teacher_cache import TeacherCache
 
 
@@ -102,6 +104,8 @@ def _run(
         dist.barrier()
         return {**(records[-1] if records else {}), "best_acc": best_acc}
     student = dist.wrap(r.module, r.device)  # after the restore: every rank starts from the same weights
+    if cfg.tensorboard and dist.is_main:
+        r.tb = TensorBoardLog(run_dir.tensorboard, start=start, config=cfg.to_dict())
 
     steps = len(r.loader)
     bar = tqdm(
@@ -147,6 +151,8 @@ def _run(
                 break
     finally:
         bar.close()
+        if r.tb is not None:
+            r.tb.close()
     dist.barrier()  # rank 0's files of this run are complete before any rank goes on (and reads them)
     return {**record, "best_acc": best_acc}
 
@@ -179,6 +185,7 @@ class _Training:
     held: tuple  # the held-out images and labels, on the device
     log: MetricsLog
     teacher_cache: Optional[TeacherCache] = None  # derived state: never checkpointed, refilled after a resume
+    tb: Optional[TensorBoardLog] = None  # --tensorboard, rank 0: opened once the completed epochs are known
 
     device = property(lambda self: self.parts.device)
     module = property(lambda self: self.parts.student)
@@ -332,6 +339,8 @@ def _end_of_epoch(
             if is_best:
                 save_checkpoint(run_dir.best, **save)
             log.append(record)
+            if r.tb is not None:  # before last.pt: a resume redoes this epoch's events with its line
+                r.tb.epoch(record)
             save_checkpoint(run_dir.last, **save)
         except (OSError, WriteError) as e:
             # no metrics line without its last.pt (truncating needs no free space); a best.pt of

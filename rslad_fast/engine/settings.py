@@ -24,6 +24,7 @@ class RunSettings:
     data: Optional[str] = None
     train_n: Optional[int] = None
     eval_n: Optional[int] = None
+    val_n: Optional[int] = None  # --val-n: held-out training images pick best.pt (engine/validation.py)
     epochs: Optional[int] = None
     batch_size: Optional[int] = None
     lr: Optional[float] = None
@@ -40,6 +41,7 @@ class RunSettings:
     allow_tf32: Optional[bool] = None
     sync_bn: Optional[bool] = None
     fold_bn: Optional[bool] = None
+    tensorboard: Optional[bool] = None  # --tensorboard: the per-epoch scalars as TensorBoard events
 
     # the settings only a distillation run takes
     TEACHER_ONLY = ("teacher", "teacher_arch", "teacher_dtype", "teacher_cache")

@@ -83,6 +83,13 @@ def markdown(report: dict) -> str:
         "",
         "## Setup",
         "- checkpoints: " + ", ".join(f"`{r['checkpoint']}`" for r in report["rows"]),
+    ]
+    lines += [
+        f"- {r['label']} picked by: {r['selection']['name']}, {r['selection']['text']}"
+        for r in report["rows"]
+        if r.get("selection")
+    ]
+    lines += [
         f"- data: `{report['data']['root']}` ({report['data']['split']}, first {report['n']} images)",
         f"- device: {report['device']} ({report['device_name']}), torch {report['torch']}, python "
         f"{report['python']}, tf32 {'allowed' if cfg['allow_tf32'] else 'off'}",

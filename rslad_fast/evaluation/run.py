@@ -22,7 +22,8 @@ from rslad_fast.data.cifar import NAMES as DATASETS
 from rslad_fast.engine.dist import Dist, agreed
 from rslad_fast.engine.precision import restore_tf32, set_tf32
 from rslad_fast.engine.resolution import check_ops_device, resolve_device
-from rslad_fast.engine.rundir import CHECKPOINTS, RunDir
+from rslad_fast.engine.rundir import BEST, CHECKPOINTS, RunDir
+from rslad_fast.engine.validation import describe
 from rslad_fast.errors import UserError
 from rslad_fast.models import ARCHS, WRN70_NORMS, build, canonical_name
 from rslad_fast.models.loading import load_checkpoint_into
@@ -87,6 +88,9 @@ def _read_run(run_dir: Path, arch_flag, dataset_flag=None, norm_flag=None):
         if not (run_dir / name).is_file()
     ]
     rows = [{"label": p.stem, "path": p, "arch": arch, "method": method} for p in ckpts]
+    for row in rows:  # eval.json names what picked best.pt: the test subset (the default) or --val-n
+        if row["path"].name == BEST:
+            row["selection"] = describe(config)
     data = config.get("data") if isinstance(config.get("data"), str) else None
     return rows, notes, dataset, norm, data
 
@@ -256,6 +260,7 @@ def evaluate(args: EvalSettings, *, dist: Optional[Dist] = None, argv=None, comm
                     "checkpoint": str(row["path"]),
                     "arch": row["arch"],
                     "method": row["method"],
+                    **({"selection": row["selection"]} if "selection" in row else {}),
                     **summarize(res, attacks, args.tolerance),
                 }
                 if sanity is not None:

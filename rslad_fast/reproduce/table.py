@@ -13,6 +13,7 @@ from typing import Optional
 
 from rslad_fast.atomic import atomic_write_bytes
 from rslad_fast.engine.rundir import TEACHER, RunDir
+from rslad_fast.engine.validation import short
 from rslad_fast.errors import UserError
 from rslad_fast.evaluation.robustness import COLUMNS
 
@@ -108,6 +109,7 @@ def collect(plan) -> list:
                     "student": s.student,
                     "method": METHOD_NAMES.get(s.method, s.method),
                     "checkpoint": r["label"],
+                    "selection": r.get("selection"),  # what picked best.pt (engine/validation.py); None: last
                     "n": report["n"],
                     "columns": cols,
                     "warnings": r.get("warnings", []),
@@ -140,7 +142,7 @@ def _cell(c: dict) -> str:
 def write_table(plan, rows: list, prov: dict) -> list:
     columns = list(plan.opts.attacks)
     ns = sorted({r["n"] for r in rows})
-    head = ["model", "method", "checkpoint"] + [COLUMNS[c] for c in columns]
+    head = ["model", "method", "checkpoint", "best picked by"] + [COLUMNS[c] for c in columns]
     md = [
         f"# Table 2, reproduced ({dataset_of(plan)}, {plan.opts.preset} preset)",
         "",
@@ -152,27 +154,40 @@ def write_table(plan, rows: list, prov: dict) -> list:
         "|" + "---|" * len(head),
     ]
     for r in rows:
-        cells = [r["model"], r["method"], r["checkpoint"]] + [_cell(r["columns"][c]) for c in columns]
+        picked = short(r["selection"]) if r.get("selection") else "—"
+        cells = [r["model"], r["method"], r["checkpoint"], picked] + [_cell(r["columns"][c]) for c in columns]
         md.append("| " + " | ".join(cells) + " |")
     md += [
         "",
         f"- Test images: {', '.join(map(str, ns))} (the first N of the test set).",
+        "- best picked by: test-subset (N): best.pt is the epoch with the best PGD-20 on the first N test images, "
+        "the official RSLAD script's selection (on the test set), the default for reproduction; validation (N): "
+        "on N training images held out of training (--val-n).",
         f"- Data: {provenance_text(prov)}.",
         f"- Preset: {plan.opts.preset}; train flags: {json.dumps(plan.settings['train_flags'])}; "
         f"evaluate flags: {' '.join(plan.settings['evaluate_flags'])}.",
         f"- Runs: {', '.join(dict.fromkeys(r['run'] for r in rows))} (each holds config.json, metrics.jsonl, "
         "eval.json).",
     ]
+    if plan.run_settings.tensorboard:  # every run's RUN_DIR/tensorboard (its teacher's too) under --out
+        md.append(f"- TensorBoard: `tensorboard --logdir {plan.out}` shows every run of the sweep in one view.")
     for r in rows:
         md += [f"- WARNING {r['method']} {r['model']} {r['checkpoint']}: {w}" for w in r["warnings"]]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(
-        ["model", "method", "checkpoint", "n"] + [f"{c}_{k}" for c in columns for k in ("ours", "paper", "diff")]
+        ["model", "method", "checkpoint", "n"]
+        + [f"{c}_{k}" for c in columns for k in ("ours", "paper", "diff")]
+        + ["best_selection"]
     )
     for r in rows:
         vals = [r["columns"][c][k] for c in columns for k in ("ours", "paper", "diff")]
-        w.writerow([r["model"], r["method"], r["checkpoint"], r["n"]] + ["" if v is None else f"{v:.4f}" for v in vals])
+        picked = short(r["selection"]) if r.get("selection") else ""
+        w.writerow(
+            [r["model"], r["method"], r["checkpoint"], r["n"]]
+            + ["" if v is None else f"{v:.4f}" for v in vals]
+            + [picked]
+        )
     doc = {"columns": {c: COLUMNS[c] for c in columns}, "rows": rows, "data": prov, "plan": plan.settings}
     paths = [plan.out / "table2.md", plan.out / "table2.csv", plan.out / "table2.json"]
     for path, text in zip(paths, ("\n".join(md) + "\n", buf.getvalue(), json.dumps(doc, indent=2) + "\n")):
