@@ -35,7 +35,18 @@ def _x(b=2):
 
 
 def test_archs_are_canonical():
-    assert ARCHS == ("resnet18", "mnv2", "wrn34-10", "wrn70-16", "resnet56", "resnet8", "tiny")
+    assert ARCHS == (
+        "resnet18",
+        "mnv2",
+        "wrn34-10",
+        "wrn70-16",
+        "wrn34-20",
+        "dm-wrn28-10",
+        "dm-wrn70-16",
+        "resnet56",
+        "resnet8",
+        "tiny",
+    )
     for a in ARCHS:
         assert canonical_name(a) == a
 

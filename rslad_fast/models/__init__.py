@@ -5,6 +5,10 @@ Canonical names (``ARCHS``):
 - ``mnv2``      CIFAR MobileNetV2 (RSLAD student; kuangliu layout)
 - ``wrn34-10``  TRADES WRN-34-10 (RSLAD teacher; loads TRADES' ``model_cifar_wrn.pt`` strictly)
 - ``wrn70-16``  DeepMind WRN-70-16 (RobustBench layout, normalizes internally; the RSLAD CIFAR-100 teacher)
+- ``wrn34-20``  Chen2021LTD's WRN-34-20 (AdaAD's and DGAD's CIFAR-10 teacher; RobustBench ``WideResNet`` with no
+  ``sub_block1``, raw [0, 1] input; ``models/wrn_ltd.py``)
+- ``dm-wrn28-10``, ``dm-wrn70-16``  RobustBench's DeepMind WRNs (Gowal 2020/2021, Rebuffi 2021, Wang 2023; Swish /
+  SiLU), normalizing internally with the constants RobustBench publishes for the data set (``models/wrn_dm.py``)
 - ``resnet56``  CIFAR ResNet-56 (MTARD's natural CIFAR-10 teacher; MTARD / chenyaofo layout, raw [0, 1] input)
 - ``resnet8``   a small CIFAR ResNet (He et al.'s n = 1, ~78k parameters): the quick preset's CPU teacher
 - ``tiny``      a ~5k-parameter CNN for tests and CPU demos; not from any paper
@@ -27,9 +31,21 @@ from .mobilenetv2 import mobilenet_v2
 from .resnet import resnet8, resnet18
 from .resnet56 import resnet56
 from .wideresnet import wrn34_10
-from .wrn_dm import wrn70_16
+from .wrn_dm import dm_wrn, wrn70_16
+from .wrn_ltd import wrn34_20
 
-ARCHS = ("resnet18", "mnv2", "wrn34-10", "wrn70-16", "resnet56", "resnet8", "tiny")
+ARCHS = (
+    "resnet18",
+    "mnv2",
+    "wrn34-10",
+    "wrn70-16",
+    "wrn34-20",
+    "dm-wrn28-10",
+    "dm-wrn70-16",
+    "resnet56",
+    "resnet8",
+    "tiny",
+)
 # WRN-70-16's input normalizations (models/wrn_dm.py NORMALIZATIONS), the default first
 WRN70_NORMS = ("cifar10", "cifar100")
 
@@ -47,7 +63,14 @@ _ALIASES = {
     "wideresnet34": "wrn34-10",
     "wrn7016": "wrn70-16",
     "wideresnet7016": "wrn70-16",
-    "dmwrn7016": "wrn70-16",
+    "wrn3420": "wrn34-20",
+    "wideresnet3420": "wrn34-20",
+    "ltdwrn3420": "wrn34-20",
+    "chen2021ltdwrn3420": "wrn34-20",
+    "dmwrn2810": "dm-wrn28-10",
+    "dmwideresnet2810": "dm-wrn28-10",
+    "dmwrn7016": "dm-wrn70-16",
+    "dmwideresnet7016": "dm-wrn70-16",
     "resnet56": "resnet56",
     "rn56": "resnet56",
     "res56": "resnet56",
@@ -93,8 +116,9 @@ def canonical_name(name: str) -> str:
 
 def build(name: str, num_classes: int = 10, *, normalization: str = "cifar10") -> nn.Module:
     """Build a freshly initialised model of architecture ``name`` with ``num_classes`` outputs (the data set's
-    class count). ``normalization``: the mean/std WRN-70-16 normalizes its input with (``WRN70_NORMS``; the
-    other architectures take raw [0, 1] inputs and ignore it).
+    class count). ``normalization``: the mean/std ``wrn70-16`` normalizes its input with (``WRN70_NORMS``); the
+    other architectures ignore it (``dm-wrn28-10`` / ``dm-wrn70-16`` normalize with the constants RobustBench
+    publishes for their class count's data set, the rest take raw [0, 1] inputs).
 
     Imports are local so that building the tiny model does not pay for importing every architecture."""
     canon = canonical_name(name)
@@ -119,6 +143,12 @@ def build(name: str, num_classes: int = 10, *, normalization: str = "cifar10") -
         return wrn34_10(num_classes)
     if canon == "wrn70-16":
         return wrn70_16(num_classes, normalization)
+    if canon == "wrn34-20":
+        return wrn34_20(num_classes)
+    if canon == "dm-wrn28-10":
+        return dm_wrn(28, 10, num_classes)
+    if canon == "dm-wrn70-16":
+        return dm_wrn(70, 16, num_classes)
     return TinyCNN(num_classes)
 
 

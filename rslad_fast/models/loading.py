@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from rslad_fast.errors import UserError
 
+from .layouts import describe
 from .wrn_dm import NORMALIZATIONS
 
 # where the official codes and common tools put the weights: ours and IAD's ("state_dict"), ours
@@ -152,7 +153,7 @@ def _listing(keys) -> str:
     return f"{len(keys)} ({shown}{more})"
 
 
-def _drop_matching_constants(model: nn.Module, sd: dict, path: str) -> dict:
+def _drop_matching_constants(model: nn.Module, sd: dict, path: str, arch_name: str = None) -> dict:
     """Drop entries that name a *non-persistent* buffer of the model (e.g. the DM WRN's ``mean``/``std``,
     which RobustBench files store) when they hold the same values; different values mean a different input
     normalization, which would silently change the model, so that is an error."""
@@ -170,7 +171,12 @@ def _drop_matching_constants(model: nn.Module, sd: dict, path: str) -> dict:
             if name in ("mean", "std") and value.numel() == 3:  # a WRN-70-16 file: is it the other normalization?
                 for norm, pair in NORMALIZATIONS.items():
                     if torch.allclose(value.float().reshape(-1), torch.tensor(pair[name == "std"]), atol=1e-4):
-                        hint = f" (the {norm} {name}: build it with that normalization, --wrn70-16-norm {norm})"
+                        hint = f" (the {norm} {name}"
+                        hint += (
+                            f": build it with that normalization, --wrn70-16-norm {norm})"
+                            if arch_name in (None, "wrn70-16")
+                            else f"; architecture {arch_name!r} normalizes with its data set's constants)"
+                        )
             raise UserError(
                 f"checkpoint {path}: {name!r} = {value.flatten().tolist()} differs from this "
                 f"architecture's fixed {buf.flatten().tolist()}{hint}"
@@ -217,18 +223,25 @@ def _class_count_mismatch(model: nn.Module, sd: dict, expected: dict):
     return int(sd[next(iter(differ))].shape[0]), int(expected[next(iter(differ))].shape[0])
 
 
+def _found_vs_expected(sd: dict, expected: dict) -> str:
+    """``found <the file's layout>; expected <the model's>``: the family, depth / width, class count and, for
+    the file, the architecture names that load it (``layouts.describe``)."""
+    return f"found {describe(sd)}; expected {describe(expected, archs=False)}"
+
+
 def load_checkpoint_into(model: nn.Module, path, arch_name: str = None) -> nn.Module:
     """Load the weights in ``path`` into ``model`` strictly (in place) and return ``model``.
 
-    ``arch_name`` only improves the error message ("expected architecture 'wrn34-10'")."""
+    ``arch_name`` only improves the error message ("expected architecture 'wrn34-10'"). A file of another
+    layout is refused with one line naming the layout found and the one expected (``layouts.describe``)."""
     path = os.fspath(path)
-    sd = _drop_matching_constants(model, load_state_dict_file(path), path)
+    sd = _drop_matching_constants(model, load_state_dict_file(path), path, arch_name)
     expected = model.state_dict()
     arch = repr(arch_name) if arch_name else type(model).__name__
     missing = set(expected) - set(sd)
     unexpected = set(sd) - set(expected)
     if missing or unexpected:
-        parts = [f"checkpoint {path} does not match architecture {arch}"]
+        parts = [f"checkpoint {path} does not match architecture {arch}: {_found_vs_expected(sd, expected)}"]
         if missing:
             parts.append(f"missing keys: {_listing(missing)}")
         if unexpected:
@@ -250,8 +263,9 @@ def load_checkpoint_into(model: nn.Module, path, arch_name: str = None) -> nn.Mo
             else f"(the checkpoint has {classes[0]} output classes, the model here {classes[1]}, the data set's "
             f"class count: a checkpoint of another data set? see --dataset)"
         )
+        layouts = "" if classes is not None else f"{_found_vs_expected(sd, expected)}; "
         raise UserError(
-            f"checkpoint {path} does not match architecture {arch}: {len(wrong)} shape "
+            f"checkpoint {path} does not match architecture {arch}: {layouts}{len(wrong)} shape "
             f"mismatch(es) (checkpoint vs model): {', '.join(wrong[:_MAX_LISTED])}{more} {why}"
         )
     _check_finite(sd, path)

@@ -72,7 +72,7 @@ class CifarResNet(nn.Module):
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.layer3(self.layer2(self.layer1(out)))
-        return self.fc(out.mean(dim=(2, 3)))  # MTARD: AdaptiveAvgPool2d((1, 1)), then flatten
+        return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))  # MTARD: AdaptiveAvgPool2d((1, 1)), view
 
 
 def resnet56(num_classes: int = 10) -> CifarResNet:

@@ -1,4 +1,4 @@
-"""DeepMind WideResNet (WRN-70-16), a stronger optional teacher.
+"""DeepMind WideResNets: WRN-70-16 (RSLAD's CIFAR-100 teacher) and the RobustBench DM WRN-28-10 / WRN-70-16.
 
 Semantics follow RobustBench's ``DMWideResNet`` (RobustBench/robustbench,
 ``robustbench/model_zoo/architectures/dm_wide_resnet.py``, itself a port of deepmind-research
@@ -19,6 +19,19 @@ RSLAD code builds its CIFAR-100 teacher with (zibojia/RSLAD ``cifar100_models/wi
 the faithful choice on both data sets; ``cifar100`` is the CIFAR-100 mean/std the same file defines and
 DeepMind's own model zoo normalizes its CIFAR-100 models with (deepmind-research
 ``adversarial_robustness/pytorch``). The state dict is the same either way; only the logits differ.
+
+The RobustBench DM entries (``dm-wrn28-10``, ``dm-wrn70-16`` in ``models.ARCHS``: :func:`dm_wrn`) are the same
+network at depth 28 / 70 and width 10 / 16, as RobustBench builds the teachers of the post-RSLAD literature
+(RobustBench/robustbench ``robustbench/model_zoo/cifar10.py`` and ``cifar100.py``: ``DMWideResNet(num_classes,
+depth, width, activation_fn=Swish or nn.SiLU, mean, std)`` for Gowal2020Uncovering_28_10_extra /
+_70_16(_extra), Gowal2021Improving_28_10_ddpm_100m / _70_16_ddpm_100m, Rebuffi2021Fixing_28_10_cutmix_ddpm /
+_70_16_cutmix_ddpm, Wang2023Better_WRN-28-10 / WRN-70-16). Swish (Gowal, Rebuffi) and ``nn.SiLU`` (Wang2023)
+are the same function with no parameters, so one module serves both and the keys are the same. Their
+normalization is the one RobustBench publishes with each file, inside the model: ``CIFAR10_MEAN/STD`` for every
+CIFAR-10 entry, ``CIFAR100_MEAN/STD`` for every CIFAR-100 entry (the constants of
+``robustbench/model_zoo/architectures/dm_wide_resnet.py``, equal to the ones below). So a ``dm-*`` model
+normalizes with its data set's constants (chosen by the class count, :data:`PUBLISHED_NORMALIZATION`) and
+ignores ``--wrn70-16-norm``; ``wrn70-16`` keeps RSLAD's choice above.
 """
 
 import torch
@@ -31,6 +44,10 @@ CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 # normalization name -> (mean, std); the first is the default (see the module docstring)
 NORMALIZATIONS = {"cifar10": (CIFAR10_MEAN, CIFAR10_STD), "cifar100": (CIFAR100_MEAN, CIFAR100_STD)}
+# the RobustBench DM entries' normalization by class count: CIFAR-10 files (cifar10.py) normalize with the
+# CIFAR-10 constants, CIFAR-100 files (cifar100.py) with the CIFAR-100 ones; any other count gets
+# DMWideResNet's default (dm_wide_resnet.py: mean=CIFAR10_MEAN, std=CIFAR10_STD)
+PUBLISHED_NORMALIZATION = {10: "cifar10", 100: "cifar100"}
 
 
 class Swish(nn.SiLU):
@@ -117,3 +134,10 @@ class DMWideResNet(nn.Module):
 def wrn70_16(num_classes: int = 10, normalization: str = "cifar10") -> DMWideResNet:
     mean, std = NORMALIZATIONS[normalization]
     return DMWideResNet(num_classes=num_classes, depth=70, width=16, mean=mean, std=std)
+
+
+def dm_wrn(depth: int, width: int, num_classes: int = 10) -> DMWideResNet:
+    """RobustBench's DM WRN-depth-width with the normalization RobustBench publishes for a model of
+    ``num_classes`` classes (:data:`PUBLISHED_NORMALIZATION`)."""
+    mean, std = NORMALIZATIONS[PUBLISHED_NORMALIZATION.get(num_classes, "cifar10")]
+    return DMWideResNet(num_classes=num_classes, depth=depth, width=width, mean=mean, std=std)
