@@ -332,3 +332,22 @@ def test_train_refuses_a_mismatched_teacher_file_with_one_line(tmp_path, fake_ci
     assert "found TRADES' / RobustBench's WideResNet WRN-10-2 without sub_block1" in lines[0]
     assert "expected torchvision's / chenyaofo's CIFAR ResNet-56" in lines[0]
     assert not out.exists()
+
+
+def test_dm_file_with_the_other_data_sets_constants_is_refused(tmp_path):
+    """A file that stores mean/std (DeepMind's own files may) must agree with the published normalization of
+    the data set; the CIFAR-10 constants in a CIFAR-100 dm-wrn28-10 file are refused, saying so."""
+    sd = _weights(dm_layout(10, 1, 100))
+    path = tmp_path / "dm_c100.pt"
+    torch.save(dict(sd, mean=torch.tensor(CIFAR100[0]).view(1, 3, 1, 1), std=torch.tensor(CIFAR100[1])), path)
+    load_checkpoint_into(dm_wrn(10, 1, 100), path, "dm-wrn28-10")  # its own constants: dropped, loads
+    torch.save(dict(sd, mean=torch.tensor(CIFAR10[0]).view(1, 3, 1, 1)), path)
+    msg = _refusal_any(dm_wrn(10, 1, 100), path, "dm-wrn28-10")
+    assert "'mean'" in msg and "the cifar10 mean" in msg and "normalizes with its data set's constants" in msg
+
+
+def _refusal_any(model, path, arch):
+    with pytest.raises(UserError) as err:
+        load_checkpoint_into(model, path, arch)
+    assert "\n" not in str(err.value)
+    return str(err.value)
