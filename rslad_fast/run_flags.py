@@ -87,6 +87,20 @@ def add_run_flags(p: argparse.ArgumentParser, *, skip=()) -> dict:
         help="the teacher's architecture (default for --teacher: wrn34-10, on cifar100 wrn70-16, the official "
         "RSLAD teachers; for a self-trained teacher the preset's: " + _per_preset("teacher_arch") + ")",
     )
+    nat = [n for n in methods.names() if getattr(methods.get(n), "needs_nat_teacher", False)]
+    g.add_argument(
+        "--nat-teacher",
+        metavar="PATH",
+        help=f"{', '.join(nat)} only, and required there: the naturally trained teacher's checkpoint (the "
+        "same formats as --teacher, read with weights_only=True), which supervises the student on the "
+        "natural images while --teacher (or the self-trained one) supervises it on the adversarial ones",
+    )
+    g.add_argument(
+        "--nat-teacher-arch",
+        help="the natural teacher's architecture (default: "
+        + ", ".join(f"{n} {methods.get(n).NAT_TEACHER_ARCH}" for n in nat)
+        + ", MTARD cifar10_nat_teacher_models/resnet.py's CIFAR ResNet-56); it runs in --teacher-dtype",
+    )
     g.add_argument(
         "--teacher-dtype",
         choices=TEACHER_DTYPES,

@@ -65,6 +65,8 @@ def _one(args, data, teacher, out, method, amp, graph, dataset="cifar10"):
     argv = _train_argv(args, data, run_dir, method) + ["--amp", amp, "--dataset", dataset]
     if methods.get(method).needs_teacher:
         argv += ["--teacher", str(teacher), "--teacher-arch", args.teacher_arch]
+    if getattr(methods.get(method), "needs_nat_teacher", False):  # MTARD: the same random file as its natural one
+        argv += ["--nat-teacher", str(teacher), "--nat-teacher-arch", args.teacher_arch]
     if method == "rslad":  # on: required on CUDA (an error if it cannot be used), auto (eager) on the CPU dry run
         argv += ["--cuda-graph", ("true" if args.device.startswith("cuda") else "auto") if graph else "false"]
     t0 = time.perf_counter()

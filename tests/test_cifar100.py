@@ -26,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 COMMON = ["--dataset", "cifar100", "--student", "tiny", "--threads", "1", "--eval-n", "16", "--no-progress"]
 COMMON += ["--no-download", "--batch-size", "32", "--train-n", "64", "--epochs", "1"]
-DISTILL = ("rslad", "ard", "iad", "adaad")
+DISTILL = ("rslad", "ard", "iad", "adaad", "mtard")
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +46,8 @@ def _args(method, data, out, teacher_ckpt, *extra):
         args += ["--steps", "2"]
     if method in DISTILL:
         args += ["--teacher", str(teacher_ckpt), "--teacher-arch", "tiny"]
+    if method == "mtard":  # its natural teacher (the same file serves: the test is the class count)
+        args += ["--nat-teacher", str(teacher_ckpt), "--nat-teacher-arch", "tiny"]
     return args
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from rslad_fast import methods
+from rslad_fast.methods.mtard import TwoTeachers
 from rslad_fast.models import build as build_model
 from rslad_fast.models.fold import FoldedCopy, fold_bn
 
@@ -44,7 +45,9 @@ def memory_format(cfg: Config) -> torch.memory_format:
 
 def place_teacher(teacher: torch.nn.Module, cfg: Config, device: torch.device) -> torch.nn.Module:
     """A frozen teacher in the run's teacher dtype (``--teacher-dtype``; a loaded teacher file is cast
-    already), device and memory format."""
+    already), device and memory format; MTARD's pair (:class:`TwoTeachers`) member by member."""
+    if isinstance(teacher, TwoTeachers):
+        return TwoTeachers(place_teacher(teacher.adv, cfg, device), place_teacher(teacher.nat, cfg, device))
     if not isinstance(teacher, CastTeacher):
         teacher = cast_teacher(teacher, cfg.teacher_dtype)
     teacher = teacher.to(device).to(memory_format=memory_format(cfg))
@@ -53,11 +56,16 @@ def place_teacher(teacher: torch.nn.Module, cfg: Config, device: torch.device) -
 
 
 def random_teacher(cfg: Config) -> torch.nn.Module:
-    """A frozen teacher of ``cfg.teacher``'s architecture with random weights, for timing."""
+    """A frozen teacher of ``cfg.teacher``'s architecture with random weights, for timing (MTARD: the pair
+    of it and one of ``cfg.nat_teacher``'s architecture)."""
 
     if cfg.teacher is None:
         raise ValueError(f"method {cfg.method} needs a teacher, cfg.teacher is None")
-    return freeze(build_model(cfg.teacher["arch"], cfg.num_classes, normalization=cfg.wrn70_16_norm))
+    teacher = freeze(build_model(cfg.teacher["arch"], cfg.num_classes, normalization=cfg.wrn70_16_norm))
+    if cfg.nat_teacher is not None:
+        nat = freeze(build_model(cfg.nat_teacher["arch"], cfg.num_classes, normalization=cfg.wrn70_16_norm))
+        teacher = TwoTeachers(teacher, nat)
+    return teacher
 
 
 @dataclass
@@ -106,6 +114,10 @@ def build_parts(cfg: Config, device: torch.device, teacher: Optional[torch.nn.Mo
     optimizer = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.milestones), gamma=cfg.gamma)
     method = methods.get(cfg.method)(**cfg.hparams)
+    if hasattr(method, "follow_lr_schedule"):  # MTARD's adaptive weights decay their lr with the run's lr
+        method.follow_lr_schedule(cfg.milestones, cfg.gamma)
+    if getattr(method, "needs_nat_teacher", False) and not isinstance(teacher, TwoTeachers):
+        raise ValueError(f"method {cfg.method} needs its two teachers as one TwoTeachers module")
     # only where the official attack runs the student in eval mode (a train-mode attack, ARD's or SAT's
     # attack_mode=train, needs the BatchNorms); built after the final device and memory format
     fold = FoldedCopy(student) if cfg.fold_bn and method.has_attack and method.attack_mode == "eval" else None

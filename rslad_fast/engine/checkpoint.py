@@ -7,7 +7,9 @@ A checkpoint (``last.pt``, ``best.pt``) is one dict::
      'epoch': completed epochs (1-based count; resume trains epoch index `epoch` next),
      'best_acc': best held-out PGD-20 accuracy so far (fraction, -1.0 before any evaluation),
      'rng': {'torch', 'cuda', 'numpy', 'python', 'train_generator', 'loader', 'world_size', 'train_generators'},
-     'config': the run's resolved config (plain JSON types)}
+     'config': the run's resolved config (plain JSON types),
+     'method': the method's own training state, {} for all but a method with a ``state_dict`` (MTARD's
+               adaptive weights), restored into it by ``--resume``}
 
 Everything in it is a tensor, a number, a string, None or a list/tuple/dict/Counter of those, so
 ``torch.load(path, weights_only=True)`` reads it (numpy's RNG state is stored as tensors for that reason).
@@ -136,6 +138,7 @@ def save_checkpoint(
     loader_seed: int,
     train_generators: list | None = None,
     world_size: int = 1,
+    method=None,
 ) -> None:
     atomic_save(
         {
@@ -153,6 +156,7 @@ def save_checkpoint(
                 world_size=world_size,
             ),
             "config": config,
+            "method": method.state_dict() if hasattr(method, "state_dict") else {},
         },
         path,
     )
@@ -223,6 +227,7 @@ def restore(
     rank: int = 0,
     path="checkpoint",
     epochs: int | None = None,
+    method=None,
 ) -> None:
     """Put model, optimizer, scheduler and all RNG streams back to the state saved in ``ckpt``.
 
@@ -294,4 +299,9 @@ def restore(
         set_rng_state(ckpt["rng"], train_generator, rank=rank)
     except _MALFORMED as e:
         raise bad(f"its RNG state is missing or malformed ({_why(e)})") from None
+    if hasattr(method, "load_state_dict"):  # the method's own state (MTARD's adaptive weights)
+        try:
+            method.load_state_dict(ckpt["method"])
+        except _MALFORMED as e:
+            raise bad(f"its {type(method).__name__} state is missing or malformed ({_why(e)})") from None
     model.load_state_dict(saved, strict=True)  # last: every check above passed

@@ -71,6 +71,8 @@ class Config:
     teacher: Optional[dict] = None  # {"source": "file", "path", "arch", "dtype"} | {"source": "trained", "arch",
     # "dir", "dtype"}; "dtype" (TEACHER_DTYPES): the teacher's forward, "fp32" where absent (older runs)
     teacher_run: Optional[dict] = None  # the self-trained teacher's own Config, as a dict
+    nat_teacher: Optional[dict] = None  # MTARD's naturally trained teacher (--nat-teacher): {"path", "arch",
+    # "sha256"}, in the teacher's dtype; None for every other method and for runs written before the field
     schedule_source: str = ""  # where the method's official schedule comes from
     dataset: str = "cifar10"  # data.NAMES; every model has its class count; "cifar10" for runs written
     # before the field existed, as they trained
@@ -201,6 +203,11 @@ def validate(cfg: Config) -> None:
         f"--teacher-dtype must be one of {', '.join(TEACHER_DTYPES)}, got {cfg.teacher_dtype!r}"
         if isinstance(cfg.teacher, dict)
         else f"teacher must be a mapping, got {cfg.teacher!r}",
+    )
+    _check(
+        cfg.nat_teacher is None
+        or (isinstance(cfg.nat_teacher, dict) and {"path", "arch"} <= set(cfg.nat_teacher) and cfg.teacher is not None),
+        f"nat_teacher must be a mapping with path and arch beside a teacher, got {cfg.nat_teacher!r}",
     )
     ea = cfg.eval_attack
     _check(0 <= ea["eps"] <= 1, f"evaluation eps must be in [0, 1], got {ea['eps']}")

@@ -33,6 +33,7 @@ class Prepared:
     held: tuple  # the first eval_n test images and labels; with val_n, the held-out training images
     teacher_model: Optional[torch.nn.Module] = None  # --teacher PATH, loaded and frozen (CPU)
     teacher_prep: Optional["Prepared"] = None  # the self-trained teacher's run
+    nat_teacher_model: Optional[torch.nn.Module] = None  # MTARD's --nat-teacher PATH, loaded and frozen (CPU)
     notes: list = field(default_factory=list)  # what the checks adjusted, for the user to read
     teacher_cache: bool = False  # cfg.teacher_cache resolved: the cache is used
 
@@ -126,6 +127,25 @@ def prepare(cfg: Config, *, download="auto", full=None, eval_n_given: bool = Tru
             except UserError as e:  # its settings come partly from the preset: say whose they are
                 raise UserError(f"self-trained teacher ({cfg.teacher['arch']}, TRADES): {e}") from None
             cfg.teacher_run["eval_n"] = prep.teacher_prep.cfg.eval_n  # as shrunk: what a resume compares
+    if cfg.nat_teacher is not None:  # MTARD's natural teacher: always a file, loaded as --teacher's
+        nat = cfg.nat_teacher
+        prep.nat_teacher_model = load_teacher(
+            nat["path"],
+            nat["arch"],
+            "cpu",
+            num_classes=cfg.num_classes,
+            dtype=cfg.teacher_dtype,
+            normalization=cfg.wrn70_16_norm,
+            role="--nat-teacher",
+        )
+        digest = file_sha256(nat["path"])
+        if nat.get("sha256") is None:
+            nat["sha256"] = digest
+        elif nat["sha256"] != digest:
+            raise UserError(
+                f"--nat-teacher {nat['path']} changed since the run started (sha256 {digest[:12]}... vs "
+                f"{nat['sha256'][:12]}... in config.json)"
+            )
     prep.teacher_cache = use_teacher_cache(cfg, len(train[0]), notes)
     return prep
 

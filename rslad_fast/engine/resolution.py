@@ -232,6 +232,24 @@ def _resolve_one(s: RunSettings, default_threads: Optional[int], versions_info: 
             f"{', '.join(n for n, c in sorted(methods.REGISTRY.items()) if c.needs_teacher)})"
         )
 
+    nat_teacher = None
+    if getattr(method_cls, "needs_nat_teacher", False):  # MTARD: a second, naturally trained teacher file
+        if not s.nat_teacher:
+            raise UserError(
+                f"method '{method_cls.name}' needs --nat-teacher FILE, its naturally trained teacher (and "
+                f"--nat-teacher-arch, default {method_cls.NAT_TEACHER_ARCH}) beside the adversarial --teacher"
+            )
+        nat_teacher = {
+            "path": str(Path(s.nat_teacher).expanduser().resolve()),
+            "arch": canonical_name(s.nat_teacher_arch or method_cls.NAT_TEACHER_ARCH),
+        }
+    elif s.nat_teacher or s.nat_teacher_arch:
+        raise UserError(
+            f"--nat-teacher/--nat-teacher-arch: method '{method_cls.name}' takes no second teacher; only "
+            f"{', '.join(n for n, c in sorted(methods.REGISTRY.items()) if getattr(c, 'needs_nat_teacher', False))}"
+            f" distills from a naturally trained teacher too"
+        )
+
     teacher_cache = s.teacher_cache
     if not method_cls.needs_teacher:
         if teacher_cache == "on":
@@ -277,6 +295,7 @@ def _resolve_one(s: RunSettings, default_threads: Optional[int], versions_info: 
         eval_attack=dict(EVAL_ATTACK),
         eval_batch_size=preset.eval_batch_size,
         teacher=teacher,
+        nat_teacher=nat_teacher,
         schedule_source=sch.source,
         versions=dict(versions_info) if versions_info is not None else versions(),
         dataset=dataset,

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from rslad_fast.data import make_loader
 from rslad_fast.data.loaders import SALT_ATTACK, SALT_EVAL, mix_seed
 from rslad_fast.errors import UserError
+from rslad_fast.methods.mtard import TwoTeachers
 
 from . import estimate
 from .build import Parts, build_parts, setup_device
@@ -201,6 +202,10 @@ def _build(prep: Prepared, run_dir: RunDir, *, dist: Dist) -> _Training:
     teacher = prep.teacher_model
     if cfg.teacher is not None and teacher is None:
         raise RuntimeError("a distillation run reached the runner without its teacher")
+    if cfg.nat_teacher is not None:  # MTARD: the adversarial teacher (a file's or self-trained) and the natural one
+        if prep.nat_teacher_model is None:
+            raise RuntimeError("an MTARD run reached the runner without its natural teacher")
+        teacher = TwoTeachers(teacher, prep.nat_teacher_model)
     parts = build_parts(cfg, device, teacher, generator_seed=mix_seed(cfg.seed, dist.rank, SALT_ATTACK))
     cached = prep.teacher_cache and teacher is not None
     if dist.active:  # every rank caches or none does: each rank measured its own free memory
@@ -255,6 +260,7 @@ def _resume(r: _Training, *, dist: Dist, tag: str) -> tuple:
             optimizer=r.parts.optimizer,
             scheduler=r.parts.scheduler,
             train_generator=r.parts.generator,
+            method=r.parts.method,
             rank=dist.rank,
             path=run_dir.last,
             epochs=cfg.epochs,
@@ -332,6 +338,7 @@ def _end_of_epoch(
             loader_seed=cfg.seed,
             train_generators=generators,
             world_size=dist.world_size,
+            method=r.parts.method,
         )
         log = r.log
         logged = log.path.stat().st_size if log.path.exists() else 0

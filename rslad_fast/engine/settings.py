@@ -17,6 +17,8 @@ class RunSettings:
     hparams: dict = field(default_factory=dict)  # the method hyperparameters given, by name
     teacher: Optional[str] = None  # a teacher checkpoint file; None: distillation trains its own
     teacher_arch: Optional[str] = None
+    nat_teacher: Optional[str] = None  # MTARD's second, naturally trained teacher: a checkpoint file
+    nat_teacher_arch: Optional[str] = None
     teacher_dtype: Optional[str] = None
     teacher_cache: Optional[str] = None
     wrn70_16_norm: Optional[str] = None
@@ -55,6 +57,8 @@ class RunSettings:
         s = self.replace(hparams={k: v for k, v in self.hparams.items() if k in method_cls.HPARAMS})
         if not method_cls.needs_teacher:
             s = s.replace(**{k: None for k in self.TEACHER_ONLY})
+        if not getattr(method_cls, "needs_nat_teacher", False):  # MTARD's second teacher: its runs only
+            s = s.replace(nat_teacher=None, nat_teacher_arch=None)
         return s
 
     def given(self) -> dict:

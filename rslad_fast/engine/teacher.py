@@ -9,6 +9,11 @@
   run, and then distills from its final weights (``teacher/last.pt``: the official codes use the last
   checkpoint, not a test-set-selected one). See ``runner.run``.
 
+- ``--nat-teacher PATH`` (MTARD only, and required there): its naturally trained second teacher, loaded as
+  ``--teacher`` is (``--nat-teacher-arch``, default resnet56) in the same dtype; the runner hands the two on
+  as one module, ``methods.mtard.TwoTeachers`` (forward: the natural teacher's T(x); ``.adv``: the
+  adversarial teacher, which the method runs on x').
+
 Either way the teacher is frozen: eval mode (BatchNorm uses its running statistics, as the official codes'
 ``teacher.eval()``) and ``requires_grad=False`` on every parameter, built with the data set's class count
 (a file with another count is a UserError saying so).
@@ -59,14 +64,22 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def load_teacher(
-    path, arch: str, device="cpu", *, num_classes: int = 10, dtype: str = "fp32", normalization: str = "cifar10"
+    path,
+    arch: str,
+    device="cpu",
+    *,
+    num_classes: int = 10,
+    dtype: str = "fp32",
+    normalization: str = "cifar10",
+    role: str = "teacher",
 ) -> torch.nn.Module:
     """Build ``arch`` with ``num_classes`` outputs (WRN-70-16: ``normalization``), load ``path`` into it
     strictly and safely (in fp32), freeze it, cast it to ``dtype`` (:func:`cast_teacher`), move it to
-    ``device``."""
+    ``device``. ``role`` begins an error's line: "teacher", or "--nat-teacher" (MTARD's natural teacher,
+    loaded the same way)."""
     model = build(arch, num_classes, normalization=normalization)
     try:
         load_checkpoint_into(model, path, arch)
     except UserError as e:
-        raise UserError(f"teacher: {e}") from None
+        raise UserError(f"{role}: {e}") from None
     return cast_teacher(freeze(model), dtype).to(device)

@@ -8,6 +8,7 @@
     iad      IAD, ARD plus the teacher's reliability            (CE attack, TRAIN mode; teacher on x and x')
     rslad    RSLAD, robust soft labels                          (KL attack on the teacher, eval mode; teacher)
     adaad    AdaAD, the teacher inside the attack               (KL(T(x')||S(x')) attack, eval mode; teacher)
+    mtard    MTARD, an adversarial and a natural teacher        (CE attack, eval mode; two teachers, adaptive weights)
 
 `get(name)` returns the class (aliases: madry/pgd_at/at -> sat, nat/standard -> natural; case and '-' are
 ignored), `names()` the registered names. A method is built with keyword overrides of its HPARAMS,
@@ -17,12 +18,13 @@ actually happen from `milestones()` (or `lr_at(epoch)`).
 
 from typing import Tuple
 
-from . import adaad, ard, iad, mart, natural, rslad, sat, trades  # noqa: E402,F401  (importing registers them)
+from . import adaad, ard, iad, mart, mtard, natural, rslad, sat, trades  # noqa: E402,F401  (importing registers them)
 from .adaad import AdaAD
 from .ard import ARD
 from .base import REGISTRY, Context, HParam, Method, Schedule, get, register
 from .iad import IAD
 from .mart import MART
+from .mtard import MTARD
 from .natural import Natural
 from .rslad import RSLAD
 from .sat import SAT
@@ -51,4 +53,5 @@ __all__ = [
     "IAD",
     "RSLAD",
     "AdaAD",
+    "MTARD",
 ]

@@ -20,4 +20,4 @@ PAPER[("resnet18", "natural")] = {"clean": 94.65, "pgd20-sat": 0.0, "pgd20-trade
 PAPER[("mnv2", "natural")] = {"clean": 92.78, "pgd20-sat": 0.0, "pgd20-trades": 0.0}
 MODEL_NAMES = {"resnet18": "RN-18", "mnv2": "MNV2"}
 METHOD_NAMES = {"natural": "Natural", "sat": "SAT", "trades": "TRADES", "mart": "MART", "ard": "ARD"}
-METHOD_NAMES.update({"iad": "IAD", "rslad": "RSLAD", "adaad": "AdaAD"})
+METHOD_NAMES.update({"iad": "IAD", "rslad": "RSLAD", "adaad": "AdaAD", "mtard": "MTARD"})

@@ -298,6 +298,8 @@ def _difference(disk: dict, planned: dict, plan: Plan) -> Optional[str]:
                 d["teacher"].pop("dtype", None)
             if own_teacher and Path(str(d["teacher"].get("path"))).parts[-2:] == (TEACHER, "last.pt"):
                 d["teacher"]["path"] = "the sweep's teacher"  # the folder may have moved since (a copy)
+        if isinstance(d.get("nat_teacher"), dict):  # MTARD's natural teacher: its sha256 is the start's too
+            d["nat_teacher"].pop("sha256", None)
         if isinstance(d.get("teacher_run"), dict) and isinstance(other.get("teacher_run"), dict):
             d["teacher_run"] = norm(d["teacher_run"], other["teacher_run"])
         return d
