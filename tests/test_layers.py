@@ -202,7 +202,7 @@ LAYERS = [
     ("rslad_fast.engine",),
     ("rslad_fast.evaluation",),
     ("rslad_fast.cli", "rslad_fast.run_flags"),
-    ("rslad_fast.train", "rslad_fast.evaluate", "rslad_fast.reproduce"),
+    ("rslad_fast.train", "rslad_fast.evaluate", "rslad_fast.reproduce", "rslad_fast.export"),
 ]
 
 
