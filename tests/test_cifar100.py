@@ -26,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 COMMON = ["--dataset", "cifar100", "--student", "tiny", "--threads", "1", "--eval-n", "16", "--no-progress"]
 COMMON += ["--no-download", "--batch-size", "32", "--train-n", "64", "--epochs", "1"]
-DISTILL = ("rslad", "ard", "iad", "adaad", "mtard")
+DISTILL = ("rslad", "ard", "iad", "adaad", "mtard", "dgad")
 
 
 @pytest.fixture(scope="module")

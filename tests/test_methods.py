@@ -397,7 +397,7 @@ def test_sgd_steps_decrease_the_loss(setup, name, overrides):
 
 
 def test_registry_names_and_aliases():
-    assert names() == ("adaad", "ard", "iad", "mart", "mtard", "natural", "rslad", "sat", "trades")
+    assert names() == ("adaad", "ard", "dgad", "iad", "mart", "mtard", "natural", "rslad", "sat", "trades")
     assert set(REGISTRY) == set(names())
     classes = {"natural": Natural, "sat": SAT, "trades": TRADES, "mart": MART, "ard": ARD, "iad": IAD, "rslad": RSLAD}
     for name, cls in classes.items():
@@ -409,7 +409,7 @@ def test_registry_names_and_aliases():
     for bad in ("foo", "", "rslad2", None, 3):
         with pytest.raises(UserError):
             get(bad)
-    assert {n for n in names() if get(n).needs_teacher} == {"adaad", "ard", "iad", "mtard", "rslad"}
+    assert {n for n in names() if get(n).needs_teacher} == {"adaad", "ard", "dgad", "iad", "mtard", "rslad"}
 
 
 def test_hparams_and_schedules_cite_their_source():

@@ -8,6 +8,7 @@
     iad      IAD, ARD plus the teacher's reliability            (CE attack, TRAIN mode; teacher on x and x')
     rslad    RSLAD, robust soft labels                          (KL attack on the teacher, eval mode; teacher)
     adaad    AdaAD, the teacher inside the attack               (KL(T(x')||S(x')) attack, eval mode; teacher)
+    dgad     DGAD, AdaAD's attack, the teacher's mistakes routed (AdaAD's attack; teacher on x and x', swapped logits)
     mtard    MTARD, an adversarial and a natural teacher        (CE attack, eval mode; two teachers, adaptive weights)
 
 `get(name)` returns the class (aliases: madry/pgd_at/at -> sat, nat/standard -> natural; case and '-' are
@@ -22,6 +23,7 @@ from . import adaad, ard, iad, mart, mtard, natural, rslad, sat, trades  # noqa:
 from .adaad import AdaAD
 from .ard import ARD
 from .base import REGISTRY, Context, HParam, Method, Schedule, get, register
+from .dgad import DGAD
 from .iad import IAD
 from .mart import MART
 from .mtard import MTARD
@@ -53,5 +55,6 @@ __all__ = [
     "IAD",
     "RSLAD",
     "AdaAD",
+    "DGAD",
     "MTARD",
 ]
