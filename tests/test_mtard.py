@@ -19,6 +19,7 @@ from rslad_fast.engine.build import build_parts, random_teacher
 from rslad_fast.engine.checkpoint import load_checkpoint, restore
 from rslad_fast.engine.step import train_step
 from rslad_fast.engine.teacher import cast_teacher, freeze
+from rslad_fast.engine.teacher_cache import TeacherCache
 from rslad_fast.errors import UserError
 from rslad_fast.methods import MTARD, Context, get
 from rslad_fast.methods import mtard as mtard_module
@@ -311,6 +312,33 @@ def test_engine_step_with_folded_attack_copy_cast_teachers_and_autocast(teacher_
     assert any(not torch.equal(a, b) for a, b in zip(before, S.parameters()))
 
 
+def test_the_teacher_cache_serves_the_natural_teachers_logits_and_t_adv_always_runs():
+    """With the pair as the engine's teacher, the cache stores and serves T_nat(x) (the pair's forward): a
+    second step on the same views runs T_nat on no image and T_adv on every x', and the loss is the uncached
+    step's."""
+    pair = TwoTeachers(freeze(tiny(1)), freeze(tiny(2)))
+    calls = {"adv": 0, "nat": 0}
+    for name in calls:
+        count = lambda m, inp, name=name: calls.__setitem__(name, calls[name] + 1)  # noqa: E731
+        getattr(pair, name).register_forward_pre_hook(count)
+    x, y, views = torch.rand(8, 3, 32, 32), torch.randint(0, C, (8,)), torch.arange(8) * 3
+    cache = TeacherCache(8, 3, C, "cpu")
+    losses = {}
+    for mode in ("cached", "again", "uncached"):
+        S = tiny(0)
+        opt = torch.optim.SGD(S.parameters(), lr=0.1)
+        calls.update(adv=0, nat=0)
+        loss, ctx = train_step(
+            S, MTARD(steps=1), opt, x, y, teacher=pair, generator=torch.Generator().manual_seed(0),
+            cache=cache if mode != "uncached" else None, views=views if mode != "uncached" else None,
+        )  # fmt: skip
+        losses[mode] = loss.item()
+        assert calls["adv"] == 1 and calls["nat"] == (0 if mode == "again" else 1), (mode, calls)
+        with torch.no_grad():
+            assert torch.allclose(ctx.teacher_logits, pair.nat(x), rtol=1e-6, atol=1e-6)
+    assert losses["again"] == pytest.approx(losses["cached"], rel=1e-6) == losses["uncached"]
+
+
 # ---- defaults, their sources, the command line -------------------------------------------------------------
 
 
@@ -419,6 +447,8 @@ def test_train_quick_end_to_end(straight, teachers):
     assert (cfg["lr"], cfg["weight_decay"]) == (pytest.approx(1.0), pytest.approx(2e-5))  # per-element: x C, / C
     recs = _records(straight)
     assert [r["epoch"] for r in recs] == [1, 2]
+    # --teacher-cache auto: on for MTARD, whose natural teacher sees the natural views only (T_adv(x') always runs)
+    assert all("teacher_cache_hit_rate" in r for r in recs)
     for r in recs:
         assert 0.0 < r["train_loss"] < float("inf") and 0.0 <= r["pgd20_acc"] <= r["clean_acc"] <= 1.0
         assert 0 < r["train_weight_nat"] < 1 and r["train_weight_adv"] == pytest.approx(1 - r["train_weight_nat"])
@@ -472,3 +502,46 @@ def test_a_bad_nat_teacher_file_is_one_line(data, teachers, tmp_path, capsys):
     assert train.main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--nat-teacher:" in err and "resnet8" in err, err
+
+
+# ---- under torchrun ----------------------------------------------------------------------------------------
+
+
+def test_two_processes_hold_the_weights_of_the_combined_batch(fake_cifar10, tmp_path, monkeypatch):
+    """torchrun, 2 CPU processes (gloo) == 1 process with the combined batch, the adaptive weights included:
+    each process averages the two loss values over the processes before the update, so both hold the weights
+    of the global batch (without that, rank 0 would adapt them to its own half). tests/test_dist.py's frame:
+    no BatchNorm in the student, no augmentation, x' starting at x; the teachers are seeded tiny files."""
+    import test_dist
+
+    data = fake_cifar10(n_train=128, n_test=16, seed=2)
+    files = []
+    for seed in (3, 4):
+        torch.manual_seed(seed)
+        teacher = models.build("tiny")
+        with torch.no_grad():
+            teacher.linear.weight.mul_(30.0)  # confident soft labels (as tests/test_dist.py's teacher)
+        files.append(tmp_path / f"teacher{seed}.pt")
+        torch.save(teacher.state_dict(), files[-1])
+    args = [
+        "--method", "mtard", "--student", "tiny", "--teacher", str(files[0]), "--teacher-arch", "tiny",
+        "--nat-teacher", str(files[1]), "--nat-teacher-arch", "tiny", "--init-std", "0", "--steps", "2",
+        "--weight-lr", "0.2", "--data", str(data), "--epochs", "2", "--milestones", "1", "--teacher-cache", "off",
+        *test_dist.COMMON,
+    ]  # fmt: skip
+    two, one = tmp_path / "two", tmp_path / "one"
+    res = test_dist._torchrun(
+        [str(test_dist.HERE), "--no-bn", "--no-augment", "--", *args, "--batch-size", "16", "--out", str(two)]
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    test_dist._patch(monkeypatch.setattr, no_bn=True, no_augment=True)
+    assert train.main([*args, "--batch-size", "32", "--out", str(one)]) == 0
+    a, b = (torch.load(d / "last.pt", weights_only=True) for d in (two, one))
+    assert a["rng"]["world_size"] == 2 and b["rng"]["world_size"] == 1
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-5, atol=1e-6, msg=key)
+    assert float(b["method"]["weight_nat"]) != 0.5
+    torch.testing.assert_close(a["method"]["weight_nat"], b["method"]["weight_nat"], rtol=1e-6, atol=0)
+    torch.testing.assert_close(a["method"]["initial_losses"], b["method"]["initial_losses"], rtol=1e-6, atol=0)
+    for x, y in zip(_records(two), _records(one)):
+        assert x["train_weight_nat"] == pytest.approx(y["train_weight_nat"], rel=1e-6)
