@@ -56,7 +56,7 @@
 #   (sweep)            30   sweep runs here instead, and memcheck and racecheck are "not run: <why>"
 #   big_pgd            20   pgd_step_ on 2^31 + 4099 fp16 elements (4 x 4.3 GB), checked in 17 chunks; its GB/s
 #                           the best of 3 calls after a warm-up call (module load, first launch)
-#   smoke             120   scripts/gpu_smoke.py: every registered method x fp32/bf16 + RSLAD graph off + RSLAD and
+#   smoke             130   scripts/gpu_smoke.py: every registered method x fp32/bf16 + RSLAD graph off + RSLAD and
 #                           AdaAD on CIFAR-100 with an fp16 teacher (fp32/bf16; AdaAD's attack differentiates
 #                           through the fp16 teacher), each one epoch of 4 batches of 128 (MobileNetV2)
 #                           and a 128-image PGD-20, ~3 s each; evaluate with all six
@@ -64,7 +64,7 @@
 #   racecheck          30   compute-sanitizer racecheck over the same sweep
 #   bench_ops          30   the op rows (fused, eager) on CUDA: 24 rows of ~1 s
 #   bench_*_compiled  60+90 the torch.compile rows (inductor's default mode), only with what time is left
-# With every estimate met, the stages through smoke fit (~505 s of 520); bench_epoch, bench_inner, racecheck and
+# With every estimate met, the stages through smoke fit (~515 s of 520); bench_epoch, bench_inner, racecheck and
 # the rest run with what the earlier stages leave. Where the sanitizer cannot run, the sweep takes 30 s less than memcheck, racecheck
 # is "not run" and bench_ops fits.
 # Full mode: the benchmarks at full size, one stage and one JSON a file (pytest-benchmark writes its JSON only
@@ -85,7 +85,7 @@ set -uo pipefail
 # ---- the stages' estimates (s), see above --------------------------------------------------------------------
 declare -A EST=(
   [build]=100 [backend]=10 [tests_cuda]=40 [graphs]=45 [bench_headline]=110 [bench_epoch]=75 [bench_inner]=40 [memcheck]=60
-  [racecheck]=30 [sweep]=30 [big_pgd]=20 [smoke]=120 [bench_ops]=30 [bench_ops_compiled]=60
+  [racecheck]=30 [sweep]=30 [big_pgd]=20 [smoke]=130 [bench_ops]=30 [bench_ops_compiled]=60
   [bench_epoch_compiled]=90
   [bench_full_headline]=180 [bench_full_epoch]=150 [bench_full_inner]=60 [bench_full_ops]=40 [bench_full_loaders]=30 [prepare]=40
   [quick_fp32]=120 [quick_bf16]=120 [quick_compare]=10 [bench_full_ops_compiled]=90 [bench_full_epoch_compiled]=240

@@ -397,7 +397,9 @@ def test_sgd_steps_decrease_the_loss(setup, name, overrides):
 
 
 def test_registry_names_and_aliases():
-    assert names() == ("adaad", "ard", "dgad", "iad", "mart", "mtard", "natural", "rslad", "sat", "trades")
+    assert names() == (
+        "adaad", "ard", "dgad", "iad", "mart", "mtard", "natural", "peeraid", "rslad", "sat", "trades"
+    )  # fmt: skip
     assert set(REGISTRY) == set(names())
     classes = {"natural": Natural, "sat": SAT, "trades": TRADES, "mart": MART, "ard": ARD, "iad": IAD, "rslad": RSLAD}
     for name, cls in classes.items():

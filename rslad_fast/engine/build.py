@@ -116,6 +116,9 @@ def build_parts(cfg: Config, device: torch.device, teacher: Optional[torch.nn.Mo
     method = methods.get(cfg.method)(**cfg.hparams)
     if hasattr(method, "follow_lr_schedule"):  # MTARD's adaptive weights decay their lr with the run's lr
         method.follow_lr_schedule(cfg.milestones, cfg.gamma)
+    if hasattr(method, "bind_peer"):  # PeerAiD's peer: the student's architecture, initialised right after it
+        peer = build_model(cfg.student, cfg.num_classes, normalization=cfg.wrn70_16_norm).to(device)
+        method.bind_peer(peer.to(memory_format=memory_format(cfg)))
     if getattr(method, "needs_nat_teacher", False) and not isinstance(teacher, TwoTeachers):
         raise ValueError(f"method {cfg.method} needs its two teachers as one TwoTeachers module")
     # only where the official attack runs the student in eval mode (a train-mode attack, ARD's or SAT's

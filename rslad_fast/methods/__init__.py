@@ -9,6 +9,7 @@
     rslad    RSLAD, robust soft labels                          (KL attack on the teacher, eval mode; teacher)
     adaad    AdaAD, the teacher inside the attack               (KL(T(x')||S(x')) attack, eval mode; teacher)
     dgad     DGAD, AdaAD's attack, the teacher's mistakes routed (AdaAD's attack; teacher on x and x', swapped logits)
+    peeraid  PeerAiD, a peer trained alongside the student      (KL(P(x)||S(x')) attack, eval mode; no teacher, a peer)
     mtard    MTARD, an adversarial and a natural teacher        (CE attack, eval mode; two teachers, adaptive weights)
 
 `get(name)` returns the class (aliases: madry/pgd_at/at -> sat, nat/standard -> natural; case and '-' are
@@ -28,6 +29,7 @@ from .iad import IAD
 from .mart import MART
 from .mtard import MTARD
 from .natural import Natural
+from .peeraid import PeerAiD
 from .rslad import RSLAD
 from .sat import SAT
 from .trades import TRADES
@@ -56,5 +58,6 @@ __all__ = [
     "RSLAD",
     "AdaAD",
     "DGAD",
+    "PeerAiD",
     "MTARD",
 ]

@@ -1,49 +1,251 @@
 """PeerAiD (Jung et al., CVPR 2024, "PeerAiD: Improving Adversarial Distillation from a Specialized Peer
-Tutor"): NOT IMPLEMENTED. This module holds no code and registers nothing (`methods/__init__.py` does not
-import it; `--method peeraid` is an unknown method): it records what the official code does and what this
-engine would need to train it faithfully.
+Tutor"): a peer model trained alongside the student on the student's adversarial examples; no pretrained
+teacher.
 
-Official code: jaewonalive/PeerAiD (read at commit cd12e92), `main.py` (arguments lines 24-71, the configs
-read at 80-116, models 158-170, attacks 182-186, optimizers 219-220, `train_kd` lines 315-432,
-`adjust_learning_rate` 840-852, the epoch loop 889-905), `attack_function.py` (`LinfPeerAttack`),
-`utils/SWA.py` (`moving_average`, `bn_update`), `configs/*.json` and `training_scripts/*.sh` (= README.md's
-commands for Table 1).
+Official code: jaewonalive/PeerAiD (read at commit cd12e92), `main.py` (arguments lines 24-71, the config
+read at 80-116, eps and step 131-134, models 158-170, the attack 186, optimizers 219-220, `train_kd` lines
+315-432, `adjust_learning_rate` 840-852, the epoch loop 889-905), `attack_function.py` (`LinfPeerAttack`,
+lines 59-84), `configs/PeerAiD_resnet18_cifar10.json` / `_cifar100.json` and `training_scripts/*.sh`
+(README.md's commands for the paper's Table 1).
+- The peer P: the student's architecture (`--p_type` = `--s_type` in every official script: resnet18 /
+  resnet18, wideresnet34x10 / wideresnet34x10), randomly initialised (main.py:160-164). Here it is built by
+  the engine beside the student (`bind_peer`, engine/build.py), initialised right after it from the run's
+  seed, and trained by this method with its own SGD: lr `peer_lr` 0.1 (config `lr_peer`), momentum 0.9,
+  weight decay `peer_weight_decay` 2e-4 (config `weight_decay`, main.py:219), its lr divided by 10 at the
+  run's milestones (config `lr_decay_epochs_peer` = `lr_decay_epochs_student` = [214, 259, 284] in every
+  CIFAR config; `adjust_learning_rate`, main.py:840-852, 893). Its weights and momentum are in every
+  checkpoint (`state_dict`), so --resume continues it bitwise.
+- Per batch (main.py:340-404): P(x) in eval mode under no_grad (346-350); the attack (`LinfPeerAttack` on the
+  student, 186, 352; attack_function.py:65-84): the student in eval mode, x + 0.001*N(0,1), 10 sign steps
+  of 2/255 (`--k_train` 10, main.py:29; alpha 2/255, main.py:134) maximizing sum KL(P(x) || S(x')), each
+  followed by the projection onto the 8/255 ball (main.py:131) and a clamp to [0, 1]. Then in train mode
+  P(x') (359), S(x') (361, the peer's target), S(x') again (376) and S(x) (387): BatchNorm sees x' twice;
+      loss_peer = gamma1 * CE(P(x'), y) + gamma2 * tau^2 * KLDivLoss()(log_softmax(P(x')/tau),
+                  softmax(S(x')/tau))                                               (363)
+      loss_student = lamb1 * CE(S(x'), y) + lamb2 * T^2 * KLDivLoss()(log_softmax(S(x')/T),
+                  softmax(P(x')/T) detached) + lamb3 * T^2 * KLDivLoss()(log_softmax(S(x')/T),
+                  softmax(S(x)/T))                                                  (393-397)
+  KLDivLoss() is the mean over the B*C elements; S(x') in loss_peer and S(x) in loss_student are NOT
+  detached: loss_peer's KL term backpropagates into the student. One backward of loss_peer + loss_student,
+  then both optimizers step (400-404). Here the peer's part of that backward (the gradient of loss_peer in
+  P's parameters, S(x') a constant there) is taken inside `loss_at` and the peer steps there; the loss
+  returned to the engine carries the rest, loss_student plus loss_peer's KL with P(x') a constant, and
+  loss_peer's CE as a constant: its value is the official loss_total and its gradient in the student's
+  parameters the official one (the test checks both models after a step against main.py's).
+- Defaults (training_scripts/resnet18_cifar10.sh): --temperature 5 (T), --gamma1 1, --gamma2 0.1 (1 on
+  CIFAR-100, resnet18_cifar100.sh), --re_kd_temperature 1 (tau), --lamb1 0, --lamb2 1, --lamb3 1; the
+  schedule from configs/PeerAiD_resnet18_cifar10.json: 300 epochs, batch 128, lr 0.1, weight decay 2e-4,
+  lr /10 at epochs 214, 259, 284 (epochs from 0: `epoch >= i` divides), momentum 0.9 (main.py:220).
 
-What it trains, per batch (`train_kd`, main.py:340-404):
-- the peer P (`--p_type`, the student's own architecture in every official script: resnet18 / resnet18,
-  wideresnet34x10 / wideresnet34x10), randomly initialised and trained alongside the student: no pretrained
-  teacher. P(x) in eval mode under no_grad (main.py:346-350);
-- the attack (`LinfPeerAttack` on the student, main.py:186, 352): the student in eval mode, x + 0.001*N(0,1),
-  `--k_train` 10 sign steps of 2/255 (main.py:29, 134) in the 8/255 ball (main.py:131) maximizing
-  sum KL(P(x) || S(x')), then a clamp to [0, 1]; the student is left in eval mode by the attack and put back in
-  train mode at main.py:355;
-- the peer's loss (main.py:359-363), P and S in train mode on x':
-  gamma1 * CE(P(x'), y) + gamma2 * tau^2 * KLDivLoss()(log_softmax(P(x')/tau), softmax(S(x')/tau)), the
-  mean over B*C, with S(x') NOT detached: this term's gradient reaches the student too;
-- the student's loss (main.py:376-397): S(x') again (a second train-mode forward: BatchNorm sees x' twice),
-  S(x), then lamb1 * CE(S(x'), y) + lamb2 * T^2 * KL(P(x')/T detached || S(x')/T) + lamb3 * T^2 *
-  KL(S(x)/T || S(x')/T), each `KLDivLoss()` (mean over B*C), S(x) not detached;
-- one backward of loss_peer + loss_student, then both SGD steps (main.py:400-404).
-Settings (training_scripts/resnet18_cifar10.sh, configs/PeerAiD_resnet18_cifar10.json): T 5, gamma1 1,
-gamma2 0.1 (1 on CIFAR-100), tau 1, lamb1 0, lamb2 1, lamb3 1; 300 epochs, batch 128; peer and student each
-their own SGD (lr 0.1, momentum 0.9, weight decay 2e-4, main.py:219-220) with lr /10 at epochs 214, 259, 284
-(`lr_decay_epochs_peer`, `lr_decay_epochs_student`, applied by `adjust_learning_rate` before each epoch);
-`--swa_s`: from epoch 214 (the student's first decay, main.py:110-111) a stochastic-weight-averaged copy of
-the student, `moving_average(swa, student, 1/(n+1))` after every epoch, then `bn_update` over the whole
-training loader (main.py:427-432); the SWA student is evaluated (PGD, AutoAttack) beside the student.
-
-What this engine lacks, and why it is not done here:
-- a second trained model: `engine/build.py`'s Parts hold one student with one optimizer and one scheduler
-  (the method's SCHEDULE); the peer needs its own module, its own SGD and lr schedule, its own DDP wrapper under
-  torchrun (its gradients all-reduced like the student's), and its weights and momentum in every checkpoint
-  for a bitwise --resume (`engine/checkpoint.py` saves one model and one optimizer);
-- a loss of two models: `Method.loss` returns one scalar backpropagated into the student's parameters; the
-  peer's term backpropagates into both (S(x') is not detached), so `engine/step.py` would have to step the
-  peer's optimizer from the same backward;
-- the SWA student: an averaged copy updated at each epoch's end plus a BatchNorm pass over the training set
-  (a training-set loop outside the step, `engine/loop.py`), checkpointed, and evaluated as a second model
-  (`evaluate`, `reproduce`'s table): which of the two the paper's Table 1 reports is not stated in the code,
-  which prints both.
-Each is an engine change across build, step, loop, checkpoint, DDP and evaluation; a partial version (no
-peer optimizer of its own, no SWA) would not be PeerAiD, so none is registered.
+What could not be followed to the letter, and why:
+- The SWA student (`--swa_s` in every official command): from epoch 214 the official code keeps a
+  stochastic-weight-averaged copy of the student (`moving_average` after each epoch, then `bn_update`, a
+  BatchNorm pass over the whole training loader, main.py:427-432) and evaluates it beside the student. It
+  does not change how the student or the peer train; this engine keeps and evaluates one model per run, so
+  the SWA copy is not made: the student trained here is the official `student_net`, not `student_swa_net`.
+- Under torchrun the peer is no DDP module of its own: its gradients are averaged over the processes by an
+  all-reduce before its step and its BatchNorm buffers broadcast from rank 0 before each batch, as DDP does
+  for the student; `--sync-bn` converts the student only.
+- steps=0: the official attack fails (`x` unbound, attack_function.py:71-73); the engine returns x itself.
+- Presets that rescale the lr of a per-element loss (the quick preset's `per_image_loss_lr`) rescale the
+  student's lr, not `peer_lr`.
+- The teacher-logit cache and a --teacher do not apply: PeerAiD has no pretrained teacher.
 """
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .. import ops
+from ..attacks.pgd import model_mode, pgd
+from .base import (
+    Context,
+    HParam,
+    Method,
+    Schedule,
+    accuracy,
+    check_attack,
+    check_range,
+    pgd_hparams,
+    register,
+    upcast,
+)
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+@register
+class PeerAiD(Method):
+    """PeerAiD: the student learns from a peer trained alongside it on the student's adversarial examples."""
+
+    name = "peeraid"
+    needs_teacher = False
+    LOSS_PER_ELEMENT = True  # the student's terms (lamb1 = 0) are KLDivLoss() means over the B*C elements
+    attack_mode = "eval"  # LinfPeerAttack: self.model.eval() (attack_function.py:68)
+    attack_start = "normal"  # x + 0.001*N(0,1) (attack_function.py:72)
+    HPARAMS = {
+        **pgd_hparams(
+            eps=(8 / 255, "PeerAiD main.py:131 `epsilon = 8/255`"),
+            step_size=(2 / 255, "PeerAiD main.py:134 `alpha = 2/255`"),
+            steps=(10, "PeerAiD main.py:29 --k_train 10, training_scripts/*.sh --k_train 10"),
+            init_std=(0.001, "PeerAiD attack_function.py:72 `0.001 * torch.randn`"),
+        ),
+        "temperature": HParam(
+            5.0,
+            "T of the student's two KL terms, weighted T^2 (PeerAiD training_scripts/resnet18_cifar10.sh "
+            "--temperature 5; main.py:31 argparse default 6, main.py:393-397)",
+        ),
+        "lamb1": HParam(0.0, "weight of the student's CE(S(x'), y) (PeerAiD resnet18_cifar10.sh --lamb1 0)"),
+        "lamb2": HParam(1.0, "weight of the student's T^2 KL(P(x')||S(x')) (PeerAiD resnet18_cifar10.sh --lamb2 1)"),
+        "lamb3": HParam(1.0, "weight of the student's T^2 KL(S(x)||S(x')) (PeerAiD resnet18_cifar10.sh --lamb3 1)"),
+        "gamma1": HParam(
+            1.0, "weight of the peer's CE(P(x'), y) (PeerAiD resnet18_cifar10.sh --gamma1 1, main.py:363)"
+        ),
+        "gamma2": HParam(
+            0.1,
+            "weight of the peer's tau^2 KL(S(x')||P(x')) (PeerAiD resnet18_cifar10.sh --gamma2 0.1; "
+            "resnet18_cifar100.sh --gamma2 1)",
+        ),
+        "tau": HParam(1.0, "temperature of the peer's KL term (PeerAiD resnet18_cifar10.sh --re_kd_temperature 1)"),
+        "peer_lr": HParam(
+            0.1,
+            "the peer's SGD lr, divided by gamma at the run's milestones (PeerAiD "
+            "configs/PeerAiD_resnet18_cifar10.json lr_peer 0.1, lr_decay_epochs_peer = lr_decay_epochs_student; "
+            "main.py:219, 893)",
+        ),
+        "peer_weight_decay": HParam(
+            2e-4, "the peer's SGD weight decay (PeerAiD configs/*.json weight_decay 0.0002, main.py:219)"
+        ),
+    }
+    DATASET_DEFAULTS = {"cifar100": {"gamma2": 1.0}}  # training_scripts/resnet18_cifar100.sh --gamma2 1
+    SCHEDULE = Schedule(
+        epochs=300,
+        lr=0.1,
+        milestones=(214, 259, 284),
+        gamma=0.1,
+        momentum=0.9,
+        weight_decay=2e-4,
+        batch_size=128,
+        source="PeerAiD configs/PeerAiD_resnet18_cifar10.json: epochs 300, lr_student 0.1, lr_decay_epochs_student "
+        "[214, 259, 284], batch_size 128, weight_decay 0.0002; main.py:220 SGD momentum 0.9; main.py:840-852 lr/10 "
+        "for each decay epoch i <= epoch (epochs from 0)",
+    )
+
+    def __init__(self, **overrides):
+        super().__init__(**overrides)
+        self.peer: Optional[torch.nn.Module] = None
+        self.peer_optimizer: Optional[torch.optim.SGD] = None
+        self._milestones, self._gamma = tuple(self.SCHEDULE.milestones), self.SCHEDULE.gamma
+        self._pending: Optional[dict] = None  # a checkpoint's peer state, loaded once the peer is bound
+
+    def validate(self) -> None:
+        check_attack(self)
+        for key in ("lamb1", "lamb2", "lamb3", "gamma1", "gamma2", "peer_weight_decay"):
+            setattr(self, key, check_range(self.name, key, getattr(self, key), 0.0))
+        for key in ("temperature", "tau", "peer_lr"):
+            setattr(self, key, check_range(self.name, key, getattr(self, key), 0.0, lo_open=True))
+
+    # ---- the peer: built by the engine, trained here, checkpointed with the run --------------------------
+
+    def bind_peer(self, peer: torch.nn.Module) -> None:
+        """Take the peer (the student's architecture, on the run's device) and make its SGD (main.py:219)."""
+        self.peer = peer.train()
+        self.peer_optimizer = torch.optim.SGD(
+            peer.parameters(), lr=self.peer_lr, momentum=self.SCHEDULE.momentum, weight_decay=self.peer_weight_decay
+        )
+        if self._pending is not None:
+            self.load_state_dict(self._pending)
+
+    def follow_lr_schedule(self, milestones, gamma) -> None:
+        """The peer's lr decays at the run's milestones (the official configs: the student's decay epochs)."""
+        self._milestones, self._gamma = tuple(milestones), float(gamma)
+
+    def peer_lr_at(self, epoch: int) -> float:
+        return self.peer_lr * self._gamma ** sum(1 for m in self._milestones if epoch >= m)
+
+    def state_dict(self) -> dict:
+        if self.peer is None:
+            return {}
+        return {"peer": self.peer.state_dict(), "optimizer": self.peer_optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.peer is None:
+            self._pending = state
+            return
+        self._pending = None
+        self.peer.load_state_dict(state["peer"], strict=True)
+        self.peer_optimizer.load_state_dict(state["optimizer"])
+
+    def _need_peer(self) -> torch.nn.Module:
+        if self.peer is None:
+            raise ValueError("PeerAiD needs its peer: call bind_peer (engine/build.py does) before training")
+        return self.peer
+
+    # ---- attack and loss -------------------------------------------------------------------------------
+
+    def peer_logits(self, ctx: Context) -> torch.Tensor:
+        """P(x): the peer in eval mode under no_grad (main.py:346-350), its mode given back."""
+        peer = self._need_peer()
+        with model_mode(peer, "eval"), torch.no_grad():
+            return upcast(peer(ctx.x))
+
+    def objective(self, ctx: Context):
+        """sum_i KL(P(x)_i || S(x')_i), LinfPeerAttack's (attack_function.py:76-78)."""
+        target = self.peer_logits(ctx)
+        return lambda logits: ops.softmax_kl(upcast(logits), target.to(upcast(logits).dtype), reduction="sum")
+
+    def attack(self, ctx: Context) -> torch.Tensor:
+        return pgd(ctx.attack_model, ctx.x, self.objective(ctx), **self.pgd_settings(ctx))
+
+    def _step_peer(self, loss_peer: torch.Tensor, epoch: int) -> None:
+        """The peer's SGD step on its own loss (main.py:401-403); under torchrun its gradient is averaged over
+        the processes first, as DDP averages the student's."""
+        peer, opt = self._need_peer(), self.peer_optimizer
+        params = [p for p in peer.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(loss_peer, params)
+        world = _world()
+        for p, g in zip(params, grads):
+            if world > 1:
+                dist.all_reduce(g)
+                g = g / world
+            p.grad = g.to(p.dtype)
+        for group in opt.param_groups:
+            group["lr"] = self.peer_lr_at(epoch)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def loss_at(self, ctx: Context, x_adv: torch.Tensor) -> torch.Tensor:
+        peer = self._need_peer()
+        if _world() > 1:  # as DDP's broadcast_buffers does for the student: rank 0's BatchNorm statistics
+            for b in peer.buffers():
+                dist.broadcast(b, 0)
+        y, T, tau = ctx.y, self.temperature, self.tau
+        p_adv = upcast(peer(x_adv))  # main.py:359, the peer in train mode
+        s_target = upcast(ctx.student(x_adv))  # main.py:361
+        s_adv = upcast(ctx.student(x_adv))  # main.py:376
+        s_nat = upcast(ctx.student(ctx.x))  # main.py:387
+        ce_peer = F.cross_entropy(p_adv, y)
+        kl_peer_in_peer = ops.softmax_kl(p_adv, s_target.detach(), temperature=tau, reduction="mean")
+        kl_peer_in_student = ops.softmax_kl(p_adv.detach(), s_target, temperature=tau, reduction="mean")
+        loss_peer = self.gamma1 * ce_peer + self.gamma2 * tau * tau * kl_peer_in_peer
+        loss_student = (
+            self.lamb1 * F.cross_entropy(s_adv, y)
+            + self.lamb2 * T * T * ops.softmax_kl(s_adv, p_adv.detach(), temperature=T, reduction="mean")
+            + self.lamb3 * T * T * ops.softmax_kl(s_adv, s_nat, temperature=T, reduction="mean")
+        )
+        self._step_peer(loss_peer, ctx.epoch)
+        # the student's share of loss_peer + loss_student; loss_peer's CE as a constant: the official total
+        loss = loss_student + self.gamma2 * tau * tau * kl_peer_in_student + self.gamma1 * ce_peer.detach()
+        ctx.stats.update(
+            loss=loss.detach(),
+            loss_student=loss_student.detach(),
+            loss_peer=loss_peer.detach(),
+            acc_nat=accuracy(s_nat, y),
+            acc_adv=accuracy(s_adv, y),
+            peer_acc_adv=accuracy(p_adv, y),
+        )
+        return loss

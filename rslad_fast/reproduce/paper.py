@@ -21,4 +21,4 @@ PAPER[("mnv2", "natural")] = {"clean": 92.78, "pgd20-sat": 0.0, "pgd20-trades": 
 MODEL_NAMES = {"resnet18": "RN-18", "mnv2": "MNV2"}
 METHOD_NAMES = {"natural": "Natural", "sat": "SAT", "trades": "TRADES", "mart": "MART", "ard": "ARD"}
 METHOD_NAMES.update({"iad": "IAD", "rslad": "RSLAD", "adaad": "AdaAD", "mtard": "MTARD"})
-METHOD_NAMES["dgad"] = "DGAD"
+METHOD_NAMES.update({"dgad": "DGAD", "peeraid": "PeerAiD"})

@@ -1,0 +1,365 @@
+"""PeerAiD (rslad_fast/methods/peeraid.py) against a transcription of the official code, jaewonalive/PeerAiD:
+`attack_function.py` `LinfPeerAttack` (the attack) and `main.py`'s `train_kd` (lines 340-404: both losses, one
+backward, both SGD steps), in float64 on the `tiny` model over several steps (momentum, the peer's lr decay);
+its defaults against the cited values; `train --method peeraid` end to end, resumed bitwise with its peer;
+2 torchrun processes == 1; `reproduce --methods peeraid`.
+"""
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from rslad_fast import methods, models, reproduce, train
+from rslad_fast.engine import create_run_dir, prepare, run
+from rslad_fast.engine.step import train_step
+from rslad_fast.errors import UserError
+from rslad_fast.methods import Context, PeerAiD, get
+from rslad_fast.methods import peeraid as peeraid_module
+from rslad_fast.models.fold import FoldedCopy
+
+B, C = 8, 10
+pytestmark = pytest.mark.usefixtures("one_thread")  # the test machine's cores are shared
+
+
+def tiny(seed, num_classes=C):
+    torch.manual_seed(seed)
+    return models.build("tiny", num_classes)
+
+
+@pytest.fixture(scope="module")
+def setup64():
+    """Student, peer (another init), a batch with pixels on the box's faces, its labels, a fixed x', float64."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(B, 3, 32, 32, generator=g, dtype=torch.float64)
+    x[0, 0, :4] = 0.0
+    x[1, 1, :4] = 1.0
+    y = torch.randint(0, C, (B,), generator=g)
+    x_adv = (x + 0.02 * torch.randn(x.shape, generator=g, dtype=torch.float64)).clamp(0, 1)
+    return tiny(0).double(), tiny(1).double(), x, y, x_adv
+
+
+def bound(peer, **overrides):
+    method = PeerAiD(**overrides)
+    method.bind_peer(peer)
+    return method
+
+
+# ---- the official code, transcribed (torch.nn / F only) --------------------------------------------------
+
+
+def official_attack(model, teacher_logits, x_natural, generator, alpha, epsilon, k_step):
+    """attack_function.py:65-84, LinfPeerAttack.perturb (its randn drawn from `generator`)."""
+    criterion_kl = nn.KLDivLoss(reduction="none")  # size_average=False, reduce=False
+    model.eval()
+    x = x_natural.detach() + 0.001 * torch.randn(x_natural.shape, generator=generator, dtype=x_natural.dtype)
+    for _ in range(k_step):
+        x.requires_grad_()
+        with torch.enable_grad():
+            loss_kl = torch.sum(criterion_kl(F.log_softmax(model(x), dim=1), F.softmax(teacher_logits, dim=1)))
+        grad = torch.autograd.grad(loss_kl, [x])[0]
+        x = x.detach() + alpha * torch.sign(grad.detach())
+        x = torch.min(torch.max(x, x_natural - epsilon), x_natural + epsilon)
+        x = torch.clamp(x, 0, 1).detach()
+    return x
+
+
+def official_step(student_net, peer_net, student_optimizer, peer_optimizer, inputs, targets, adv, a):
+    """main.py:342-404 with the attack's output `adv` given; `a` holds the arguments. Returns loss_total."""
+    student_optimizer.zero_grad()
+    peer_optimizer.zero_grad()
+    student_net.train()
+    peer_net.train()
+    adv_outputs = peer_net(adv)
+    student_logit_target = student_net(adv)
+    tau, T = a["tau"], a["temperature"]
+    loss_peer = (
+        nn.CrossEntropyLoss()(adv_outputs, targets) * a["gamma1"]
+        + nn.KLDivLoss()(F.log_softmax(adv_outputs / tau, dim=1), F.softmax(student_logit_target / tau, dim=1))
+        * a["gamma2"]
+        * tau
+        * tau
+    )
+    peer_outputs = adv_outputs.clone()
+    peer_outputs.detach_()
+    student_outputs = student_net(adv)
+    logit_nat = student_net(inputs)
+    kl_peer = nn.KLDivLoss()(F.log_softmax(student_outputs / T, dim=1), F.softmax(peer_outputs / T, dim=1))
+    kl_nat = nn.KLDivLoss()(F.log_softmax(student_outputs / T, dim=1), F.softmax(logit_nat / T, dim=1))
+    loss_student = (
+        F.cross_entropy(student_outputs, targets) * a["lamb1"]
+        + kl_peer * (a["lamb2"] * T * T)
+        + kl_nat * (a["lamb3"] * T * T)
+    )
+    loss_total = loss_peer + loss_student
+    loss_total.backward()
+    peer_optimizer.step()
+    student_optimizer.step()
+    return loss_total.detach()
+
+
+def adjust_learning_rate(optimizer, epoch, lr_decay_epochs, learning_rate):
+    """main.py:840-852."""
+    lr = learning_rate
+    for i in lr_decay_epochs:
+        if epoch < i:
+            break
+        lr /= 10
+    for param_group in optimizer.param_groups:
+        param_group["lr"] = lr
+
+
+# ---- the attack ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides", [{}, {"steps": 3, "eps": 16 / 255, "step_size": 4 / 255}])
+def test_attack_equals_linf_peer_attack(setup64, overrides):
+    """x' from the same random start equals LinfPeerAttack's with the peer's eval-mode logits P(x) as its
+    target; the student is in eval mode during it and both models get their modes back."""
+    student, peer, x, y, _ = setup64
+    method = bound(copy.deepcopy(peer).train(), **overrides)
+    S = copy.deepcopy(student).train()
+    modes = []
+    hook = S.register_forward_pre_hook(lambda m, inp: modes.append((m.bn1.training, torch.is_grad_enabled())))
+    ctx = Context(student=S, x=x, y=y, generator=torch.Generator().manual_seed(4))
+    try:
+        ours = method.attack(ctx)
+    finally:
+        hook.remove()
+    assert modes == [(False, True)] * method.steps and S.training and method.peer.training
+    with torch.no_grad():
+        target = copy.deepcopy(peer).eval()(x)  # main.py:346-348
+    expected = official_attack(
+        copy.deepcopy(student), target, x, torch.Generator().manual_seed(4), method.step_size, method.eps, method.steps
+    )
+    assert not ours.requires_grad and ours.dtype == torch.float64
+    assert torch.allclose(ours, expected, rtol=0, atol=1e-12), (ours - expected).abs().max().item()
+    assert (ours - x).abs().max() <= method.eps + 1e-12 and ours.min() >= 0 and ours.max() <= 1
+    assert method.attack_objective(ctx, ours).item() > method.attack_objective(ctx, x).item()
+
+
+# ---- the loss and both models' steps ---------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:reduction. 'mean' divides:UserWarning")  # the official KLDivLoss()
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"lamb1": 0.3, "gamma2": 1.0, "temperature": 2.0, "tau": 3.0, "lamb3": 0.5}],
+)
+def test_three_steps_of_both_models_match_train_kd(setup64, overrides):
+    """Three steps (epochs 0, 1, 1; the lr divided at milestone 1): each loss equals main.py's loss_total,
+    and after each step the student's and the peer's weights, BatchNorm statistics and momenta equal
+    main.py's, whose single backward of loss_peer + loss_student feeds both SGD steps."""
+    student, peer, x, y, x_adv = setup64
+    method = bound(copy.deepcopy(peer).train(), **overrides)
+    method.follow_lr_schedule((1,), 0.1)
+    S = copy.deepcopy(student).train()
+    s_opt = torch.optim.SGD(S.parameters(), lr=0.1, momentum=0.9, weight_decay=2e-4)
+    S_off, P_off = copy.deepcopy(student), copy.deepcopy(peer)
+    s_off = torch.optim.SGD(S_off.parameters(), lr=0.1, momentum=0.9, weight_decay=2e-4)  # main.py:219-220
+    p_off = torch.optim.SGD(P_off.parameters(), lr=0.1, momentum=0.9, weight_decay=2e-4)
+    a = method.hparams()
+    for step, epoch in enumerate((0, 1, 1)):
+        for opt in (s_opt, s_off):
+            adjust_learning_rate(opt, epoch, [1], 0.1)
+        adjust_learning_rate(p_off, epoch, [1], 0.1)
+        ctx = Context(student=S, x=x, y=y, epoch=epoch)
+        loss = method.loss_at(ctx, x_adv)
+        s_opt.zero_grad()
+        loss.backward()
+        s_opt.step()
+        expected = official_step(S_off, P_off, s_off, p_off, x, y, x_adv, a)
+        assert torch.allclose(loss.detach(), expected, rtol=1e-10, atol=1e-14), (step, loss.item(), expected.item())
+        assert float(ctx.stats["loss"]) == pytest.approx(expected.item(), rel=1e-10)
+        for mine, theirs in ((S, S_off), (method.peer, P_off)):
+            for (name, t1), t2 in zip(mine.state_dict().items(), theirs.state_dict().values()):
+                assert torch.allclose(t1.double(), t2.double(), rtol=1e-9, atol=1e-12), (step, name)
+        for o1, o2 in ((s_opt, s_off), (method.peer_optimizer, p_off)):
+            assert o1.param_groups[0]["lr"] == pytest.approx(o2.param_groups[0]["lr"])
+            for s1, s2 in zip(o1.state.values(), o2.state.values()):
+                assert torch.allclose(s1["momentum_buffer"], s2["momentum_buffer"], rtol=1e-9, atol=1e-12)
+    assert {"loss_student", "loss_peer", "acc_nat", "acc_adv", "peer_acc_adv"} <= set(ctx.stats)
+
+
+def test_checkpoint_state_round_trip(setup64):
+    """state_dict holds the peer and its optimizer; a state loaded before the peer is bound (as --resume
+    restores it into the engine's freshly built method) is applied when it is."""
+    student, peer, x, y, x_adv = setup64
+    method = bound(copy.deepcopy(peer))
+    S = copy.deepcopy(student).train()
+    method.loss_at(Context(student=S, x=x, y=y), x_adv).backward()
+    state = copy.deepcopy(method.state_dict())
+    fresh = PeerAiD()
+    assert fresh.state_dict() == {}
+    fresh.load_state_dict(state)
+    fresh.bind_peer(tiny(7).double())
+    for k, v in method.peer.state_dict().items():
+        assert torch.equal(fresh.peer.state_dict()[k], v), k
+    assert fresh.peer_optimizer.state_dict()["state"].keys() == method.peer_optimizer.state_dict()["state"].keys()
+    with pytest.raises(ValueError, match="bind_peer"):
+        PeerAiD().loss_at(Context(student=S, x=x, y=y), x_adv)
+
+
+@pytest.mark.parametrize("amp", [None, torch.bfloat16])
+def test_engine_step_with_folded_attack_copy_and_autocast(amp):
+    """One engine.step.train_step through the BN-folded copy, bf16 autocast or none: a finite float32 loss,
+    and both the student and the peer moved."""
+    S = tiny(0).to(memory_format=torch.channels_last)
+    method = bound(tiny(1).to(memory_format=torch.channels_last), steps=2)
+    before = [p.detach().clone() for p in (*S.parameters(), *method.peer.parameters())]
+    opt = torch.optim.SGD(S.parameters(), lr=0.1)
+    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, C, (8,))
+    loss, ctx = train_step(
+        S, method, opt, x, y, amp_dtype=amp, generator=torch.Generator().manual_seed(0), fold=FoldedCopy(S)
+    )
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    after = [*S.parameters(), *method.peer.parameters()]
+    n_student = len(list(S.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(before[:n_student], after[:n_student]))
+    assert any(not torch.equal(a, b) for a, b in zip(before[n_student:], after[n_student:]))
+
+
+# ---- defaults and their sources --------------------------------------------------------------------------
+
+
+def test_defaults_are_the_cited_official_values():
+    assert get("peeraid") is PeerAiD and get("PeerAiD") is PeerAiD and "peeraid" in methods.names()
+    assert not PeerAiD.needs_teacher and PeerAiD.LOSS_PER_ELEMENT
+    d = PeerAiD().hparams()
+    # main.py:131, 134, 29; attack_function.py:72; training_scripts/resnet18_cifar10.sh; configs/*.json
+    assert d == dict(eps=8 / 255, step_size=2 / 255, steps=10, init_std=0.001, temperature=5.0, lamb1=0.0,
+                     lamb2=1.0, lamb3=1.0, gamma1=1.0, gamma2=0.1, tau=1.0, peer_lr=0.1,
+                     peer_weight_decay=2e-4)  # fmt: skip
+    assert PeerAiD.official_setting("resnet18", "cifar100")[1]["gamma2"] == 1.0  # resnet18_cifar100.sh
+    s = PeerAiD.SCHEDULE  # configs/PeerAiD_resnet18_cifar10.json, main.py:220, 840-852
+    assert (s.epochs, s.batch_size, s.lr, s.momentum, s.weight_decay) == (300, 128, 0.1, 0.9, 2e-4)
+    assert (s.milestones, s.gamma) == ((214, 259, 284), 0.1)
+    assert [PeerAiD().peer_lr_at(e) for e in (0, 213, 214, 259, 284)] == pytest.approx([0.1, 0.1, 0.01, 1e-3, 1e-4])
+    assert "main.py:131" in PeerAiD.HPARAMS["eps"].help and "attack_function.py:72" in PeerAiD.HPARAMS["init_std"].help
+    assert "--gamma2 0.1" in PeerAiD.HPARAMS["gamma2"].help and "lr_peer" in PeerAiD.HPARAMS["peer_lr"].help
+    for key in ("jaewonalive/PeerAiD", "train_kd", "LinfPeerAttack", "SWA", "main.py:427-432"):
+        assert key in peeraid_module.__doc__, key
+
+
+@pytest.mark.parametrize("overrides", [{"temperature": 0}, {"gamma2": -1}, {"peer_lr": "x"}, {"steps": 1.5}])
+def test_bad_hparams_are_user_errors(overrides):
+    with pytest.raises(UserError):
+        PeerAiD(**overrides)
+
+
+def test_command_line_resolution_and_help():
+    parse = train.build_parser().parse_args
+    cfg = train.resolve_config(parse(["--method", "peeraid", "--student", "resnet18"]))
+    assert (cfg.epochs, cfg.lr, cfg.weight_decay, cfg.milestones, cfg.batch_size) == (
+        300,
+        0.1,
+        2e-4,
+        [214, 259, 284],
+        128,
+    )
+    assert cfg.hparams == PeerAiD().hparams() and cfg.teacher is None
+    cfg = train.resolve_config(parse(["--method", "peeraid", "--student", "resnet18", "--dataset", "cifar100"]))
+    assert cfg.hparams["gamma2"] == 1.0
+    text = train.build_parser().format_help()
+    assert "--peer-lr" in text and "--gamma2" in text and "resnet18_cifar10.sh" in text
+
+
+# ---- end to end ------------------------------------------------------------------------------------------
+
+COMMON = ["--student", "tiny", "--threads", "1", "--eval-n", "32", "--batch-size", "64", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def data(fake_cifar10):
+    return fake_cifar10(n_train=256, n_test=32, seed=2)
+
+
+def _args(data, out):
+    return ["--method", "peeraid", "--preset", "quick", "--train-n", "256", "--epochs", "2", "--milestones", "1",
+            "--data", str(data), "--out", str(out), *COMMON]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def straight(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("peeraid") / "run"
+    assert train.main(_args(data, out)) == 0
+    return out
+
+
+def _records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_quick_end_to_end(straight):
+    cfg = json.loads((straight / "config.json").read_text())
+    assert cfg["method"] == "peeraid" and cfg["teacher"] is None
+    recs = _records(straight)
+    assert [r["epoch"] for r in recs] == [1, 2]
+    for r in recs:
+        assert all(k in r for k in ("train_loss", "train_loss_peer", "train_loss_student", "train_peer_acc_adv"))
+        assert 0.0 < r["train_loss"] < float("inf") and 0.0 <= r["pgd20_acc"] <= r["clean_acc"] <= 1.0
+    ck = torch.load(straight / "last.pt", weights_only=True)
+    assert set(ck["method"]) == {"peer", "optimizer"}
+    assert ck["method"]["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.01)  # decayed at milestone 1
+
+
+def test_resume_is_bitwise_identical(straight, data, tmp_path):
+    resumed = tmp_path / "resumed"
+    args = _args(data, resumed)
+    cfg = train.resolve_config(train.build_parser().parse_args(args))
+    prep = prepare(cfg)
+    create_run_dir(resumed, cfg)
+    run(prep, resumed, progress=False, stop_after=1)  # as if killed right after epoch 1's checkpoint
+    assert train.main(["--resume", str(resumed), "--no-progress"]) == 0
+    a = torch.load(straight / "last.pt", weights_only=True)
+    b = torch.load(resumed / "last.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for key in a["method"]["peer"]:
+        assert torch.equal(a["method"]["peer"][key], b["method"]["peer"][key]), key
+    for sa, sb in zip(a["method"]["optimizer"]["state"].values(), b["method"]["optimizer"]["state"].values()):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    timing = ("epoch_time_s", "eval_time_s", "images_per_s")
+    strip = lambda recs: [{k: v for k, v in r.items() if k not in timing} for r in recs]  # noqa: E731
+    assert strip(_records(straight)) == strip(_records(resumed))
+
+
+def test_reproduce_sweeps_peeraid(data, tmp_path):
+    """`reproduce --methods peeraid`: no teacher run; the PeerAiD run trains, is evaluated and tabled."""
+    out = tmp_path / "sweep"
+    argv = ["--out", str(out), "--methods", "peeraid", "--students", "tiny", "--preset", "quick", "--no-progress"]
+    argv += ["--train-n", "128", "--epochs", "1", "--eval-n", "32", "--batch-size", "64", "--threads", "1"]
+    argv += ["--attacks", "clean,pgd20-sat", "--n", "32", "--data", str(data)]
+    assert reproduce.main(argv) == 0
+    assert json.loads((out / "plan.json").read_text())["runs"] == ["peeraid-tiny"]
+    assert json.loads((out / "peeraid-tiny" / "eval.json").read_text())["n"] == 32
+    assert "PeerAiD" in (out / "table2.md").read_text()
+
+
+def test_two_processes_match_one_process_with_the_combined_batch(tmp_path, monkeypatch, fake_cifar10):
+    """Under torchrun (2 processes, gloo) the student AND the peer train as in one process with the combined
+    batch: the peer's gradients are averaged over the processes before its step. tests/test_dist.py's worker
+    and conditions: no BatchNorm (the peer is built by the same patched builder), no augmentation, x' from x."""
+    from test_dist import COMMON as DIST_COMMON
+    from test_dist import HERE, _patch, _torchrun
+
+    data = fake_cifar10(n_train=128, n_test=16, seed=2)
+    method = ["--method", "peeraid", "--student", "tiny", "--init-std", "0", "--steps", "2", "--data", str(data)]
+    method += ["--epochs", "2", "--milestones", "1", *DIST_COMMON]
+    two, one = tmp_path / "two", tmp_path / "one"
+    res = _torchrun([str(HERE), "--no-bn", "--no-augment", "--", *method, "--batch-size", "16", "--out", str(two)])
+    assert res.returncode == 0, res.stdout + res.stderr
+    _patch(monkeypatch.setattr, no_bn=True, no_augment=True)
+    assert train.main([*method, "--batch-size", "32", "--out", str(one)]) == 0
+    a, b = (torch.load(d / "last.pt", weights_only=True) for d in (two, one))
+    assert a["epoch"] == b["epoch"] == 2
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-5, atol=1e-6, msg=key)
+    for key in a["method"]["peer"]:
+        torch.testing.assert_close(a["method"]["peer"][key], b["method"]["peer"][key], rtol=1e-5, atol=1e-6, msg=key)
+    for x, y in zip(_records(two), _records(one)):
+        assert x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-5)
