@@ -545,3 +545,33 @@ def test_two_processes_hold_the_weights_of_the_combined_batch(fake_cifar10, tmp_
     torch.testing.assert_close(a["method"]["initial_losses"], b["method"]["initial_losses"], rtol=1e-6, atol=0)
     for x, y in zip(_records(two), _records(one)):
         assert x["train_weight_nat"] == pytest.approx(y["train_weight_nat"], rel=1e-6)
+
+
+# ---- reproduce --------------------------------------------------------------------------------------------
+
+
+def test_reproduce_sweeps_mtard_beside_rslad_and_finds_it_done(data, teachers, tmp_path, capsys):
+    """`reproduce --methods rslad,mtard --nat-teacher FILE`: the natural teacher reaches MTARD's run only, the
+    table names MTARD, a second call finds every stage done (the natural teacher's sha256, recorded at the start,
+    is no difference); --nat-teacher with no MTARD in --methods is one line."""
+    from rslad_fast import reproduce
+
+    adv, nat = teachers
+    argv = [
+        "--out", str(tmp_path / "sweep"), "--methods", "rslad,mtard", "--students", "tiny", "--teacher", str(adv),
+        "--teacher-arch", "tiny", "--nat-teacher", str(nat), "--nat-teacher-arch", "tiny", "--preset", "quick",
+        "--no-progress", "--train-n", "128", "--epochs", "1", "--eval-n", "16", "--batch-size", "64",
+        "--threads", "1", "--attacks", "clean,fgsm", "--n", "16", "--data", str(data),
+    ]  # fmt: skip
+    assert reproduce.main(argv) == 0
+    cfgs = {m: json.loads((tmp_path / "sweep" / f"{m}-tiny" / "config.json").read_text()) for m in ("rslad", "mtard")}
+    assert cfgs["rslad"]["nat_teacher"] is None and cfgs["mtard"]["nat_teacher"]["path"] == str(nat)
+    assert "| tiny | MTARD | last |" in (tmp_path / "sweep" / "table2.md").read_text()
+    capsys.readouterr()
+    assert reproduce.main(argv) == 0
+    assert "all done" in capsys.readouterr().out
+    argv[argv.index("rslad,mtard")] = "rslad"
+    argv[argv.index("--out") + 1] = str(tmp_path / "other")
+    assert reproduce.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --nat-teacher/--nat-teacher-arch: no method in --methods takes a natural teacher (mtard)"

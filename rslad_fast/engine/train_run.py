@@ -161,6 +161,7 @@ def _start_lines(prep: Prepared, run_dir: RunDir, dist: Dist, new: bool, say) ->
         f"{len(prep.train[0])}, eval {cfg.eval_n}, device {cfg.device}, {cfg.threads} threads, {cfg.amp}"
         f"{', channels_last' if cfg.channels_last else ''}{', BN folded in eval passes' if cfg.fold_bn else ''}"
         + (f", teacher {teacher} in {cfg.teacher_dtype}" if teacher else "")
+        + (f", natural teacher {cfg.nat_teacher['path']} ({cfg.nat_teacher['arch']})" if cfg.nat_teacher else "")
         + (f", {cfg.dataset}" if cfg.dataset != "cifar10" else "")
     )
     if not new:

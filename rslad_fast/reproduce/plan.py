@@ -80,6 +80,10 @@ def make_plan(opts: argparse.Namespace) -> Plan:
     for name in RunSettings.TEACHER_ONLY:
         if getattr(given, name) is not None and not distill:
             raise UserError(f"{flag_of(name)}: no distillation method in --methods")
+    if (given.nat_teacher or given.nat_teacher_arch) and not any(
+        getattr(methods.get(m), "needs_nat_teacher", False) for m in opts.methods
+    ):
+        raise UserError("--nat-teacher/--nat-teacher-arch: no method in --methods takes a natural teacher (mtard)")
 
     stages = []
     teacher_arch = canonical_name(opts.teacher_arch) if opts.teacher_arch else None
