@@ -80,6 +80,7 @@ def _steps(fold_bn: bool, steps: int = 2):
             threads=1,
             batch_size=16,
             channels_last=False,
+            amp="fp32",  # resnet8's CPU choice is bf16 where the CPU has it: this compares fp32 paths
         )
     )
     torch.manual_seed(1)
@@ -89,7 +90,7 @@ def _steps(fold_bn: bool, steps: int = 2):
     x, y = torch.rand(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g)
     assert (parts.fold is not None) == fold_bn
     for _ in range(steps):
-        parts.step(x, y)  # amp fp32 here: resnet8 is not in the CPU table
+        parts.step(x, y)
     return parts.student.state_dict()
 
 
@@ -100,6 +101,31 @@ def test_a_folded_run_trains_as_the_unfolded_one_up_to_rounding():
     for k in a:
         if a[k].is_floating_point():
             torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize(
+    "method, amp, train_fold", [("rslad", "fp32", "fp32"), ("rslad", "bf16", "bf16"), ("ard", "fp32", None)]
+)
+def test_the_per_epoch_evaluation_attacks_a_refreshed_fp32_folded_copy(method, amp, train_fold):
+    """With --fold-bn the held-out PGD-20 runs on a folded copy: fp32 whatever the training's autocast, made
+    from the student's weights and statistics as they are at evaluation time (not the attack's last refresh),
+    and on the plain student with --no-fold-bn."""
+    cfg = resolve(RunSettings(method=method, teacher="t.pt", amp=amp, fold_bn=True, **TINY))
+    parts = build_parts(cfg, torch.device("cpu"), random_teacher(cfg), generator_seed=0)
+    assert (parts.fold is not None) == (train_fold is not None)
+    x = torch.rand(4, 3, 32, 32)
+    for _ in range(2):
+        parts.step(torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,)))  # the attack refreshed, then SGD
+        model = parts.eval_model()
+        assert next(model.parameters()).dtype == torch.float32 and not model.training
+        assert (model is getattr(parts.fold, "module", None)) == (train_fold == "fp32")
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), parts.student.eval()(x), rtol=1e-5, atol=1e-5)
+        parts.student.train()
+    if train_fold != "fp32":
+        assert model is parts.eval_fold.module  # one copy, made once
+    parts.fold_bn = False
+    assert parts.eval_model() is parts.student
 
 
 # ---- the CPU's choices per architecture -----------------------------------------------------------------
@@ -125,6 +151,7 @@ def test_cpu_choices_follow_the_architecture_and_native_bf16(cpu_bf16):
     assert pick(student="resnet18", teacher="t.pt") == ("bf16", True, "bf16")  # wrn34-10 teacher: bf16 pays
     assert pick(student="mnv2", teacher="t.pt") == ("fp32", True, "bf16")  # depthwise: bf16 gains nothing
     assert pick(student="tiny", method="natural") == ("fp32", False, "fp32")  # not measured: fp32, the preset's
+    assert pick(student="resnet8", method="trades") == ("bf16", True, "fp32")  # the quick preset's teacher run
     assert pick(student="resnet18", teacher="t.pt", amp="fp32", teacher_dtype="fp32", channels_last=False) == (
         "fp32",
         False,

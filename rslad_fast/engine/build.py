@@ -81,6 +81,22 @@ class Parts:
     generator: torch.Generator  # the attacks' random starts
     amp_dtype: Optional[torch.dtype]
     fold: Optional[FoldedCopy] = None  # the student's folded copy for its eval-mode attack (cfg.fold_bn)
+    fold_bn: bool = False  # cfg.fold_bn: the per-epoch evaluation attacks a folded copy too
+    eval_fold: Optional[FoldedCopy] = None  # its fp32 copy where ``fold`` is absent or in the autocast dtype
+
+    def eval_model(self) -> torch.nn.Module:
+        """The model the per-epoch evaluation attacks: the plain student, or with ``--fold-bn`` a folded copy
+        refreshed from the current weights and statistics (PGD-20's 21 eval-mode passes then skip every
+        folded BatchNorm; equal up to float rounding, as in the training attack). It stays fp32: the attack's
+        copy serves when it is fp32, else an fp32 copy is made once. ``evaluate`` (Table 2) never folds."""
+        if not self.fold_bn:
+            return self.student
+        fold = self.fold
+        if fold is None or next(fold.module.parameters()).dtype != torch.float32:
+            if self.eval_fold is None:
+                self.eval_fold = FoldedCopy(self.student)
+            fold = self.eval_fold
+        return fold.refresh()
 
     def step(self, x: torch.Tensor, y: torch.Tensor, *, cache=None, views=None):
         """One :func:`step.train_step` on (x, y) with these objects (the single-process step the estimate,
@@ -140,4 +156,5 @@ def build_parts(cfg: Config, device: torch.device, teacher: Optional[torch.nn.Mo
         generator=torch.Generator(device=device).manual_seed(generator_seed),
         amp_dtype=amp_dtype,
         fold=fold,
+        fold_bn=cfg.fold_bn,
     )

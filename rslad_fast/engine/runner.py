@@ -163,7 +163,7 @@ def _log_estimate(r: "_Training", step_s: float, epochs: int, batches: int, *, d
     student itself (its weights, modes and the RNG streams untouched: the run stays bitwise the same)."""
     cfg = r.cfg
     images = math.ceil(len(r.held[0]) / dist.world_size)  # this rank's slice of the held-out set
-    eval_s = estimate.measure_eval_seconds(cfg, images=images, model=r.module, device=r.device)
+    eval_s = estimate.measure_eval_seconds(cfg, images=images, model=r.parts.eval_model(), device=r.device)
     total = estimate.estimate_run(cfg, step_s, batches, epochs, eval_seconds=eval_s)
     _log(
         f"[{tag}] estimate: about {estimate.fmt_duration(total)} for the remaining {estimate.count(epochs, 'epoch')} "
@@ -312,7 +312,12 @@ def _end_of_epoch(
     )
     eval_gen = torch.Generator(device=r.device).manual_seed(eval_seed)
     ev = evaluate(
-        module, *r.held, attack=cfg.eval_attack, batch_size=cfg.eval_batch_size, generator=eval_gen, dist=dist
+        r.parts.eval_model(),
+        *r.held,
+        attack=cfg.eval_attack,
+        batch_size=cfg.eval_batch_size,
+        generator=eval_gen,
+        dist=dist,
     )
     r.parts.scheduler.step()
     is_best = ev["pgd20_acc"] > best_acc
