@@ -16,7 +16,7 @@ import rslad_fast.export as export_package
 from rslad_fast.export import ATOL, METADATA, ExportSettings, VerificationError, export, formats
 from rslad_fast.export import cli as export_cli
 from rslad_fast.models import build
-from rslad_fast.models.wrn_dm import CIFAR10_MEAN, CIFAR10_STD
+from rslad_fast.models.wrn_dm import CIFAR10_MEAN, CIFAR10_STD, NORMALIZATIONS, DMWideResNet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 N = 6  # test images of each verification: a few, on a 2-core CPU
@@ -61,7 +61,7 @@ def _run(tmp_path, arch: str, dataset: str, data, name: str = "run", ckpts=("bes
     return run
 
 
-def _check_metadata(result, arch, dataset, classes, names):
+def _check_metadata(result, arch, dataset, classes, names, all_fold=True):
     meta = json.loads((result.out / METADATA).read_text())
     assert meta == result.metadata
     assert (meta["architecture"], meta["dataset"], meta["num_classes"]) == (arch, dataset, classes)
@@ -75,7 +75,8 @@ def _check_metadata(result, arch, dataset, classes, names):
             assert f["agree"] + f["ties"] == f["n"]
         assert meta["verification"]["per_format"][name]["clean"]["n"] == N
         assert meta["verification"]["per_format"][name]["PGD-20"]["n"] == N
-    assert meta["verification"]["bn_folded"]["folded"] == meta["verification"]["bn_folded"]["total"] > 0
+    folded = meta["verification"]["bn_folded"]
+    assert folded["folded"] > 0 and (folded["folded"] == folded["total"]) == all_fold  # models/fold.py's table
     return meta
 
 
@@ -121,6 +122,30 @@ def test_the_other_architectures_export(tmp_path, c10):
         run = _run(tmp_path, arch, "cifar10", c10, name=arch)
         result = export(ExportSettings(run=str(run), n=N, formats=["onnx", "exported"]), log=lambda _: None)
         _check_metadata(result, arch, "cifar10", 10, ["onnx", "exported"])
+
+
+def test_a_model_that_normalizes_inside_carries_its_normalization(tmp_path, c100, monkeypatch):
+    """WRN-70-16's path (its mean/std buffers inside forward), on a depth-10 width-1 model of its layout (the
+    real one, 267M parameters, is too big for this CPU's suite): the artifacts take [0, 1] images, verify, and
+    metadata.json gives the run's normalization (here CIFAR-100's) as applied inside the model."""
+
+    def small(name, num_classes=10, *, normalization="cifar10"):
+        mean, std = NORMALIZATIONS[normalization]
+        return DMWideResNet(num_classes, depth=10, width=1, mean=mean, std=std)
+
+    monkeypatch.setattr(export_package, "build", small)
+    run = tmp_path / "run"
+    run.mkdir()
+    config = {"student": "wrn70-16", "dataset": "cifar100", "data": str(c100), "wrn70_16_norm": "cifar100"}
+    (run / "config.json").write_text(json.dumps(config))
+    torch.manual_seed(0)
+    torch.save({"model": small("wrn70-16", 100).state_dict()}, run / "best.pt")
+    result = export(ExportSettings(run=str(run), n=N, formats=["onnx", "exported"]), log=lambda _: None)
+    meta = _check_metadata(result, "wrn70-16", "cifar100", 100, ["onnx", "exported"], all_fold=False)
+    norm = meta["input"]["normalization"]
+    assert norm["where"] == "inside the model" and norm["mean"] == pytest.approx(list(NORMALIZATIONS["cifar100"][0]))
+    assert norm["std"] == pytest.approx(list(NORMALIZATIONS["cifar100"][1]))
+    assert meta["epoch"] is None and meta["eval"] is None
 
 
 def test_a_fixed_batch(tmp_path, c10):
