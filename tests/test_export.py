@@ -246,6 +246,12 @@ def test_bad_input_is_one_line(tmp_path, c10, capsys, monkeypatch):
     (tmp_path / "full" / "mine.txt").write_text("x")
     _one_line(capsys, ["--run", str(run), "--ckpt", "last", "--out", str(tmp_path / "full")], "not an export")
     _one_line(capsys, ["--run", str(run), "--ckpt", "last", "--n", "21"], "exceeds the 20 test images")
+    _one_line(capsys, ["--run", str(tmp_path / "a_file")], "not a directory")
+    _one_line(capsys, ["--run", str(run), "--ckpt", "last", "--data", str(tmp_path / "moved")], "not found", "(--data)")
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "data": str(tmp_path / "moved")}))
+    _one_line(capsys, ["--run", str(run), "--ckpt", "last"], "not found", "config.json names; pass --data DIR")
+    (run / "config.json").write_text(json.dumps(config))
     import errno
 
     def read_only(*a, **k):
@@ -293,3 +299,25 @@ def test_the_cli_prints_the_verification_and_the_help_states_the_tolerance(tmp_p
     with pytest.raises(SystemExit):
         export_cli.main(["--help"])
     assert f"(default {ATOL:g})" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_failed_final_rename_keeps_the_previous_export(tmp_path, c10, capsys, monkeypatch):
+    """The last step (the new folder in the place of the old) failing: the previous export is put back whole."""
+    import errno
+
+    run = _run(tmp_path, "tiny", "cifar10", c10)
+    out = tmp_path / "out"
+    export(ExportSettings(run=str(run), n=N, formats=["exported"], out=str(out)), log=lambda _: None)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    replace = os.replace
+
+    def failing(src, dst):
+        if os.path.basename(src).startswith(".out.tmp-"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing)
+    _one_line(capsys, ["--run", str(run), "--n", str(N), "--format", "exported", "--out", str(out)], "No space left")
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "run"]

@@ -84,7 +84,7 @@ def _checkpoint(run: Path, which: str) -> Path:
     if which not in ("best", "last"):
         raise UserError(f"--ckpt {which!r}: choose best or last")
     if not run.is_dir():
-        raise UserError(f"--run {run}: no such directory")
+        raise UserError(f"--run {run}: {'not a directory' if run.exists() else 'no such directory'}")
     rd = RunDir(run)
     if not rd.has_config():
         raise UserError(f"--run {run}: no {rd.config.name} there, not a run directory")
@@ -132,7 +132,12 @@ def _replace_dir(tmp: Path, out: Path) -> None:
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)
-    os.replace(tmp, out)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        if old is not None:  # the previous export back in its place
+            os.replace(old, out)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -169,7 +174,11 @@ def export(s: ExportSettings, log=print) -> ExportResult:
     classes = num_classes(cfg["dataset"])
     model = load_checkpoint_into(build(cfg["arch"], classes, normalization=cfg["norm"]), ckpt, cfg["arch"]).eval()
     data = s.data or cfg["data"] or "./data"
-    images, labels = load_cifar(data, train=False, dataset=cfg["dataset"], download=False)
+    try:
+        images, labels = load_cifar(data, train=False, dataset=cfg["dataset"], download=False)
+    except UserError as e:
+        where = f"the data folder {RunDir(run).config} names; pass --data DIR" if not s.data else "--data"
+        raise UserError(f"{e} ({where})") from None
     if s.n > len(labels):
         raise UserError(f"--n {s.n} exceeds the {len(labels)} test images in {data}")
     x, y = images[: s.n].float().div(255), labels[: s.n]  # the engine's input: uint8 / 255
