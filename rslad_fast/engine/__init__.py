@@ -19,6 +19,8 @@ precision.py   the TF32 policy shared with evaluate
 allocator.py   keep freed CPU memory in the process (glibc)
 checkpoint.py  weights_only-loadable checkpoints with every RNG state (bitwise resume)
 metrics.py     metrics.jsonl and curves.png
+tb_log.py      --tensorboard: metrics.jsonl's scalars and the config as TensorBoard events (rank 0)
+validation.py  --val-n: the training images held out for the per-epoch evaluation and best.pt
 dist.py        torchrun: rank / world size, the process group, the collectives (rank 0 writes)
 """
 

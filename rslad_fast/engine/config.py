@@ -93,6 +93,12 @@ class Config:
         return json.loads(json.dumps(asdict(self)))
 
     @property
+    def held_n(self) -> int:
+        """The images the per-epoch evaluation attacks: the --val-n held-out training images, else the first
+        eval_n test images."""
+        return self.val_n if self.val_n is not None else self.eval_n
+
+    @property
     def num_classes(self) -> int:
         """The data set's class count: every model's outputs."""
         return num_classes(self.dataset)

@@ -218,9 +218,9 @@ def estimate_run(
 ) -> float:
     """Seconds for ``epochs_left`` more epochs of ``batches_per_epoch`` batches at ``step_seconds`` each, plus
     each epoch's held-out evaluation: ``eval_seconds`` per epoch, or :func:`measure_eval_seconds` of
-    ``cfg.eval_n`` images when None. Checkpoint writes and the curves are left out (seconds per epoch)."""
+    ``cfg.held_n`` images when None. Checkpoint writes and the curves are left out (seconds per epoch)."""
     if eval_seconds is None:
-        eval_seconds = measure_eval_seconds(cfg, images=cfg.eval_n)
+        eval_seconds = measure_eval_seconds(cfg, images=cfg.held_n)
     return max(epochs_left, 0) * (batches_per_epoch * step_seconds + eval_seconds)
 
 

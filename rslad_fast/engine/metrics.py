@@ -7,7 +7,7 @@ checkpoint decision. Keys (see ``loop.py`` / ``runner.py`` for how each is measu
     lr              learning rate used during that epoch
     train_loss      mean of the method's loss over the epoch's batches
     train_<stat>    mean of each statistic the method reports in ctx.stats (loss_adv, acc_nat, ...)
-    clean_acc       top-1 accuracy (fraction) on the held test subset
+    clean_acc       top-1 accuracy (fraction) on the held-out images (the first eval_n test images, or --val-n's)
     pgd20_acc       accuracy under PGD-20 (see ``train.EVAL_ATTACK``) on the same subset
     eval_n          size of that subset
     epoch_time_s    wall time of the epoch's training part (s)

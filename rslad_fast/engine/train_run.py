@@ -158,7 +158,8 @@ def _start_lines(prep: Prepared, run_dir: RunDir, dist: Dist, new: bool, say) ->
         f"{'run' if new else 'resume'} {run_dir.path}: {cfg.method} {cfg.student}, preset "
         f"{cfg.preset}, {cfg.epochs} epochs, {batch}, lr {cfg.lr:g} "
         f"(x{cfg.gamma:g} at {cfg.milestones}), wd {cfg.weight_decay:g}, train images "
-        f"{len(prep.train[0])}, eval {cfg.eval_n}, device {cfg.device}, {cfg.threads} threads, {cfg.amp}"
+        f"{len(prep.train[0])}, eval {cfg.held_n} {'held-out training' if cfg.val_n is not None else 'test'}, "
+        f"device {cfg.device}, {cfg.threads} threads, {cfg.amp}"
         f"{', channels_last' if cfg.channels_last else ''}{', BN folded in eval passes' if cfg.fold_bn else ''}"
         + (f", teacher {teacher} in {cfg.teacher_dtype}" if teacher else "")
         + (f", natural teacher {cfg.nat_teacher['path']} ({cfg.nat_teacher['arch']})" if cfg.nat_teacher else "")

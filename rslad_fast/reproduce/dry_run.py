@@ -38,7 +38,7 @@ def estimate_stages(plan: Plan, dist=None) -> dict:
             per_batch = estimate.measure_train_step(small, device=device) * cfg.batch_size / small.batch_size
             world = dist.world_size if dist is not None else 1
             batches = estimate.batches_per_epoch(cfg.train_n or TRAIN_IMAGES, cfg.batch_size, world)
-            eval_s = estimate.measure_eval_seconds(cfg, images=math.ceil(cfg.eval_n / world), device=device)
+            eval_s = estimate.measure_eval_seconds(cfg, images=math.ceil(cfg.held_n / world), device=device)
             est[s.name, s.kind] = estimate.estimate_run(cfg, per_batch, batches, cfg.epochs - done, eval_seconds=eval_s)
             seen[s.name] = cfg
         elif not eval_done(plan, s.run_dir):
