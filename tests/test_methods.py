@@ -508,6 +508,9 @@ def _resolve(method, student, **given):
         ("tiny", "resnet"),
         ("wrn34-10", "wrn"),
         ("wrn70-16", "wrn"),
+        ("wrn34-20", "wrn"),
+        ("dm-wrn28-10", "wrn"),
+        ("DM_WRN_70_16", "wrn"),
     ],
 )
 def test_mart_setting_follows_the_student_architecture(student, setting):
@@ -524,6 +527,19 @@ def test_mart_setting_follows_the_student_architecture(student, setting):
         assert "train_wideresnet.py" in cfg.schedule_source
     # the attack is the same in both scripts
     assert (cfg.hparams["eps"], cfg.hparams["step_size"], cfg.hparams["steps"]) == (0.031, 0.007, 10)
+
+
+@pytest.mark.parametrize("arch", models.ARCHS)
+def test_mart_gives_every_wideresnet_in_archs_the_wrn_setting(arch):
+    """By family: an architecture whose built module is a WideResNet (TRADES', DeepMind's, Chen2021LTD's
+    layout; built on the meta device, no memory) resolves to train_wideresnet.py's setting, every other one
+    to train_resnet.py's, so a WRN added to models.ARCHS cannot fall back to the ResNet-18 setting."""
+    with torch.device("meta"):
+        wide = "WideResNet" in type(models.build(arch)).__name__
+    cfg = _resolve("mart", arch)
+    got = (cfg.hparams["beta"], cfg.lr, cfg.weight_decay, cfg.epochs)
+    assert got == ((6.0, 0.1, 7e-4, 90) if wide else (5.0, 0.01, 3.5e-3, 120)), (arch, wide)
+    assert MART.is_wide(arch) == wide
 
 
 def test_mart_explicit_flags_override_the_architecture_setting():

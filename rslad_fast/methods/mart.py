@@ -13,8 +13,10 @@ Official code: YisenWang/MART, `mart.py` (`mart_loss`), `train_wideresnet.py`, `
   train_wideresnet.py trains WideResNet with beta = 6, lr 0.1, weight decay 7e-4, 90 epochs;
   train_resnet.py trains ResNet18 with beta = 5, lr 0.01, weight decay 3.5e-3, 120 epochs. Both: SGD
   momentum 0.9, batch 128, the same attack, lr x0.1 at epoch >= 75, 90, 100 (epochs from 1).
-  The WRN setting goes to the wide ResNets (wrn34-10, wrn70-16), the ResNet setting to every other student:
-  resnet18 is train_resnet.py's own model and resnet8 a smaller ResNet. MART's code has no setting for
+  The WRN setting goes to every WideResNet of models.ARCHS, by family (`is_wide`: the canonical names with
+  "wrn": wrn34-10, wrn70-16, wrn34-20, dm-wrn28-10, dm-wrn70-16, and any WRN added later), the ResNet
+  setting to every other student: resnet18 is train_resnet.py's own model, resnet8 and resnet56 smaller
+  ResNets. MART's code has no setting for
   MobileNetV2 or for our test CNN (`tiny`); they are small, non-wide networks like ResNet-18, and the RSLAD
   lineage trains its ResNet-18 and MobileNetV2 students with one setting, so they take the ResNet one.
   Explicit --beta/--lr/--weight-decay/--epochs override either. The class attributes (HPARAMS, SCHEDULE)
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..attacks.pgd import pgd
+from ..models import canonical_name
 from .base import (
     Context,
     HParam,
@@ -83,12 +86,17 @@ class MART(Method):
         "counting epochs from 1 (0-based milestones 74, 89, 99)",
     )
     RESNET_BETA = 5.0  # MART train_resnet.py --beta 5.0
-    WIDE = ("wrn34-10", "wrn70-16")  # the students that get train_wideresnet.py's setting
+
+    @staticmethod
+    def is_wide(student: str) -> bool:
+        """A WideResNet student, which gets train_wideresnet.py's setting: by family, every architecture whose
+        canonical name (models.ARCHS) names a WRN, whatever its depth, width or layout."""
+        return "wrn" in canonical_name(student)
 
     @classmethod
     def official_setting(cls, student: str, dataset: str = "cifar10"):
         schedule, defaults = super().official_setting(student, dataset)
-        if student in cls.WIDE:
+        if cls.is_wide(student):
             return schedule, defaults
         return cls.RESNET_SCHEDULE, dict(defaults, beta=cls.RESNET_BETA)
 
