@@ -46,8 +46,9 @@ What could not be followed to the letter, and why:
   raises ZeroDivisionError (a Python float 0.0); here the empty adversarial term is 0.
 - steps=0: as AdaAD's (the engine returns x itself); the attack runs eagerly, as AdaAD's.
 - The teacher: main.py's CIFAR-10 teacher is `--teacher_model wideresnet34_10` loaded from
-  `teacher_models/CIFAR10/wideresnet34_10/robust_teacher.pth` (main.py:37, 206-211), a file the repository
-  neither ships nor names a source for (`--teacher_model Chen2021LTD_WRD34_20`, main.py:213-221, is the other
+  `teacher_models/CIFAR10/wideresnet34_10/robust_teacher.pth` (main.py:37, 206-211), TRADES' layout (its
+  networks/wideresnet.py `WideResNet`: `--teacher-arch wrn34-10`), a file the repository neither ships nor
+  names a source for (`--teacher_model Chen2021LTD_WRD34_20`, main.py:213-221, is the other
   choice); its CIFAR-100 teacher is Chen2021LTD's WRN-34-10 (main.py:231-237). Both run in fp32 (no `.half()`,
   main.py:226-229, 242-245): on CIFAR-100 pass `--teacher-dtype fp32` for DGAD's own
   setting (this engine's CIFAR-100 default teacher dtype is fp16, engine/config.py DEFAULT_TEACHER_DTYPE).

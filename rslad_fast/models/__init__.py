@@ -5,8 +5,9 @@ Canonical names (``ARCHS``):
 - ``mnv2``      CIFAR MobileNetV2 (RSLAD student; kuangliu layout)
 - ``wrn34-10``  TRADES WRN-34-10 (RSLAD teacher; loads TRADES' ``model_cifar_wrn.pt`` strictly)
 - ``wrn70-16``  DeepMind WRN-70-16 (RobustBench layout, normalizes internally; the RSLAD CIFAR-100 teacher)
-- ``wrn34-20``  Chen2021LTD's WRN-34-20 (AdaAD's and DGAD's CIFAR-10 teacher; RobustBench ``WideResNet`` with no
-  ``sub_block1``, raw [0, 1] input; ``models/wrn_ltd.py``)
+- ``wrn34-20``  Chen2021LTD's WRN-34-20 (AdaAD's CIFAR-10 teacher, DGAD's alternative one: DGAD main.py's default
+  is TRADES' layout, ``wrn34-10``; RobustBench ``WideResNet`` with no ``sub_block1``, raw [0, 1] input;
+  ``models/wrn_ltd.py``)
 - ``dm-wrn28-10``, ``dm-wrn70-16``  RobustBench's DeepMind WRNs (Gowal 2020/2021, Rebuffi 2021, Wang 2023; Swish /
   SiLU), normalizing internally with the constants RobustBench publishes for the data set (``models/wrn_dm.py``)
 - ``resnet56``  CIFAR ResNet-56 (MTARD's natural CIFAR-10 teacher; MTARD / chenyaofo layout, raw [0, 1] input)

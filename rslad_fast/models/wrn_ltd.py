@@ -1,5 +1,8 @@
-"""Chen2021LTD's WRN-34-20, AdaAD's and DGAD's CIFAR-10 teacher ("LTD": Chen et al. 2021, "LTD: Low Temperature
-Distillation for Robust Adversarial Training").
+"""Chen2021LTD's WRN-34-20, AdaAD's CIFAR-10 teacher ("LTD": Chen et al. 2021, "LTD: Low Temperature Distillation
+for Robust Adversarial Training"; boyellow/AdaAD README.md names it for CIFAR-10) and DGAD's alternative one
+(kunsaram01/DGAD main.py:213-221, ``--teacher_model Chen2021LTD_WRD34_20``): DGAD main.py's default,
+``--teacher_model wideresnet34_10`` (main.py:37), is TRADES' layout (its ``networks/wideresnet.py``
+``WideResNet``), loaded from ``robust_teacher.pth['net']`` (main.py:208-211): ``wrn34-10`` here.
 
 The published file is the RobustBench CIFAR-10 L-inf entry ``Chen2021LTD_WRN34_20``, which RobustBench builds as
 ``WideResNet(depth=34, widen_factor=20, sub_block1=False)`` (RobustBench/robustbench
