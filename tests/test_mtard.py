@@ -395,6 +395,10 @@ def test_command_line_resolution():
         (["--method", "mtard", "--teacher", "t.pt"], "method 'mtard' needs --nat-teacher FILE"),
         (["--method", "rslad", "--nat-teacher", "n.pt"], "--nat-teacher/--nat-teacher-arch: method 'rslad' takes no"),
         (["--method", "sat", "--nat-teacher-arch", "tiny"], "method 'sat' takes no second teacher"),
+        (
+            ["--method", "mtard", "--teacher", "t.pt", "--nat-teacher", "n.pt", "--dataset", "cifar100"],
+            "method 'mtard' on cifar100 needs --nat-teacher-arch",
+        ),
     ],
 )
 def test_teacher_flag_errors_are_one_line(argv, message, capsys, tmp_path):
@@ -402,6 +406,25 @@ def test_teacher_flag_errors_are_one_line(argv, message, capsys, tmp_path):
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "run").exists()
+
+
+def test_cifar100_needs_an_explicit_nat_teacher_arch():
+    """MTARD's natural-teacher default (resnet56, its CIFAR-10 zoo) holds on CIFAR-10 only: its CIFAR-100 models
+    are DeepMind WRNs normalizing with CIFAR-10's mean/std (mtard/cifar100_models/wideresnet.py:160-165), so on
+    CIFAR-100 the architecture is asked for, the error naming every choice; given, it is taken."""
+    parse = train.build_parser().parse_args
+    base = ["--method", "mtard", "--student", "tiny", "--teacher", "t.pt", "--nat-teacher", "n.pt"]
+    with pytest.raises(UserError) as err:
+        train.resolve_config(parse([*base, "--dataset", "cifar100"]))
+    text = str(err.value)
+    assert "--nat-teacher-arch" in text and "wideresnet.py:160-165" in text and len(text.splitlines()) == 1
+    assert all(arch in text for arch in models.ARCHS)
+    for arch in ("resnet56", "dm-wrn28-10", "tiny"):
+        cfg = train.resolve_config(parse([*base, "--dataset", "cifar100", "--nat-teacher-arch", arch]))
+        assert cfg.nat_teacher["arch"] == arch
+    assert train.resolve_config(parse([*base, "--dataset", "cifar10"])).nat_teacher["arch"] == "resnet56"
+    assert MTARD.default_nat_teacher_arch("cifar10") == MTARD.NAT_TEACHER_ARCH == "resnet56"
+    assert "160-165" in mtard_module.__doc__ and "CIFAR10_MEAN" in mtard_module.__doc__
 
 
 # ---- end to end ------------------------------------------------------------------------------------------

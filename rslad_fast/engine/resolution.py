@@ -241,7 +241,8 @@ def _resolve_one(s: RunSettings, default_threads: Optional[int], versions_info: 
             )
         nat_teacher = {
             "path": str(Path(s.nat_teacher).expanduser().resolve()),
-            "arch": canonical_name(s.nat_teacher_arch or method_cls.NAT_TEACHER_ARCH),
+            # MTARD: resnet56 on CIFAR-10; on CIFAR-100 --nat-teacher-arch is required (UserError)
+            "arch": canonical_name(s.nat_teacher_arch or method_cls.default_nat_teacher_arch(dataset)),
         }
     elif s.nat_teacher or s.nat_teacher_arch:
         raise UserError(

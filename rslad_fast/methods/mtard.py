@@ -50,8 +50,16 @@ What could not be followed to the letter, and why:
   adversarial teachers (TRADES' WRN-34-10 on CIFAR-10, WRN-70-16 on CIFAR-100, as RSLAD's: the engine's
   --teacher-arch defaults) and links a clean teacher checkpoint, and the repository's natural-teacher zoo
   `cifar10_nat_teacher_models/resnet.py` loads `cifar10_resnnet56...0_9318.pth` into its CIFAR ResNet-56:
-  `--nat-teacher-arch` defaults to resnet56 (NAT_TEACHER_ARCH). `mtard/cifar100_models/wideresnet.py:160`
-  defines a WideResNet-22-6, which this project does not build: pass the architecture of your file.
+  `--nat-teacher-arch` defaults to resnet56 (NAT_TEACHER_ARCH) on CIFAR-10 only. On CIFAR-100 it has no
+  default and must be given (`default_nat_teacher_arch`: one UserError line naming the choices): that zoo is
+  CIFAR-10's. mtard_resnet18_cifar100.py builds both teachers as `wideresnet()` (lines 54, 59) from
+  `cifar100_models` (line 5), which defines no `wideresnet`; its WideResNets (mtard/cifar100_models/
+  wideresnet.py:153-179) are DeepMind-layout with Swish and normalize with CIFAR-10's mean/std though they
+  have 100 classes, the natural-teacher-sized one `WideResNet_22_6` (lines 160-165: `mean=CIFAR10_MEAN,
+  std=CIFAR10_STD`, constants at lines 8-9). This project's DM WRNs (models/wrn_dm.py `dm_wrn`) normalize with the
+  constants RobustBench publishes for their class count's data set, CIFAR-100's at 100 classes, so a
+  `dm-wrn22-6` built from them would silently feed that file other inputs than it was trained on; none is
+  registered, and a CIFAR-100 resnet56 default would be a CIFAR-10 model's architecture with no source.
 - The natural teacher runs in the run's --teacher-dtype, like the adversarial one (the official scripts run
   both in fp32; this engine's CIFAR-100 default is fp16: pass `--teacher-dtype fp32` for theirs).
 - `steps=0`: the official code returns clamp(x + 0.001*N(0,1), 0, 1); the engine returns x itself.
@@ -63,6 +71,8 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..attacks.pgd import model_mode, pgd
+from ..errors import UserError
+from ..models import ARCHS
 from .base import (
     Context,
     HParam,
@@ -169,6 +179,7 @@ class MTARD(Method):
     needs_teacher = True
     needs_nat_teacher = True  # the engine loads --nat-teacher and hands the pair (TwoTeachers) as the teacher
     NAT_TEACHER_ARCH = "resnet56"  # MTARD cifar10_nat_teacher_models/resnet.py: cifar10_resnet56 (see above)
+    NAT_TEACHER_ARCHS = {"cifar10": NAT_TEACHER_ARCH}  # CIFAR-100: none, --nat-teacher-arch required (above)
     # the natural teacher sees x only: T_nat(x) is a function of the view; T_adv(x') is never cached
     TEACHER_CACHE_AUTO = True
     LOSS_PER_ELEMENT = True  # each term is a mean over the B*C elements (cifar10.py:79-80), see per_image_factor
@@ -213,6 +224,20 @@ class MTARD(Method):
         super().__init__(**overrides)
         self.weights = AdaptiveWeights()
         self.lr_milestones, self.lr_gamma = tuple(self.SCHEDULE.milestones), self.SCHEDULE.gamma
+
+    @classmethod
+    def default_nat_teacher_arch(cls, dataset: str) -> str:
+        """The natural teacher's architecture when --nat-teacher-arch is not given: resnet56 on CIFAR-10 (MTARD's
+        cifar10_nat_teacher_models zoo); on CIFAR-100 a UserError (no layout of MTARD's CIFAR-100 models is
+        built here: see the module doc)."""
+        arch = cls.NAT_TEACHER_ARCHS.get(dataset)
+        if arch is None:
+            raise UserError(
+                f"method 'mtard' on {dataset} needs --nat-teacher-arch, the architecture of your --nat-teacher file "
+                f"(MTARD's CIFAR-100 natural teacher, mtard/cifar100_models/wideresnet.py:160-165, is a DeepMind "
+                f"WRN-22-6 normalizing with CIFAR-10's mean/std, not built here): one of {', '.join(ARCHS)}"
+            )
+        return arch
 
     def validate(self) -> None:
         check_attack(self)
