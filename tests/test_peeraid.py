@@ -267,6 +267,47 @@ def test_command_line_resolution_and_help():
     assert "--peer-lr" in text and "--gamma2" in text and "resnet18_cifar10.sh" in text
 
 
+def _parts(*argv):
+    """The resolved config of `train ARGV` and its built parts (the student's and the peer's SGD)."""
+    from rslad_fast.engine.build import build_parts
+
+    cfg = train.resolve_config(train.build_parser().parse_args(["--method", "peeraid", "--student", "tiny", *argv]))
+    parts = build_parts(cfg, torch.device("cpu"), None, generator_seed=0)
+    (student,), (peer,) = parts.optimizer.param_groups, parts.method.peer_optimizer.param_groups
+    return cfg, (student["lr"], student["weight_decay"]), (peer["lr"], peer["weight_decay"])
+
+
+@pytest.mark.parametrize(
+    "argv, student_wd, peer_wd",
+    [
+        ([], 2e-4, 2e-4),  # configs/*.json weight_decay 0.0002 for both
+        (["--weight-decay", "5e-4"], 5e-4, 5e-4),  # main.py:219-220: one args.weight_decay for both optimizers
+        (["--weight-decay", "5e-4", "--peer-weight-decay", "1e-3"], 5e-4, 1e-3),  # the peer's own flag wins
+        (["--peer-weight-decay", "0"], 2e-4, 0.0),
+        (["--preset", "quick", "--weight-decay", "5e-4"], 5e-4, 5e-4),
+    ],
+)
+def test_the_peer_follows_the_runs_weight_decay_unless_its_flag_is_given(argv, student_wd, peer_wd):
+    cfg, student, peer = _parts(*argv)
+    assert cfg.weight_decay == student[1] == pytest.approx(student_wd)
+    assert cfg.hparams["peer_weight_decay"] == peer[1] == pytest.approx(peer_wd)
+    assert PeerAiD.HPARAMS["peer_weight_decay"].default == PeerAiD.SCHEDULE.weight_decay  # one official value
+
+
+@pytest.mark.parametrize("dataset, classes", [("cifar10", 10), ("cifar100", 100)])
+def test_the_quick_preset_scales_the_students_lr_not_the_peers(dataset, classes):
+    """per_image_loss_lr turns the student's per-logit KL means into per-image ones (lr x C, weight decay / C);
+    the peer's loss is mainly gamma1 * CE, already per image, so it keeps the official lr 0.1 and weight decay
+    2e-4 (the module doc); its lr still decays at the run's milestones."""
+    cfg, student, peer = _parts("--preset", "quick", "--dataset", dataset)
+    assert student == (pytest.approx(0.1 * classes), pytest.approx(2e-4 / classes))
+    assert peer == (pytest.approx(0.1), pytest.approx(2e-4)) and cfg.hparams["peer_lr"] == 0.1
+    method = PeerAiD(**cfg.hparams)
+    method.follow_lr_schedule(cfg.milestones, cfg.gamma)
+    assert method.peer_lr_at(cfg.epochs - 1) == pytest.approx(0.1 * cfg.gamma) and cfg.milestones == [cfg.epochs - 1]
+    assert "per_image_loss_lr" in peeraid_module.__doc__ and "main.py:219-220" in peeraid_module.__doc__
+
+
 # ---- end to end ------------------------------------------------------------------------------------------
 
 COMMON = ["--student", "tiny", "--threads", "1", "--eval-n", "32", "--batch-size", "64", "--no-progress"]

@@ -190,6 +190,9 @@ def _resolve_one(s: RunSettings, default_threads: Optional[int], versions_info: 
         for name in preset.epoch_hparams:
             if name in defaults and name not in given:
                 hp[name] = int(round(defaults[name] * epochs / sch.epochs))
+    for key in getattr(method_cls, "FOLLOWS_RUN_WEIGHT_DECAY", ()):  # PeerAiD's peer: the run's --weight-decay
+        if key not in given and s.weight_decay is not None:  # unless its own flag is given (methods/peeraid.py)
+            hp[key] = s.weight_decay
     method = method_cls(**hp)  # validates (UserError on eps outside [0, 1], negative steps, ...)
     hparams = method.hparams()
     if "eps" in hparams and not 0.0 <= float(hparams["eps"]) <= 1.0:  # belt and braces for any method

@@ -11,7 +11,10 @@ lines 59-84), `configs/PeerAiD_resnet18_cifar10.json` / `_cifar100.json` and `tr
   resnet18, wideresnet34x10 / wideresnet34x10), randomly initialised (main.py:160-164). Here it is built by
   the engine beside the student (`bind_peer`, engine/build.py), initialised right after it from the run's
   seed, and trained by this method with its own SGD: lr `peer_lr` 0.1 (config `lr_peer`), momentum 0.9,
-  weight decay `peer_weight_decay` 2e-4 (config `weight_decay`, main.py:219), its lr divided by 10 at the
+  weight decay the run's (main.py:219-220 give both optimizers the one `args.weight_decay`, config
+  `weight_decay` 2e-4): `peer_weight_decay` follows --weight-decay when that is given and is the official
+  2e-4 otherwise (`FOLLOWS_RUN_WEIGHT_DECAY`, resolved by engine/resolution.py); --peer-weight-decay, a flag
+  the official code does not have, sets the peer's alone. Its lr is divided by 10 at the
   run's milestones (config `lr_decay_epochs_peer` = `lr_decay_epochs_student` = [214, 259, 284] in every
   CIFAR config; `adjust_learning_rate`, main.py:840-852, 893). Its weights and momentum are in every
   checkpoint (`state_dict`), so --resume continues it bitwise.
@@ -47,8 +50,18 @@ What could not be followed to the letter, and why:
   all-reduce before its step and its BatchNorm buffers broadcast from rank 0 before each batch, as DDP does
   for the student; `--sync-bn` converts the student only.
 - steps=0: the official attack fails (`x` unbound, attack_function.py:71-73); the engine returns x itself.
-- Presets that rescale the lr of a per-element loss (the quick preset's `per_image_loss_lr`) rescale the
-  student's lr, not `peer_lr`.
+- The quick preset's `per_image_loss_lr` (lr x f, weight decay / f, f = `per_image_factor` = C: the exact SGD
+  step of the per-image form of a loss averaged over the B*C logits, at the official lr and weight decay) is
+  applied to the student alone: on CIFAR-100 its lr is 0.1 x 100 and its weight decay 2e-4 / 100, while the
+  peer keeps `peer_lr` 0.1 and the official 2e-4. That is the faithful reading: the factor turns a per-logit
+  mean into a per-image one, and the student's loss is such a mean (lamb1 = 0: two KLDivLoss() terms, and
+  loss_peer's KL in the student), but the peer's is not: its main term, gamma1 * CE(P(x'), y), is already
+  per image (CrossEntropyLoss's mean over the B images), so lr x C would take C times the official step on
+  it (lr 10 on a CE on CIFAR-100). Only the peer's gamma2 * tau^2 KL term is per logit; under that preset it
+  pulls the peer towards the student 1/C as hard as a per-image KL would, as at the official values in every
+  preset (the exact per-image form would rescale gamma2, a loss weight, not the lr). The peer's weight decay
+  is therefore the unscaled one: it follows --weight-decay only when that is given (test_peeraid.py
+  checks the optimizers under the quick preset on CIFAR-100).
 - The teacher-logit cache and a --teacher do not apply: PeerAiD has no pretrained teacher.
 """
 
@@ -118,9 +131,14 @@ class PeerAiD(Method):
             "main.py:219, 893)",
         ),
         "peer_weight_decay": HParam(
-            2e-4, "the peer's SGD weight decay (PeerAiD configs/*.json weight_decay 0.0002, main.py:219)"
+            2e-4,
+            "the peer's SGD weight decay; by default the run's --weight-decay when given, else 2e-4 (PeerAiD "
+            "main.py:219-220: one args.weight_decay for both optimizers; configs/*.json weight_decay 0.0002)",
         ),
     }
+    # the hyperparameters that take the run's --weight-decay when it is given and they are not (resolution.py):
+    # PeerAiD main.py:219-220 build both SGDs with args.weight_decay
+    FOLLOWS_RUN_WEIGHT_DECAY = ("peer_weight_decay",)
     DATASET_DEFAULTS = {"cifar100": {"gamma2": 1.0}}  # training_scripts/resnet18_cifar100.sh --gamma2 1
     SCHEDULE = Schedule(
         epochs=300,
