@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rslad_fast import methods, models, reproduce, train
+from rslad_fast import methods, models, ops, reproduce, train
 from rslad_fast.engine import create_run_dir, prepare, run
 from rslad_fast.engine.step import train_step
 from rslad_fast.engine.teacher import cast_teacher, freeze
@@ -78,8 +78,11 @@ def official_inner_loss(model, teacher_model, x_natural, generator, step_size, s
     return torch.clamp(x_adv, 0.0, 1.0).detach()
 
 
-def official_loss(net, teacher_net, inputs, adv_inputs, targets, alp="on", alp_beta=1.0, model="resnet18"):
-    """main.py:394-447, the DGAD branch after the attack, with args.bs = the batch's size."""
+def official_loss(
+    net, teacher_net, inputs, adv_inputs, targets, alp="on", alp_beta=1.0, model="resnet18", empty_adv_zero=False
+):
+    """main.py:394-447, the DGAD branch after the attack, with args.bs = the batch's size. `empty_adv_zero`:
+    1/(B - n) replaced by 0 when n = B (where main.py raises ZeroDivisionError), the documented deviation."""
     bs = len(inputs)
     net.train()
     ori_outputs = net(inputs)
@@ -105,7 +108,8 @@ def official_loss(net, teacher_net, inputs, adv_inputs, targets, alp="on", alp_b
     loss_clean = (1 / (num_lambda + 1e-10)) * torch.sum(
         Lambda * KL_loss(F.log_softmax(ori_outputs, dim=1), F.softmax(t_ori_outputs.detach(), dim=1)).sum(dim=1)
     )
-    loss_adv = (1 / (len(adv_inputs) - num_lambda)) * torch.sum(
+    num_adv = len(adv_inputs) - num_lambda
+    loss_adv = (0.0 if empty_adv_zero and num_adv == 0 else 1 / num_adv) * torch.sum(
         (1 - Lambda) * KL_loss(F.log_softmax(adv_outputs, dim=1), F.softmax(t_adv_outputs.detach(), dim=1)).sum(dim=1)
     )
     if alp == "on":
@@ -195,6 +199,46 @@ def test_loss_matches_main_py(setup64, overrides, official):
     assert ("loss_alp" in ctx.stats) == method.alp
 
 
+def test_mobilenetv2_total_of_shares_averages_to_the_whole_batchs(setup64):
+    """The mobilenetv2 form under torchrun, two shares of the batch in one process: with the all-reduced sums
+    (`totals`), each share's loss has the whole batch's value and the mean of the shares' gradients (DDP's) in
+    the logits is the whole batch's gradient; each share's own product (what a process computed before) is
+    neither. The logits are leaves, so BatchNorm plays no part."""
+    _, teacher, x, y, x_adv = setup64
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        T = copy.deepcopy(teacher).eval()
+        lam, t_nat, t_adv = dgad_module.dgad_targets(T(x), T(x_adv), y)
+    s_nat = torch.randn(B, C, generator=g, dtype=torch.float64, requires_grad=True)
+    s_adv = torch.randn(B, C, generator=g, dtype=torch.float64, requires_grad=True)
+
+    def sums(rows):
+        kl_nat = ops.softmax_kl(s_nat[rows], t_nat[rows], reduction="none")
+        kl_adv = ops.softmax_kl(s_adv[rows], t_adv[rows], reduction="none")
+        n = lam[rows].sum()
+        return (lam[rows] * kl_nat).sum(), ((1 - lam[rows]) * kl_adv).sum(), n, float(len(rows))
+
+    whole = dgad_module.mobilenetv2_total(*sums(torch.arange(B)))
+    expected = torch.autograd.grad(whole, (s_nat, s_adv))
+    shares = [torch.arange(0, B, 2), torch.arange(1, B, 2)]  # lambda 0 and 1 in both shares
+    parts = [sums(rows) for rows in shares]
+    totals = torch.stack([torch.stack([c.detach(), a.detach(), n, n.new_tensor(b)]) for c, a, n, b in parts]).sum(0)
+    exact = [dgad_module.mobilenetv2_total(*part, totals, world=2) for part in parts]
+    naive = [dgad_module.mobilenetv2_total(*part) for part in parts]
+    for losses, same in ((exact, True), (naive, False)):
+        grads = [torch.autograd.grad(loss, (s_nat, s_adv), allow_unused=True, retain_graph=True) for loss in losses]
+        mean = [sum(g[i] if g[i] is not None else 0 for g in grads) / 2 for i in range(2)]
+        close = all(torch.allclose(m, e, rtol=1e-10, atol=1e-14) for m, e in zip(mean, expected))
+        assert close == same
+        values = torch.stack([loss.detach() for loss in losses])
+        assert torch.allclose(values, whole.detach().expand(2), rtol=1e-12) == same
+    # the official line on the whole batch: 0.5 * ((n/bs) loss_clean + (bs - n)/bs) * loss_adv (main.py:439-442)
+    c, a, n, b = sums(torch.arange(B))
+    n = n.item()
+    official = 0.5 * ((n / b) * (1 / (n + 1e-10)) * c + (b - n) / b) * ((1 / (b - n)) * a)
+    assert torch.allclose(whole, official, rtol=1e-12)
+
+
 def test_swaps_take_both_branches(setup64):
     """The fixture exercises what the loss test claims: rows of T(x) and of T(x') swapped and rows kept."""
     student, teacher, x, y, x_adv = setup64
@@ -211,29 +255,35 @@ def test_swaps_take_both_branches(setup64):
     assert torch.equal(t_nat_fixed.sort(1).values, t_nat.sort(1).values)  # a swap: the same values
 
 
+@pytest.mark.parametrize("loss_form, model", [("standard", "resnet18"), ("mobilenetv2", "mobilenetV2")])
 @pytest.mark.parametrize("all_wrong", [True, False])
-def test_a_batch_the_teacher_gets_all_wrong_or_all_right(setup64, all_wrong):
-    """n = B: the official 1/(B - n) raises ZeroDivisionError; here the empty adversarial term is 0 and the
-    loss is the clean term (+ ALP). n = 0: the clean term is 0, and the official formula applies as it is."""
+def test_a_batch_the_teacher_gets_all_wrong_or_all_right(setup64, all_wrong, loss_form, model):
+    """n = B: the official 1/(B - n) raises ZeroDivisionError; here the empty adversarial term is 0: the loss,
+    its gradients and BatchNorm's statistics are the transcription's with that 1/(B - n) replaced by 0. n = 0:
+    the clean term is 0, and the official formula applies as it is."""
     student, teacher, x, _, x_adv = setup64
     with torch.no_grad():
         pred = copy.deepcopy(teacher).eval()(x).argmax(1)
     y = (pred + 1) % C if all_wrong else pred
-    method = DGAD()
+    method = DGAD(loss_form=loss_form)
     S, S_off = copy.deepcopy(student).train(), copy.deepcopy(student).train()
     ctx = context(S, copy.deepcopy(teacher), x, y)
     loss = method.loss_at(ctx, x_adv)
     assert torch.isfinite(loss)
     if all_wrong:
         with pytest.raises(ZeroDivisionError):
-            official_loss(S_off, copy.deepcopy(teacher), x, x_adv, y)
+            official_loss(copy.deepcopy(student).train(), copy.deepcopy(teacher), x, x_adv, y, model=model)
         assert float(ctx.stats["loss_adv"]) == 0.0 and float(ctx.stats["teacher_wrong"]) == 1.0
-        expected = float(ctx.stats["loss_clean"]) + float(ctx.stats["loss_alp"])
-        assert loss.item() == pytest.approx(expected, rel=1e-12)
     else:
-        expected = official_loss(S_off, copy.deepcopy(teacher), x, x_adv, y)
-        assert torch.allclose(loss, expected, rtol=1e-10, atol=1e-14)
         assert float(ctx.stats["loss_clean"]) == 0.0
+    expected = official_loss(S_off, copy.deepcopy(teacher), x, x_adv, y, model=model, empty_adv_zero=all_wrong)
+    assert torch.allclose(loss, expected, rtol=1e-10, atol=1e-14), (loss.item(), expected.item())
+    loss.backward()
+    expected.backward()
+    for (name, p1), p2 in zip(S.named_parameters(), S_off.parameters()):
+        assert torch.allclose(p1.grad, p2.grad, rtol=1e-8, atol=1e-14), name
+    for (name, b1), b2 in zip(S.named_buffers(), S_off.buffers()):
+        assert torch.allclose(b1.double(), b2.double(), rtol=1e-12, atol=1e-14), name
 
 
 @pytest.mark.parametrize("teacher_dtype", ["fp32", "bf16", "fp16"])
@@ -385,10 +435,12 @@ def test_reproduce_sweeps_dgad(data, tmp_path):
     assert "DGAD" in (out / "table2.md").read_text()
 
 
-def test_two_processes_match_one_process_with_the_combined_batch(tmp_path, monkeypatch, fake_cifar10):
+@pytest.mark.parametrize("loss_form", ["standard", "mobilenetv2"])
+def test_two_processes_match_one_process_with_the_combined_batch(tmp_path, monkeypatch, fake_cifar10, loss_form):
     """Under torchrun (2 processes, gloo) DGAD trains as one process with the combined batch: its standard
-    total is a per-image mean plus a mean MSE, so the ranks' averaged gradients are the whole batch's (the
-    module doc). tests/test_dist.py's worker and conditions: no BatchNorm, no augmentation, x' from x."""
+    total is a per-image mean plus a mean MSE, so the ranks' averaged gradients are the whole batch's; the
+    mobilenetv2 form, a product of two batch means, all-reduces its sums first (the module doc).
+    tests/test_dist.py's worker and conditions: no BatchNorm, no augmentation, x' from x."""
     from test_dist import COMMON as DIST_COMMON
     from test_dist import HERE, NoBN, _patch, _torchrun
 
@@ -400,6 +452,7 @@ def test_two_processes_match_one_process_with_the_combined_batch(tmp_path, monke
     torch.save(teacher.state_dict(), tmp_path / "teacher.pt")
     method = ["--method", "dgad", "--student", "tiny", "--teacher", str(tmp_path / "teacher.pt"), "--teacher-arch"]
     method += ["tiny", "--init-std", "0", "--steps", "2", "--data", str(data), "--epochs", "2", *DIST_COMMON]
+    method += ["--loss-form", loss_form]
     two, one = tmp_path / "two", tmp_path / "one"
     res = _torchrun([str(HERE), "--no-bn", "--no-augment", "--", *method, "--batch-size", "16", "--out", str(two)])
     assert res.returncode == 0, res.stdout + res.stderr

@@ -28,8 +28,14 @@ Official code: kunsaram01/DGAD (read at commit 29a3505, the last commit that tou
     (446-447).
   The standard total is sum_i [lambda_i KL_nat,i + (1-lambda_i) KL_adv,i] / B + beta*MSE (up to the 1e-10):
   a per-image mean, so under torchrun each process's loss on its share averages, gradient by gradient, to the
-  whole batch's. The mobilenetv2 form is a product of two batch means: each process computes it on its own
-  share, which is not the product over the whole batch.
+  whole batch's. The mobilenetv2 form is a product of two batch means, A = (n/B) loss_clean + (B-n)/B and
+  loss_adv, which the processes' own products would not average to: under torchrun the four quantities they
+  need (the sums of lambda_i KL_nat,i and of (1-lambda_i) KL_adv,i, n and B) are all-reduced, as MTARD
+  all-reduces its loss values, and each process's loss is `mobilenetv2_total`'s: the value the whole
+  batch's 0.5 * A * loss_adv, the gradient W * 0.5 * (grad A_mine * loss_adv + A * grad loss_adv_mine) with
+  A_mine, loss_adv_mine its own images' shares of the two sums, so that DDP's mean over the W processes is
+  the whole batch's gradient (the ALP term, a mean, averages as in the standard form). 2 processes step as
+  1 with the combined batch (tests/test_dgad.py, both forms).
 - Schedule: SGD (`--optim SGD`, main.py:66, 253-255), lr 0.1 (`--lr_max`, main.py:67), momentum 0.9
   (main.py:69), weight decay 5e-4 (main.py:70), batch 128 (main.py:65), 200 epochs (main.py:64),
   `--lr_schedule piecewise` (main.py:68): at 200 epochs lr_max before epoch 100, /10 before 150, /100 after
@@ -55,6 +61,7 @@ What could not be followed to the letter, and why:
 """
 
 import torch
+import torch.distributed as tdist
 import torch.nn.functional as F
 
 from .. import ops
@@ -85,6 +92,32 @@ def swap_true_and_top(logits: torch.Tensor, y: torch.Tensor, rows: torch.Tensor,
     at_y, at_top = logits.gather(1, y1), logits.gather(1, top1)
     swapped = logits.scatter(1, y1, at_top).scatter(1, top1, at_y)
     return torch.where(rows.unsqueeze(1), swapped, logits)
+
+
+def _world() -> int:
+    return tdist.get_world_size() if tdist.is_available() and tdist.is_initialized() else 1
+
+
+def mobilenetv2_total(sum_clean, sum_adv, n, batch, totals=None, world: int = 1) -> torch.Tensor:
+    """main.py:439-442 without its ALP term: 0.5 * ((n/B) loss_clean + (B-n)/B) * loss_adv, loss_clean =
+    sum_clean / (n + 1e-10), loss_adv = sum_adv / (B - n) (0 when n = B). ``sum_clean`` = sum_i lambda_i KL_nat,i
+    and ``sum_adv`` = sum_i (1-lambda_i) KL_adv,i over this process's images, n and B its counts.
+
+    ``totals``: the detached (sum_clean, sum_adv, n, B) summed over the ``world`` processes (None: this batch is
+    the whole batch). Then the value is the whole batch's, and the gradient W times the product rule with this
+    process's shares of the two sums, the other factor at its whole-batch value: the mean over the processes
+    (DDP's) of these gradients is the whole batch's."""
+    if totals is None:
+        a = (n / batch) * (sum_clean / (n + 1e-10)) + (batch - n) / batch
+        return 0.5 * a * (sum_adv / (batch - n).clamp_min(1.0))
+    s_clean, s_adv, n_all, b_all = totals.unbind()
+    a_all = (n_all / b_all) * (s_clean / (n_all + 1e-10)) + (b_all - n_all) / b_all
+    adv_all = s_adv / (b_all - n_all).clamp_min(1.0)
+    a_mine = world * (n_all / b_all) * sum_clean / (n_all + 1e-10)  # the part of A that is a sum over images
+    adv_mine = world * sum_adv / (b_all - n_all).clamp_min(1.0)
+    a = a_mine + (a_all - a_mine).detach()  # value A, gradient W * grad A_mine
+    adv = adv_mine + (adv_all - adv_mine).detach()
+    return 0.5 * a * adv
 
 
 def dgad_targets(t_nat: torch.Tensor, t_adv: torch.Tensor, y: torch.Tensor):
@@ -171,8 +204,9 @@ class DGAD(AdaAD):
         n = lam.sum()
         kl_nat = ops.softmax_kl(logits_nat, t_nat_fixed, reduction="none")
         kl_adv = ops.softmax_kl(logits_adv, t_adv_fixed, reduction="none")
-        loss_clean = (lam * kl_nat).sum() / (n + 1e-10)
-        loss_adv = ((1.0 - lam) * kl_adv).sum() / (batch - n).clamp_min(1.0)  # n = B: an empty term, 0
+        sum_clean, sum_adv = (lam * kl_nat).sum(), ((1.0 - lam) * kl_adv).sum()
+        loss_clean = sum_clean / (n + 1e-10)
+        loss_adv = sum_adv / (batch - n).clamp_min(1.0)  # n = B: an empty term, 0
         w_clean, w_adv = n / batch, (batch - n) / batch
         stats = dict(loss_clean=loss_clean.detach(), loss_adv=loss_adv.detach(), teacher_wrong=(n / batch).detach())
         if not self.alp:
@@ -181,7 +215,11 @@ class DGAD(AdaAD):
             loss_alp = F.mse_loss(F.softmax(logits_adv, dim=1), F.softmax(logits_nat, dim=1))
             stats["loss_alp"] = loss_alp.detach()
             if self.loss_form == "mobilenetv2":
-                loss = 0.5 * (w_clean * loss_clean + w_adv) * loss_adv + self.alp_beta * loss_alp
+                totals, world = None, _world()
+                if world > 1:  # the whole batch's sums and counts (see mobilenetv2_total)
+                    totals = torch.stack([sum_clean.detach(), sum_adv.detach(), n.detach(), n.new_tensor(batch)])
+                    tdist.all_reduce(totals)
+                loss = mobilenetv2_total(sum_clean, sum_adv, n, batch, totals, world) + self.alp_beta * loss_alp
             else:
                 loss = w_clean * loss_clean + w_adv * loss_adv + self.alp_beta * loss_alp
         ctx.stats.update(
