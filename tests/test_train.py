@@ -39,12 +39,16 @@ def _records(run_dir):
 # ---- every method trains ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["natural", "sat", "trades", "mart", "ard", "iad", "rslad"])
+@pytest.mark.parametrize(
+    "method", ["natural", "sat", "trades", "mart", "ard", "iad", "rslad", "adaad", "dgad", "peeraid", "mtard"]
+)
 def test_every_method_trains_and_the_loss_decreases(method, data, teacher_ckpt, tmp_path):
     cls = methods.get(method)
     args = ["--method", method, "--data", str(data), "--out", str(tmp_path / "run"), "--epochs", "3", *COMMON]
     if cls.needs_teacher:
         args += ["--teacher", str(teacher_ckpt), "--teacher-arch", "tiny"]
+    if getattr(cls, "needs_nat_teacher", False):  # MTARD: the same file serves as its natural teacher
+        args += ["--nat-teacher", str(teacher_ckpt), "--nat-teacher-arch", "tiny"]
     if "steps" in cls.HPARAMS:
         args += ["--steps", "3"]  # the engine is under test here, not the attacks: keep it cheap
     if method == "iad":
