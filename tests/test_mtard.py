@@ -425,6 +425,9 @@ def test_cifar100_needs_an_explicit_nat_teacher_arch():
     assert train.resolve_config(parse([*base, "--dataset", "cifar10"])).nat_teacher["arch"] == "resnet56"
     assert MTARD.default_nat_teacher_arch("cifar10") == MTARD.NAT_TEACHER_ARCH == "resnet56"
     assert "160-165" in mtard_module.__doc__ and "CIFAR10_MEAN" in mtard_module.__doc__
+    for dataset, default in (("cifar10", "default resnet56"), ("cifar100", "default none on cifar100")):
+        with pytest.raises(UserError, match=default):  # no --nat-teacher: the message names the right default
+            train.resolve_config(parse(["--method", "mtard", "--teacher", "t.pt", "--dataset", dataset]))
 
 
 # ---- end to end ------------------------------------------------------------------------------------------

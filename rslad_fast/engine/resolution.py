@@ -238,9 +238,10 @@ def _resolve_one(s: RunSettings, default_threads: Optional[int], versions_info: 
     nat_teacher = None
     if getattr(method_cls, "needs_nat_teacher", False):  # MTARD: a second, naturally trained teacher file
         if not s.nat_teacher:
+            arch = getattr(method_cls, "NAT_TEACHER_ARCHS", {}).get(dataset, f"none on {dataset}")
             raise UserError(
                 f"method '{method_cls.name}' needs --nat-teacher FILE, its naturally trained teacher (and "
-                f"--nat-teacher-arch, default {method_cls.NAT_TEACHER_ARCH}) beside the adversarial --teacher"
+                f"--nat-teacher-arch, default {arch}) beside the adversarial --teacher"
             )
         nat_teacher = {
             "path": str(Path(s.nat_teacher).expanduser().resolve()),
