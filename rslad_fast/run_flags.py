@@ -99,7 +99,8 @@ def add_run_flags(p: argparse.ArgumentParser, *, skip=()) -> dict:
         "--nat-teacher-arch",
         help="the natural teacher's architecture (default: "
         + ", ".join(f"{n} {methods.get(n).NAT_TEACHER_ARCH}" for n in nat)
-        + ", MTARD cifar10_nat_teacher_models/resnet.py's CIFAR ResNet-56); it runs in --teacher-dtype",
+        + " on CIFAR-10, MTARD cifar10_nat_teacher_models/resnet.py's CIFAR ResNet-56; required on CIFAR-100, "
+        "where MTARD's code builds no model this project has); it runs in --teacher-dtype",
     )
     g.add_argument(
         "--teacher-dtype",
