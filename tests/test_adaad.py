@@ -294,7 +294,9 @@ def test_defaults_are_the_cited_official_values():
     d = AdaAD().hparams()
     # README.md:58-60 (the paper's AdaAD command) `--epsilon 8 --num_steps 10 --step_size 2`, /255 in
     # main.py:327-328; AT_helper.py:27 `0.001 * torch.randn`; main.py:41 `--AdaAD_alpha 1.0`
-    assert d == dict(eps=8 / 255, step_size=2 / 255, steps=10, init_std=0.001, alpha=1.0, reduction="mean")
+    assert d == dict(
+        eps=8 / 255, step_size=2 / 255, steps=10, init_std=0.001, alpha=1.0, reduction="mean", cuda_graph="auto"
+    )  # cuda_graph: an implementation switch, RSLAD's
     assert "README.md:58" in AdaAD.HPARAMS["eps"].help and "AT_helper.py:27" in AdaAD.HPARAMS["init_std"].help
     assert "main.py:41" in AdaAD.HPARAMS["alpha"].help and "main.py:342" in AdaAD.HPARAMS["reduction"].help
     # main.py:58-64 and lr_decay (113-128): 200 epochs, bs 128, SGD lr 0.1 momentum 0.9 wd 5e-4, x0.1 at 100, 150

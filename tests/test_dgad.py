@@ -312,7 +312,7 @@ def test_defaults_are_the_cited_official_values():
     d = DGAD().hparams()
     # main.py:55-57 --epsilon 8 --num_steps 10 --step_size 2 (/255 at 391-392); AT_helper.py:27; main.py:42-43
     assert d == dict(eps=8 / 255, step_size=2 / 255, steps=10, init_std=0.001, alp=True, alp_beta=1.0,
-                     loss_form="standard")  # fmt: skip
+                     loss_form="standard", cuda_graph="auto")  # fmt: skip
     assert "main.py:55" in DGAD.HPARAMS["eps"].help and "AT_helper.py:27" in DGAD.HPARAMS["init_std"].help
     assert "main.py:42" in DGAD.HPARAMS["alp_beta"].help and "main.py:43" in DGAD.HPARAMS["alp"].help
     assert "main.py:439-442" in DGAD.HPARAMS["loss_form"].help

@@ -1,4 +1,5 @@
-"""RSLAD's inner maximization captured once into a CUDA graph and replayed for every batch.
+"""RSLAD's inner maximization captured once into a CUDA graph and replayed for every batch; AdaAD's (and
+DGAD's), whose objective runs the teacher on x' inside the loop, too (:func:`graphed_pair_pgd`).
 
 The 10-step loop is ~40 small kernels per step (student forward in eval mode, its input-gradient backward,
 the fused softmax-KL gradient and the fused PGD step): at CIFAR sizes the GPU spends much of its time
@@ -22,6 +23,10 @@ How it stays correct:
   DataLoader's pin-memory thread) may keep issuing CUDA calls while this thread captures.
 - The student runs in eval mode inside the graph (BatchNorm reads its running statistics and does not write
   them), as in the official `rslad_inner_loss`; its modes are restored afterwards.
+- AdaAD's loop holds two models, the student and the teacher, both in eval mode: its graphs are kept per
+  teacher (a weak dictionary of caches) and, in that teacher's cache, per student, under the signature of both
+  models' tensors, so that replacing a tensor of either (or another teacher) captures anew, and a collected
+  teacher's or student's graphs go with it.
 """
 
 import contextlib
@@ -57,15 +62,15 @@ def backend_flags() -> tuple:
 
 
 def loop_key(x_nat, target, *, eps, alpha, steps, init_std, amp_dtype) -> tuple:
-    """What one captured loop is specific to, besides its model: the input's and target's layout, the attack's
-    settings, the autocast dtype and :func:`backend_flags` (a graph captured under TF32 is not replayed after
-    TF32 is turned off)."""
+    """What one captured loop is specific to, besides its model: the input's and target's layout (AdaAD's loop
+    has no target: None), the attack's settings, the autocast dtype and :func:`backend_flags` (a graph
+    captured under TF32 is not replayed after TF32 is turned off)."""
     return (
         tuple(x_nat.shape),
         x_nat.stride(),
         x_nat.dtype,
         x_nat.device,
-        tuple(target.shape),
+        None if target is None else tuple(target.shape),
         float(eps),
         float(alpha),
         int(steps),
@@ -85,8 +90,9 @@ class GraphCache:
     def __init__(self):
         self._by_model = weakref.WeakKeyDictionary()  # model -> (tensor signature, {key: loop})
 
-    def get(self, model: torch.nn.Module, key: tuple, build: Callable[[], object]):
-        signature = tensor_signature(model)
+    def get(self, model: torch.nn.Module, key: tuple, build: Callable[[], object], also=()):
+        """`also`: further models the loop reads (AdaAD's teacher), whose tensors' signature joins `model`'s."""
+        signature = (tensor_signature(model), *(tensor_signature(m) for m in also))
         entry = self._by_model.get(model)
         if entry is None or entry[0] != signature:
             entry = (signature, {})  # first call, or tensors replaced: the old graphs read freed memory
@@ -105,15 +111,26 @@ class GraphCache:
 
 
 _GRAPHS = GraphCache()
+_PAIR_GRAPHS = weakref.WeakKeyDictionary()  # teacher -> GraphCache of the (student, teacher) loops
 
 
 def clear_cache() -> None:
     """Drop every captured graph (not needed for correctness: stale graphs are detected)."""
     _GRAPHS.clear()
+    _PAIR_GRAPHS.clear()
+
+
+def pair_cache(teacher: torch.nn.Module) -> GraphCache:
+    """The cache of the loops that read `teacher` (keyed in it by their student); it dies with the teacher."""
+    cache = _PAIR_GRAPHS.get(teacher)
+    if cache is None:
+        cache = _PAIR_GRAPHS[teacher] = GraphCache()
+    return cache
 
 
 def static_buffers(x_nat: torch.Tensor, target: torch.Tensor, init_std: float) -> dict:
-    """The loop's static buffers, laid out as the eager loop lays out its tensors (see the module doc)."""
+    """The loop's static buffers, laid out as the eager loop lays out its tensors (see the module doc); no
+    target buffer (None) for a loop without a target (AdaAD's)."""
     x_nat_s = torch.empty_like(x_nat)  # keeps x_nat's strides (contiguous or channels_last)
     noise = torch.empty(x_nat.shape, dtype=x_nat.dtype, device=x_nat.device)  # contiguous, as random_start's
     x_adv = torch.add(x_nat_s, noise, alpha=init_std)  # the eager loop's x_adv layout, by the same op
@@ -121,7 +138,7 @@ def static_buffers(x_nat: torch.Tensor, target: torch.Tensor, init_std: float) -
         "x_nat": x_nat_s,
         "noise": noise,
         "x_adv": x_adv,
-        "target": torch.empty(target.shape, dtype=target.dtype, device=target.device),
+        "target": None if target is None else torch.empty(target.shape, dtype=target.dtype, device=target.device),
     }
 
 
@@ -131,13 +148,19 @@ def draw_noise(noise: torch.Tensor, generator: Optional[torch.Generator]) -> tor
 
 
 class _GraphedLoop:
-    def __init__(self, model, x_nat, target, *, eps, alpha, steps, init_std, amp_dtype, warmup=3):
+    """`model` is called during the warm-up and the capture only, and not kept (a cache entry must not hold
+    the models it is weakly keyed by). `objective`: a function of the model's output, for a loop without a
+    target (AdaAD's); None: RSLAD's KL against the static target buffer."""
+
+    def __init__(self, model, x_nat, target, *, eps, alpha, steps, init_std, amp_dtype, warmup=3, objective=None):
         buffers = static_buffers(x_nat, target, init_std)
         self.x_nat, self.noise, self.x_adv, self.target = (buffers[k] for k in ("x_nat", "noise", "x_adv", "target"))
         self.eps, self.alpha, self.steps, self.init_std, self.amp_dtype = eps, alpha, steps, init_std, amp_dtype
-        self.objective = kl_objective(self.target)  # reads the static buffer at every replay
+        # RSLAD's reads the static target buffer at every replay
+        self.objective = kl_objective(self.target) if objective is None else objective
         self.x_nat.copy_(x_nat)
-        self.target.copy_(target)
+        if target is not None:
+            self.target.copy_(target)
         self.noise.zero_()  # any values do for the warm-up and capture; a draw would move the global RNG
 
         side = torch.cuda.Stream(device=x_nat.device)
@@ -172,7 +195,8 @@ class _GraphedLoop:
 
     def run(self, x_nat, target, generator):
         self.x_nat.copy_(x_nat)
-        self.target.copy_(target)
+        if target is not None:
+            self.target.copy_(target)
         draw_noise(self.noise, generator)
         self.graph.replay()
         return self.x_adv.clone()
@@ -212,3 +236,63 @@ def graphed_kl_pgd(
             ),
         )
         return loop.run(x_nat, target, generator)
+
+
+def graphed_pair_pgd(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    x_nat: torch.Tensor,
+    objective: Callable[[tuple], torch.Tensor],
+    *,
+    eps: float,
+    alpha: float,
+    steps: int,
+    init_std: float,
+    generator: Optional[torch.Generator] = None,
+    amp_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """AdaAD's inner maximization through a CUDA graph: what `pgd(pair, x_nat, objective, start="normal",
+    mode="eval", ...)` computes on the pair x -> (student(x), teacher(x)), both models in eval mode and the
+    input gradient through both: start x + init_std*N(0,1) (the noise drawn outside the graph with
+    `generator`), `steps` sign steps, each projected onto the eps ball and clamped to [0, 1].
+
+    `objective` maps the pair's output (S(x'), T(x')) to the scalar to maximize; it is part of the key and
+    kept by the cache, so it must hold no model (a module-level function such as AdaAD's `adaad_objective`).
+    Under the caller's autocast the pair's forward runs under autocast to its dtype, as the eager engine's.
+    """
+    if not x_nat.is_cuda:
+        raise ValueError("graphed_pair_pgd needs CUDA tensors")
+    check_budget(eps, alpha, steps)
+    x_nat = x_nat.detach()
+    if steps == 0:
+        return x_nat.clone()
+    if amp_dtype is None and torch.is_autocast_enabled("cuda"):
+        amp_dtype = torch.get_autocast_dtype("cuda")  # the caller's precision, under our own autocast (see above)
+    key = (*loop_key(x_nat, None, eps=eps, alpha=alpha, steps=steps, init_std=init_std, amp_dtype=amp_dtype), objective)
+
+    def pair(x):
+        return student(x), teacher(x)
+
+    with (
+        torch.cuda.device(x_nat.device),
+        model_mode(student, "eval"),
+        model_mode(teacher, "eval"),
+        torch.autocast("cuda", enabled=False),
+    ):
+        loop = pair_cache(teacher).get(
+            student,
+            key,
+            lambda: _GraphedLoop(
+                pair,
+                x_nat,
+                None,
+                eps=eps,
+                alpha=alpha,
+                steps=steps,
+                init_std=init_std,
+                amp_dtype=amp_dtype,
+                objective=objective,
+            ),
+            also=(teacher,),
+        )
+        return loop.run(x_nat, None, generator)

@@ -14,6 +14,10 @@ Official code: boyellow/AdaAD (read at commit 9e5c6e5), `AT_helper.py` (`adaad_i
   on `StudentTeacher`, a module whose output is the pair (S(x'), T(x')), so that the engine's objective, a
   function of the attacked model's output, is the fused `ops.softmax_kl(S(x'), T(x'), reduction="sum")`,
   whose autograd gives the teacher's logits their gradient too (ops/_registration.py). No engine change.
+  On CUDA inputs the same loop runs captured in a CUDA graph (`attacks.graphed.graphed_pair_pgd`: the noise
+  drawn outside the graph with the batch's generator, both models' weights read in place, a graph per
+  student and teacher recaptured when a tensor of either is replaced), `cuda_graph` "auto" as RSLAD's;
+  on the CPU, or with `--cuda-graph false`, the eager engine.
   The teacher-logit cache never serves T(x') (TEACHER_CACHE_AUTO False; `--teacher-cache on` caches T(x)).
 - Loss (main.py:326-353): after the attack, the student back in train mode runs S(x) and then S(x') (that
   order: BatchNorm's running statistics see x first); the teacher, eval mode, no_grad, runs T(x) and T(x')
@@ -41,8 +45,6 @@ What could not be followed to the letter, and why:
   `steps` 10 is both (main.py:50, README.md:59).
 - `steps=0`: the official code returns clamp(x + 0.001*N(0,1), 0, 1) (AT_helper.py:46); the engine returns
   x itself (a zero-step attack is not a training setting).
-- The attack runs eagerly (two models in one 10-step loop); the CUDA-graph loop of `fused_kl_pgd`
-  (attacks/graphed.py) is specific to a fixed target T(x) and is not used here.
 - The teacher: the paper's CIFAR-10 teacher is Chen2021LTD's WRN-34-20 (main.py:206-214, README.md:20), its
   CIFAR-100 teacher Chen2021LTD's WRN-34-10 (main.py:226-230): --teacher-arch names what this project can
   load; the method itself works with any teacher. main.py runs the teacher in fp32 on both data sets
@@ -54,6 +56,7 @@ What could not be followed to the letter, and why:
 import torch
 
 from .. import ops
+from ..attacks.graphed import graphed_pair_pgd
 from ..attacks.pgd import model_mode, pgd
 from ..errors import UserError
 from .base import (
@@ -71,6 +74,20 @@ from .base import (
 )
 
 REDUCTIONS = ("mean", "batchmean")  # over the B*C elements (CIFAR-10), per image (CIFAR-100)
+CUDA_GRAPH = HParam(
+    "auto",
+    "implementation switch, not from the paper: the attack's CUDA graph (attacks.graphed.graphed_pair_pgd; "
+    "'auto': a graph on CUDA inputs, eager on the CPU; True; False: always eager), as RSLAD's cuda_graph",
+)
+
+
+def check_cuda_graph(method: str, value):
+    """`cuda_graph` as "auto", True or False (strings from the command line accepted), else a UserError."""
+    if isinstance(value, str) and value.strip().lower() in ("auto", "true", "false"):
+        value = {"auto": "auto", "true": True, "false": False}[value.strip().lower()]
+    if not (value == "auto" or isinstance(value, bool)):
+        raise UserError(f"method '{method}': cuda_graph must be 'auto', true or false, got {value!r}")
+    return value
 
 
 class StudentTeacher(torch.nn.Module):
@@ -133,6 +150,7 @@ class AdaAD(Method):
             "reduction of each KL term: 'mean' over the B*C elements (AdaAD main.py:342-345 "
             "nn.KLDivLoss() on CIFAR-10) or 'batchmean', the per-image sum / B (main.py:348-351, CIFAR-100)",
         ),
+        "cuda_graph": CUDA_GRAPH,
     }
     DATASET_DEFAULTS = {"cifar100": {"reduction": "batchmean"}}  # AdaAD main.py:347-351
     SCHEDULE = Schedule(
@@ -155,6 +173,7 @@ class AdaAD(Method):
         if value not in REDUCTIONS:
             raise UserError(f"method 'adaad': reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
         self.reduction = value
+        self.cuda_graph = check_cuda_graph(self.name, self.cuda_graph)
 
     def per_image_factor(self, num_classes: int) -> float:
         return float(num_classes) if self.reduction == "mean" else 1.0
@@ -169,8 +188,29 @@ class AdaAD(Method):
         """A function of the pair's output (S(x'), T(x')), not of the student's logits alone."""
         return adaad_objective
 
+    def uses_graph(self, x: torch.Tensor) -> bool:
+        """Whether the attack on `x` runs through the CUDA graph: on CUDA inputs unless `cuda_graph` is False
+        (fused_kl_pgd's rule, RSLAD's); True on CPU inputs is an error."""
+        if self.cuda_graph is True and not x.is_cuda:
+            raise ValueError("cuda_graph=True needs CUDA tensors; use cuda_graph='auto' or False on the CPU")
+        return x.is_cuda and self.cuda_graph in ("auto", True)
+
     def attack(self, ctx: Context) -> torch.Tensor:
-        return pgd(self.attack_pair(ctx), ctx.x, self.objective(ctx), **self.pgd_settings(ctx))
+        pair = self.attack_pair(ctx)
+        if self.uses_graph(ctx.x):
+            s = self.pgd_settings(ctx)
+            return graphed_pair_pgd(
+                pair.student,
+                pair.teacher,
+                ctx.x,
+                self.objective(ctx),
+                eps=s["eps"],
+                alpha=s["alpha"],
+                steps=s["steps"],
+                init_std=s["init_std"],
+                generator=s["generator"],
+            )
+        return pgd(pair, ctx.x, self.objective(ctx), **self.pgd_settings(ctx))
 
     def attack_objective(self, ctx: Context, x_adv: torch.Tensor) -> torch.Tensor:
         """The objective at x_adv, both models in eval mode (which writes no BatchNorm statistic)."""

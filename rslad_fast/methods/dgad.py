@@ -7,7 +7,8 @@ Official code: kunsaram01/DGAD (read at commit 29a3505, the last commit that tou
 - Attack: `adaad_inner_loss` (main.py:391-392), line for line AdaAD's (boyellow/AdaAD AT_helper.py:8-48):
   both models in eval mode, x + 0.001*N(0,1), 10 sign steps of sum_i KL(T(x')_i || S(x')_i) through the
   student AND the teacher, each followed by the projection and a clamp to [0, 1]. Here it is AdaAD's
-  (`methods/adaad.py`: the PGD engine on the StudentTeacher pair), inherited unchanged.
+  (`methods/adaad.py`: the PGD engine on the StudentTeacher pair, CUDA-graphed on CUDA inputs under
+  `cuda_graph` "auto"), inherited unchanged.
 - Loss (main.py:394-447): the student in train mode runs S(x) then S(x') (394-398); the teacher in eval mode
   under no_grad runs T(x) and T(x') (403-406; T(x) is ctx.teacher_logits, the engine's, under inference_mode).
   * lambda_i = 1 where the teacher misclassifies the natural image, argmax T(x)_i != y_i; n = sum lambda
@@ -50,7 +51,7 @@ What could not be followed to the letter, and why:
   method no other batch size.
 - n = B (the teacher wrong on every image of a batch): the official `1 / (len(adv_inputs) - num_lambda)`
   raises ZeroDivisionError (a Python float 0.0); here the empty adversarial term is 0.
-- steps=0: as AdaAD's (the engine returns x itself); the attack runs eagerly, as AdaAD's.
+- steps=0: as AdaAD's (the engine returns x itself).
 - The teacher: main.py's CIFAR-10 teacher is `--teacher_model wideresnet34_10` loaded from
   `teacher_models/CIFAR10/wideresnet34_10/robust_teacher.pth` (main.py:37, 206-211), TRADES' layout (its
   networks/wideresnet.py `WideResNet`: `--teacher-arch wrn34-10`), a file the repository neither ships nor
@@ -66,7 +67,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..errors import UserError
-from .adaad import AdaAD
+from .adaad import CUDA_GRAPH, AdaAD, check_cuda_graph
 from .base import (
     Context,
     HParam,
@@ -160,6 +161,7 @@ class DGAD(AdaAD):
             "(DGAD main.py:443-445) or 'mobilenetv2' 0.5*((n/B) loss_clean + (B-n)/B) * loss_adv + beta*alp "
             "(main.py:439-442, the official total for a MobileNetV2 student, which gets it by default)",
         ),
+        "cuda_graph": CUDA_GRAPH,  # AdaAD's attack's switch
     }
     SCHEDULE = Schedule(
         epochs=200,
@@ -188,6 +190,7 @@ class DGAD(AdaAD):
         if form not in LOSS_FORMS:
             raise UserError(f"method 'dgad': loss_form must be one of {LOSS_FORMS}, got {self.loss_form!r}")
         self.loss_form = form
+        self.cuda_graph = check_cuda_graph(self.name, self.cuda_graph)
 
     def per_image_factor(self, num_classes: int) -> float:
         return 1.0
