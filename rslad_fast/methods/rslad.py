@@ -92,8 +92,9 @@ class RSLAD(Method):
         ),
         "cuda_graph": HParam(
             "auto",
-            "implementation switch, not from the paper: fused_kl_pgd's cuda_graph "
-            "('auto': CUDA graph on CUDA inputs, eager on the CPU; True; False)",
+            "implementation switch, not from the paper: the 10-step attack captured in a CUDA graph "
+            "(RSLAD: fused_kl_pgd's; AdaAD, DGAD: the student-and-teacher loop's) ('auto': CUDA graph on CUDA "
+            "inputs, eager on the CPU; True; False)",
         ),
     }
     # RSLAD resnet18_rslad_cifar100.py / mobilenet_v2_rslad_cifar100.py (see the module docstring)
