@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument(
         "--run",
         metavar="RUN_DIR",
-        help="a training run: evaluates RUN_DIR/best.pt and RUN_DIR/last.pt (those present), "
+        help="a training run: evaluates RUN_DIR/best.pt and RUN_DIR/last.pt (those present; a PeerAiD run's "
+        "swa_best.pt and swa_last.pt too), "
         "architecture from RUN_DIR/config.json key 'student' (under torchrun: --run-dir)",
     )
     # --run-dir and --n-images: the same flags under torchrun, whose own parser takes --run and --n for

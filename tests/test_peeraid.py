@@ -101,6 +101,36 @@ def official_step(student_net, peer_net, student_optimizer, peer_optimizer, inpu
     return loss_total.detach()
 
 
+def official_moving_average(net1, net2, alpha=1):
+    """utils/SWA.py:25-28."""
+    for param1, param2 in zip(net1.parameters(), net2.parameters()):
+        param1.data *= 1.0 - alpha
+        param1.data += param2.data * alpha
+
+
+def official_bn_update(loader, model):
+    """utils/SWA.py:61-87 (`input.cuda()` dropped)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    model.train()
+    momenta = {}
+    for m in norms:
+        m.running_mean = torch.zeros_like(m.running_mean)
+        m.running_var = torch.ones_like(m.running_var)
+        momenta[m] = m.momentum
+    n = 0
+    for input, _ in loader:
+        b = input.data.size(0)
+        momentum = b / (n + b)
+        for module in momenta.keys():
+            module.momentum = momentum
+        model(input)
+        n += b
+    for m in norms:
+        m.momentum = momenta[m]
+
+
 def adjust_learning_rate(optimizer, epoch, lr_decay_epochs, learning_rate):
     """main.py:840-852."""
     lr = learning_rate
@@ -222,6 +252,100 @@ def test_engine_step_with_folded_attack_copy_and_autocast(amp):
     assert any(not torch.equal(a, b) for a, b in zip(before[n_student:], after[n_student:]))
 
 
+# ---- the SWA student ---------------------------------------------------------------------------------------
+
+
+def _averaged_state(model):
+    """What SWA defines: the parameters and the BatchNorm statistics (not num_batches_tracked)."""
+    return {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+
+
+def test_swa_student_equals_main_py_moving_average_and_bn_update():
+    """after_epoch over 4 epochs (swa_start 1) against main.py:427-432 with utils/SWA.py transcribed: a fresh
+    model averaged with 1/(n+1) and its BatchNorm statistics recomputed over batches of unequal sizes (the
+    weighting by size shows), in float64; the momenta and mode given back."""
+    g = torch.Generator().manual_seed(3)
+    loader = [(torch.rand(b, 3, 32, 32, generator=g, dtype=torch.float64), None) for b in (8, 8, 5)]
+    student = tiny(0).double()
+    method = PeerAiD(swa_start=1)
+    method.bind_average(copy.deepcopy(student))
+    official, n = tiny(9).double(), 0  # main.py:169: a fresh model
+    for epoch in range(4):
+        with torch.no_grad():  # "training": the weights move between the epochs
+            for p in student.parameters():
+                p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+        out = method.after_epoch(epoch, student, lambda: (x for x, _ in loader))
+        if epoch >= 1:  # main.py:427
+            official_moving_average(official, student, 1.0 / (n + 1))
+            n += 1
+            official_bn_update(loader, official)
+            assert out is method.average and not out.training and method.swa_n == n
+            ours, theirs = _averaged_state(out), _averaged_state(official)
+            for key in theirs:
+                torch.testing.assert_close(ours[key], theirs[key], rtol=1e-12, atol=1e-12, msg=key)
+        else:
+            assert out is None and method.swa_n == 0
+    assert all(m.momentum == 0.1 for m in method.average.modules() if isinstance(m, nn.BatchNorm2d))
+    assert not any(p.requires_grad for p in method.average.parameters())
+    # the 3 averaged snapshots' mean, and the student's own statistics left alone
+    assert not torch.equal(method.average.bn1.running_mean, student.bn1.running_mean)
+
+
+def test_swa_starts_at_the_first_milestone_unless_given():
+    method = PeerAiD()
+    assert method.first_average_epoch() == 214  # main.py:110-111: lr_decay_epochs_student[0]
+    method.follow_lr_schedule([3, 5], 0.1)
+    assert method.first_average_epoch() == 3
+    method.follow_lr_schedule([], 0.1)
+    assert method.first_average_epoch() is None  # no milestone: never (the official start is that milestone)
+    assert PeerAiD(swa_start=0).first_average_epoch() == 0
+    unbound = PeerAiD(swa=False)
+    assert unbound.after_epoch(300, tiny(0), lambda: iter(())) is None
+
+
+def test_averaging_helpers_edge_cases():
+    from rslad_fast.models.averaging import bn_update, moving_average
+
+    linear = nn.Linear(3, 2)
+    assert bn_update(linear, [torch.rand(4, 3)]) == 0  # no BatchNorm: nothing to recompute, no pass made
+    with pytest.raises(ValueError, match="same parameters"):
+        moving_average(linear, nn.Linear(3, 3), 0.5)
+    model = tiny(0).eval()
+    assert bn_update(model, [torch.rand(3, 3, 32, 32), torch.rand(2, 3, 32, 32)]) == 5 and not model.training
+
+
+def test_the_time_estimate_counts_the_swa_students_evaluations():
+    from rslad_fast.engine.estimate import averaged_epochs, estimate_run
+
+    parse = train.build_parser().parse_args
+    cfg = train.resolve_config(parse(["--method", "peeraid", "--student", "resnet18"]))  # SWA from epoch 214
+    assert [averaged_epochs(cfg, left) for left in (300, 100, 50, 0)] == [86, 86, 50, 0]
+    assert estimate_run(cfg, 1.0, 10, 100, eval_seconds=2.0) == 100 * (10 + 2) + 86 * 2
+    for argv in (["--method", "peeraid", "--no-swa"], ["--method", "rslad"]):
+        assert averaged_epochs(train.resolve_config(parse([*argv, "--student", "resnet18"])), 300) == 0
+
+
+def test_swa_state_round_trips_and_malformed_state_is_refused(setup64):
+    student, peer, *_ = setup64
+    method = bound(copy.deepcopy(peer), swa_start=0)
+    method.bind_average(copy.deepcopy(student))
+    method.after_epoch(0, student, lambda: iter([torch.rand(4, 3, 32, 32, dtype=torch.float64)]))
+    method.swa_best_acc = 0.25
+    state = copy.deepcopy(method.state_dict())
+    fresh = PeerAiD(swa_start=0)
+    fresh.load_state_dict(state)  # before either module is bound, as --resume does
+    fresh.bind_average(tiny(5).double())
+    fresh.bind_peer(tiny(6).double())
+    assert (fresh.swa_n, fresh.swa_best_acc) == (1, 0.25) and fresh._pending is None
+    for k, v in method.average.state_dict().items():
+        assert torch.equal(fresh.average.state_dict()[k], v), k
+    for bad in ({"n": -1}, {"best_acc": 2.0}, {"n": True}):
+        broken = copy.deepcopy(state)
+        broken["swa"].update(bad)
+        with pytest.raises(ValueError, match="SWA"):
+            fresh.load_state_dict(broken)
+
+
 # ---- defaults and their sources --------------------------------------------------------------------------
 
 
@@ -232,7 +356,7 @@ def test_defaults_are_the_cited_official_values():
     # main.py:131, 134, 29; attack_function.py:72; training_scripts/resnet18_cifar10.sh; configs/*.json
     assert d == dict(eps=8 / 255, step_size=2 / 255, steps=10, init_std=0.001, temperature=5.0, lamb1=0.0,
                      lamb2=1.0, lamb3=1.0, gamma1=1.0, gamma2=0.1, tau=1.0, peer_lr=0.1,
-                     peer_weight_decay=2e-4)  # fmt: skip
+                     peer_weight_decay=2e-4, swa=True, swa_start=-1)  # fmt: skip
     assert PeerAiD.official_setting("resnet18", "cifar100")[1]["gamma2"] == 1.0  # resnet18_cifar100.sh
     s = PeerAiD.SCHEDULE  # configs/PeerAiD_resnet18_cifar10.json, main.py:220, 840-852
     assert (s.epochs, s.batch_size, s.lr, s.momentum, s.weight_decay) == (300, 128, 0.1, 0.9, 2e-4)
@@ -240,11 +364,15 @@ def test_defaults_are_the_cited_official_values():
     assert [PeerAiD().peer_lr_at(e) for e in (0, 213, 214, 259, 284)] == pytest.approx([0.1, 0.1, 0.01, 1e-3, 1e-4])
     assert "main.py:131" in PeerAiD.HPARAMS["eps"].help and "attack_function.py:72" in PeerAiD.HPARAMS["init_std"].help
     assert "--gamma2 0.1" in PeerAiD.HPARAMS["gamma2"].help and "lr_peer" in PeerAiD.HPARAMS["peer_lr"].help
+    assert "--swa_s" in PeerAiD.HPARAMS["swa"].help and "main.py:110-111" in PeerAiD.HPARAMS["swa_start"].help
     for key in ("jaewonalive/PeerAiD", "train_kd", "LinfPeerAttack", "SWA", "main.py:427-432"):
         assert key in peeraid_module.__doc__, key
 
 
-@pytest.mark.parametrize("overrides", [{"temperature": 0}, {"gamma2": -1}, {"peer_lr": "x"}, {"steps": 1.5}])
+@pytest.mark.parametrize(
+    "overrides",
+    [{"temperature": 0}, {"gamma2": -1}, {"peer_lr": "x"}, {"steps": 1.5}, {"swa": "maybe"}, {"swa_start": -2}],
+)
 def test_bad_hparams_are_user_errors(overrides):
     with pytest.raises(UserError):
         PeerAiD(**overrides)
@@ -343,8 +471,65 @@ def test_train_quick_end_to_end(straight):
         assert all(k in r for k in ("train_loss", "train_loss_peer", "train_loss_student", "train_peer_acc_adv"))
         assert 0.0 < r["train_loss"] < float("inf") and 0.0 <= r["pgd20_acc"] <= r["clean_acc"] <= 1.0
     ck = torch.load(straight / "last.pt", weights_only=True)
-    assert set(ck["method"]) == {"peer", "optimizer"}
+    assert set(ck["method"]) == {"peer", "optimizer", "swa"}
     assert ck["method"]["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.01)  # decayed at milestone 1
+
+
+def test_swa_student_files_and_records(straight, data):
+    """Epoch 2 (from 0: 1, the milestone) made the SWA student: its first average is the student's weights,
+    its BatchNorm statistics those of main.py's bn_update over its own pass of augmented training images;
+    metrics.jsonl has its accuracy from then on; swa_best.pt and swa_last.pt hold it."""
+    from rslad_fast.data import make_loader
+    from rslad_fast.data.loaders import SALT_AVERAGE, mix_seed
+
+    recs = _records(straight)
+    assert "swa_pgd20_acc" not in recs[0]
+    assert recs[1]["swa_best"] is True and 0.0 <= recs[1]["swa_pgd20_acc"] <= recs[1]["swa_clean_acc"] <= 1.0
+    last, swa = (torch.load(straight / n, weights_only=True) for n in ("last.pt", "swa_last.pt"))
+    best_swa = torch.load(straight / "swa_best.pt", weights_only=True)
+    assert swa["epoch"] == best_swa["epoch"] == 2 and last["method"]["swa"]["n"] == 1
+    assert last["method"]["swa"]["best_acc"] == recs[1]["swa_pgd20_acc"]
+    cfg = train.resolve_config(train.build_parser().parse_args(_args(data, straight.parent / "unused")))
+    official = models.build("tiny", C)
+    official.load_state_dict(last["model"])  # n = 0: alpha 1, the student's parameters
+    seed = mix_seed(cfg.seed, SALT_AVERAGE)
+    loader = make_loader("torch", *prepare(cfg).train, cfg.batch_size, train=True, seed=seed)
+    loader.set_epoch(1)
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format  # the run's memory format
+    official_bn_update(((x.contiguous(memory_format=fmt), y) for x, y in loader), official.to(memory_format=fmt))
+    for key, value in _averaged_state(official).items():
+        torch.testing.assert_close(swa["model"][key], value, rtol=1e-6, atol=1e-6, msg=key)
+    assert not torch.equal(swa["model"]["bn1.running_mean"], last["model"]["bn1.running_mean"])
+
+
+def test_swa_off_trains_the_same_student_and_writes_no_swa_files(straight, data, tmp_path):
+    """--no-swa: the same student bitwise (the SWA student takes nothing from the training streams or the
+    student's evaluation), and no swa_ file, record or state."""
+    out = tmp_path / "noswa"
+    assert train.main([*_args(data, out), "--no-swa"]) == 0
+    assert not list(out.glob("swa_*")) and not any("swa_best" in r for r in _records(out))
+    a, b = (torch.load(d / "last.pt", weights_only=True) for d in (straight, out))
+    assert "swa" not in b["method"]
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    keep = ("train_loss", "clean_acc", "pgd20_acc")
+    assert [{k: r[k] for k in keep} for r in _records(straight)] == [{k: r[k] for k in keep} for r in _records(out)]
+
+
+def test_export_and_evaluate_take_the_swa_student(straight, tmp_path):
+    from rslad_fast import evaluate
+    from rslad_fast.export import ExportSettings, export
+
+    result = export(
+        ExportSettings(run=str(straight), ckpt="swa_last", formats=["exported"], n=16, out=str(tmp_path / "x")),
+        log=lambda _: None,
+    )
+    assert result.files["exported"].is_file() and result.metadata["checkpoint"].endswith("swa_last.pt")
+    report = tmp_path / "ev"
+    argv = ["--run", str(straight), "--attacks", "clean", "--n", "16", "--out", str(report), "--no-progress"]
+    assert evaluate.main(argv) == 0
+    labels = [r["label"] for r in json.loads((report / "eval.json").read_text())["rows"]]
+    assert labels == ["best", "last", "swa_best", "swa_last"]
 
 
 def test_resume_is_bitwise_identical(straight, data, tmp_path):
@@ -364,7 +549,12 @@ def test_resume_is_bitwise_identical(straight, data, tmp_path):
         assert torch.equal(a["method"]["peer"][key], b["method"]["peer"][key]), key
     for sa, sb in zip(a["method"]["optimizer"]["state"].values(), b["method"]["optimizer"]["state"].values()):
         assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
-    timing = ("epoch_time_s", "eval_time_s", "images_per_s")
+    for name in ("swa_last.pt", "swa_best.pt"):  # the SWA student continues bitwise too
+        sa, sb = (torch.load(d / name, weights_only=True)["model"] for d in (straight, resumed))
+        for key in sa:
+            assert torch.equal(sa[key], sb[key]), (name, key)
+    assert a["method"]["swa"]["n"] == b["method"]["swa"]["n"] == 1
+    timing = ("epoch_time_s", "eval_time_s", "swa_eval_time_s", "images_per_s")
     strip = lambda recs: [{k: v for k, v in r.items() if k not in timing} for r in recs]  # noqa: E731
     assert strip(_records(straight)) == strip(_records(resumed))
 
@@ -373,12 +563,16 @@ def test_reproduce_sweeps_peeraid(data, tmp_path):
     """`reproduce --methods peeraid`: no teacher run; the PeerAiD run trains, is evaluated and tabled."""
     out = tmp_path / "sweep"
     argv = ["--out", str(out), "--methods", "peeraid", "--students", "tiny", "--preset", "quick", "--no-progress"]
-    argv += ["--train-n", "128", "--epochs", "1", "--eval-n", "32", "--batch-size", "64", "--threads", "1"]
+    argv += ["--train-n", "128", "--epochs", "2", "--eval-n", "32", "--batch-size", "64", "--threads", "1"]
     argv += ["--attacks", "clean,pgd20-sat", "--n", "32", "--data", str(data)]
     assert reproduce.main(argv) == 0
     assert json.loads((out / "plan.json").read_text())["runs"] == ["peeraid-tiny"]
     assert json.loads((out / "peeraid-tiny" / "eval.json").read_text())["n"] == 32
     assert "PeerAiD" in (out / "table2.md").read_text()
+    # the quick preset's milestone is its last epoch: the SWA student was made there, evaluated and tabled
+    rows = json.loads((out / "peeraid-tiny" / "eval.json").read_text())["rows"]
+    assert [r["label"] for r in rows] == ["best", "last", "swa_best", "swa_last"]
+    assert rows[2]["selection"] == rows[0]["selection"] and "swa_best" in (out / "table2.md").read_text()
 
 
 def test_two_processes_match_one_process_with_the_combined_batch(tmp_path, monkeypatch, fake_cifar10):

@@ -31,6 +31,7 @@ SALT_SHUFFLE = 0x5EED  # the epoch's shuffle (epoch_indices)
 SALT_AUGMENT = 0xA06  # the torch loader's crops and flips
 SALT_ATTACK = 0x7EA1  # the training attacks' random starts (engine.runner)
 SALT_EVAL = 0xE7A1  # the per-epoch held-out PGD-20's random starts (engine.runner)
+SALT_AVERAGE = 0x5A4  # PeerAiD's SWA student: its BatchNorm pass's shuffle and crops, its evaluation's starts
 
 
 def mix_seed(*parts: int) -> int:

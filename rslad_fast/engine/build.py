@@ -5,6 +5,7 @@ so what is timed is what trains."""
 
 from __future__ import annotations
 
+import copy
 import random
 from dataclasses import dataclass
 from typing import Optional
@@ -122,14 +123,16 @@ def build_parts(cfg: Config, device: torch.device, teacher: Optional[torch.nn.Mo
     :func:`place_teacher` does."""
     if teacher is not None:
         teacher = place_teacher(teacher, cfg, device)
+    method = methods.get(cfg.method)(**cfg.hparams)
     seed_everything(cfg.seed)
     student = build_model(cfg.student, cfg.num_classes, normalization=cfg.wrn70_16_norm).to(device)
     student = student.to(memory_format=memory_format(cfg))  # after the seeded init
+    if getattr(method, "swa", False):  # PeerAiD's SWA student: a copy (plain BatchNorm), no draw of the RNG
+        method.bind_average(copy.deepcopy(student))
     if cfg.sync_bn:  # same parameters and buffers, same state_dict keys: checkpoints load either way
         student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
     optimizer = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.milestones), gamma=cfg.gamma)
-    method = methods.get(cfg.method)(**cfg.hparams)
     if hasattr(method, "follow_lr_schedule"):  # MTARD's adaptive weights decay their lr with the run's lr
         method.follow_lr_schedule(cfg.milestones, cfg.gamma)
     if hasattr(method, "bind_peer"):  # PeerAiD's peer: the student's architecture, initialised right after it

@@ -25,6 +25,7 @@ from typing import Callable, Iterable, Optional
 import numpy as np
 import torch
 
+from rslad_fast import methods
 from rslad_fast.attacks.pgd import model_mode
 from rslad_fast.attacks.registry import EVAL_ATTACKS
 from rslad_fast.models import build
@@ -218,10 +219,29 @@ def estimate_run(
 ) -> float:
     """Seconds for ``epochs_left`` more epochs of ``batches_per_epoch`` batches at ``step_seconds`` each, plus
     each epoch's held-out evaluation: ``eval_seconds`` per epoch, or :func:`measure_eval_seconds` of
-    ``cfg.held_n`` images when None. Checkpoint writes and the curves are left out (seconds per epoch)."""
+    ``cfg.held_n`` images when None, and that again for each epoch that also evaluates PeerAiD's SWA student
+    (:func:`averaged_epochs`). Checkpoint writes, the curves and the SWA student's BatchNorm pass (one forward
+    pass over the training images) are left out."""
     if eval_seconds is None:
         eval_seconds = measure_eval_seconds(cfg, images=cfg.held_n)
-    return max(epochs_left, 0) * (batches_per_epoch * step_seconds + eval_seconds)
+    epochs_left = max(epochs_left, 0)
+    return (
+        epochs_left * (batches_per_epoch * step_seconds + eval_seconds)
+        + averaged_epochs(cfg, epochs_left) * eval_seconds
+    )
+
+
+def averaged_epochs(cfg, epochs_left: int) -> int:
+    """Of the last ``epochs_left`` epochs, those after which the method evaluates a second model too
+    (``Method.after_epoch``: PeerAiD's SWA student, from its first average epoch on)."""
+    method = methods.get(cfg.method)(**cfg.hparams)
+    if not getattr(method, "swa", False):
+        return 0
+    method.follow_lr_schedule(cfg.milestones, cfg.gamma)
+    first = method.first_average_epoch()
+    if first is None:
+        return 0
+    return max(0, cfg.epochs - max(first, cfg.epochs - epochs_left))
 
 
 def attack_passes(name: str, *, clean: float = 1.0, robust: float = AA_ROBUST_FRACTION) -> tuple:

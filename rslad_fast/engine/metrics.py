@@ -88,6 +88,9 @@ def plot_curves(records: list[dict], path, title: str = "") -> None:
     ax_loss.set_title("training loss")
     ax_acc.plot(ep, [100 * a for a in col("clean_acc")], marker="o", ms=3, label="clean")
     ax_acc.plot(ep, [100 * a for a in col("pgd20_acc")], marker="s", ms=3, label="PGD-20")
+    if any("swa_pgd20_acc" in r for r in records):  # PeerAiD's SWA student, from its first average on
+        ax_acc.plot(ep, [100 * a for a in col("swa_clean_acc")], ls="--", marker="o", ms=3, label="SWA clean")
+        ax_acc.plot(ep, [100 * a for a in col("swa_pgd20_acc")], ls="--", marker="s", ms=3, label="SWA PGD-20")
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel("test accuracy (%)")
     n = records[-1].get("eval_n") if records else None

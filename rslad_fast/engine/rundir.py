@@ -9,6 +9,8 @@ Layout::
     curves.png       loss / accuracy / lr curves, redrawn after each epoch
     last.pt          checkpoint after the latest epoch (checkpoint.py)
     best.pt          checkpoint of the epoch with the best held-out PGD-20 accuracy
+    swa_last.pt      PeerAiD: its SWA student after the latest epoch (from its first average on), in a
+    swa_best.pt      checkpoint of the same form, and that student at its best held-out PGD-20 accuracy
     teacher/         the self-trained teacher's own run directory (distillation without --teacher)
     eval.json        ``evaluate``'s report of best.pt and last.pt (and eval.md, for people)
     tensorboard/     --tensorboard: the per-epoch scalars and the config as TensorBoard events (tb_log.py)
@@ -48,7 +50,10 @@ TEACHER = "teacher"  # a self-trained teacher's run directory, inside its studen
 EVAL_JSON = "eval.json"
 EVAL_MD = "eval.md"
 TENSORBOARD = "tensorboard"  # --tensorboard's event files (tb_log.py)
-CHECKPOINTS = (BEST, LAST)  # what ``evaluate --run`` evaluates, in this order
+SWA_BEST = "swa_best.pt"  # PeerAiD's SWA student (methods/peeraid.py), at its best held-out PGD-20 accuracy
+SWA_LAST = "swa_last.pt"  # and after the latest epoch
+CHECKPOINTS = (BEST, LAST)  # what ``evaluate --run`` evaluates, in this order, and says when one is missing
+AVERAGED = (SWA_BEST, SWA_LAST)  # then these, where the run wrote them
 
 
 class RunDir:
@@ -66,6 +71,8 @@ class RunDir:
     curves = property(lambda self: self.path / CURVES)
     last = property(lambda self: self.path / LAST)
     best = property(lambda self: self.path / BEST)
+    swa_best = property(lambda self: self.path / SWA_BEST)
+    swa_last = property(lambda self: self.path / SWA_LAST)
     eval_json = property(lambda self: self.path / EVAL_JSON)
     tensorboard = property(lambda self: self.path / TENSORBOARD)
 
@@ -73,8 +80,8 @@ class RunDir:
         return RunDir(self.path / name)
 
     def checkpoints(self) -> list:
-        """best.pt and last.pt, those present."""
-        return [self.path / n for n in CHECKPOINTS if (self.path / n).is_file()]
+        """best.pt and last.pt, then swa_best.pt and swa_last.pt (PeerAiD): those present."""
+        return [self.path / n for n in CHECKPOINTS + AVERAGED if (self.path / n).is_file()]
 
     def has_config(self) -> bool:
         return self.config.is_file()

@@ -4,10 +4,11 @@
 bit (see ``checkpoint.py``). What comes before it (the checks, the run directory, the self-trained
 teacher's stage) is ``train_run.py``; the objects it trains with are built by ``build.py``.
 
-Per epoch, the writes happen in the order best.pt, metrics line, TensorBoard events (--tensorboard), last.pt,
-curves.png: a run killed between any two of them resumes from the previous last.pt, drops the metrics lines
-(and, in TensorBoard's view, the events: ``tb_log.py``) after it and redoes the epoch, which produces the same
-weights again.
+Per epoch, the writes happen in the order best.pt, swa_best.pt, metrics line, TensorBoard events
+(--tensorboard), swa_last.pt, last.pt, curves.png (the swa_ files: PeerAiD's SWA student, see
+``Method.after_epoch``): a run killed between any two of them resumes from the previous last.pt, drops the
+metrics lines (and, in TensorBoard's view, the events: ``tb_log.py``) after it and redoes the epoch, which
+produces the same weights again.
 
 Under torchrun (see ``dist.py``) every rank runs all of this: each builds the same seeded student, restores
 the same checkpoint, trains its shard through DDP and evaluates its slice of the held images; only rank 0
@@ -29,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from rslad_fast.data import make_loader
-from rslad_fast.data.loaders import SALT_ATTACK, SALT_EVAL, mix_seed
+from rslad_fast.data.loaders import SALT_ATTACK, SALT_AVERAGE, SALT_EVAL, mix_seed
 from rslad_fast.errors import UserError
 from rslad_fast.methods.mtard import TwoTeachers
 
@@ -146,7 +147,10 @@ def _run(
                 )
             except Diverged as e:
                 raise Diverged(f"{e}; {_kept(r, epoch)}; a lower --lr may help") from None
-            record, best_acc = _end_of_epoch(r, epoch, lr, train_stats, best_acc, records, dist=dist, tag=tag)
+            average = r.parts.method.after_epoch(epoch, r.module, lambda e=epoch: _average_batches(r, e))
+            record, best_acc = _end_of_epoch(
+                r, epoch, lr, train_stats, best_acc, records, dist=dist, tag=tag, average=average
+            )
             records.append(record)
             if stop_after is not None and epoch + 1 >= stop_after:
                 break
@@ -187,6 +191,9 @@ class _Training:
     log: MetricsLog
     teacher_cache: Optional[TeacherCache] = None  # derived state: never checkpointed, refilled after a resume
     tb: Optional[TensorBoardLog] = None  # --tensorboard, rank 0: opened once the completed epochs are known
+    # PeerAiD's SWA student's BatchNorm pass: every training image on every rank (the single-process copy
+    # everywhere), its own seed (the training batches' streams untouched); None when no method averages
+    average_loader: Optional[object] = None
 
     device = property(lambda self: self.parts.device)
     module = property(lambda self: self.parts.student)
@@ -227,6 +234,11 @@ def _build(prep: Prepared, run_dir: RunDir, *, dist: Dist) -> _Training:
     # every rank caches the whole set: its shard changes every epoch
     cache = TeacherCache(len(prep.train[0]), loader.num_views, cfg.num_classes, device) if cached else None
     held = (prep.held[0].to(device), prep.held[1].to(device))
+    average_loader = None
+    if getattr(parts.method, "average", None) is not None:
+        average_loader = make_loader(
+            "torch", *prep.train, cfg.batch_size, train=True, device=device, seed=mix_seed(cfg.seed, SALT_AVERAGE)
+        )
     return _Training(
         cfg=cfg,
         run_dir=run_dir,
@@ -235,7 +247,17 @@ def _build(prep: Prepared, run_dir: RunDir, *, dist: Dist) -> _Training:
         held=held,
         log=MetricsLog(run_dir.metrics),
         teacher_cache=cache,
+        average_loader=average_loader,
     )
+
+
+def _average_batches(r: _Training, epoch: int):
+    """The SWA student's BatchNorm pass over epoch ``epoch``'s reshuffled, re-augmented training images (the
+    official ``bn_update`` iterates the training loader once more), in the run's memory format."""
+    loader = r.average_loader
+    loader.set_epoch(epoch)
+    for x, _ in loader:
+        yield x.contiguous(memory_format=torch.channels_last) if r.cfg.channels_last else x
 
 
 def _resume(r: _Training, *, dist: Dist, tag: str) -> tuple:
@@ -290,11 +312,21 @@ def _kept(r: _Training, epoch: int) -> str:
 
 
 def _end_of_epoch(
-    r: _Training, epoch: int, lr: float, train_stats: dict, best_acc: float, records: list, *, dist: Dist, tag: str
+    r: _Training,
+    epoch: int,
+    lr: float,
+    train_stats: dict,
+    best_acc: float,
+    records: list,
+    *,
+    dist: Dist,
+    tag: str,
+    average: Optional[torch.nn.Module] = None,
 ) -> tuple:
-    """After epoch ``epoch``'s training: the non-finite check, the held-out evaluation, the lr step, and
-    (rank 0) best.pt, the metrics line, last.pt, the curves and the log line, in that order. Returns (the
-    epoch's record, the best PGD-20 accuracy so far)."""
+    """After epoch ``epoch``'s training: the non-finite check, the held-out evaluation (and ``average``'s, the
+    method's second model: PeerAiD's SWA student), the lr step, and (rank 0) best.pt, swa_best.pt, the metrics
+    line, swa_last.pt, last.pt, the curves and the log line, in that order. Returns (the epoch's record, the
+    best PGD-20 accuracy so far)."""
     cfg, run_dir, module = r.cfg, r.run_dir, r.module
     dist.broadcast_buffers(module)  # per-rank BN statistics -> rank 0's: the model that is saved
     # the loss can stay finite while a weight or a BatchNorm statistic does not (train mode normalizes
@@ -319,6 +351,16 @@ def _end_of_epoch(
         generator=eval_gen,
         dist=dist,
     )
+    swa = {}
+    if average is not None:  # its own starts: the student's evaluation is the same with or without it
+        gen = torch.Generator(device=r.device).manual_seed(mix_seed(eval_seed, SALT_AVERAGE))
+        sev = evaluate(
+            average, *r.held, attack=cfg.eval_attack, batch_size=cfg.eval_batch_size, generator=gen, dist=dist
+        )
+        method = r.parts.method
+        swa_best = sev["pgd20_acc"] > method.swa_best_acc  # main.py:785-812: the SWA student's own best
+        method.swa_best_acc = max(method.swa_best_acc, sev["pgd20_acc"])
+        swa = {**{f"swa_{k}": v for k, v in sev.items() if k != "eval_n"}, "swa_best": swa_best}
     r.parts.scheduler.step()
     is_best = ev["pgd20_acc"] > best_acc
     best_acc = max(best_acc, ev["pgd20_acc"])
@@ -328,6 +370,7 @@ def _end_of_epoch(
         **{k: v for k, v in train_stats.items() if k != "batches"},
         **ev,
         "best": is_best,
+        **swa,
     }
     record["world_size"] = dist.world_size  # trained this epoch (global batch: batch_size x this)
     generators = dist.all_gather_object(r.parts.generator.get_state())  # every rank's, for the checkpoint
@@ -350,9 +393,13 @@ def _end_of_epoch(
         try:
             if is_best:
                 save_checkpoint(run_dir.best, **save)
+            if swa.get("swa_best"):  # the SWA student in a checkpoint of the same form: evaluate and export read it
+                save_checkpoint(run_dir.swa_best, **{**save, "model": average})
             log.append(record)
             if r.tb is not None:  # before last.pt: a resume redoes this epoch's events with its line
                 r.tb.epoch(record)
+            if average is not None:
+                save_checkpoint(run_dir.swa_last, **{**save, "model": average})
             save_checkpoint(run_dir.last, **save)
         except (OSError, WriteError) as e:
             # no metrics line without its last.pt (truncating needs no free space); a best.pt of
@@ -372,6 +419,7 @@ def _end_of_epoch(
             f"clean {100 * ev['clean_acc']:.2f}%  PGD-20 {100 * ev['pgd20_acc']:.2f}%  "
             f"({record['epoch_time_s']:.0f}s train, {ev['eval_time_s']:.0f}s eval, "
             f"{record['images_per_s']:.0f} img/s"
+            + (f", SWA clean {100 * swa['swa_clean_acc']:.2f}% PGD-20 {100 * swa['swa_pgd20_acc']:.2f}%" if swa else "")
             + (
                 f", teacher cache {100 * record['teacher_cache_hit_rate']:.1f}% hits, "
                 f"{record['teacher_forwards_saved']} forwards saved"

@@ -23,6 +23,7 @@ from rslad_fast.errors import UserError
 # metrics.jsonl keys -> the TensorBoard group of their tag (``<group>/<key>``): the key stays the one metrics.jsonl
 # and metrics.py name, the group puts related curves side by side
 _GROUPS = (
+    ("swa_", "swa"),  # PeerAiD's SWA student: its held-out accuracy beside the student's
     ("train_", "train"),
     ("clean_acc", "eval"),
     ("pgd20_acc", "eval"),

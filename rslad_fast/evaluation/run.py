@@ -22,7 +22,7 @@ from rslad_fast.data.cifar import NAMES as DATASETS
 from rslad_fast.engine.dist import Dist, agreed
 from rslad_fast.engine.precision import restore_tf32, set_tf32
 from rslad_fast.engine.resolution import check_ops_device, resolve_device
-from rslad_fast.engine.rundir import BEST, CHECKPOINTS, RunDir
+from rslad_fast.engine.rundir import BEST, CHECKPOINTS, SWA_BEST, RunDir
 from rslad_fast.engine.validation import describe
 from rslad_fast.errors import UserError
 from rslad_fast.models import ARCHS, WRN70_NORMS, build, canonical_name
@@ -89,7 +89,7 @@ def _read_run(run_dir: Path, arch_flag, dataset_flag=None, norm_flag=None):
     ]
     rows = [{"label": p.stem, "path": p, "arch": arch, "method": method} for p in ckpts]
     for row in rows:  # eval.json names what picked best.pt: the test subset (the default) or --val-n
-        if row["path"].name == BEST:
+        if row["path"].name in (BEST, SWA_BEST):  # the SWA student's best: the same images, its own PGD-20
             row["selection"] = describe(config)
     data = config.get("data") if isinstance(config.get("data"), str) else None
     return rows, notes, dataset, norm, data

@@ -56,7 +56,7 @@ ATOL = 1e-3
 @dataclass
 class ExportSettings:
     run: str  # the run directory
-    ckpt: str = "best"  # best or last
+    ckpt: str = "best"  # one of CKPTS
     formats: list = field(default_factory=lambda: list(fmt.NAMES))
     out: Optional[str] = None  # None: RUN/export/CKPT
     batch: Optional[int] = None  # None: a dynamic batch dimension; N: fixed
@@ -80,15 +80,18 @@ class ExportResult:
     lines: list  # what the verification printed
 
 
+CKPTS = ("best", "last", "swa_best", "swa_last")  # --ckpt: the run's files of those names (swa_: PeerAiD's SWA student)
+
+
 def _checkpoint(run: Path, which: str) -> Path:
-    if which not in ("best", "last"):
-        raise UserError(f"--ckpt {which!r}: choose best or last")
+    if which not in CKPTS:
+        raise UserError(f"--ckpt {which!r}: choose one of {', '.join(CKPTS)}")
     if not run.is_dir():
         raise UserError(f"--run {run}: {'not a directory' if run.exists() else 'no such directory'}")
     rd = RunDir(run)
     if not rd.has_config():
         raise UserError(f"--run {run}: no {rd.config.name} there, not a run directory")
-    path = rd.best if which == "best" else rd.last
+    path = rd.path / f"{which}.pt"
     if not path.is_file():
         there = [p.name for p in rd.checkpoints()]
         have = f"it has {', '.join(there)}: pass --ckpt {Path(there[0]).stem}" if there else "it has no checkpoint yet"

@@ -12,7 +12,7 @@ import argparse
 from rslad_fast.cli import Parser, integer, nonneg, print_error
 from rslad_fast.errors import UserError
 
-from . import ATOL, ATTACK, METADATA, ExportSettings, export
+from . import ATOL, ATTACK, CKPTS, METADATA, ExportSettings, export
 from .formats import NAMES, parse_formats
 from .verify import VerificationError
 
@@ -40,7 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--run", required=True, metavar="RUN_DIR", help="a training run directory (config.json, best.pt / last.pt)"
     )
-    p.add_argument("--ckpt", choices=("best", "last"), default="best", help="which checkpoint (default best)")
+    p.add_argument(
+        "--ckpt",
+        choices=CKPTS,
+        default="best",
+        help="which checkpoint (default best; swa_best / swa_last: a PeerAiD run's SWA student)",
+    )
     p.add_argument(
         "--format",
         dest="formats",

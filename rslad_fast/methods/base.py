@@ -181,6 +181,13 @@ class Method:
         """The outer loss for this batch at a given x' (None for methods without an attack)."""
         raise NotImplementedError
 
+    def after_epoch(self, epoch: int, student: torch.nn.Module, batches) -> Optional[torch.nn.Module]:
+        """Called by the runner after epoch ``epoch``'s training (from 0), before its evaluation, with the plain
+        student and ``batches()``, an iterable of augmented training images. A method that keeps a second model
+        of the student's architecture (PeerAiD's SWA student) updates it here and returns it: the runner then
+        evaluates it beside the student and saves it as swa_best.pt / swa_last.pt. None by default."""
+        return None
+
     def milestones(self) -> Tuple[int, ...]:
         """The epochs (from 0, MultiStepLR convention, see `Schedule`) at which the lr really decays.
 

@@ -40,12 +40,24 @@ lines 59-84), `configs/PeerAiD_resnet18_cifar10.json` / `_cifar100.json` and `tr
   schedule from configs/PeerAiD_resnet18_cifar10.json: 300 epochs, batch 128, lr 0.1, weight decay 2e-4,
   lr /10 at epochs 214, 259, 284 (epochs from 0: `epoch >= i` divides), momentum 0.9 (main.py:220).
 
+- The SWA student (`--swa_s` in every official command, README.md; on by default here, `--no-swa` turns it
+  off): from the first lr decay epoch (main.py:110-111 `args.swa_s_start = args.lr_decay_epochs_student[0]`;
+  `--swa-start` here, -1 meaning that milestone), after each epoch's training the official code averages the
+  student's parameters into a second copy (`moving_average` with 1/(n+1), then `bn_update`: the BatchNorm
+  statistics recomputed over one pass of the training loader, main.py:427-432; rslad_fast/models/averaging.py)
+  and evaluates that copy beside the student every epoch (main.py:625-833), keeping its best (by its own
+  robust accuracy) and its last weights. It does not change how the student or the peer train. Here the
+  engine calls `after_epoch` at the same point, evaluates the copy on the same held-out images as the student
+  (`swa_clean_acc`, `swa_pgd20_acc` in metrics.jsonl) and writes `swa_best.pt` and `swa_last.pt` beside
+  `best.pt` and `last.pt`; `evaluate --run` reports all four and `export --ckpt swa_best` exports it. The
+  copy starts as the student's weights (the official one is a fresh model whose parameters the first average,
+  alpha = 1, overwrites: the same), and its state (weights, n, best accuracy) is in every checkpoint, so
+  --resume continues it bitwise.
+  The BatchNorm pass draws its own shuffle and crops/flips (the run's seed, the epoch and a salt of its own:
+  the training batches' random streams stay untouched) and, under torchrun, runs over the whole training set
+  on every process, so the copy is the single-process one on every rank.
+
 What could not be followed to the letter, and why:
-- The SWA student (`--swa_s` in every official command): from epoch 214 the official code keeps a
-  stochastic-weight-averaged copy of the student (`moving_average` after each epoch, then `bn_update`, a
-  BatchNorm pass over the whole training loader, main.py:427-432) and evaluates it beside the student. It
-  does not change how the student or the peer train; this engine keeps and evaluates one model per run, so
-  the SWA copy is not made: the student trained here is the official `student_net`, not `student_swa_net`.
 - Under torchrun the peer is no DDP module of its own: its gradients are averaged over the processes by an
   all-reduce before its step and its BatchNorm buffers broadcast from rank 0 before each batch, as DDP does
   for the student; `--sync-bn` converts the student only.
@@ -73,6 +85,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..attacks.pgd import model_mode, pgd
+from ..models.averaging import bn_update, moving_average
 from .base import (
     Context,
     HParam,
@@ -80,6 +93,8 @@ from .base import (
     Schedule,
     accuracy,
     check_attack,
+    check_count,
+    check_flag,
     check_range,
     pgd_hparams,
     register,
@@ -135,6 +150,16 @@ class PeerAiD(Method):
             "the peer's SGD weight decay; by default the run's --weight-decay when given, else 2e-4 (PeerAiD "
             "main.py:219-220: one args.weight_decay for both optimizers; configs/*.json weight_decay 0.0002)",
         ),
+        "swa": HParam(
+            True,
+            "keep the stochastic-weight-averaged student beside the student, evaluated each epoch and saved as "
+            "swa_best.pt / swa_last.pt (PeerAiD README.md: every Table 1 command passes --swa_s; main.py:427-432)",
+        ),
+        "swa_start": HParam(
+            -1,
+            "the epoch (from 0) from which the SWA student averages; -1: the run's first lr milestone (PeerAiD "
+            "main.py:110-111 `args.swa_s_start = args.lr_decay_epochs_student[0]`)",
+        ),
     }
     # the hyperparameters that take the run's --weight-decay when it is given and they are not (resolution.py):
     # PeerAiD main.py:219-220 build both SGDs with args.weight_decay
@@ -159,6 +184,10 @@ class PeerAiD(Method):
         self.peer_optimizer: Optional[torch.optim.SGD] = None
         self._milestones, self._gamma = tuple(self.SCHEDULE.milestones), self.SCHEDULE.gamma
         self._pending: Optional[dict] = None  # a checkpoint's peer state, loaded once the peer is bound
+        # the SWA student (main.py:167-170, 427-432): bound by the engine when `swa` is on
+        self.average: Optional[torch.nn.Module] = None
+        self.swa_n = 0  # snapshots averaged so far (main.py `swa_n_student`)
+        self.swa_best_acc = -1.0  # its best held-out PGD-20 accuracy so far (main.py `best_student_swa_robust_acc`)
 
     def validate(self) -> None:
         check_attack(self)
@@ -166,6 +195,8 @@ class PeerAiD(Method):
             setattr(self, key, check_range(self.name, key, getattr(self, key), 0.0))
         for key in ("temperature", "tau", "peer_lr"):
             setattr(self, key, check_range(self.name, key, getattr(self, key), 0.0, lo_open=True))
+        self.swa = check_flag(self.name, "swa", self.swa)
+        self.swa_start = check_count(self.name, "swa_start", self.swa_start, minimum=-1)
 
     # ---- the peer: built by the engine, trained here, checkpointed with the run --------------------------
 
@@ -185,18 +216,59 @@ class PeerAiD(Method):
     def peer_lr_at(self, epoch: int) -> float:
         return self.peer_lr * self._gamma ** sum(1 for m in self._milestones if epoch >= m)
 
+    def bind_average(self, copy: torch.nn.Module) -> None:
+        """Take the SWA student's module: a copy of the student (engine/build.py makes it with ``swa`` on)."""
+        self.average = copy.eval()
+        for p in copy.parameters():
+            p.requires_grad_(False)
+        if self._pending is not None:
+            self.load_state_dict(self._pending)
+
+    def first_average_epoch(self) -> Optional[int]:
+        """The epoch (from 0) of the first average: ``swa_start``, or the run's first lr milestone (None: the
+        run has none, so nothing is averaged, as the official code, whose start is that milestone, would)."""
+        if self.swa_start >= 0:
+            return self.swa_start
+        return min(self._milestones) if self._milestones else None
+
+    def after_epoch(self, epoch: int, student: torch.nn.Module, batches) -> Optional[torch.nn.Module]:
+        """After epoch ``epoch``'s training (main.py:427-432): from the first average epoch on, the student's
+        parameters averaged into the SWA student and its BatchNorm statistics recomputed over ``batches()`` (an
+        iterable of training images); returns the SWA student to evaluate and save, else None."""
+        first = self.first_average_epoch()
+        if self.average is None or first is None or epoch < first:
+            return None
+        moving_average(self.average, student, 1.0 / (self.swa_n + 1))
+        self.swa_n += 1
+        bn_update(self.average, batches())
+        return self.average.eval()
+
     def state_dict(self) -> dict:
         if self.peer is None:
             return {}
-        return {"peer": self.peer.state_dict(), "optimizer": self.peer_optimizer.state_dict()}
+        state = {"peer": self.peer.state_dict(), "optimizer": self.peer_optimizer.state_dict()}
+        if self.average is not None:
+            state["swa"] = {"model": self.average.state_dict(), "n": self.swa_n, "best_acc": self.swa_best_acc}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        if self.peer is None:
-            self._pending = state
-            return
-        self._pending = None
-        self.peer.load_state_dict(state["peer"], strict=True)
-        self.peer_optimizer.load_state_dict(state["optimizer"])
+        """Restore a checkpoint's state; a part whose module is not bound yet (``--resume`` restores into the
+        engine's freshly built method) is applied by ``bind_peer`` / ``bind_average`` when it is."""
+        self._pending = state
+        if self.peer is not None:
+            self.peer.load_state_dict(state["peer"], strict=True)
+            self.peer_optimizer.load_state_dict(state["optimizer"])
+        if self.average is not None:
+            swa = state["swa"]
+            n, best = swa["n"], swa["best_acc"]
+            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                raise ValueError(f"the SWA count {n!r} is not a count")
+            if isinstance(best, bool) or not isinstance(best, (int, float)) or not (best == -1 or 0 <= best <= 1):
+                raise ValueError(f"the SWA best accuracy {best!r} is not an accuracy")
+            self.average.load_state_dict(swa["model"], strict=True)
+            self.swa_n, self.swa_best_acc = n, float(best)
+        if self.peer is not None and (self.average is not None or not self.swa):
+            self._pending = None
 
     def _need_peer(self) -> torch.nn.Module:
         if self.peer is None:
