@@ -149,7 +149,8 @@ def test_a_model_that_normalizes_inside_carries_its_normalization(tmp_path, c100
 
 
 def test_a_fixed_batch(tmp_path, c10):
-    """--batch 4 on 6 images: the last chunk padded; ONNX's input is [4, 3, 32, 32] and the .pt2 refuses 3."""
+    """--batch 4 on 6 images: the last chunk padded; ONNX's input is [4, 3, 32, 32]; the .pt2 and the
+    TorchScript module refuse 3 images and still take 4."""
     import onnxruntime as ort
 
     run = _run(tmp_path, "tiny", "cifar10", c10)
@@ -161,7 +162,11 @@ def test_a_fixed_batch(tmp_path, c10):
     assert session.get_inputs()[0].shape == [4, 3, 32, 32]
     with pytest.raises(AssertionError, match="Guard failed"):
         torch.export.load(str(result.files["exported"])).module()(torch.rand(3, 3, 32, 32))
-    assert "not enforced" in meta["formats"]["torchscript"]["note"]
+    scripted = torch.jit.load(str(result.files["torchscript"]))
+    with pytest.raises(torch.jit.Error, match="fixed batch of 4 images, got 3"):
+        scripted(torch.rand(3, 3, 32, 32))
+    assert scripted(torch.rand(4, 3, 32, 32)).shape == (4, 10)
+    assert meta["formats"]["torchscript"]["method"] == "torch.jit.trace in a scripted fixed-batch guard"
 
 
 def test_the_eval_json_row_of_the_checkpoint(tmp_path, c10):

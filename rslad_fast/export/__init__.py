@@ -238,8 +238,6 @@ def export(s: ExportSettings, log=print) -> ExportResult:
             verify.check(name, figures)
             checks[name] = figures
             facts[name]["bytes"] = path.stat().st_size
-            if s.batch is not None and not f.fixed_batch_enforced:
-                facts[name]["note"] = "a traced graph takes any batch; the fixed batch is not enforced"
             lines.append(verify.line(name, figures))
             log(lines[-1])
         meta = metadata.build(

@@ -58,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch",
         type=_batch,
         default=None,
-        help="the artifact's batch dimension: dynamic (default) or a fixed N (onnx and exported then take "
-        "exactly N images; a traced TorchScript graph takes any)",
+        help="the artifact's batch dimension: dynamic (default) or a fixed N (every format then takes exactly N "
+        "images: TorchScript through a scripted guard around its traced graph)",
     )
     p.add_argument(
         "--n", type=integer(1), default=500, help="test images the verification runs (the first N; default 500)"

@@ -8,9 +8,10 @@ was made from.
 - ``exported``: ``torch.export.export`` + ``torch.export.save`` (``.pt2``), loaded by ``torch.export.load``.
 
 Every artifact takes float32 images in [0, 1], NCHW, input ``images``, and returns the logits. The batch
-dimension is dynamic (``batch=None``: one symbolic dimension, any size from 1) or fixed (``batch=N``:
-onnx and exported accept exactly N images; a traced TorchScript graph of these convolutional models accepts
-any batch whatever was asked, and the metadata says so).
+dimension is dynamic (``batch=None``: one symbolic dimension, any size from 1) or fixed (``batch=N``: every
+format accepts exactly N images; a traced TorchScript graph of these convolutional models would take any
+batch, so with a fixed one the saved module is a scripted guard around the traced graph that refuses another
+size with an error (torch.jit.Error) naming both).
 
 onnx, onnxscript and onnxruntime are the ``export`` extra (setup.py); they are imported only when an onnx
 artifact is made, and their absence is one error line.
@@ -87,11 +88,32 @@ def _save_onnx(model: nn.Module, path, batch: Optional[int]) -> dict:
     return {"opset": opset, "onnx": onnx.__version__, "onnxruntime": ort.__version__}
 
 
+class _FixedBatch(nn.Module):
+    """A traced graph that takes exactly ``batch`` images (scripted: the check is in the saved module)."""
+
+    def __init__(self, traced: torch.jit.ScriptModule, batch: int):
+        super().__init__()
+        self.model = traced
+        self.batch = batch
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.size(0) != self.batch:
+            raise RuntimeError(
+                "this model was exported for a fixed batch of "
+                + str(self.batch)
+                + " images, got "
+                + str(images.size(0))
+            )
+        return self.model(images)
+
+
 def _save_torchscript(model: nn.Module, path, batch: Optional[int]) -> dict:
     with _quiet():
-        traced = torch.jit.trace(model, _example(batch))
-        torch.jit.save(traced, str(path))
-    return {"method": "torch.jit.trace"}
+        module = torch.jit.trace(model, _example(batch))
+        if batch is not None:
+            module = torch.jit.script(_FixedBatch(module, batch))
+        torch.jit.save(module, str(path))
+    return {"method": "torch.jit.trace" + (" in a scripted fixed-batch guard" if batch is not None else "")}
 
 
 def _save_exported(model: nn.Module, path, batch: Optional[int]) -> dict:
@@ -143,21 +165,13 @@ class Format:
     runtime: str  # what the verification loads it with
     save: Callable[[nn.Module, object, Optional[int]], dict]  # (model, path, batch) -> facts for the metadata
     load: Callable[[object], Callable[[torch.Tensor], torch.Tensor]]  # path -> images -> logits
-    fixed_batch_enforced: bool = True  # does a fixed --batch bind the artifact?
 
 
 FORMATS = {
     f.name: f
     for f in (
         Format("onnx", "model.onnx", "onnxruntime InferenceSession (CPUExecutionProvider)", _save_onnx, _load_onnx),
-        Format(
-            "torchscript",
-            "model.torchscript.pt",
-            "torch.jit.load",
-            _save_torchscript,
-            _load_torchscript,
-            fixed_batch_enforced=False,
-        ),
+        Format("torchscript", "model.torchscript.pt", "torch.jit.load", _save_torchscript, _load_torchscript),
         Format("exported", "model.pt2", "torch.export.load(...).module()", _save_exported, _load_exported),
     )
 }
