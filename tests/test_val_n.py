@@ -161,6 +161,8 @@ def test_held_out_images_are_never_trained_on_and_pick_best_pt(data, tmp_path, m
     )  # fmt: skip
     cfg = resolve(settings)
     assert (cfg.val_n, cfg.best_selection) == (VAL_N, "validation")
+    # a teacher file was trained elsewhere: the start line says it may have seen the held-out images
+    assert any(n.startswith("--val-n 16: ") and "--teacher file" in n for n in engine.prepare(cfg).notes)
     out = tmp_path / "run"
     engine.create_run_dir(out, cfg)
     first = Recorder(monkeypatch.setattr)
@@ -220,6 +222,7 @@ def test_the_default_path_is_unchanged(data, tmp_path, monkeypatch):
 def test_a_self_trained_teacher_holds_out_the_same_images():
     cfg = resolve(RunSettings(method="rslad", teacher_arch="tiny", preset="quick", val_n=VAL_N, **TINY))
     assert (cfg.teacher_run["val_n"], cfg.teacher_run["best_selection"]) == (VAL_N, "validation")
+    assert not any(n.startswith("--val-n") for n in engine.prepare(cfg).notes)  # its teacher held them out too
 
 
 # ---- two processes ---------------------------------------------------------------------------------------

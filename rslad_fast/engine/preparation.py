@@ -146,8 +146,20 @@ def prepare(cfg: Config, *, download="auto", full=None, eval_n_given: bool = Tru
                 f"--nat-teacher {nat['path']} changed since the run started (sha256 {digest[:12]}... vs "
                 f"{nat['sha256'][:12]}... in config.json)"
             )
+    external = [f for f, t in (("--teacher", cfg.teacher), ("--nat-teacher", cfg.nat_teacher)) if _from_file(t)]
+    if cfg.val_n is not None and external:
+        notes.append(
+            f"--val-n {cfg.val_n}: the student never trains on the held-out images, but the {' and '.join(external)} "
+            f"file was trained elsewhere, perhaps on them (a public CIFAR-10 teacher has seen all 50,000 training "
+            f"images): best.pt is then picked on images the teacher may know; a self-trained teacher (no --teacher) "
+            f"holds them out too"
+        )
     prep.teacher_cache = use_teacher_cache(cfg, len(train[0]), notes)
     return prep
+
+
+def _from_file(teacher: Optional[dict]) -> bool:
+    return teacher is not None and teacher.get("source", "file") == "file"
 
 
 def use_teacher_cache(cfg: Config, num_images: int, notes: list) -> bool:
