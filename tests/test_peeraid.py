@@ -314,6 +314,19 @@ def test_averaging_helpers_edge_cases():
     assert bn_update(model, [torch.rand(3, 3, 32, 32), torch.rand(2, 3, 32, 32)]) == 5 and not model.training
 
 
+@pytest.mark.parametrize(
+    "argv, averages",
+    [([], True), (["--epochs", "5", "--swa-start", "5"], False), (["--epochs", "5", "--milestones", ""], False),
+     (["--no-swa"], False), (["--epochs", "5", "--milestones", "4"], True)],
+)  # fmt: skip
+def test_only_a_run_that_averages_keeps_an_swa_student(argv, averages):
+    from rslad_fast.engine.build import build_parts
+
+    cfg = train.resolve_config(train.build_parser().parse_args(["--method", "peeraid", "--student", "tiny", *argv]))
+    method = build_parts(cfg, torch.device("cpu"), None, generator_seed=0).method
+    assert (method.average is not None) == averages and ("swa" in method.state_dict()) == averages
+
+
 def test_the_time_estimate_counts_the_swa_students_evaluations():
     from rslad_fast.engine.estimate import averaged_epochs, estimate_run
 
@@ -339,7 +352,9 @@ def test_swa_state_round_trips_and_malformed_state_is_refused(setup64):
     assert (fresh.swa_n, fresh.swa_best_acc) == (1, 0.25) and fresh._pending is None
     for k, v in method.average.state_dict().items():
         assert torch.equal(fresh.average.state_dict()[k], v), k
-    for bad in ({"n": -1}, {"best_acc": 2.0}, {"n": True}):
+    weights = state["swa"]["model"]
+    nan = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in weights.items()}
+    for bad in ({"n": -1}, {"best_acc": 2.0}, {"n": True}, {"model": nan}):
         broken = copy.deepcopy(state)
         broken["swa"].update(bad)
         with pytest.raises(ValueError, match="SWA"):
@@ -488,6 +503,8 @@ def test_swa_student_files_and_records(straight, data):
     last, swa = (torch.load(straight / n, weights_only=True) for n in ("last.pt", "swa_last.pt"))
     best_swa = torch.load(straight / "swa_best.pt", weights_only=True)
     assert swa["epoch"] == best_swa["epoch"] == 2 and last["method"]["swa"]["n"] == 1
+    # its own best; no method state (last.pt holds it, with the peer: these files are never resumed from)
+    assert swa["best_acc"] == best_swa["best_acc"] == recs[1]["swa_pgd20_acc"] and swa["method"] == {}
     assert last["method"]["swa"]["best_acc"] == recs[1]["swa_pgd20_acc"]
     cfg = train.resolve_config(train.build_parser().parse_args(_args(data, straight.parent / "unused")))
     official = models.build("tiny", C)

@@ -127,14 +127,18 @@ def build_parts(cfg: Config, device: torch.device, teacher: Optional[torch.nn.Mo
     seed_everything(cfg.seed)
     student = build_model(cfg.student, cfg.num_classes, normalization=cfg.wrn70_16_norm).to(device)
     student = student.to(memory_format=memory_format(cfg))  # after the seeded init
-    if getattr(method, "swa", False):  # PeerAiD's SWA student: a copy (plain BatchNorm), no draw of the RNG
-        method.bind_average(copy.deepcopy(student))
+    # PeerAiD's SWA student: a copy with plain BatchNorm (before --sync-bn), drawing nothing from the RNG
+    average = copy.deepcopy(student) if getattr(method, "swa", False) else None
     if cfg.sync_bn:  # same parameters and buffers, same state_dict keys: checkpoints load either way
         student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
     optimizer = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.milestones), gamma=cfg.gamma)
     if hasattr(method, "follow_lr_schedule"):  # MTARD's adaptive weights decay their lr with the run's lr
         method.follow_lr_schedule(cfg.milestones, cfg.gamma)
+    if average is not None:
+        first = method.first_average_epoch()
+        if first is not None and first < cfg.epochs:  # only a run that averages keeps (and checkpoints) one
+            method.bind_average(average)
     if hasattr(method, "bind_peer"):  # PeerAiD's peer: the student's architecture, initialised right after it
         peer = build_model(cfg.student, cfg.num_classes, normalization=cfg.wrn70_16_norm).to(device)
         method.bind_peer(peer.to(memory_format=memory_format(cfg)))

@@ -147,10 +147,7 @@ def _run(
                 )
             except Diverged as e:
                 raise Diverged(f"{e}; {_kept(r, epoch)}; a lower --lr may help") from None
-            average = r.parts.method.after_epoch(epoch, r.module, lambda e=epoch: _average_batches(r, e))
-            record, best_acc = _end_of_epoch(
-                r, epoch, lr, train_stats, best_acc, records, dist=dist, tag=tag, average=average
-            )
+            record, best_acc = _end_of_epoch(r, epoch, lr, train_stats, best_acc, records, dist=dist, tag=tag)
             records.append(record)
             if stop_after is not None and epoch + 1 >= stop_after:
                 break
@@ -191,8 +188,9 @@ class _Training:
     log: MetricsLog
     teacher_cache: Optional[TeacherCache] = None  # derived state: never checkpointed, refilled after a resume
     tb: Optional[TensorBoardLog] = None  # --tensorboard, rank 0: opened once the completed epochs are known
+    train_set: tuple = ()  # the training images and labels (CPU), for the loader below
     # PeerAiD's SWA student's BatchNorm pass: every training image on every rank (the single-process copy
-    # everywhere), its own seed (the training batches' streams untouched); None when no method averages
+    # everywhere), its own seed (the training batches' streams untouched); made at the first average
     average_loader: Optional[object] = None
 
     device = property(lambda self: self.parts.device)
@@ -234,11 +232,6 @@ def _build(prep: Prepared, run_dir: RunDir, *, dist: Dist) -> _Training:
     # every rank caches the whole set: its shard changes every epoch
     cache = TeacherCache(len(prep.train[0]), loader.num_views, cfg.num_classes, device) if cached else None
     held = (prep.held[0].to(device), prep.held[1].to(device))
-    average_loader = None
-    if getattr(parts.method, "average", None) is not None:
-        average_loader = make_loader(
-            "torch", *prep.train, cfg.batch_size, train=True, device=device, seed=mix_seed(cfg.seed, SALT_AVERAGE)
-        )
     return _Training(
         cfg=cfg,
         run_dir=run_dir,
@@ -247,13 +240,16 @@ def _build(prep: Prepared, run_dir: RunDir, *, dist: Dist) -> _Training:
         held=held,
         log=MetricsLog(run_dir.metrics),
         teacher_cache=cache,
-        average_loader=average_loader,
+        train_set=prep.train,
     )
 
 
 def _average_batches(r: _Training, epoch: int):
     """The SWA student's BatchNorm pass over epoch ``epoch``'s reshuffled, re-augmented training images (the
     official ``bn_update`` iterates the training loader once more), in the run's memory format."""
+    if r.average_loader is None:
+        seed = mix_seed(r.cfg.seed, SALT_AVERAGE)
+        r.average_loader = make_loader("torch", *r.train_set, r.cfg.batch_size, train=True, device=r.device, seed=seed)
     loader = r.average_loader
     loader.set_epoch(epoch)
     for x, _ in loader:
@@ -321,12 +317,11 @@ def _end_of_epoch(
     *,
     dist: Dist,
     tag: str,
-    average: Optional[torch.nn.Module] = None,
 ) -> tuple:
-    """After epoch ``epoch``'s training: the non-finite check, the held-out evaluation (and ``average``'s, the
-    method's second model: PeerAiD's SWA student), the lr step, and (rank 0) best.pt, swa_best.pt, the metrics
-    line, swa_last.pt, last.pt, the curves and the log line, in that order. Returns (the epoch's record, the
-    best PGD-20 accuracy so far)."""
+    """After epoch ``epoch``'s training: the non-finite check, the method's ``after_epoch`` (PeerAiD's SWA
+    student, then evaluated too), the held-out evaluation, the lr step, and (rank 0) best.pt, swa_best.pt, the
+    metrics line, swa_last.pt, last.pt, the curves and the log line, in that order. Returns (the epoch's record,
+    the best PGD-20 accuracy so far)."""
     cfg, run_dir, module = r.cfg, r.run_dir, r.module
     dist.broadcast_buffers(module)  # per-rank BN statistics -> rank 0's: the model that is saved
     # the loss can stay finite while a weight or a BatchNorm statistic does not (train mode normalizes
@@ -338,6 +333,9 @@ def _end_of_epoch(
             f"training diverged in epoch {epoch + 1}: {bad} is not finite after its "
             f"{train_stats['batches']} batches; {_kept(r, epoch)}; a lower --lr may help"
         )
+    average = r.parts.method.after_epoch(epoch, module, lambda: _average_batches(r, epoch))
+    if average is not None:  # rank 0's statistics everywhere, as the student's: the model every rank evaluates
+        dist.broadcast_buffers(average)  # is the one rank 0 saves (the passes agree up to kernel choice)
     # rank 0 draws the single-process stream; the other ranks, their own (seed, epoch, rank) streams
     eval_seed = (
         mix_seed(cfg.seed, epoch, SALT_EVAL) if dist.rank == 0 else mix_seed(cfg.seed, epoch, SALT_EVAL, dist.rank)
@@ -388,18 +386,22 @@ def _end_of_epoch(
             world_size=dist.world_size,
             method=r.parts.method,
         )
+        # the SWA student in a checkpoint of the same form (evaluate and export read it), with its own best and
+        # without the method's state (last.pt holds it: these are never resumed from)
+        if average is not None:
+            swa_save = {**save, "model": average, "method": None, "best_acc": r.parts.method.swa_best_acc}
         log = r.log
         logged = log.path.stat().st_size if log.path.exists() else 0
         try:
             if is_best:
                 save_checkpoint(run_dir.best, **save)
-            if swa.get("swa_best"):  # the SWA student in a checkpoint of the same form: evaluate and export read it
-                save_checkpoint(run_dir.swa_best, **{**save, "model": average})
+            if swa.get("swa_best"):
+                save_checkpoint(run_dir.swa_best, **swa_save)
             log.append(record)
             if r.tb is not None:  # before last.pt: a resume redoes this epoch's events with its line
                 r.tb.epoch(record)
             if average is not None:
-                save_checkpoint(run_dir.swa_last, **{**save, "model": average})
+                save_checkpoint(run_dir.swa_last, **swa_save)
             save_checkpoint(run_dir.last, **save)
         except (OSError, WriteError) as e:
             # no metrics line without its last.pt (truncating needs no free space); a best.pt of

@@ -55,7 +55,9 @@ lines 59-84), `configs/PeerAiD_resnet18_cifar10.json` / `_cifar100.json` and `tr
   --resume continues it bitwise.
   The BatchNorm pass draws its own shuffle and crops/flips (the run's seed, the epoch and a salt of its own:
   the training batches' random streams stay untouched) and, under torchrun, runs over the whole training set
-  on every process, so the copy is the single-process one on every rank.
+  on every process, so the copy is the single-process one on every rank (its statistics are then broadcast
+  from rank 0, as the student's are, so that every rank evaluates the model rank 0 saves). A run whose epochs
+  end before the first average keeps no copy and writes no swa_ file.
 
 What could not be followed to the letter, and why:
 - Under torchrun the peer is no DDP module of its own: its gradients are averaged over the processes by an
@@ -86,6 +88,7 @@ import torch.nn.functional as F
 from .. import ops
 from ..attacks.pgd import model_mode, pgd
 from ..models.averaging import bn_update, moving_average
+from ..models.loading import non_finite_names
 from .base import (
     Context,
     HParam,
@@ -265,6 +268,9 @@ class PeerAiD(Method):
                 raise ValueError(f"the SWA count {n!r} is not a count")
             if isinstance(best, bool) or not isinstance(best, (int, float)) or not (best == -1 or 0 <= best <= 1):
                 raise ValueError(f"the SWA best accuracy {best!r} is not an accuracy")
+            bad = non_finite_names(swa["model"])
+            if bad:
+                raise ValueError(f"the SWA student's weights hold NaN or inf ({bad[0]})")
             self.average.load_state_dict(swa["model"], strict=True)
             self.swa_n, self.swa_best_acc = n, float(best)
         if self.peer is not None and (self.average is not None or not self.swa):

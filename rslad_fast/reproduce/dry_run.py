@@ -53,7 +53,9 @@ def estimate_stages(plan: Plan, dist=None) -> dict:
                 num_classes=cfg.num_classes,
                 **_accuracies(s.run_dir),
             )
-            est[s.name, s.kind] = 2 * one  # best.pt and last.pt (once when they hold the same weights)
+            # best.pt and last.pt (once when they hold the same weights), and a PeerAiD run's swa_best.pt and
+            # swa_last.pt where it averages
+            est[s.name, s.kind] = (4 if estimate.averaged_epochs(cfg, cfg.epochs) else 2) * one
     return est
 
 
