@@ -1,7 +1,7 @@
 """The training driver: train (or continue training) a run whose directory exists, epoch by epoch.
 
 ``run`` both starts and resumes: when the run directory holds a ``last.pt`` it continues from it, bit for
-bit (see ``checkpoint.py``). What comes before it (the checks, the run directory, the self-trained
+bit (``continuation.py``, ``checkpoint.py``). What comes before it (the checks, the run directory, the self-trained
 teacher's stage) is ``train_run.py``; the objects it trains with are built by ``build.py``.
 
 Per epoch, the writes happen in the order best.pt, swa_best.pt, metrics line, TensorBoard events
@@ -31,13 +31,13 @@ from tqdm import tqdm
 
 from rslad_fast.data import make_loader
 from rslad_fast.data.loaders import SALT_ATTACK, SALT_AVERAGE, SALT_EVAL, mix_seed
-from rslad_fast.errors import UserError
 from rslad_fast.methods.mtard import TwoTeachers
 
 from . import estimate
 from .build import Parts, build_parts, setup_device
-from .checkpoint import WriteError, load_checkpoint, restore, save_checkpoint, saved_world_size
-from .config import Config, same_run
+from .checkpoint import WriteError, save_checkpoint
+from .config import Config
+from .continuation import continue_from_last
 from .dist import Dist
 from .loop import Diverged, EpochState, evaluate, first_non_finite, train_one_epoch
 from .metrics import MetricsLog, plot_curves
@@ -94,7 +94,7 @@ def _run(
 
     cfg = prep.cfg
     r = _build(prep, run_dir, dist=dist)
-    start, best_acc, records = _resume(r, dist=dist, tag=tag)
+    start, best_acc, records = continue_from_last(r, dist=dist, say=lambda m: _log(m, dist), tag=tag)
     if r.teacher_cache is not None and start < cfg.epochs:
         _log(
             f"[{tag}] teacher-logit cache: {r.teacher_cache.describe()}, filled as the views are drawn "
@@ -254,52 +254,6 @@ def _average_batches(r: _Training, epoch: int):
     loader.set_epoch(epoch)
     for x, _ in loader:
         yield x.contiguous(memory_format=torch.channels_last) if r.cfg.channels_last else x
-
-
-def _resume(r: _Training, *, dist: Dist, tag: str) -> tuple:
-    """Continue from ``last.pt`` when the run directory holds one: model, optimizer, schedule and RNG states
-    restored, the metrics lines after it dropped. Returns (completed epochs, best PGD-20 accuracy so far,
-    the metrics records kept: rank 0's, [] on the other ranks)."""
-    cfg, run_dir = r.cfg, r.run_dir
-    start, best_acc = 0, -1.0
-    if dist.is_main:
-        for stale in run_dir.path.glob(".*.tmp-*"):  # left by a process killed mid-write (see checkpoint.py)
-            stale.unlink()
-    saved_world = dist.world_size
-    if run_dir.last.exists():
-        ckpt = load_checkpoint(run_dir.last)
-        if not same_run(ckpt["config"], cfg.to_dict()):
-            raise UserError(
-                f"{run_dir.last} was written by a different configuration than {run_dir.config}; refusing to resume"
-            )
-        restore(
-            ckpt,
-            model=r.module,
-            optimizer=r.parts.optimizer,
-            scheduler=r.parts.scheduler,
-            train_generator=r.parts.generator,
-            method=r.parts.method,
-            rank=dist.rank,
-            path=run_dir.last,
-            epochs=cfg.epochs,
-        )
-        start, best_acc = int(ckpt["epoch"]), float(ckpt["best_acc"])
-        saved_world = saved_world_size(ckpt["rng"])
-        del ckpt
-    records = r.log.truncate_after(start) if dist.is_main else []
-    if 0 < start < cfg.epochs:
-        _log(f"[{tag}] resuming {run_dir.path} after epoch {start}/{cfg.epochs}", dist)
-    if start < cfg.epochs and saved_world != dist.world_size:
-        # The shards, per-rank batches and gradient averaging change with the world size, so this cannot be
-        # bitwise any uninterrupted run; the attack streams are re-derived per (seed, rank, epoch) rather
-        # than handing one saved rank's stream to several ranks.
-        r.parts.generator.manual_seed(mix_seed(cfg.seed, dist.rank, SALT_ATTACK, start))
-        _log(
-            f"[{tag}] last.pt was written by {saved_world} process(es), resuming with {dist.world_size}: model, "
-            f"optimizer, lr schedule and epoch continue; not bitwise an uninterrupted run",
-            dist,
-        )
-    return start, best_acc, list(records)
 
 
 def _kept(r: _Training, epoch: int) -> str:

@@ -47,6 +47,20 @@ class BasicBlock(nn.Module):
         return torch.add(x if self.equal_in_out else self.convShortcut(act), out)
 
 
+def init_like_trades(model: nn.Module) -> None:
+    """TRADES' wide_resnet.py initialisation: He-normal over fan-out for convolutions, BatchNorm to identity,
+    zero linear bias (the linear weight keeps PyTorch's default)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
+
+
 class NetworkBlock(nn.Module):
     """A stage of ``n`` blocks under the attribute ``layer`` (TRADES' name, part of the keys)."""
 
@@ -81,17 +95,8 @@ class WideResNet(nn.Module):
         self.relu = nn.ReLU()
         self.fc = nn.Linear(ch[3], num_classes)
         self.n_channels = ch[3]
-        # TRADES' initialisation (He-normal over fan-out for convs, BN to identity, zero linear bias), so a
-        # teacher trained from scratch here starts like the official one.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        # TRADES' initialisation, so a teacher trained from scratch here starts like the official one
+        init_like_trades(self)
 
     def forward(self, x):
         out = self.conv1(x)

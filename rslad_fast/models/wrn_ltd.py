@@ -25,12 +25,10 @@ AdaAD's CIFAR-100 teacher, RobustBench's CIFAR-100 ``Chen2021LTD_WRN34_10``, is 
 sub_block1=True)``): that is TRADES' layout exactly, which ``wrn34-10`` loads.
 """
 
-import math
-
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .wideresnet import NetworkBlock
+from .wideresnet import NetworkBlock, init_like_trades
 
 
 class WideResNetLTD(nn.Module):
@@ -51,16 +49,7 @@ class WideResNetLTD(nn.Module):
         self.relu = nn.ReLU()
         self.fc = nn.Linear(ch[3], num_classes)
         self.n_channels = ch[3]
-        # wide_resnet.py's initialisation (TRADES'): He-normal over fan-out, BN to identity, zero linear bias
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        init_like_trades(self)  # wide_resnet.py's initialisation (TRADES')
 
     def forward(self, x):
         out = self.block3(self.block2(self.block1(self.conv1(x))))
